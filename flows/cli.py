@@ -1,0 +1,130 @@
+"""The `hubert-pipeline` command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from pydantic import ValidationError
+from rich.console import Console
+
+from infra.paths import path_exists
+from tasks.config import ConfigError, PretrainConfig, load_config
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+def preflight(config: PretrainConfig) -> list[str]:
+    """Problems that would only surface mid-run, found before anything starts."""
+    problems = []
+    if not path_exists(config.corpus.source, config.storage_options):
+        problems.append(f"corpus.source: {config.corpus.source} does not exist")
+    if config.corpus.alignments is not None and not path_exists(config.corpus.alignments, config.storage_options):
+        problems.append(f"corpus.alignments: {config.corpus.alignments} does not exist")
+    return problems
+
+
+def command_run(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.config)
+    except ConfigError as error:
+        print(error, file=sys.stderr)
+        return EXIT_USAGE
+    if problems := preflight(config):
+        print(f"invalid configuration in {args.config}:\n  " + "\n  ".join(problems), file=sys.stderr)
+        return EXIT_USAGE
+    # Our modules' log lines belong in Prefect's run logs too; must be set before Prefect loads.
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "tasks,infra,flows")
+    from flows.pretrain import StopPoint, check_implemented, pretrain
+
+    try:
+        stop = StopPoint.parse(args.until) if args.until else StopPoint()
+        check_implemented(stop, config)
+    except (ValidationError, ValueError, NotImplementedError) as error:
+        print(f"--until {args.until}: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    run_path = pretrain(config, stop)
+    _print_inspection(run_path, config.storage_options)
+    return 0
+
+
+def _print_inspection(run_path: str, storage_options: dict | None = None) -> None:
+    from flows.inspect import inspect_run, render_table
+
+    console = Console()
+    console.print(render_table(inspect_run(run_path, storage_options)))
+    console.print(f"artifacts: {run_path}")
+
+
+def command_inspect(args: argparse.Namespace) -> int:
+    from flows.inspect import inspect_run, render_table
+
+    try:
+        status = inspect_run(args.run_path)
+    except FileNotFoundError as error:
+        print(error, file=sys.stderr)
+        return EXIT_USAGE
+    if args.json:
+        print(json.dumps(status.as_json(), indent=2))
+    else:
+        Console().print(render_table(status))
+    return 0
+
+
+def command_demo_corpus(args: argparse.Namespace) -> int:
+    from tasks.demo_corpus import synthesize_demo_corpus
+
+    try:
+        summary = synthesize_demo_corpus(Path(args.out), minutes=args.minutes, seed=args.seed)
+    except FileExistsError as error:
+        print(error, file=sys.stderr)
+        return EXIT_USAGE
+    print(
+        f"demo corpus: {summary.utterances} utterances, {summary.speakers} speakers, "
+        f"{summary.seconds / 60:.1f} min in {summary.out_dir}"
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hubert-pipeline", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="run or resume a pretraining run from a YAML config")
+    run.add_argument("config", help="YAML config (see configs/demo.yaml)")
+    run.add_argument(
+        "--until", metavar="STAGE[@ITER]",
+        help="stop after this stage (intake, features, kmeans, labels, train) of this iteration (default 1)",
+    )
+    run.set_defaults(handler=command_run)
+
+    inspect = commands.add_parser("inspect", help="show what each stage of a run has committed")
+    inspect.add_argument("run_path", help="<store>/<run>, a local folder or s3:// URL")
+    inspect.add_argument("--json", action="store_true", help="machine-readable output")
+    inspect.set_defaults(handler=command_inspect)
+
+    demo = commands.add_parser("demo-corpus", help="synthesize an English demo corpus with phone alignments")
+    demo.add_argument("out", help="output folder (wav/, align/, manifest.jsonl)")
+    demo.add_argument("--minutes", type=float, default=10.0, help="minutes of audio (default 10)")
+    demo.add_argument("--seed", type=int, default=0, help="random seed (same seed, same corpus)")
+    demo.set_defaults(handler=command_demo_corpus)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    # Dask reads its logging config when first imported, in this process and in its workers.
+    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for package in ("tasks", "infra", "flows"):
+        logging.getLogger(package).setLevel(logging.INFO)
+    return args.handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""`hubert-pipeline inspect`: what every stage of a run has committed, read from the store alone."""
+
+from __future__ import annotations
+
+import posixpath
+from typing import Any
+
+from pydantic import BaseModel
+from rich.table import Table
+
+from infra.paths import parent_of
+from infra.store import ArtifactStore, StageRecord
+
+ITERATION_STAGES = ("features", "kmeans", "labels", "train")
+# Which record produced an input, by the input's name: (scope, stage); None means "this iteration".
+INPUT_PRODUCERS: dict[str, tuple[str | None, str]] = {
+    "manifest": ("corpus", "intake"),
+    "features": (None, "features"),
+    "centroids": (None, "kmeans"),
+    "labels": (None, "labels"),
+}
+
+
+class StageStatus(BaseModel):
+    stage: str
+    status: str  # done | stale | partial | missing
+    seconds: float | None = None
+    bytes: int | None = None
+    finished_at: str | None = None
+    counts: dict[str, int | float] = {}
+    metrics: dict[str, Any] = {}
+    parts_done: int | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        """Counts and metrics flattened in, so `labels.frames` and `kmeans.inertia_per_frame` read directly."""
+        summary = self.model_dump(exclude={"counts", "metrics"}, exclude_none=True)
+        return {**summary, **self.counts, **self.metrics}
+
+
+class RunStatus(BaseModel):
+    run: str
+    path: str
+    code_version: str | None
+    intake: StageStatus
+    iterations: list[dict[str, StageStatus]]
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "run": self.run,
+            "path": self.path,
+            "code_version": self.code_version,
+            "intake": self.intake.as_json(),
+            "iterations": [
+                {"iteration": number, **{stage: status.as_json() for stage, status in stages.items()}}
+                for number, stages in enumerate(self.iterations, start=1)
+            ],
+        }
+
+
+def _read_record(store: ArtifactStore, run: str, scope: str, stage: str) -> StageRecord | None:
+    raw = store.read_json(posixpath.join(run, scope, f"{stage}.commit.json"))
+    return None if raw is None else StageRecord.model_validate(raw)
+
+
+def _is_stale(store: ArtifactStore, run: str, record: StageRecord) -> bool:
+    """A record whose inputs no longer match what its upstream stages committed."""
+    for name, digest in record.inputs.items():
+        producer = INPUT_PRODUCERS.get(name)
+        if producer is None:
+            continue
+        scope, stage = producer
+        upstream = _read_record(store, run, scope or record.scope, stage)
+        if upstream is None or upstream.output_digest != digest:
+            return True
+    return False
+
+
+def stage_status(store: ArtifactStore, run: str, scope: str, stage: str) -> StageStatus:
+    record = _read_record(store, run, scope, stage)
+    if record is None:
+        markers = [name for name in store.list_names(posixpath.join(run, scope, "_progress", stage)) if name != "key.json"]
+        if markers:
+            return StageStatus(stage=stage, status="partial", parts_done=len(markers))
+        return StageStatus(stage=stage, status="missing")
+    return StageStatus(
+        stage=stage,
+        status="stale" if _is_stale(store, run, record) else "done",
+        seconds=record.seconds,
+        bytes=sum(record.sizes.values()),
+        finished_at=record.finished_at.isoformat(),
+        counts=record.counts,
+        metrics=record.metrics,
+    )
+
+
+def inspect_run(run_path: str, storage_options: dict[str, Any] | None = None) -> RunStatus:
+    """The status of every stage of the run at `run_path` (`<store root>/<run name>`)."""
+    store = ArtifactStore(parent_of(run_path.rstrip("/")), storage_options)
+    run = posixpath.basename(run_path.rstrip("/"))
+    info = store.read_json(posixpath.join(run, "run.json"))
+    if info is None:
+        raise FileNotFoundError(f"no run at {run_path} (no run.json there)")
+    iteration_count = len(info["config"]["iterations"])
+    return RunStatus(
+        run=run,
+        path=store.url(run),
+        code_version=info.get("code_version"),
+        intake=stage_status(store, run, "corpus", "intake"),
+        iterations=[
+            {stage: stage_status(store, run, f"iter-{number}", stage) for stage in ITERATION_STAGES}
+            for number in range(1, iteration_count + 1)
+        ],
+    )
+
+
+def _key_metric(status: StageStatus) -> str:
+    counts, metrics = status.counts, status.metrics
+    if status.status == "partial":
+        return f"{status.parts_done} part(s) finished"
+    if status.stage == "intake" and counts:
+        return f"{counts['utterances']:.0f} utts, {counts['hours']:.2f} h, {counts['rejected']:.0f} rejected"
+    if status.stage == "features" and counts:
+        return f"{counts['frames']:.0f} frames x {counts['dim']:.0f} @ {metrics.get('frame_rate', 0):g}/s"
+    if status.stage == "kmeans" and "inertia_per_frame" in metrics:
+        return f"k={counts.get('k', 0):.0f}, inertia/frame {metrics['inertia_per_frame']:.4g}"
+    if status.stage == "labels" and "pnmi" in metrics:
+        return f"PNMI {metrics['pnmi']:.3f}"
+    if status.stage == "train" and "final_loss" in metrics:
+        return f"loss {metrics['final_loss']:.3f}"
+    return ""
+
+
+def _human_bytes(size: int | None) -> str:
+    if size is None:
+        return ""
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return ""
+
+
+def render_table(status: RunStatus) -> Table:
+    table = Table(title=f"run {status.run}  ({status.path})")
+    for column in ("iteration", "stage", "status", "key metric", "duration", "size"):
+        table.add_column(column)
+    rows = [("-", status.intake)] + [
+        (str(number), stage) for number, stages in enumerate(status.iterations, start=1) for stage in stages.values()
+    ]
+    colours = {"done": "green", "stale": "yellow", "partial": "yellow", "missing": "dim"}
+    for iteration, stage in rows:
+        table.add_row(
+            iteration,
+            stage.stage,
+            f"[{colours[stage.status]}]{stage.status}[/]",
+            _key_metric(stage),
+            "" if stage.seconds is None else f"{stage.seconds:.1f} s",
+            _human_bytes(stage.bytes),
+        )
+    return table

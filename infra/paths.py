@@ -1,0 +1,73 @@
+"""Paths that may be local or URLs: the one place that tells them apart (besides the store itself)."""
+
+from __future__ import annotations
+
+import posixpath
+from pathlib import Path
+from typing import Any
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+from infra.digest import digest_bytes, digest_json
+
+
+def is_remote_url(path: str) -> bool:
+    """True for URLs with a protocol other than file:// (s3://, gs://, memory://, ...)."""
+    return fsspec.utils.get_protocol(path) not in ("file", "local")
+
+
+def join_path(base: str, relative: str) -> str:
+    """`relative` resolved against folder `base`; absolute paths and URLs are returned as they are."""
+    if is_remote_url(relative) or Path(relative).is_absolute():
+        return relative
+    if is_remote_url(base):
+        protocol, _, rest = base.partition("://")
+        return f"{protocol}://{posixpath.normpath(posixpath.join(rest, relative))}"
+    return str((Path(base) / relative).resolve())
+
+
+def parent_of(path: str) -> str:
+    """The folder holding a file, as a local path or URL like the input."""
+    if is_remote_url(path):
+        protocol, _, rest = path.partition("://")
+        return f"{protocol}://{posixpath.dirname(rest.rstrip('/'))}"
+    return str(Path(path).resolve().parent)
+
+
+def find_files(folder: str, suffixes: tuple[str, ...], storage_options: dict[str, Any] | None = None) -> list[str]:
+    """Files under `folder` (recursively) whose names end with one of `suffixes` (any case), sorted.
+
+    Local results are plain paths, remote ones full URLs, so either can be opened with fsspec.
+    """
+    fs, root = fsspec.core.url_to_fs(folder, **(storage_options or {}))
+    if not fs.isdir(root):
+        raise FileNotFoundError(f"corpus folder not found: {folder}")
+    found = sorted(path for path in fs.find(root) if path.lower().endswith(suffixes))
+    if isinstance(fs, LocalFileSystem):
+        return found
+    return [fs.unstrip_protocol(path) for path in found]
+
+
+def path_exists(path: str, storage_options: dict[str, Any] | None = None) -> bool:
+    fs, stripped = fsspec.core.url_to_fs(path, **(storage_options or {}))
+    return fs.exists(stripped)
+
+
+def fingerprint_source(source: str, suffixes: tuple[str, ...], storage_options: dict[str, Any] | None = None) -> str:
+    """A cheap digest that changes when a corpus source changes.
+
+    A folder: one listing of its audio files with sizes and modification times. A manifest file:
+    its content (a file edited behind an unchanged manifest is not noticed; force the stage then).
+    """
+    fs, root = fsspec.core.url_to_fs(source, **(storage_options or {}))
+    if fs.isdir(root):
+        listing = fs.find(root, detail=True)
+        entries = [
+            (path, info.get("size"), str(info.get("mtime") or info.get("LastModified") or info.get("ETag") or ""))
+            for path, info in sorted(listing.items())
+            if path.lower().endswith(suffixes)
+        ]
+        return digest_json(entries)
+    with fs.open(root, "rb") as handle:
+        return digest_bytes(handle.read())

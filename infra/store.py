@@ -1,0 +1,280 @@
+"""The artifact store: one root (a local folder or an s3:// prefix) holding every run's artifacts.
+
+Layout (see DESIGN.md):
+
+    <root>/<run>/run.json
+    <root>/<run>/corpus/manifest.jsonl, intake_report.json, intake.commit.json
+    <root>/<run>/iter-N/features.zarr, features.commit.json, ...
+    <root>/<run>/<scope>/_progress/<stage>/        per-part markers of a stage still running
+
+Everything goes through fsspec, so the same code serves a laptop folder and object storage. This is
+the only module that tells local paths from URLs.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import posixpath
+import socket
+import uuid
+from collections.abc import Iterable
+from datetime import datetime, timezone
+from typing import Any
+
+import fsspec
+import zarr
+from fsspec.implementations.local import LocalFileSystem
+from pydantic import BaseModel, Field
+
+from infra.digest import digest_json
+from infra.version import code_version
+
+
+def utc_now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class StageRecord(BaseModel):
+    """What a stage committed. Written last, read first: its presence means the stage is done."""
+
+    stage: str
+    scope: str = Field(description="'corpus' or 'iter-N'")
+    key: str = Field(description="Digest of everything the outputs depend on (config, inputs, stage version).")
+    config: dict[str, Any]
+    config_digest: str
+    inputs: dict[str, str] = Field(description="Upstream artifact name -> its output digest.")
+    outputs: list[str] = Field(description="Paths relative to the run folder.")
+    output_digest: str
+    counts: dict[str, int | float] = Field(default_factory=dict)
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    sizes: dict[str, int] = Field(default_factory=dict, description="Output bytes, by output path.")
+    started_at: datetime
+    finished_at: datetime
+    seconds: float
+    code_version: str
+    host: str
+    user: str
+
+
+class ArtifactStore:
+    """A root folder or prefix, reached through fsspec. Paths given to methods are relative to it."""
+
+    def __init__(self, root: str, storage_options: dict[str, Any] | None = None) -> None:
+        self.storage_options = dict(storage_options or {})
+        self.fs, path = fsspec.core.url_to_fs(root, **self.storage_options)
+        self.root = path.rstrip("/")
+        self.is_local = isinstance(self.fs, LocalFileSystem)
+        self.root_url = self.root if self.is_local else f"{_protocol(self.fs)}://{self.root}"
+
+    def __repr__(self) -> str:
+        return f"ArtifactStore({self.root_url!r})"
+
+    def path(self, *parts: str) -> str:
+        """The filesystem path (no protocol) of a relative path."""
+        return posixpath.join(self.root, *parts)
+
+    def url(self, *parts: str) -> str:
+        """The full URL of a relative path, for libraries that open URLs themselves."""
+        return posixpath.join(self.root_url, *parts)
+
+    def exists(self, relpath: str) -> bool:
+        return self.fs.exists(self.path(relpath))
+
+    def read_json(self, relpath: str) -> Any | None:
+        """The parsed JSON at relpath, or None if there is no such file."""
+        try:
+            with self.fs.open(self.path(relpath), "rb") as handle:
+                return json.load(handle)
+        except FileNotFoundError:
+            return None
+
+    def write_bytes(self, relpath: str, data: bytes) -> None:
+        """Write a whole file so that readers see either nothing or all of it.
+
+        A local file is written under a temporary name and renamed; an object store PUT is atomic.
+        """
+        target = self.path(relpath)
+        self.fs.makedirs(posixpath.dirname(target), exist_ok=True)
+        if not self.is_local:
+            self.fs.pipe_file(target, data)
+            return
+        temporary = f"{target}.tmp-{uuid.uuid4().hex}"
+        with open(temporary, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, target)
+
+    def write_json(self, relpath: str, value: Any) -> None:
+        self.write_bytes(relpath, json.dumps(value, indent=2, sort_keys=True, default=str).encode() + b"\n")
+
+    def write_text(self, relpath: str, text: str) -> None:
+        self.write_bytes(relpath, text.encode())
+
+    def read_text(self, relpath: str) -> str:
+        with self.fs.open(self.path(relpath), "rt") as handle:
+            return handle.read()
+
+    def remove(self, relpath: str) -> None:
+        """Remove a file or a folder tree; a missing one is not an error."""
+        target = self.path(relpath)
+        if self.fs.exists(target):
+            self.fs.rm(target, recursive=True)
+            self.fs.invalidate_cache()
+
+    def list_names(self, relpath: str) -> list[str]:
+        """Names directly under a folder; empty if it does not exist."""
+        target = self.path(relpath)
+        try:
+            entries = self.fs.ls(target, detail=False, refresh=True)
+        except FileNotFoundError:
+            return []
+        return sorted(posixpath.basename(entry.rstrip("/")) for entry in entries)
+
+    def size(self, relpath: str) -> int:
+        """Bytes under a file or folder."""
+        target = self.path(relpath)
+        if not self.fs.exists(target):
+            return 0
+        return int(self.fs.du(target, total=True))
+
+    def open_zarr(self, relpath: str, mode: str) -> zarr.Group:
+        """A Zarr group at relpath (mode as zarr.open_group: 'r', 'r+', 'a', 'w')."""
+        if self.is_local:
+            return zarr.open_group(self.path(relpath), mode=mode)
+        return zarr.open_group(self.url(relpath), mode=mode, storage_options=self.storage_options)
+
+
+def _protocol(fs: fsspec.AbstractFileSystem) -> str:
+    protocol = fs.protocol
+    return protocol[0] if isinstance(protocol, (tuple, list)) else protocol
+
+
+class Stage:
+    """The commit protocol of one stage in one scope of a run.
+
+    - `committed()` answers "is this work already done?": a record exists and its key matches.
+    - `prepare(outputs)` clears whatever a different key left behind (the record first, so nothing
+      looks finished while it is being removed) and keeps the finished parts of an interrupted run
+      with the same key.
+    - Workers call `mark_part` after each part (e.g. a Zarr chunk) is fully written; `done_parts`
+      lists them on resume.
+    - `commit(record)` writes the record last, then drops the part markers.
+    """
+
+    def __init__(
+        self,
+        store: ArtifactStore,
+        run: str,
+        scope: str,
+        name: str,
+        *,
+        version: int,
+        config: dict[str, Any],
+        inputs: dict[str, str],
+    ) -> None:
+        """`version` is the stage's output-format version: bump it when a code change alters outputs.
+
+        The key digests the stage, its version, its config section and its inputs' digests. The
+        package version is recorded in every record but left out of the key, so that an unrelated
+        release does not throw away days of finished work.
+        """
+        self.store = store
+        self.run = run
+        self.scope = scope
+        self.name = name
+        self.config = config
+        self.inputs = inputs
+        self.key = digest_json({"stage": name, "version": version, "config": config, "inputs": inputs})
+
+    def rel(self, *parts: str) -> str:
+        """Path relative to the store root of something in this stage's scope."""
+        return posixpath.join(self.run, self.scope, *parts)
+
+    @property
+    def record_path(self) -> str:
+        return self.rel(f"{self.name}.commit.json")
+
+    @property
+    def progress_path(self) -> str:
+        return self.rel("_progress", self.name)
+
+    def read_record(self) -> StageRecord | None:
+        raw = self.store.read_json(self.record_path)
+        return None if raw is None else StageRecord.model_validate(raw)
+
+    def committed(self) -> StageRecord | None:
+        """The record of this exact work, or None if it still has to run."""
+        record = self.read_record()
+        return record if record is not None and record.key == self.key else None
+
+    def prepare(self, outputs: Iterable[str]) -> None:
+        """Make the scope ready for (re)running this stage with this key."""
+        progress_key = self.store.read_json(posixpath.join(self.progress_path, "key.json"))
+        stale_record = self.store.exists(self.record_path)
+        if stale_record or progress_key is None or progress_key.get("key") != self.key:
+            self.store.remove(self.record_path)
+            self.store.remove(self.progress_path)
+            self._remove_outputs(list(outputs))
+            self.store.write_json(posixpath.join(self.progress_path, "key.json"), {"key": self.key})
+
+    def _remove_outputs(self, outputs: list[str]) -> None:
+        for output in outputs:
+            self.store.remove(self.rel(output))
+
+    def mark_part(self, part: str, info: dict[str, Any]) -> None:
+        self.store.write_json(posixpath.join(self.progress_path, f"{part}.json"), info)
+
+    def done_parts(self) -> dict[str, dict[str, Any]]:
+        """Markers of finished parts, by part name."""
+        parts = {}
+        for name in self.store.list_names(self.progress_path):
+            if name.endswith(".json") and name != "key.json" and ".tmp-" not in name:
+                info = self.store.read_json(posixpath.join(self.progress_path, name))
+                if info is not None:
+                    parts[name.removesuffix(".json")] = info
+        return parts
+
+    def commit(
+        self,
+        *,
+        outputs: list[str],
+        output_digest: str,
+        started_at: datetime,
+        counts: dict[str, float] | None = None,
+        metrics: dict[str, Any] | None = None,
+    ) -> StageRecord:
+        finished_at = utc_now()
+        record = StageRecord(
+            stage=self.name,
+            scope=self.scope,
+            key=self.key,
+            config=self.config,
+            config_digest=digest_json(self.config),
+            inputs=self.inputs,
+            outputs=outputs,
+            output_digest=output_digest,
+            counts=counts or {},
+            metrics=metrics or {},
+            sizes={output: self.store.size(self.rel(output)) for output in outputs},
+            started_at=started_at,
+            finished_at=finished_at,
+            seconds=round((finished_at - started_at).total_seconds(), 3),
+            code_version=code_version(),
+            host=socket.gethostname(),
+            user=_user(),
+        )
+        self.store.write_json(self.record_path, record.model_dump(mode="json"))
+        self.store.remove(self.progress_path)
+        if not self.store.list_names(self.rel("_progress")):
+            self.store.remove(self.rel("_progress"))
+        return record
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "unknown"

@@ -1,0 +1,171 @@
+"""The run configuration: one pydantic model, a section per stage, validated before any work starts.
+
+Relative paths in a YAML file are resolved against the file's folder, so a config can sit beside
+its corpus and be run from anywhere. Every model forbids unknown keys: a typo is an error, not a
+silently ignored setting.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from infra.paths import is_remote_url
+
+StageName = Literal["intake", "features", "kmeans", "labels", "train"]
+STAGE_ORDER: tuple[StageName, ...] = ("intake", "features", "kmeans", "labels", "train")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class CorpusConfig(_Section):
+    source: str = Field(
+        description="A folder (searched recursively for .wav/.flac), a fairseq .tsv manifest "
+        "(first line: root folder; then relpath<TAB>num_samples) or a NeMo-style .jsonl manifest "
+        "(audio_filepath, optional duration, speaker). Local path or s3:// URL."
+    )
+    alignments: str | None = Field(
+        default=None,
+        description="Optional folder of <utt_id>.tsv phone alignments (header: start_sec end_sec phone).",
+    )
+    min_seconds: float = Field(
+        default=0.1, ge=0.0, description="Shorter files are rejected at intake (reported, not fatal)."
+    )
+    max_seconds: float | None = Field(
+        default=None, gt=0.0, description="Longer files are rejected at intake; null keeps all."
+    )
+
+    @model_validator(mode="after")
+    def _max_above_min(self) -> CorpusConfig:
+        if self.max_seconds is not None and self.max_seconds <= self.min_seconds:
+            raise ValueError(f"max_seconds ({self.max_seconds}) must exceed min_seconds ({self.min_seconds})")
+        return self
+
+
+class DaskConfig(_Section):
+    address: str | None = Field(
+        default=None, description="Scheduler address (tcp://host:port); null starts a LocalCluster."
+    )
+    n_workers: int | None = Field(
+        default=None, ge=1, description="LocalCluster worker processes; null: one per CPU core."
+    )
+    threads_per_worker: int = Field(default=1, ge=1, description="LocalCluster threads per worker.")
+    memory_limit: str = Field(default="auto", description="LocalCluster memory limit per worker.")
+
+
+class FeaturesConfig(_Section):
+    kind: Literal["mfcc", "hubert"] = Field(
+        description="mfcc: 39-dim Kaldi MFCC + deltas at 100 frames/s (iteration 1); "
+        "hubert: a transformer layer of the previous iteration's model (50 frames/s)."
+    )
+    layer: int | None = Field(default=None, ge=1, description="Transformer layer for kind=hubert (1-based).")
+    chunk_frames: int | None = Field(
+        default=None,
+        ge=256,
+        description="Frames per Zarr chunk, which is also the unit one Dask task writes and resumes; "
+        "null picks one from the corpus size.",
+    )
+
+    @model_validator(mode="after")
+    def _layer_matches_kind(self) -> FeaturesConfig:
+        if self.kind == "hubert" and self.layer is None:
+            raise ValueError("kind 'hubert' needs a layer (e.g. layer: 6)")
+        if self.kind == "mfcc" and self.layer is not None:
+            raise ValueError("kind 'mfcc' takes no layer")
+        return self
+
+
+class KMeansConfig(_Section):
+    k: int = Field(ge=2, le=32767, description="Number of clusters (label vocabulary size).")
+    sample_fraction: float = Field(default=1.0, gt=0.0, le=1.0, description="Share of frames fitted on.")
+    max_frames: int | None = Field(default=None, ge=1, description="Cap on frames fitted on.")
+    max_iter: int = Field(default=100, ge=1, description="Lloyd iterations at most.")
+    seed: int = Field(default=0, ge=0)
+    init: Literal["k-means++", "random"] = "k-means++"
+
+
+class TrainConfig(_Section):
+    model: Literal["tiny", "base", "large", "xlarge"] = "base"
+    steps: int = Field(default=400_000, ge=1)
+
+
+class IterationConfig(_Section):
+    features: FeaturesConfig
+    kmeans: KMeansConfig
+    train: TrainConfig
+
+
+class PretrainConfig(_Section):
+    run: str = Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+        max_length=128,
+        description="Run name: the folder under the store that holds every artifact of this run.",
+    )
+    store: str = Field(description="Artifact store root: a local folder or an s3://bucket/prefix URL.")
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="fsspec options for s3:// paths (endpoint_url, ...). Prefer credentials from the "
+        "environment or ~/.aws: values here are never logged, but they are stored in Prefect's parameters.",
+    )
+    corpus: CorpusConfig
+    dask: DaskConfig = Field(default_factory=DaskConfig)
+    iterations: list[IterationConfig] = Field(min_length=1)
+
+    @field_validator("iterations")
+    @classmethod
+    def _first_iteration_is_mfcc(cls, iterations: list[IterationConfig]) -> list[IterationConfig]:
+        if iterations[0].features.kind != "mfcc":
+            raise ValueError("iteration 1 must use features.kind 'mfcc': there is no earlier model to take layers from")
+        return iterations
+
+
+class ConfigError(ValueError):
+    """An invalid configuration; the message lists every problem with its field path."""
+
+
+def format_validation_error(error: ValidationError, source: str) -> str:
+    """One line per problem: `field.path: reason`, so users see all mistakes at once."""
+    lines = [f"invalid configuration in {source}:"]
+    for problem in error.errors():
+        path = ".".join(str(part) for part in problem["loc"]) or "(top level)"
+        lines.append(f"  {path}: {problem['msg']}")
+    return "\n".join(lines)
+
+
+def _resolve_relative_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
+    """Paths in a config file are relative to the file, not to the shell's working folder."""
+
+    def resolve(value: Any) -> Any:
+        if isinstance(value, str) and value and not is_remote_url(value) and not Path(value).is_absolute():
+            return str((base / value).resolve())
+        return value
+
+    resolved = dict(raw)
+    if "store" in resolved:
+        resolved["store"] = resolve(resolved["store"])
+    corpus = resolved.get("corpus")
+    if isinstance(corpus, dict):
+        resolved["corpus"] = {**corpus, **{k: resolve(corpus[k]) for k in ("source", "alignments") if k in corpus}}
+    return resolved
+
+
+def load_config(path: str | Path) -> PretrainConfig:
+    """Read and validate a YAML config; raises ConfigError naming every invalid field."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except OSError as error:
+        raise ConfigError(f"cannot read config {path}: {error.strerror}") from error
+    except yaml.YAMLError as error:
+        raise ConfigError(f"config {path} is not valid YAML: {error}") from error
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config {path} must be a YAML mapping, got {type(raw).__name__}")
+    try:
+        return PretrainConfig.model_validate(_resolve_relative_paths(raw, path.parent.resolve()))
+    except ValidationError as error:
+        raise ConfigError(format_validation_error(error, str(path))) from error

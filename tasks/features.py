@@ -1,0 +1,288 @@
+"""Stage: frame features of every utterance into one Zarr store, computed on Dask.
+
+`features.zarr` holds `features` [total_frames, dim] float32 (utterances concatenated in manifest
+order), `offsets` [n_utts + 1] int64 and `utt_ids` [n_utts]; its attributes record the feature
+kind, dim, frame rate and chunking.
+
+Frame counts follow from sample counts, so the whole layout is known before any audio is read.
+Each Dask task owns one Zarr chunk of frames: it computes every utterance overlapping the chunk
+(an utterance crossing a chunk boundary is computed by both neighbours and each keeps its part),
+writes the whole chunk, then leaves a marker with the chunk's digest. No two writers ever touch
+the same chunk, and a stage cut off halfway resumes from its marked chunks. The values do not
+depend on the number of workers or on resumes.
+
+The feature source is a parameter: MFCC at iteration 1, a model layer after (same store layout).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from distributed import Client
+from prefect import task
+from prefect.cache_policies import NONE
+
+from infra.digest import digest_bytes, digest_digests, digest_json
+from infra.progress import gather_parts
+from infra.store import ArtifactStore, Stage, StageRecord, utc_now
+from model.mfcc import FRAME_RATE, MFCC_DIM, mfcc_num_frames, mfcc_with_deltas
+from tasks.audio import TARGET_SAMPLE_RATE, load_audio_16k
+from tasks.config import FeaturesConfig, PretrainConfig
+from tasks.manifest import Utterance
+from tasks.retry import retry_transient
+
+log = logging.getLogger(__name__)
+
+FEATURES_VERSION = 1
+FEATURES_STORE = "features.zarr"
+MAX_CHUNK_TASKS = 4096
+MIN_CHUNK_FRAMES = 8192
+MAX_CHUNK_BYTES = 256 * 2**20
+
+
+class FeatureSource(Protocol):
+    """What the feature stage needs to know about a kind of features. Must pickle (sent to workers)."""
+
+    kind: str
+    dim: int
+    frame_rate: float
+
+    def num_frames(self, samples_16k: int) -> int: ...
+
+    def describe(self) -> dict[str, Any]:
+        """Everything that determines the values (goes into the stage key and the store's attributes)."""
+        ...
+
+    def compute(self, waveform_16k: torch.Tensor) -> torch.Tensor:
+        """(samples,) float32 at 16 kHz -> (num_frames(samples), dim) float32."""
+        ...
+
+
+@dataclass(frozen=True)
+class MfccSource:
+    kind: str = "mfcc"
+    dim: int = MFCC_DIM
+    frame_rate: float = FRAME_RATE
+
+    def num_frames(self, samples_16k: int) -> int:
+        return mfcc_num_frames(samples_16k)
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": self.kind, "dim": self.dim, "frame_rate": self.frame_rate, "recipe": "kaldi-mfcc13+d+dd"}
+
+    def compute(self, waveform_16k: torch.Tensor) -> torch.Tensor:
+        return mfcc_with_deltas(waveform_16k)
+
+
+def feature_source(features: FeaturesConfig) -> FeatureSource:
+    if features.kind == "mfcc":
+        return MfccSource()
+    raise NotImplementedError("model-layer features (kind 'hubert') need a trained model: not built yet")
+
+
+@dataclass(frozen=True)
+class UtteranceSpan:
+    """Where one utterance's frames sit in the concatenated features array."""
+
+    id: str
+    path: str
+    samples_16k: int
+    offset: int
+    frames: int
+
+
+@dataclass(frozen=True)
+class ChunkJob:
+    index: int
+    start: int
+    stop: int
+    utterances: tuple[UtteranceSpan, ...]
+
+    @property
+    def part(self) -> str:
+        return f"chunk-{self.index:06d}"
+
+
+@dataclass(frozen=True)
+class ChunkResult:
+    index: int
+    digest: str
+    audio_seconds: float
+
+
+def choose_chunk_frames(total_frames: int, dim: int) -> int:
+    """A power of two: at least MIN_CHUNK_FRAMES, few enough chunks for Dask, small enough for memory."""
+    wanted = max(MIN_CHUNK_FRAMES, -(-total_frames // MAX_CHUNK_TASKS))
+    frames = 1 << (wanted - 1).bit_length()
+    ceiling = 1 << (MAX_CHUNK_BYTES // (4 * dim)).bit_length() - 1
+    return max(256, min(frames, ceiling))
+
+
+def frame_offsets(utterances: list[Utterance], source: FeatureSource) -> np.ndarray:
+    frames = [source.num_frames(utterance.samples_16k) for utterance in utterances]
+    return np.concatenate([[0], np.cumsum(frames, dtype=np.int64)]).astype(np.int64)
+
+
+def plan_chunks(utterances: list[Utterance], offsets: np.ndarray, chunk_frames: int) -> list[ChunkJob]:
+    """One job per Zarr chunk, with the utterances whose frames overlap it."""
+    total = int(offsets[-1])
+    jobs = []
+    for index, start in enumerate(range(0, total, chunk_frames)):
+        stop = min(start + chunk_frames, total)
+        first = int(np.searchsorted(offsets, start, side="right")) - 1
+        last = int(np.searchsorted(offsets, stop, side="left"))
+        spans = tuple(
+            UtteranceSpan(
+                id=utterances[i].id,
+                path=utterances[i].path,
+                samples_16k=utterances[i].samples_16k,
+                offset=int(offsets[i]),
+                frames=int(offsets[i + 1] - offsets[i]),
+            )
+            for i in range(first, last)
+            if offsets[i + 1] > start and offsets[i] < stop
+        )
+        jobs.append(ChunkJob(index=index, start=start, stop=stop, utterances=spans))
+    return jobs
+
+
+def compute_chunk(job: ChunkJob, source: FeatureSource, storage_options: dict[str, Any]) -> np.ndarray:
+    """The (stop - start, dim) block of features for one chunk."""
+    block = np.empty((job.stop - job.start, source.dim), dtype=np.float32)
+    for span in job.utterances:
+        waveform = load_audio_16k(span.path, storage_options)
+        if waveform.shape[0] != span.samples_16k:
+            raise ValueError(
+                f"utterance {span.id} ({span.path}): {waveform.shape[0]} samples at 16 kHz, "
+                f"intake recorded {span.samples_16k}; the file changed since intake"
+            )
+        features = source.compute(waveform)
+        if tuple(features.shape) != (span.frames, source.dim):
+            raise ValueError(
+                f"utterance {span.id}: feature source gave shape {tuple(features.shape)}, "
+                f"expected ({span.frames}, {source.dim})"
+            )
+        low, high = max(job.start, span.offset), min(job.stop, span.offset + span.frames)
+        block[low - job.start : high - job.start] = features[low - span.offset : high - span.offset].numpy()
+    return block
+
+
+def write_feature_chunk(job: ChunkJob, source: FeatureSource, stage: Stage) -> ChunkResult:
+    """One Dask task: compute, write one whole Zarr chunk, then mark it done."""
+    torch.set_num_threads(1)
+    block = compute_chunk(job, source, stage.store.storage_options)
+    group = stage.store.open_zarr(stage.rel(FEATURES_STORE), mode="r+")
+    group["features"][job.start : job.stop] = block
+    digest = digest_bytes(block.tobytes())
+    stage.mark_part(job.part, {"digest": digest, "start": job.start, "stop": job.stop})
+    audio_seconds = sum(span.samples_16k for span in job.utterances) / TARGET_SAMPLE_RATE
+    return ChunkResult(index=job.index, digest=digest, audio_seconds=audio_seconds)
+
+
+def _create_store(
+    stage: Stage, source: FeatureSource, utterances: list[Utterance], offsets: np.ndarray, chunk_frames: int
+) -> None:
+    group = stage.store.open_zarr(stage.rel(FEATURES_STORE), mode="w")
+    group.create_array(
+        "features", shape=(int(offsets[-1]), source.dim), chunks=(chunk_frames, source.dim), dtype="float32"
+    )
+    group.create_array("offsets", shape=offsets.shape, chunks=offsets.shape, dtype="int64")[:] = offsets
+    ids = np.array([utterance.id for utterance in utterances])
+    group.create_array("utt_ids", shape=ids.shape, chunks=ids.shape, dtype=str)[:] = ids
+    group.attrs.update(
+        {
+            **source.describe(),
+            "sample_rate": TARGET_SAMPLE_RATE,
+            "chunk_frames": chunk_frames,
+            "stage_key": stage.key,
+        }
+    )
+
+
+def features_stage(
+    config: PretrainConfig, iteration: int, store: ArtifactStore, intake: StageRecord, source: FeatureSource
+) -> Stage:
+    features: FeaturesConfig = config.iterations[iteration - 1].features
+    return Stage(
+        store, config.run, f"iter-{iteration}", "features",
+        version=FEATURES_VERSION,
+        config={**features.model_dump(), "source": source.describe()},
+        inputs={"manifest": intake.output_digest},
+    )
+
+
+def run_features(
+    config: PretrainConfig,
+    iteration: int,
+    store: ArtifactStore,
+    client: Client,
+    intake: StageRecord,
+    utterances: list[Utterance],
+    source: FeatureSource,
+) -> StageRecord:
+    """Compute `iter-N/features.zarr` (skipped if committed; resumes from finished chunks)."""
+    stage = features_stage(config, iteration, store, intake, source)
+    if (record := stage.committed()) is not None:
+        log.info("features@%d: committed earlier (%d frames), skipping", iteration, record.counts.get("frames", 0))
+        return record
+    started_at = utc_now()
+    stage.prepare([FEATURES_STORE])
+    offsets = frame_offsets(utterances, source)
+    chunk_frames = config.iterations[iteration - 1].features.chunk_frames or choose_chunk_frames(
+        int(offsets[-1]), source.dim
+    )
+    jobs = plan_chunks(utterances, offsets, chunk_frames)
+    done = stage.done_parts()
+    if not done:
+        _create_store(stage, source, utterances, offsets, chunk_frames)
+    todo = [job for job in jobs if job.part not in done]
+    log.info(
+        "features@%d: %s, %d frames in %d chunk(s) of %d; %d already done",
+        iteration, source.kind, int(offsets[-1]), len(jobs), chunk_frames, len(jobs) - len(todo),
+    )
+
+    clock = time.perf_counter()
+    futures = client.map(
+        write_feature_chunk, todo, source=source, stage=stage,
+        key=[f"features-{stage.key[:8]}-{job.part}" for job in todo],
+    )
+    results = gather_parts(futures, f"features@{iteration}")
+    compute_seconds = time.perf_counter() - clock
+    digests = {**{part: info["digest"] for part, info in done.items()}, **{f"chunk-{r.index:06d}": r.digest for r in results}}
+    audio_seconds = sum(utterance.samples_16k for utterance in utterances) / TARGET_SAMPLE_RATE
+    computed_audio_seconds = sum(result.audio_seconds for result in results)
+    record = stage.commit(
+        outputs=[FEATURES_STORE],
+        output_digest=digest_json(
+            {
+                "features": digest_digests(digests[job.part] for job in jobs),
+                "offsets": digest_bytes(offsets.tobytes()),
+                "utt_ids": [utterance.id for utterance in utterances],
+            }
+        ),
+        started_at=started_at,
+        counts={
+            "utterances": len(utterances),
+            "frames": int(offsets[-1]),
+            "dim": source.dim,
+            "chunks": len(jobs),
+            "chunks_resumed": len(jobs) - len(todo),
+            "audio_hours": round(audio_seconds / 3600, 4),
+        },
+        metrics={
+            "frame_rate": source.frame_rate,
+            "audio_seconds_per_second": round(computed_audio_seconds / compute_seconds, 2) if results else None,
+        },
+    )
+    log.info("features@%d: committed %d frames in %.1f s", iteration, int(offsets[-1]), record.seconds)
+    return record
+
+
+features_task = task(
+    run_features, name="features", retries=2, retry_condition_fn=retry_transient, cache_policy=NONE
+)
