@@ -60,6 +60,11 @@ def _declared_wav_frames(data: bytes) -> int | None:
     return None
 
 
+def _libsndfile_message(error: Exception) -> str:
+    """libsndfile's own words, without the in-memory file object's repr."""
+    return str(getattr(error, "error_string", None) or error).strip()
+
+
 def decode_audio(data: bytes) -> tuple[np.ndarray, int]:
     """Samples as float32 [samples, channels] in [-1, 1), and the sample rate.
 
@@ -70,11 +75,11 @@ def decode_audio(data: bytes) -> tuple[np.ndarray, int]:
     try:
         info = soundfile.info(io.BytesIO(data))
     except (soundfile.LibsndfileError, RuntimeError) as error:
-        raise AudioError("unreadable", f"not a decodable audio file ({error})") from error
+        raise AudioError("unreadable", f"not a decodable audio file ({_libsndfile_message(error)})") from error
     try:
         samples, sample_rate = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
     except (soundfile.LibsndfileError, RuntimeError) as error:
-        raise AudioError("corrupt", f"decoding failed ({error})") from error
+        raise AudioError("corrupt", f"decoding failed ({_libsndfile_message(error)})") from error
     if samples.shape[0] == 0:
         raise AudioError("empty", "no audio samples")
     declared = _declared_wav_frames(data) if info.format == "WAV" else info.frames

@@ -137,18 +137,17 @@ def run_intake(config: PretrainConfig, store: ArtifactStore, client: Client) -> 
     rejections = [result for result in results if isinstance(result, Rejection)]
     for rejection in rejections:
         log.warning("intake: skipping %s (%s): %s", rejection.path, rejection.reason, rejection.detail)
-    if not utterances:
-        raise ManifestError(
-            f"no usable audio in {config.corpus.source}: all {len(rejections)} files rejected "
-            f"(see {store.url(stage.rel(REPORT))})"
-        )
-
-    manifest_text = manifest_to_jsonl(utterances)
     reasons = Counter(rejection.reason for rejection in rejections)
     store.write_json(
         stage.rel(REPORT),
         {"rejected": [rejection.model_dump() for rejection in rejections], "rejected_by_reason": dict(reasons)},
     )
+    if not utterances:
+        raise ManifestError(
+            f"no usable audio in {config.corpus.source}: all {len(rejections)} files rejected "
+            f"(see {store.url(stage.rel(REPORT))})"
+        )
+    manifest_text = manifest_to_jsonl(utterances)
     store.write_text(stage.rel(MANIFEST), manifest_text)
     hours = sum(utterance.seconds for utterance in utterances) / 3600
     record = stage.commit(

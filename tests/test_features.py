@@ -1,0 +1,95 @@
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile
+import torch
+import torchaudio.compliance.kaldi
+import torchaudio.functional
+
+from infra.progress import PartsFailed
+from infra.store import ArtifactStore
+from tasks.config import PretrainConfig, load_config
+from tasks.features import MfccSource, run_features
+from tasks.intake import load_manifest, run_intake
+from tests.conftest import write_config
+
+
+def reference_features(path: str) -> np.ndarray:
+    """fairseq's dump_mfcc_feature.py, one utterance at a time (after our 16 kHz mono read)."""
+    samples, rate = soundfile.read(path, dtype="float32", always_2d=True)
+    waveform = torch.from_numpy(samples.mean(axis=1))
+    if rate != 16_000:
+        waveform = torchaudio.functional.resample(waveform, rate, 16_000)
+    mfccs = torchaudio.compliance.kaldi.mfcc(waveform=waveform.view(1, -1), sample_frequency=16_000, use_energy=False)
+    mfccs = mfccs.transpose(0, 1)
+    deltas = torchaudio.functional.compute_deltas(mfccs)
+    ddeltas = torchaudio.functional.compute_deltas(deltas)
+    return torch.cat([mfccs, deltas, ddeltas], dim=0).transpose(0, 1).numpy()
+
+
+def prepared(tmp_path: Path, corpus: Path, client, name: str = "runs") -> tuple[PretrainConfig, ArtifactStore]:
+    config = load_config(write_config(tmp_path / f"{name}.yaml", corpus, tmp_path / name, chunk_frames=256))
+    store = ArtifactStore(config.store)
+    run_intake(config, store, client)
+    return config, store
+
+
+def features_of(config: PretrainConfig, store: ArtifactStore, client, source=None):
+    intake = run_intake(config, store, client)
+    return run_features(config, 1, store, client, intake, load_manifest(store, config.run), source or MfccSource())
+
+
+def test_features_equal_kaldi_mfcc_computed_one_utterance_at_a_time(tmp_path: Path, salted_corpus: Path, client) -> None:
+    config, store = prepared(tmp_path, salted_corpus, client)
+    record = features_of(config, store, client)
+    group = store.open_zarr("t/iter-1/features.zarr", mode="r")
+    features, offsets, ids = group["features"][:], group["offsets"][:], list(group["utt_ids"][:])
+    manifest = load_manifest(store, "t")
+    assert ids == [u.id for u in manifest]
+    assert record.counts["chunks"] > 3, "chunks this small must split utterances across writers"
+    for index, utterance in enumerate(manifest):
+        expected_frames = 1 + (utterance.samples_16k - 400) // 160
+        assert offsets[index + 1] - offsets[index] == expected_frames, utterance.id
+        expected = reference_features(utterance.path)
+        np.testing.assert_allclose(features[offsets[index] : offsets[index + 1]], expected, rtol=1e-5, atol=1e-4)
+    assert features.shape == (offsets[-1], 39) and features.dtype == np.float32
+    assert dict(group.attrs)["frame_rate"] == 100.0 and dict(group.attrs)["chunk_frames"] == 256
+
+
+def test_a_second_run_is_skipped(tmp_path: Path, salted_corpus: Path, client) -> None:
+    config, store = prepared(tmp_path, salted_corpus, client)
+    first = features_of(config, store, client)
+    assert features_of(config, store, client) == first
+
+
+@dataclass(frozen=True)
+class FailingMfcc(MfccSource):
+    """MFCC that crashes on utterances of one length: a worker dying mid-stage, reproducibly."""
+
+    fail_on_samples: int = -1
+
+    def compute(self, waveform_16k: torch.Tensor) -> torch.Tensor:
+        if waveform_16k.shape[0] == self.fail_on_samples:
+            raise RuntimeError("simulated crash")
+        return super().compute(waveform_16k)
+
+
+def test_an_interrupted_stage_resumes_to_the_same_store(tmp_path: Path, salted_corpus: Path, client) -> None:
+    config, reference_store = prepared(tmp_path, salted_corpus, client, "reference")
+    reference = features_of(config, reference_store, client)
+
+    config, store = prepared(tmp_path, salted_corpus, client, "resumed")
+    victim = load_manifest(store, "t")[3]
+    with pytest.raises(PartsFailed, match="simulated crash"):
+        features_of(config, store, client, FailingMfcc(fail_on_samples=victim.samples_16k))
+    assert not store.exists("t/iter-1/features.commit.json")
+    resumed = features_of(config, store, client)
+
+    assert 0 < resumed.counts["chunks_resumed"] < resumed.counts["chunks"]
+    assert resumed.output_digest == reference.output_digest
+    ours = store.open_zarr("t/iter-1/features.zarr", mode="r")
+    theirs = reference_store.open_zarr("t/iter-1/features.zarr", mode="r")
+    for name in ("features", "offsets", "utt_ids"):
+        np.testing.assert_array_equal(ours[name][:], theirs[name][:])

@@ -1,0 +1,64 @@
+from pathlib import Path
+
+from infra.store import ArtifactStore, Stage, utc_now
+
+
+def make_stage(store: ArtifactStore, k: int) -> Stage:
+    return Stage(store, "run", "iter-1", "thing", version=1, config={"k": k}, inputs={"upstream": "abc"})
+
+
+def write_output(store: ArtifactStore, stage: Stage, text: str) -> None:
+    store.write_text(stage.rel("thing.txt"), text)
+
+
+def test_a_committed_stage_is_found_by_its_key_and_only_by_it(tmp_path: Path) -> None:
+    store = ArtifactStore(str(tmp_path))
+    stage = make_stage(store, 3)
+    assert stage.committed() is None
+    stage.prepare(["thing.txt"])
+    write_output(store, stage, "three")
+    record = stage.commit(outputs=["thing.txt"], output_digest="d3", started_at=utc_now(), counts={"n": 3})
+    assert make_stage(store, 3).committed() == record
+    assert record.sizes == {"thing.txt": 5}
+    assert make_stage(store, 4).committed() is None
+    assert not (tmp_path / "run" / "iter-1" / "_progress").exists()
+
+
+def test_changing_the_key_removes_the_old_record_and_outputs(tmp_path: Path) -> None:
+    store = ArtifactStore(str(tmp_path))
+    old = make_stage(store, 3)
+    old.prepare(["thing.txt"])
+    write_output(store, old, "three")
+    old.commit(outputs=["thing.txt"], output_digest="d3", started_at=utc_now())
+    new = make_stage(store, 4)
+    new.prepare(["thing.txt"])
+    assert not store.exists(new.record_path)
+    assert not store.exists(new.rel("thing.txt"))
+
+
+def test_an_interrupted_stage_keeps_its_finished_parts_for_the_same_key_only(tmp_path: Path) -> None:
+    store = ArtifactStore(str(tmp_path))
+    stage = make_stage(store, 3)
+    stage.prepare(["thing.txt"])
+    write_output(store, stage, "partial")
+    stage.mark_part("chunk-000000", {"digest": "a"})
+    stage.mark_part("chunk-000001", {"digest": "b"})
+
+    resumed = make_stage(store, 3)
+    assert resumed.committed() is None
+    resumed.prepare(["thing.txt"])
+    assert set(resumed.done_parts()) == {"chunk-000000", "chunk-000001"}
+    assert store.exists(resumed.rel("thing.txt"))
+
+    changed = make_stage(store, 5)
+    changed.prepare(["thing.txt"])
+    assert changed.done_parts() == {}
+    assert not store.exists(changed.rel("thing.txt"))
+
+
+def test_writes_are_whole_or_absent(tmp_path: Path) -> None:
+    store = ArtifactStore(str(tmp_path))
+    store.write_json("a/b.json", {"x": 1})
+    assert store.read_json("a/b.json") == {"x": 1}
+    assert store.read_json("a/missing.json") is None
+    assert [p.name for p in (tmp_path / "a").iterdir()] == ["b.json"]
