@@ -16,11 +16,11 @@ from pydantic import BaseModel, Field
 
 from infra.cluster import dask_client
 from infra.digest import digest_json
-from infra.store import ArtifactStore, utc_now
+from infra.store import ArtifactStore, StageRecord, utc_now
 from infra.version import code_version
-from tasks.config import STAGE_ORDER, PretrainConfig, StageName
+from tasks.config import STAGE_ORDER, PretrainConfig, StageName, load_config
 from tasks.features import feature_source, features_task
-from tasks.intake import intake_stage, intake_task, load_manifest
+from tasks.intake import intake_task, load_manifest
 
 IMPLEMENTED_STAGES: tuple[StageName, ...] = ("intake", "features")
 
@@ -78,14 +78,14 @@ def check_implemented(stop: StopPoint, config: PretrainConfig) -> None:
 
 
 @flow(name="iteration", validate_parameters=False)
-def iteration_flow(config: PretrainConfig, iteration: int, stop: StopPoint) -> None:
-    """One HuBERT iteration: features -> (k-means -> labels -> train, in later versions)."""
+def iteration_flow(config: PretrainConfig, iteration: int, stop: StopPoint, intake: StageRecord) -> None:
+    """One HuBERT iteration: features -> (k-means -> labels -> train, in later versions).
+
+    Runs inside `pretrain`, on its Dask client.
+    """
     logger = get_run_logger()
     client = default_client()
     store = ArtifactStore(config.store, config.storage_options)
-    intake = intake_stage(config, store).committed()
-    if intake is None:
-        raise RuntimeError("intake is not committed: run the pretrain flow, which runs intake first")
     settings = config.iterations[iteration - 1]
     if stop.includes("features", iteration):
         utterances = load_manifest(store, config.run)
@@ -102,8 +102,16 @@ def pretrain(config: PretrainConfig, stop: StopPoint = StopPoint()) -> str:
     write_run_info(store, config)
     with dask_client(**config.dask.model_dump()) as client:
         logger.info("Dask scheduler at %s", client.scheduler.address)
-        intake_task(config, store, client)
+        intake = intake_task(config, store, client)
         for iteration in range(1, len(config.iterations) + 1):
             if stop.includes("features", iteration):
-                iteration_flow.with_options(flow_run_name=f"{config.run}-iter-{iteration}")(config, iteration, stop)
+                named = iteration_flow.with_options(flow_run_name=f"{config.run}-iter-{iteration}")
+                named(config, iteration, stop, intake)
     return store.url(config.run)
+
+
+@flow(name="pretrain-from-file")
+def pretrain_from_file(config_path: str, until: str | None = None) -> str:
+    """The deployment entrypoint: a YAML config on the worker's disk (validated as `run` does)."""
+    config = load_config(config_path)
+    return pretrain(config, StopPoint.parse(until) if until else StopPoint())

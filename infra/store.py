@@ -94,6 +94,8 @@ class ArtifactStore:
         """Write a whole file so that readers see either nothing or all of it.
 
         A local file is written under a temporary name and renamed; an object store PUT is atomic.
+        No fsync: this guards against a killed process, not a lost machine (whose page cache
+        would take the unsynced data files with it anyway).
         """
         target = self.path(relpath)
         self.fs.makedirs(posixpath.dirname(target), exist_ok=True)
@@ -103,8 +105,6 @@ class ArtifactStore:
         temporary = f"{target}.tmp-{uuid.uuid4().hex}"
         with open(temporary, "wb") as handle:
             handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
         os.replace(temporary, target)
 
     def write_json(self, relpath: str, value: Any) -> None:

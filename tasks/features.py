@@ -17,6 +17,7 @@ The feature source is a parameter: MFCC at iteration 1, a model layer after (sam
 from __future__ import annotations
 
 import logging
+import uuid
 import time
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -41,7 +42,7 @@ log = logging.getLogger(__name__)
 FEATURES_VERSION = 1
 FEATURES_STORE = "features.zarr"
 MAX_CHUNK_TASKS = 4096
-MIN_CHUNK_FRAMES = 8192
+MIN_CHUNK_FRAMES = 16384
 MAX_CHUNK_BYTES = 256 * 2**20
 
 
@@ -58,8 +59,11 @@ class FeatureSource(Protocol):
         """Everything that determines the values (goes into the stage key and the store's attributes)."""
         ...
 
-    def compute(self, waveform_16k: torch.Tensor) -> torch.Tensor:
-        """(samples,) float32 at 16 kHz -> (num_frames(samples), dim) float32."""
+    def compute(self, waveforms_16k: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Each (samples,) float32 at 16 kHz -> (num_frames(samples), dim) float32.
+
+        Given a chunk's utterances at once, so a source can batch them.
+        """
         ...
 
 
@@ -75,8 +79,8 @@ class MfccSource:
     def describe(self) -> dict[str, Any]:
         return {"kind": self.kind, "dim": self.dim, "frame_rate": self.frame_rate, "recipe": "kaldi-mfcc13+d+dd"}
 
-    def compute(self, waveform_16k: torch.Tensor) -> torch.Tensor:
-        return mfcc_with_deltas(waveform_16k)
+    def compute(self, waveforms_16k: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [mfcc_with_deltas(waveform) for waveform in waveforms_16k]
 
 
 def feature_source(features: FeaturesConfig) -> FeatureSource:
@@ -153,15 +157,15 @@ def plan_chunks(utterances: list[Utterance], offsets: np.ndarray, chunk_frames: 
 
 def compute_chunk(job: ChunkJob, source: FeatureSource, storage_options: dict[str, Any]) -> np.ndarray:
     """The (stop - start, dim) block of features for one chunk."""
-    block = np.empty((job.stop - job.start, source.dim), dtype=np.float32)
-    for span in job.utterances:
-        waveform = load_audio_16k(span.path, storage_options)
+    waveforms = [load_audio_16k(span.path, storage_options) for span in job.utterances]
+    for span, waveform in zip(job.utterances, waveforms):
         if waveform.shape[0] != span.samples_16k:
             raise ValueError(
                 f"utterance {span.id} ({span.path}): {waveform.shape[0]} samples at 16 kHz, "
                 f"intake recorded {span.samples_16k}; the file changed since intake"
             )
-        features = source.compute(waveform)
+    block = np.empty((job.stop - job.start, source.dim), dtype=np.float32)
+    for span, features in zip(job.utterances, source.compute(waveforms)):
         if tuple(features.shape) != (span.frames, source.dim):
             raise ValueError(
                 f"utterance {span.id}: feature source gave shape {tuple(features.shape)}, "
@@ -188,8 +192,10 @@ def _create_store(
     stage: Stage, source: FeatureSource, utterances: list[Utterance], offsets: np.ndarray, chunk_frames: int
 ) -> None:
     group = stage.store.open_zarr(stage.rel(FEATURES_STORE), mode="w")
+    # Uncompressed: zstd saved ~12% on MFCC and cost a fifth of the stage's time.
     group.create_array(
-        "features", shape=(int(offsets[-1]), source.dim), chunks=(chunk_frames, source.dim), dtype="float32"
+        "features", shape=(int(offsets[-1]), source.dim), chunks=(chunk_frames, source.dim), dtype="float32",
+        compressors=None,
     )
     group.create_array("offsets", shape=offsets.shape, chunks=offsets.shape, dtype="int64")[:] = offsets
     ids = np.array([utterance.id for utterance in utterances])
@@ -247,9 +253,10 @@ def run_features(
     )
 
     clock = time.perf_counter()
+    attempt = uuid.uuid4().hex[:8]  # fresh keys: Dask would hand back a failed attempt's result
     futures = client.map(
         write_feature_chunk, todo, source=source, stage=stage,
-        key=[f"features-{stage.key[:8]}-{job.part}" for job in todo],
+        key=[f"features-{attempt}-{job.part}" for job in todo],
     )
     results = gather_parts(futures, f"features@{iteration}")
     compute_seconds = time.perf_counter() - clock

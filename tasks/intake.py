@@ -8,6 +8,7 @@ with the same utterance id stop intake before any probing, naming both paths.
 from __future__ import annotations
 
 import logging
+import uuid
 from collections import Counter
 from typing import Any
 
@@ -127,9 +128,10 @@ def run_intake(config: PretrainConfig, store: ArtifactStore, client: Client) -> 
     log.info("intake: probing %d files on %d Dask worker(s)", len(candidates), len(client.scheduler_info()["workers"]))
 
     batches = [candidates[start : start + PROBE_BATCH] for start in range(0, len(candidates), PROBE_BATCH)]
+    attempt = uuid.uuid4().hex[:8]  # fresh keys: Dask would hand back a failed attempt's result
     futures = client.map(
         probe_batch, batches, corpus=config.corpus, storage_options=config.storage_options,
-        key=[f"probe-{stage.key[:8]}-{index}" for index in range(len(batches))],
+        key=[f"probe-{attempt}-{index}" for index in range(len(batches))],
     )
     by_id = {result.id: result for batch in gather_parts(futures, "intake") for result in batch}
     results = [by_id[candidate.id] for candidate in candidates]

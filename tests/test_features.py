@@ -16,12 +16,13 @@ from tasks.intake import load_manifest, run_intake
 from tests.conftest import write_config
 
 
-def reference_features(path: str) -> np.ndarray:
+def reference_features(path: str, dtype: torch.dtype = torch.float32) -> np.ndarray:
     """fairseq's dump_mfcc_feature.py, one utterance at a time (after our 16 kHz mono read)."""
     samples, rate = soundfile.read(path, dtype="float32", always_2d=True)
     waveform = torch.from_numpy(samples.mean(axis=1))
     if rate != 16_000:
         waveform = torchaudio.functional.resample(waveform, rate, 16_000)
+    waveform = waveform.to(dtype)
     mfccs = torchaudio.compliance.kaldi.mfcc(waveform=waveform.view(1, -1), sample_frequency=16_000, use_energy=False)
     mfccs = mfccs.transpose(0, 1)
     deltas = torchaudio.functional.compute_deltas(mfccs)
@@ -52,8 +53,13 @@ def test_features_equal_kaldi_mfcc_computed_one_utterance_at_a_time(tmp_path: Pa
     for index, utterance in enumerate(manifest):
         expected_frames = 1 + (utterance.samples_16k - 400) // 160
         assert offsets[index + 1] - offsets[index] == expected_frames, utterance.id
+        ours = features[offsets[index] : offsets[index + 1]]
         expected = reference_features(utterance.path)
-        np.testing.assert_allclose(features[offsets[index] : offsets[index + 1]], expected, rtol=1e-5, atol=1e-4)
+        # torchaudio's own float32 result differs from its float64 one by up to ~5e-3 here (log of
+        # tiny mel energies); ours must be as close to the float64 values as torchaudio's float32 is.
+        np.testing.assert_allclose(ours, expected, rtol=1e-4, atol=1e-2)
+        exact = reference_features(utterance.path, torch.float64)
+        assert np.abs(ours - exact).max() <= 1.5 * np.abs(expected - exact).max() + 1e-5, utterance.id
     assert features.shape == (offsets[-1], 39) and features.dtype == np.float32
     assert dict(group.attrs)["frame_rate"] == 100.0 and dict(group.attrs)["chunk_frames"] == 256
 
@@ -70,10 +76,10 @@ class FailingMfcc(MfccSource):
 
     fail_on_samples: int = -1
 
-    def compute(self, waveform_16k: torch.Tensor) -> torch.Tensor:
-        if waveform_16k.shape[0] == self.fail_on_samples:
+    def compute(self, waveforms_16k: list[torch.Tensor]) -> list[torch.Tensor]:
+        if any(waveform.shape[0] == self.fail_on_samples for waveform in waveforms_16k):
             raise RuntimeError("simulated crash")
-        return super().compute(waveform_16k)
+        return super().compute(waveforms_16k)
 
 
 def test_an_interrupted_stage_resumes_to_the_same_store(tmp_path: Path, salted_corpus: Path, client) -> None:

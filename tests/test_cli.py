@@ -1,0 +1,110 @@
+"""End to end through the `hubert-pipeline` command: a real Prefect (temporary) server, a real LocalCluster."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from infra.store import ArtifactStore
+from tasks.demo_corpus import synthesize_demo_corpus
+from tests.conftest import write_config
+
+pytestmark = pytest.mark.slow
+CLI = [sys.executable, "-m", "flows.cli"]
+
+
+def cli_env(tmp_path: Path) -> dict[str, str]:
+    """A fresh Prefect home per test: the store, not Prefect's database, must carry all state."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
+    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
+    return env
+
+
+def run_cli(tmp_path: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run([*CLI, *args], env=cli_env(tmp_path), capture_output=True, text=True, timeout=300)
+    if check and result.returncode != 0:
+        raise AssertionError(f"exit {result.returncode}\n--- stdout\n{result.stdout}\n--- stderr\n{result.stderr[-5000:]}")
+    return result
+
+
+def inspect_json(tmp_path: Path, run_path: Path) -> dict:
+    return json.loads(run_cli(tmp_path, "inspect", str(run_path), "--json").stdout)
+
+
+def test_run_until_features_then_a_second_run_skips_everything(tmp_path: Path, salted_corpus: Path) -> None:
+    config = write_config(tmp_path / "cfg.yaml", salted_corpus, tmp_path / "runs")
+    first = run_cli(tmp_path, "run", str(config), "--until", "features")
+    assert "features" in first.stdout and "done" in first.stdout
+    status = inspect_json(tmp_path, tmp_path / "runs" / "t")
+    assert status["intake"]["status"] == "done" and status["intake"]["rejected"] == 4
+    features = status["iterations"][0]["features"]
+    assert features["status"] == "done" and features["dim"] == 39 and features["frame_rate"] == 100.0
+    assert status["iterations"][0]["kmeans"]["status"] == "missing"
+
+    records = sorted((tmp_path / "runs").rglob("*.commit.json"))
+    before = {path: path.read_bytes() for path in records}
+    second = run_cli(tmp_path, "run", str(config), "--until", "features")
+    assert "intake: committed earlier" in second.stderr and "features@1: committed earlier" in second.stderr
+    assert {path: path.read_bytes() for path in records} == before
+
+
+def test_invalid_config_is_rejected_before_anything_runs(tmp_path: Path) -> None:
+    config = tmp_path / "cfg.yaml"
+    config.write_text("run: x\nstore: ./runs\ncorpus: {source: ./nowhere}\niterations:\n  - features: {kind: mfcc}\n    kmeans: {k: 0}\n    train: {}\n")
+    result = run_cli(tmp_path, "run", str(config), check=False)
+    assert result.returncode == 2
+    assert "iterations.0.kmeans.k" in result.stderr
+    config.write_text(config.read_text().replace("k: 0", "k: 5"))
+    result = run_cli(tmp_path, "run", str(config), check=False)
+    assert result.returncode == 2 and "corpus.source" in result.stderr and "does not exist" in result.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def _wait_for_chunks(progress: Path, count: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if len(list(progress.glob("chunk-*.json"))) >= count:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"no {count} finished chunks in {progress} within {timeout} s")
+
+
+def test_kill_9_during_features_then_rerun_gives_the_uninterrupted_store(tmp_path: Path) -> None:
+    corpus = tmp_path / "corpus"
+    synthesize_demo_corpus(corpus, minutes=6, seed=3)
+    reference_cfg = write_config(tmp_path / "reference.yaml", corpus / "wav", tmp_path / "reference", chunk_frames=256)
+    run_cli(tmp_path, "run", str(reference_cfg), "--until", "features")
+
+    config = write_config(tmp_path / "cfg.yaml", corpus / "wav", tmp_path / "runs", chunk_frames=256)
+    process = subprocess.Popen(
+        [*CLI, "run", str(config), "--until", "features"], env=cli_env(tmp_path), start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        _wait_for_chunks(tmp_path / "runs" / "t" / "iter-1" / "_progress" / "features", 5, timeout=120)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    assert not (tmp_path / "runs" / "t" / "iter-1" / "features.commit.json").exists()
+    assert inspect_json(tmp_path, tmp_path / "runs" / "t")["iterations"][0]["features"]["status"] == "partial"
+
+    run_cli(tmp_path, "run", str(config), "--until", "features")
+    resumed = inspect_json(tmp_path, tmp_path / "runs" / "t")["iterations"][0]["features"]
+    assert resumed["status"] == "done" and resumed["chunks_resumed"] >= 5
+
+    ours = ArtifactStore(str(tmp_path / "runs"))
+    theirs = ArtifactStore(str(tmp_path / "reference"))
+    assert ours.read_json("t/iter-1/features.commit.json")["output_digest"] == theirs.read_json(
+        "t/iter-1/features.commit.json"
+    )["output_digest"]
+    a, b = ours.open_zarr("t/iter-1/features.zarr", "r"), theirs.open_zarr("t/iter-1/features.zarr", "r")
+    for name in ("features", "offsets", "utt_ids"):
+        np.testing.assert_array_equal(a[name][:], b[name][:])
