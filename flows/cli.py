@@ -40,6 +40,7 @@ def command_run(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     # Our modules' log lines belong in Prefect's run logs too; must be set before Prefect loads.
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "tasks,infra,flows")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from flows.pretrain import StopPoint, check_implemented, pretrain
 
     try:
@@ -53,10 +54,15 @@ def command_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _console() -> Console:
+    """Rich's console, wide enough for the run table even when the output is not a terminal."""
+    return Console() if sys.stdout.isatty() else Console(width=120)
+
+
 def _print_inspection(run_path: str, storage_options: dict | None = None) -> None:
     from flows.inspect import inspect_run, render_table
 
-    console = Console()
+    console = _console()
     console.print(render_table(inspect_run(run_path, storage_options)))
     console.print(f"artifacts: {run_path}")
 
@@ -72,7 +78,22 @@ def command_inspect(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(status.as_json(), indent=2))
     else:
-        Console().print(render_table(status))
+        _console().print(render_table(status))
+    return 0
+
+
+def command_export_labels(args: argparse.Namespace) -> int:
+    from infra.paths import parent_of
+    from infra.store import ArtifactStore
+    from tasks.labels import export_fairseq_labels
+
+    store = ArtifactStore(parent_of(args.run_path.rstrip("/")))
+    run = args.run_path.rstrip("/").rsplit("/", 1)[-1]
+    if not store.exists(f"{run}/iter-{args.iteration}/labels.commit.json"):
+        print(f"no committed labels for iteration {args.iteration} in {args.run_path}", file=sys.stderr)
+        return EXIT_USAGE
+    target = export_fairseq_labels(store, run, args.iteration, Path(args.out), args.split)
+    print(f"wrote {target} and {target.parent / 'dict.km.txt'}")
     return 0
 
 
@@ -107,6 +128,13 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("run_path", help="<store>/<run>, a local folder or s3:// URL")
     inspect.add_argument("--json", action="store_true", help="machine-readable output")
     inspect.set_defaults(handler=command_inspect)
+
+    export = commands.add_parser("export-labels", help="write an iteration's labels in fairseq's .km format")
+    export.add_argument("run_path", help="<store>/<run>")
+    export.add_argument("--iteration", type=int, default=1)
+    export.add_argument("--split", default="train", help="file name: <split>.km (default train)")
+    export.add_argument("--out", required=True, help="output folder")
+    export.set_defaults(handler=command_export_labels)
 
     demo = commands.add_parser("demo-corpus", help="synthesize an English demo corpus with phone alignments")
     demo.add_argument("out", help="output folder (wav/, align/, manifest.jsonl)")

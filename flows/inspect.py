@@ -51,7 +51,11 @@ class RunStatus(BaseModel):
             "code_version": self.code_version,
             "intake": self.intake.as_json(),
             "iterations": [
-                {"iteration": number, **{stage: status.as_json() for stage, status in stages.items()}}
+                {
+                    "iteration": number,
+                    **{stage: status.as_json() for stage, status in stages.items()},
+                    "quality": stages["labels"].metrics.get("quality"),
+                }
                 for number, stages in enumerate(self.iterations, start=1)
             ],
         }
@@ -118,13 +122,16 @@ def _key_metric(status: StageStatus) -> str:
     if status.status == "partial":
         return f"{status.parts_done} part(s) finished"
     if status.stage == "intake" and counts:
-        return f"{counts['utterances']:.0f} utts, {counts['hours']:.2f} h, {counts['rejected']:.0f} rejected"
+        return f"{counts['utterances']} utts, {counts['hours']:.2f} h, {counts['rejected']} rej."
     if status.stage == "features" and counts:
-        return f"{counts['frames']:.0f} frames x {counts['dim']:.0f} @ {metrics.get('frame_rate', 0):g}/s"
+        return f"{counts['frames']} x {counts['dim']} @ {metrics.get('frame_rate', 0):g}/s"
     if status.stage == "kmeans" and "inertia_per_frame" in metrics:
-        return f"k={counts.get('k', 0):.0f}, inertia/frame {metrics['inertia_per_frame']:.4g}"
-    if status.stage == "labels" and "pnmi" in metrics:
-        return f"PNMI {metrics['pnmi']:.3f}"
+        return f"k={counts['k']}, inertia/fr {metrics['inertia_per_frame']:.4g}"
+    if status.stage == "labels" and counts:
+        quality = metrics.get("quality")
+        if quality:
+            return f"PNMI {quality['pnmi']:.3f}, purity {quality['phone_purity']:.3f}"
+        return f"{counts['frames']} labels, {metrics.get('used_clusters', 0)} used"
     if status.stage == "train" and "final_loss" in metrics:
         return f"loss {metrics['final_loss']:.3f}"
     return ""

@@ -21,8 +21,10 @@ from infra.version import code_version
 from tasks.config import STAGE_ORDER, PretrainConfig, StageName, load_config
 from tasks.features import feature_source, features_task
 from tasks.intake import intake_task, load_manifest
+from tasks.kmeans import kmeans_task
+from tasks.labels import labels_task
 
-IMPLEMENTED_STAGES: tuple[StageName, ...] = ("intake", "features")
+IMPLEMENTED_STAGES: tuple[StageName, ...] = ("intake", "features", "kmeans", "labels")
 
 
 class StopPoint(BaseModel):
@@ -79,18 +81,21 @@ def check_implemented(stop: StopPoint, config: PretrainConfig) -> None:
 
 @flow(name="iteration", validate_parameters=False)
 def iteration_flow(config: PretrainConfig, iteration: int, stop: StopPoint, intake: StageRecord) -> None:
-    """One HuBERT iteration: features -> (k-means -> labels -> train, in later versions).
+    """One HuBERT iteration: features -> k-means -> labels (-> train, in a later version).
 
     Runs inside `pretrain`, on its Dask client.
     """
-    logger = get_run_logger()
     client = default_client()
     store = ArtifactStore(config.store, config.storage_options)
     settings = config.iterations[iteration - 1]
-    if stop.includes("features", iteration):
-        utterances = load_manifest(store, config.run)
-        features_task(config, iteration, store, client, intake, utterances, feature_source(settings.features))
-    logger.info("iteration %d done up to %s", iteration, stop.stage)
+    utterances = load_manifest(store, config.run)
+    features = features_task(config, iteration, store, client, intake, utterances, feature_source(settings.features))
+    if not stop.includes("kmeans", iteration):
+        return
+    kmeans = kmeans_task(config, iteration, store, client, features)
+    if not stop.includes("labels", iteration):
+        return
+    labels_task(config, iteration, store, client, features, kmeans, utterances)
 
 
 @flow(name="pretrain", validate_parameters=True)

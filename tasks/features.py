@@ -17,7 +17,6 @@ The feature source is a parameter: MFCC at iteration 1, a model layer after (sam
 from __future__ import annotations
 
 import logging
-import uuid
 import time
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -29,9 +28,9 @@ from prefect import task
 from prefect.cache_policies import NONE
 
 from infra.digest import digest_bytes, digest_digests, digest_json
-from infra.progress import gather_parts
+from infra.parts import run_parts
 from infra.store import ArtifactStore, Stage, StageRecord, utc_now
-from model.mfcc import FRAME_RATE, MFCC_DIM, mfcc_num_frames, mfcc_with_deltas
+from model.mfcc import FRAME_RATE, HOP_SAMPLES, MFCC_DIM, WINDOW_SAMPLES, mfcc_num_frames, mfcc_with_deltas
 from tasks.audio import TARGET_SAMPLE_RATE, load_audio_16k
 from tasks.config import FeaturesConfig, PretrainConfig
 from tasks.manifest import Utterance
@@ -56,7 +55,11 @@ class FeatureSource(Protocol):
     def num_frames(self, samples_16k: int) -> int: ...
 
     def describe(self) -> dict[str, Any]:
-        """Everything that determines the values (goes into the stage key and the store's attributes)."""
+        """Everything that determines the values (goes into the stage key and the store's attributes).
+
+        Includes `frame_rate`, `window_samples` and `hop_samples` (at 16 kHz): later stages derive
+        frame times from these, never from constants of their own.
+        """
         ...
 
     def compute(self, waveforms_16k: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -77,7 +80,14 @@ class MfccSource:
         return mfcc_num_frames(samples_16k)
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": self.kind, "dim": self.dim, "frame_rate": self.frame_rate, "recipe": "kaldi-mfcc13+d+dd"}
+        return {
+            "kind": self.kind,
+            "dim": self.dim,
+            "frame_rate": self.frame_rate,
+            "window_samples": WINDOW_SAMPLES,
+            "hop_samples": HOP_SAMPLES,
+            "recipe": "kaldi-mfcc13+d+dd",
+        }
 
     def compute(self, waveforms_16k: list[torch.Tensor]) -> list[torch.Tensor]:
         return [mfcc_with_deltas(waveform) for waveform in waveforms_16k]
@@ -110,13 +120,6 @@ class ChunkJob:
     @property
     def part(self) -> str:
         return f"chunk-{self.index:06d}"
-
-
-@dataclass(frozen=True)
-class ChunkResult:
-    index: int
-    digest: str
-    audio_seconds: float
 
 
 def choose_chunk_frames(total_frames: int, dim: int) -> int:
@@ -176,16 +179,19 @@ def compute_chunk(job: ChunkJob, source: FeatureSource, storage_options: dict[st
     return block
 
 
-def write_feature_chunk(job: ChunkJob, source: FeatureSource, stage: Stage) -> ChunkResult:
+def write_feature_chunk(job: ChunkJob, source: FeatureSource, stage: Stage) -> dict[str, Any]:
     """One Dask task: compute, write one whole Zarr chunk, then mark it done."""
     torch.set_num_threads(1)
     block = compute_chunk(job, source, stage.store.storage_options)
     group = stage.store.open_zarr(stage.rel(FEATURES_STORE), mode="r+")
     group["features"][job.start : job.stop] = block
-    digest = digest_bytes(block.tobytes())
-    stage.mark_part(job.part, {"digest": digest, "start": job.start, "stop": job.stop})
-    audio_seconds = sum(span.samples_16k for span in job.utterances) / TARGET_SAMPLE_RATE
-    return ChunkResult(index=job.index, digest=digest, audio_seconds=audio_seconds)
+    info = {
+        "part": job.part,
+        "digest": digest_bytes(block.tobytes()),
+        "audio_seconds": sum(span.samples_16k for span in job.utterances) / TARGET_SAMPLE_RATE,
+    }
+    stage.mark_part(job.part, info)
+    return info
 
 
 def _create_store(
@@ -246,28 +252,19 @@ def run_features(
     done = stage.done_parts()
     if not done:
         _create_store(stage, source, utterances, offsets, chunk_frames)
-    todo = [job for job in jobs if job.part not in done]
     log.info(
-        "features@%d: %s, %d frames in %d chunk(s) of %d; %d already done",
-        iteration, source.kind, int(offsets[-1]), len(jobs), chunk_frames, len(jobs) - len(todo),
+        "features@%d: %s, %d frames in %d chunk(s) of %d", iteration, source.kind, int(offsets[-1]), len(jobs), chunk_frames
     )
-
     clock = time.perf_counter()
-    attempt = uuid.uuid4().hex[:8]  # fresh keys: Dask would hand back a failed attempt's result
-    futures = client.map(
-        write_feature_chunk, todo, source=source, stage=stage,
-        key=[f"features-{attempt}-{job.part}" for job in todo],
-    )
-    results = gather_parts(futures, f"features@{iteration}")
+    parts = run_parts(client, stage, jobs, write_feature_chunk, f"features@{iteration}", done, source=source)
     compute_seconds = time.perf_counter() - clock
-    digests = {**{part: info["digest"] for part, info in done.items()}, **{f"chunk-{r.index:06d}": r.digest for r in results}}
     audio_seconds = sum(utterance.samples_16k for utterance in utterances) / TARGET_SAMPLE_RATE
-    computed_audio_seconds = sum(result.audio_seconds for result in results)
+    computed_audio_seconds = sum(parts[job.part]["audio_seconds"] for job in jobs if job.part not in done)
     record = stage.commit(
         outputs=[FEATURES_STORE],
         output_digest=digest_json(
             {
-                "features": digest_digests(digests[job.part] for job in jobs),
+                "features": digest_digests(parts[job.part]["digest"] for job in jobs),
                 "offsets": digest_bytes(offsets.tobytes()),
                 "utt_ids": [utterance.id for utterance in utterances],
             }
@@ -278,12 +275,12 @@ def run_features(
             "frames": int(offsets[-1]),
             "dim": source.dim,
             "chunks": len(jobs),
-            "chunks_resumed": len(jobs) - len(todo),
+            "chunks_resumed": len(done),
             "audio_hours": round(audio_seconds / 3600, 4),
         },
         metrics={
             "frame_rate": source.frame_rate,
-            "audio_seconds_per_second": round(computed_audio_seconds / compute_seconds, 2) if results else None,
+            "audio_seconds_per_second": round(computed_audio_seconds / compute_seconds, 2) if len(done) < len(jobs) else None,
         },
     )
     log.info("features@%d: committed %d frames in %.1f s", iteration, int(offsets[-1]), record.seconds)

@@ -19,7 +19,7 @@ from prefect.cache_policies import NONE
 
 from infra.digest import digest_bytes
 from infra.paths import fingerprint_source
-from infra.progress import gather_parts
+from infra.parts import gather_parts
 from infra.store import ArtifactStore, Stage, StageRecord, utc_now
 from tasks.audio import AudioError, probe_audio, read_bytes
 from tasks.config import CorpusConfig, PretrainConfig

@@ -79,3 +79,29 @@ iterations:
 """
     )
     return path
+
+
+@pytest.fixture(scope="session")
+def demo_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two minutes of synthesized English with phone alignments (tasks/demo_corpus.py)."""
+    from tasks.demo_corpus import synthesize_demo_corpus
+
+    folder = tmp_path_factory.mktemp("demo") / "corpus"
+    synthesize_demo_corpus(folder, minutes=2, seed=7)
+    return folder
+
+
+def demo_config(tmp_path: Path, corpus: Path, name: str = "runs", k: int = 16, **kmeans: object):
+    """A validated config over the demo corpus, with alignments."""
+    from tasks.config import PretrainConfig
+
+    return PretrainConfig.model_validate(
+        {
+            "run": "t",
+            "store": str(tmp_path / name),
+            "corpus": {"source": str(corpus / "wav"), "alignments": str(corpus / "align")},
+            "iterations": [
+                {"features": {"kind": "mfcc", "chunk_frames": 2048}, "kmeans": {"k": k, **kmeans}, "train": {"model": "tiny"}}
+            ],
+        }
+    )

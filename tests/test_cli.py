@@ -108,3 +108,31 @@ def test_kill_9_during_features_then_rerun_gives_the_uninterrupted_store(tmp_pat
     a, b = ours.open_zarr("t/iter-1/features.zarr", "r"), theirs.open_zarr("t/iter-1/features.zarr", "r")
     for name in ("features", "offsets", "utt_ids"):
         np.testing.assert_array_equal(a[name][:], b[name][:])
+
+
+def test_run_until_labels_reports_cluster_quality(tmp_path: Path, demo_corpus: Path) -> None:
+    config = tmp_path / "cfg.yaml"
+    config.write_text(
+        f"""run: demo
+store: {tmp_path / "runs"}
+corpus: {{source: {demo_corpus / "wav"}, alignments: {demo_corpus / "align"}}}
+dask: {{n_workers: 2}}
+iterations:
+  - features: {{kind: mfcc}}
+    kmeans: {{k: 100}}
+    train: {{model: tiny, steps: 200}}
+"""
+    )
+    run_cli(tmp_path, "run", str(config), "--until", "labels")
+    [iteration] = inspect_json(tmp_path, tmp_path / "runs" / "demo")["iterations"]
+    assert iteration["kmeans"]["inertia_per_frame"] > 0
+    assert iteration["labels"]["frames"] == iteration["features"]["frames"]
+    assert set(iteration["quality"]) >= {"pnmi", "phone_purity", "cluster_purity"}
+    assert iteration["train"]["status"] == "missing"
+    table = run_cli(tmp_path, "inspect", str(tmp_path / "runs" / "demo")).stdout
+    assert "PNMI" in table
+
+    out = tmp_path / "fairseq"
+    run_cli(tmp_path, "export-labels", str(tmp_path / "runs" / "demo"), "--out", str(out))
+    assert len((out / "train.km").read_text().splitlines()) == iteration["labels"]["utterances"]
+    assert len((out / "dict.km.txt").read_text().splitlines()) == 100

@@ -8,7 +8,7 @@ import torch
 import torchaudio.compliance.kaldi
 import torchaudio.functional
 
-from infra.progress import PartsFailed
+from infra.parts import PartsFailed
 from infra.store import ArtifactStore
 from tasks.config import PretrainConfig, load_config
 from tasks.features import MfccSource, run_features

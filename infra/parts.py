@@ -1,14 +1,17 @@
-"""Waiting on many Dask futures: progress for people, all-or-report for the stage."""
+"""Chunked stages on Dask: one task per part, progress for people, all-or-report for the stage."""
 
 from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Sequence
-from typing import Any
+import uuid
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
-from distributed import Future, as_completed
+from distributed import Client, Future, as_completed
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from infra.store import Stage
 
 log = logging.getLogger(__name__)
 
@@ -49,3 +52,35 @@ def gather_parts(futures: Sequence[Future], description: str) -> list[Any]:
             f"(finished parts are kept; run again to resume):\n  {listed}{more}"
         )
     return results
+
+
+class Part(Protocol):
+    """A unit of a chunked stage: one Dask task that writes whole chunks and marks itself done."""
+
+    @property
+    def part(self) -> str: ...
+
+
+def run_parts(
+    client: Client,
+    stage: Stage,
+    jobs: Sequence[Part],
+    work: Callable[..., dict[str, Any]],
+    description: str,
+    done: dict[str, dict[str, Any]],
+    **arguments: Any,
+) -> dict[str, dict[str, Any]]:
+    """Run `work(job, stage=stage, **arguments)` on Dask for each job not already in `done`.
+
+    `work` writes its part, calls `stage.mark_part(job.part, info)` and returns that `info`.
+    Returns the info of every job's part, the resumed ones included.
+    """
+    todo = [job for job in jobs if job.part not in done]
+    if len(todo) < len(jobs):
+        log.info("%s: %d of %d parts done before, resuming", description, len(jobs) - len(todo), len(jobs))
+    attempt = uuid.uuid4().hex[:8]  # fresh keys: Dask would hand back a failed attempt's result
+    futures = client.map(
+        work, todo, stage=stage, **arguments, key=[f"{stage.name}-{attempt}-{job.part}" for job in todo]
+    )
+    finished = {info["part"]: info for info in gather_parts(futures, description)}
+    return {**done, **finished}

@@ -1,0 +1,116 @@
+import os
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+from distributed.diagnostics.plugin import WorkerPlugin
+
+from infra.store import ArtifactStore
+from tasks.features import MfccSource, run_features
+from tasks.intake import load_manifest, run_intake
+from tasks.kmeans import load_centroids, run_kmeans
+from tasks.labels import FrameCountMismatch, check_frame_counts, export_fairseq_labels, run_labels
+from tasks.quality import LabelTally, PhoneSegments, frame_segments, phone_measures
+from tests.conftest import demo_config
+
+
+def labelled(tmp_path: Path, corpus: Path, client, name: str = "runs", **kmeans):
+    config = demo_config(tmp_path, corpus, name, **kmeans)
+    store = ArtifactStore(config.store)
+    intake = run_intake(config, store, client)
+    utterances = load_manifest(store, "t")
+    features = run_features(config, 1, store, client, intake, utterances, MfccSource())
+    kmeans_record = run_kmeans(config, 1, store, client, features)
+    return store, utterances, run_labels(config, 1, store, client, features, kmeans_record, utterances)
+
+
+def nearest(store: ArtifactStore) -> np.ndarray:
+    frames = store.open_zarr("t/iter-1/features.zarr", "r")["features"][:].astype(np.float64)
+    centroids = load_centroids(store, "t", 1).astype(np.float64)
+    distances = (frames**2).sum(1)[:, None] - 2 * frames @ centroids.T + (centroids**2).sum(1)
+    return distances.argmin(axis=1)
+
+
+def test_every_frame_gets_its_nearest_centroid_and_quality_is_measured(tmp_path: Path, demo_corpus: Path, client) -> None:
+    store, utterances, record = labelled(tmp_path, demo_corpus, client)
+    labels = store.open_zarr("t/iter-1/labels.zarr", "r")
+    features = store.open_zarr("t/iter-1/features.zarr", "r")
+    assert labels["labels"].shape == (features["features"].shape[0],) and labels["labels"].dtype == np.int16
+    np.testing.assert_array_equal(labels["offsets"][:], features["offsets"][:])
+    agreement = (labels["labels"][:] == nearest(store)).mean()
+    assert agreement > 0.999, agreement  # float32 vs float64 ties at most
+    assert labels.attrs["label_rate"] == 100.0 and labels.attrs["k"] == 16
+    quality = record.metrics["quality"]
+    assert 0.1 < quality["pnmi"] < 1 and 0 < quality["cluster_purity"] < 1 and 0 < quality["phone_purity"] < 1
+    assert quality["aligned_utterances"] == len(utterances)
+    assert record.metrics["used_clusters"] == 16 and record.metrics["mean_segment_frames"] > 1
+    assert record.counts["frames"] == features["features"].shape[0]
+
+
+def test_the_same_config_twice_gives_identical_labels_and_fairseq_export(tmp_path: Path, demo_corpus: Path, client) -> None:
+    first_store, utterances, first = labelled(tmp_path, demo_corpus, client, "a")
+    second_store, _, second = labelled(tmp_path, demo_corpus, client, "b")
+    assert first.output_digest == second.output_digest
+    np.testing.assert_array_equal(
+        first_store.open_zarr("t/iter-1/labels.zarr", "r")["labels"][:],
+        second_store.open_zarr("t/iter-1/labels.zarr", "r")["labels"][:],
+    )
+    km = export_fairseq_labels(first_store, "t", 1, tmp_path / "fairseq", "train")
+    lines = km.read_text().splitlines()
+    offsets = first_store.open_zarr("t/iter-1/labels.zarr", "r")["offsets"][:]
+    assert len(lines) == len(utterances)
+    assert [len(line.split()) for line in lines] == np.diff(offsets).tolist()
+    everything = first_store.open_zarr("t/iter-1/labels.zarr", "r")["labels"][:]
+    assert [int(x) for x in lines[-1].split()] == everything[offsets[-2] :].tolist()
+    assert (tmp_path / "fairseq" / "dict.km.txt").read_text().splitlines()[:2] == ["0 1", "1 1"]
+
+
+class KillFirstLabelWorker(WorkerPlugin):
+    """SIGKILLs the worker process that starts the first label task (once, across restarts)."""
+
+    def __init__(self, flag: str) -> None:
+        self.flag = flag
+
+    def transition(self, key, start, finish, **kwargs) -> None:
+        if finish == "executing" and str(key).startswith("labels-") and not os.path.exists(self.flag):
+            Path(self.flag).write_text(str(os.getpid()))
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_a_worker_killed_during_the_label_stage_does_not_stop_it(tmp_path: Path, demo_corpus: Path, client) -> None:
+    flag = tmp_path / "killed"
+    client.register_plugin(KillFirstLabelWorker(str(flag)), name="kill-first-label-worker")
+    try:
+        store, _, record = labelled(tmp_path, demo_corpus, client)
+    finally:
+        client.unregister_worker_plugin("kill-first-label-worker")
+    assert flag.exists(), "no worker was killed: the test did not test anything"
+    assert (store.open_zarr("t/iter-1/labels.zarr", "r")["labels"][:] == nearest(store)).mean() > 0.999
+    client.wait_for_workers(2, timeout=60)
+
+
+def test_mismatched_frame_counts_name_the_utterances(tmp_path: Path, demo_corpus: Path, client) -> None:
+    store, utterances, _ = labelled(tmp_path, demo_corpus, client)
+    shortened = [utterances[0].model_copy(update={"samples": utterances[0].samples - 800})] + utterances[1:]
+    features = store.open_zarr("t/iter-1/features.zarr", "r")
+    labels = store.open_zarr("t/iter-1/labels.zarr", "r")
+    with pytest.raises(FrameCountMismatch, match=utterances[0].id):
+        check_frame_counts(shortened, features, labels)
+    check_frame_counts(utterances, features, labels)
+
+
+def test_purity_and_pnmi_on_a_known_joint_distribution() -> None:
+    tally = LabelTally(k=2)
+    segments = PhoneSegments(np.array([0.0, 1.0]), np.array([1.0, 2.0]), ["a", "b"])
+    times = np.array([0.1, 0.2, 0.3, 1.1, 1.2, 1.3, 2.5])
+    index = frame_segments(segments, times)
+    assert index.tolist() == [0, 0, 0, 1, 1, 1, -1]
+    tally.add_aligned(segments, index, np.array([0, 0, 1, 1, 1, 1, 0]))
+    measures = phone_measures(tally)
+    # joint: a -> {0: 2, 1: 1}, b -> {1: 3}; 6 aligned frames
+    assert measures["phone_purity"] == pytest.approx((2 + 3) / 6)
+    assert measures["cluster_purity"] == pytest.approx((2 + 3) / 6)
+    p = np.array([[2, 1], [0, 3]]) / 6
+    mi = sum(p[y, z] * np.log(p[y, z] / (p[y].sum() * p[:, z].sum())) for y in range(2) for z in range(2) if p[y, z])
+    assert measures["pnmi"] == pytest.approx(mi / np.log(2))
