@@ -41,15 +41,16 @@ def command_run(args: argparse.Namespace) -> int:
     # Our modules' log lines belong in Prefect's run logs too; must be set before Prefect loads.
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "tasks,infra,flows")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    from flows.pretrain import StopPoint, check_implemented, pretrain
+    from flows.pretrain import StopPoint, check_stop_point, pretrain
 
     try:
         stop = StopPoint.parse(args.until) if args.until else StopPoint()
-        check_implemented(stop, config)
-    except (ValidationError, ValueError, NotImplementedError) as error:
-        print(f"--until {args.until}: {error}", file=sys.stderr)
+        force = StopPoint.parse(args.force) if args.force else None
+        check_stop_point(stop, config)
+    except (ValidationError, ValueError) as error:
+        print(f"--until/--force: {error}", file=sys.stderr)
         return EXIT_USAGE
-    run_path = pretrain(config, stop)
+    run_path = pretrain(config, stop, force)
     _print_inspection(run_path, config.storage_options)
     return 0
 
@@ -63,8 +64,11 @@ def _print_inspection(run_path: str, storage_options: dict | None = None) -> Non
     from flows.inspect import inspect_run, render_table
 
     console = _console()
-    console.print(render_table(inspect_run(run_path, storage_options)))
+    status = inspect_run(run_path, storage_options)
+    console.print(render_table(status))
     console.print(f"artifacts: {run_path}")
+    for number in range(1, len(status.iterations) + 1):
+        console.print(f"iteration {number} report: {run_path}/iter-{number}/report.md")
 
 
 def command_inspect(args: argparse.Namespace) -> int:
@@ -79,6 +83,31 @@ def command_inspect(args: argparse.Namespace) -> int:
         print(json.dumps(status.as_json(), indent=2))
     else:
         _console().print(render_table(status))
+    return 0
+
+
+def command_diff(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from flows.diff import diff_iterations, diff_runs
+
+    if args.iterations:
+        result = diff_iterations(args.run_a, *args.iterations)
+    elif args.run_b:
+        result = diff_runs(args.run_a, args.run_b)
+    else:
+        print("diff needs RUN_B or --iterations I J", file=sys.stderr)
+        return EXIT_USAGE
+    if args.json:
+        print(json.dumps({scope: [row.__dict__ for row in rows] for scope, rows in result.items()}, indent=2))
+        return 0
+    table = Table(title="stage differences")
+    for column in ("scope", "stage", "verdict", "why"):
+        table.add_column(column)
+    for scope, rows in result.items():
+        for row in rows:
+            table.add_row(scope, row.stage, row.verdict, row.detail)
+    _console().print(table)
     return 0
 
 
@@ -122,12 +151,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--until", metavar="STAGE[@ITER]",
         help="stop after this stage (intake, features, kmeans, labels, train) of this iteration (default 1)",
     )
+    run.add_argument(
+        "--force", metavar="STAGE[@ITER]", help="re-run this stage and everything after it, even if committed"
+    )
     run.set_defaults(handler=command_run)
 
     inspect = commands.add_parser("inspect", help="show what each stage of a run has committed")
     inspect.add_argument("run_path", help="<store>/<run>, a local folder or s3:// URL")
     inspect.add_argument("--json", action="store_true", help="machine-readable output")
     inspect.set_defaults(handler=command_inspect)
+
+    diff = commands.add_parser("diff", help="which stages of two runs (or two iterations) differ, and why")
+    diff.add_argument("run_a", help="<store>/<run>")
+    diff.add_argument("run_b", nargs="?", help="another <store>/<run>")
+    diff.add_argument("--iterations", nargs=2, type=int, metavar=("I", "J"), help="compare two iterations of run_a")
+    diff.add_argument("--json", action="store_true")
+    diff.set_defaults(handler=command_diff)
 
     export = commands.add_parser("export-labels", help="write an iteration's labels in fairseq's .km format")
     export.add_argument("run_path", help="<store>/<run>")

@@ -12,13 +12,21 @@ from infra.paths import parent_of
 from infra.store import ArtifactStore, StageRecord
 
 ITERATION_STAGES = ("features", "kmeans", "labels", "train")
-# Which record produced an input, by the input's name: (scope, stage); None means "this iteration".
-INPUT_PRODUCERS: dict[str, tuple[str | None, str]] = {
+# Which record produced an input, by the input's name: (scope, stage), where the scope is given
+# relative to the consuming record's iteration: "corpus", 0 (the same iteration) or -1 (the one before).
+INPUT_PRODUCERS: dict[str, tuple[str | int, str]] = {
     "manifest": ("corpus", "intake"),
-    "features": (None, "features"),
-    "centroids": (None, "kmeans"),
-    "labels": (None, "labels"),
+    "model": (-1, "train"),
+    "features": (0, "features"),
+    "centroids": (0, "kmeans"),
+    "labels": (0, "labels"),
 }
+
+
+def _producer_scope(consumer_scope: str, relative: str | int) -> str:
+    if isinstance(relative, str):
+        return relative
+    return f"iter-{int(consumer_scope.split('-')[1]) + relative}"
 
 
 class StageStatus(BaseModel):
@@ -72,8 +80,8 @@ def _is_stale(store: ArtifactStore, run: str, record: StageRecord) -> bool:
         producer = INPUT_PRODUCERS.get(name)
         if producer is None:
             continue
-        scope, stage = producer
-        upstream = _read_record(store, run, scope or record.scope, stage)
+        relative, stage = producer
+        upstream = _read_record(store, run, _producer_scope(record.scope, relative), stage)
         if upstream is None or upstream.output_digest != digest:
             return True
     return False

@@ -113,6 +113,10 @@ class ArtifactStore:
     def write_text(self, relpath: str, text: str) -> None:
         self.write_bytes(relpath, text.encode())
 
+    def read_bytes(self, relpath: str) -> bytes:
+        with self.fs.open(self.path(relpath), "rb") as handle:
+            return handle.read()
+
     def read_text(self, relpath: str) -> str:
         with self.fs.open(self.path(relpath), "rt") as handle:
             return handle.read()
@@ -278,3 +282,12 @@ def _user() -> str:
         return getpass.getuser()
     except (KeyError, OSError):
         return "unknown"
+
+
+def forget_stage(store: ArtifactStore, run: str, scope: str, name: str) -> bool:
+    """Remove a stage's record and progress so that it runs afresh; True if there was a record."""
+    record = posixpath.join(run, scope, f"{name}.commit.json")
+    existed = store.exists(record)
+    store.remove(record)
+    store.remove(posixpath.join(run, scope, "_progress", name))
+    return existed

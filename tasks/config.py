@@ -90,8 +90,29 @@ class KMeansConfig(_Section):
 
 
 class TrainConfig(_Section):
-    model: Literal["tiny", "base", "large", "xlarge"] = "base"
-    steps: int = Field(default=400_000, ge=1)
+    model: Literal["tiny", "base", "large", "xlarge"] = Field(default="base", description="Architecture preset.")
+    steps: int = Field(default=400_000, ge=1, description="Optimizer steps.")
+    learning_rate: float = Field(default=5e-4, gt=0, le=1, description="Peak learning rate (AdamW).")
+    warmup_steps: int | None = Field(default=None, ge=1, description="Linear warm-up; null: 8% of steps.")
+    weight_decay: float = Field(default=0.01, ge=0)
+    clip_norm: float = Field(default=10.0, gt=0, description="Gradient norm clipping.")
+    accumulation: int = Field(default=1, ge=1, description="Micro-batches per optimizer step.")
+    max_batch_seconds: float = Field(default=87.5, gt=0, description="Audio per batch per process (fairseq: 1.4 M samples).")
+    max_sample_seconds: float = Field(default=15.625, gt=0, description="Random crop length (fairseq: 250,000 samples).")
+    unmasked_weight: float = Field(default=0.0, ge=0, description="Loss weight of unmasked frames.")
+    checkpoint_every: int = Field(default=1000, ge=1, description="Steps between checkpoints.")
+    log_every: int = Field(default=100, ge=1, description="Steps between log lines.")
+    seed: int = Field(default=0, ge=0)
+    nproc: int = Field(default=1, ge=1, description="Training processes (one per GPU) under torchrun.")
+    bf16: bool = Field(default=True, description="bf16 autocast on GPU (ignored on CPU).")
+
+    @model_validator(mode="after")
+    def _batch_holds_a_crop(self) -> TrainConfig:
+        if self.max_batch_seconds < self.max_sample_seconds:
+            raise ValueError(
+                f"max_batch_seconds ({self.max_batch_seconds}) must be at least max_sample_seconds ({self.max_sample_seconds})"
+            )
+        return self
 
 
 class IterationConfig(_Section):

@@ -16,7 +16,9 @@ The feature source is a parameter: MFCC at iteration 1, a model layer after (sam
 
 from __future__ import annotations
 
+import io
 import logging
+import posixpath
 import time
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -30,6 +32,8 @@ from prefect.cache_policies import NONE
 from infra.digest import digest_bytes, digest_digests, digest_json
 from infra.parts import run_parts
 from infra.store import ArtifactStore, Stage, StageRecord, utc_now
+from model.hubert import HubertConfig, build_pretrain_model, hop, receptive_field
+from model.layer_features import extract_layer_features_batch
 from model.mfcc import FRAME_RATE, HOP_SAMPLES, MFCC_DIM, WINDOW_SAMPLES, mfcc_num_frames, mfcc_with_deltas
 from tasks.audio import TARGET_SAMPLE_RATE, load_audio_16k
 from tasks.config import FeaturesConfig, PretrainConfig
@@ -93,10 +97,86 @@ class MfccSource:
         return [mfcc_with_deltas(waveform) for waveform in waveforms_16k]
 
 
-def feature_source(features: FeaturesConfig) -> FeatureSource:
-    if features.kind == "mfcc":
-        return MfccSource()
-    raise NotImplementedError("model-layer features (kind 'hubert') need a trained model: not built yet")
+@dataclass(frozen=True)
+class HubertLayerSource:
+    """Transformer layer `layer` of an earlier iteration's model, unmasked (50 frames/s for BASE).
+
+    Workers load the model once per process (cached by its digest) and read it from the store, so
+    they need no shared disk with the driver.
+    """
+
+    store: ArtifactStore
+    model_relpath: str
+    model_digest: str
+    layer: int
+    dim: int
+    hop_samples: int
+    window_samples: int
+    kind: str = "hubert"
+
+    @property
+    def frame_rate(self) -> float:
+        return TARGET_SAMPLE_RATE / self.hop_samples
+
+    def num_frames(self, samples_16k: int) -> int:
+        return 0 if samples_16k < self.window_samples else 1 + (samples_16k - self.window_samples) // self.hop_samples
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "layer": self.layer,
+            "dim": self.dim,
+            "frame_rate": self.frame_rate,
+            "window_samples": self.window_samples,
+            "hop_samples": self.hop_samples,
+            "model_digest": self.model_digest,
+        }
+
+    def compute(self, waveforms_16k: list[torch.Tensor]) -> list[torch.Tensor]:
+        if self.model_digest not in _ENCODERS:
+            _ENCODERS.clear()
+            _ENCODERS[self.model_digest] = _load_encoder(self.store, self.model_relpath)
+        encoder, architecture = _ENCODERS[self.model_digest]
+        with torch.inference_mode():
+            return extract_layer_features_batch(encoder, waveforms_16k, self.layer, architecture)
+
+
+# The encoder a worker process has loaded, by model digest (one at a time).
+_ENCODERS: dict[str, tuple[torch.nn.Module, HubertConfig]] = {}
+
+
+def _read_saved_model(store: ArtifactStore, relpath: str) -> tuple[dict[str, Any], HubertConfig]:
+    saved = torch.load(io.BytesIO(store.read_bytes(relpath)), map_location="cpu", weights_only=False)
+    return saved, HubertConfig.model_validate(saved["config"])
+
+
+def _load_encoder(store: ArtifactStore, relpath: str) -> tuple[torch.nn.Module, HubertConfig]:
+    saved, architecture = _read_saved_model(store, relpath)
+    model = build_pretrain_model(architecture, num_classes=saved["num_classes"])
+    model.load_state_dict(saved["model"])
+    return model.wav2vec2.eval(), architecture
+
+
+def hubert_layer_source(
+    store: ArtifactStore, run: str, previous_iteration: int, trained: StageRecord, layer: int
+) -> HubertLayerSource:
+    """The feature source for layer `layer` of iteration `previous_iteration`'s final model."""
+    relpath = posixpath.join(run, f"iter-{previous_iteration}", "model", "final.pt")
+    saved, architecture = _read_saved_model(store, relpath)
+    if layer > architecture.encoder_num_layers:
+        raise ValueError(
+            f"features.layer {layer} does not exist: iteration {previous_iteration}'s "
+            f"'{saved['architecture']}' model has {architecture.encoder_num_layers} layers"
+        )
+    return HubertLayerSource(
+        store=store,
+        model_relpath=relpath,
+        model_digest=trained.output_digest,
+        layer=layer,
+        dim=architecture.encoder_embed_dim,
+        hop_samples=hop(architecture),
+        window_samples=receptive_field(architecture),
+    )
 
 
 @dataclass(frozen=True)
@@ -135,14 +215,19 @@ def frame_offsets(utterances: list[Utterance], source: FeatureSource) -> np.ndar
     return np.concatenate([[0], np.cumsum(frames, dtype=np.int64)]).astype(np.int64)
 
 
+def overlapping_utterances(offsets: np.ndarray, start: int, stop: int) -> list[int]:
+    """Indices of the utterances with frames in [start, stop), given concatenation offsets."""
+    first = int(np.searchsorted(offsets, start, side="right")) - 1
+    last = int(np.searchsorted(offsets, stop, side="left"))
+    return [i for i in range(max(first, 0), last) if offsets[i + 1] > start and offsets[i] < stop]
+
+
 def plan_chunks(utterances: list[Utterance], offsets: np.ndarray, chunk_frames: int) -> list[ChunkJob]:
     """One job per Zarr chunk, with the utterances whose frames overlap it."""
     total = int(offsets[-1])
     jobs = []
     for index, start in enumerate(range(0, total, chunk_frames)):
         stop = min(start + chunk_frames, total)
-        first = int(np.searchsorted(offsets, start, side="right")) - 1
-        last = int(np.searchsorted(offsets, stop, side="left"))
         spans = tuple(
             UtteranceSpan(
                 id=utterances[i].id,
@@ -151,8 +236,7 @@ def plan_chunks(utterances: list[Utterance], offsets: np.ndarray, chunk_frames: 
                 offset=int(offsets[i]),
                 frames=int(offsets[i + 1] - offsets[i]),
             )
-            for i in range(first, last)
-            if offsets[i + 1] > start and offsets[i] < stop
+            for i in overlapping_utterances(offsets, start, stop)
         )
         jobs.append(ChunkJob(index=index, start=start, stop=stop, utterances=spans))
     return jobs
@@ -220,11 +304,15 @@ def features_stage(
     config: PretrainConfig, iteration: int, store: ArtifactStore, intake: StageRecord, source: FeatureSource
 ) -> Stage:
     features: FeaturesConfig = config.iterations[iteration - 1].features
+    description = source.describe()
+    inputs = {"manifest": intake.output_digest}
+    if "model_digest" in description:
+        inputs["model"] = description["model_digest"]
     return Stage(
         store, config.run, f"iter-{iteration}", "features",
         version=FEATURES_VERSION,
-        config={**features.model_dump(), "source": source.describe()},
-        inputs={"manifest": intake.output_digest},
+        config={**features.model_dump(), "source": description},
+        inputs=inputs,
     )
 
 

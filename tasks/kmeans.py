@@ -271,8 +271,7 @@ def run_kmeans(
 
 
 def load_centroids(store: ArtifactStore, run: str, iteration: int) -> np.ndarray:
-    with store.fs.open(store.path(run, f"iter-{iteration}", CENTROIDS), "rb") as handle:
-        return np.load(handle)
+    return np.load(io.BytesIO(store.read_bytes(f"{run}/iter-{iteration}/{CENTROIDS}")))
 
 
 kmeans_task = task(run_kmeans, name="kmeans", retries=2, retry_condition_fn=retry_transient, cache_policy=NONE)

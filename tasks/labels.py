@@ -30,7 +30,7 @@ from infra.paths import fingerprint_source
 from infra.store import ArtifactStore, Stage, StageRecord, utc_now
 from tasks.audio import TARGET_SAMPLE_RATE
 from tasks.config import PretrainConfig
-from tasks.features import FEATURES_STORE
+from tasks.features import FEATURES_STORE, overlapping_utterances
 from tasks.kmeans import load_centroids, nearest_centroids
 from tasks.manifest import Utterance
 from tasks.quality import LabelTally, alignment_path, frame_segments, label_measures, phone_measures, read_alignment
@@ -182,12 +182,9 @@ def measure_labels(
     jobs = []
     for start in range(0, total, chunk_frames):
         stop = min(start + chunk_frames, total)
-        first = int(np.searchsorted(offsets, start, side="right")) - 1
-        last = int(np.searchsorted(offsets, stop, side="left"))
         spans = tuple(
             (ids[i], int(offsets[i]), int(offsets[i + 1] - offsets[i]))
-            for i in range(first, last)
-            if offsets[i + 1] > start and offsets[i] < stop
+            for i in overlapping_utterances(offsets, start, stop)
         )
         jobs.append(TallyJob(start, stop, spans))
     geometry = (int(labels.attrs["window_samples"]), int(labels.attrs["hop_samples"]))

@@ -1,0 +1,80 @@
+"""`hubert-pipeline diff`: which stages of two runs (or two iterations) were made from different inputs."""
+
+from __future__ import annotations
+
+import posixpath
+from dataclasses import dataclass
+
+from infra.paths import parent_of
+from infra.store import ArtifactStore, StageRecord
+
+STAGES = ("intake", "features", "kmeans", "labels", "train")
+
+
+@dataclass(frozen=True)
+class StageDiff:
+    stage: str
+    verdict: str  # same | differs | only in A | only in B
+    detail: str
+
+
+def _open(run_path: str) -> tuple[ArtifactStore, str]:
+    return ArtifactStore(parent_of(run_path.rstrip("/"))), posixpath.basename(run_path.rstrip("/"))
+
+
+def read_scope(run_path: str, scope: str) -> dict[str, StageRecord]:
+    store, run = _open(run_path)
+    records = {}
+    for stage in STAGES:
+        raw = store.read_json(posixpath.join(run, scope, f"{stage}.commit.json"))
+        if raw is not None:
+            records[stage] = StageRecord.model_validate(raw)
+    return records
+
+
+def scopes(run_path: str) -> list[str]:
+    store, run = _open(run_path)
+    names = [name for name in store.list_names(run) if name.startswith("iter-")]
+    return ["corpus", *sorted(names, key=lambda name: int(name.split("-")[1]))]
+
+
+def compare(a: StageRecord, b: StageRecord) -> StageDiff:
+    if a.key == b.key:
+        same_output = "same output" if a.output_digest == b.output_digest else "OUTPUT DIFFERS (nondeterminism?)"
+        return StageDiff(a.stage, "same", f"same config and inputs; {same_output}")
+    reasons = []
+    if a.config_digest != b.config_digest:
+        changed = sorted(key for key in a.config.keys() | b.config.keys() if a.config.get(key) != b.config.get(key))
+        reasons.append("config: " + ", ".join(f"{key} {a.config.get(key)!r} -> {b.config.get(key)!r}" for key in changed))
+    changed_inputs = sorted(name for name in a.inputs.keys() | b.inputs.keys() if a.inputs.get(name) != b.inputs.get(name))
+    if changed_inputs:
+        reasons.append("inputs: " + ", ".join(changed_inputs))
+    if not reasons:
+        reasons.append("stage version")
+    return StageDiff(a.stage, "differs", "; ".join(reasons))
+
+
+def diff_scopes(a: dict[str, StageRecord], b: dict[str, StageRecord]) -> list[StageDiff]:
+    rows = []
+    for stage in STAGES:
+        if stage in a and stage in b:
+            rows.append(compare(a[stage], b[stage]))
+        elif stage in a or stage in b:
+            rows.append(StageDiff(stage, "only in A" if stage in a else "only in B", ""))
+    return rows
+
+
+def diff_runs(run_a: str, run_b: str) -> dict[str, list[StageDiff]]:
+    """Per scope (corpus, iter-1, ...), the stage-by-stage comparison of two runs."""
+    return {
+        scope: diff_scopes(read_scope(run_a, scope), read_scope(run_b, scope))
+        for scope in dict.fromkeys(scopes(run_a) + scopes(run_b))
+    }
+
+
+def diff_iterations(run_path: str, first: int, second: int) -> dict[str, list[StageDiff]]:
+    return {
+        f"iter-{first} vs iter-{second}": diff_scopes(
+            read_scope(run_path, f"iter-{first}"), read_scope(run_path, f"iter-{second}")
+        )
+    }

