@@ -61,7 +61,7 @@ def _console() -> Console:
 
 
 def _print_inspection(run_path: str, storage_options: dict | None = None) -> None:
-    from flows.inspect import inspect_run, render_table
+    from flows.inspection import inspect_run, render_table
 
     console = _console()
     status = inspect_run(run_path, storage_options)
@@ -72,7 +72,7 @@ def _print_inspection(run_path: str, storage_options: dict | None = None) -> Non
 
 
 def command_inspect(args: argparse.Namespace) -> int:
-    from flows.inspect import inspect_run, render_table
+    from flows.inspection import inspect_run, render_table
 
     try:
         status = inspect_run(args.run_path)
@@ -126,6 +126,12 @@ def command_export_labels(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_dev_s3(args: argparse.Namespace) -> int:
+    from infra.seaweed import main as serve_s3
+
+    return serve_s3(args.weed_args)
+
+
 def command_demo_corpus(args: argparse.Namespace) -> int:
     from tasks.demo_corpus import synthesize_demo_corpus
 
@@ -174,6 +180,12 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--split", default="train", help="file name: <split>.km (default train)")
     export.add_argument("--out", required=True, help="output folder")
     export.set_defaults(handler=command_export_labels)
+
+    dev = commands.add_parser("dev", help="local services for trying things out")
+    services = dev.add_subparsers(dest="service", required=True)
+    s3 = services.add_parser("s3", help="a local SeaweedFS S3 server (see `dev s3 -- --help`)")
+    s3.add_argument("weed_args", nargs=argparse.REMAINDER, help="--dir D --port P --bucket B")
+    s3.set_defaults(handler=command_dev_s3)
 
     demo = commands.add_parser("demo-corpus", help="synthesize an English demo corpus with phone alignments")
     demo.add_argument("out", help="output folder (wav/, align/, manifest.jsonl)")

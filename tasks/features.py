@@ -376,5 +376,5 @@ def run_features(
 
 
 features_task = task(
-    run_features, name="features", retries=2, retry_condition_fn=retry_transient, cache_policy=NONE
+    run_features, name="features", retries=2, retry_delay_seconds=10, retry_condition_fn=retry_transient, cache_policy=NONE
 )

@@ -172,4 +172,4 @@ def load_manifest(store: ArtifactStore, run: str) -> list[Utterance]:
     return manifest_from_jsonl(store.read_text(f"{run}/corpus/{MANIFEST}"))
 
 
-intake_task = task(run_intake, name="intake", retries=2, retry_condition_fn=retry_transient, cache_policy=NONE)
+intake_task = task(run_intake, name="intake", retries=2, retry_delay_seconds=10, retry_condition_fn=retry_transient, cache_policy=NONE)

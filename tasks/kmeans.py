@@ -274,4 +274,4 @@ def load_centroids(store: ArtifactStore, run: str, iteration: int) -> np.ndarray
     return np.load(io.BytesIO(store.read_bytes(f"{run}/iter-{iteration}/{CENTROIDS}")))
 
 
-kmeans_task = task(run_kmeans, name="kmeans", retries=2, retry_condition_fn=retry_transient, cache_policy=NONE)
+kmeans_task = task(run_kmeans, name="kmeans", retries=2, retry_delay_seconds=10, retry_condition_fn=retry_transient, cache_policy=NONE)

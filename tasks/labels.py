@@ -283,4 +283,4 @@ def export_fairseq_labels(store: ArtifactStore, run: str, iteration: int, out_di
     return target
 
 
-labels_task = task(run_labels, name="labels", retries=2, retry_condition_fn=retry_transient, cache_policy=NONE)
+labels_task = task(run_labels, name="labels", retries=2, retry_delay_seconds=10, retry_condition_fn=retry_transient, cache_policy=NONE)

@@ -4,15 +4,22 @@ from __future__ import annotations
 
 from typing import Any
 
+from botocore.exceptions import ConnectionError as BotocoreConnectionError
+
+from infra.parts import PartsFailed
 from tasks.config import ConfigError
 from tasks.manifest import ManifestError
 
 
 def is_transient(error: BaseException) -> bool:
-    """OSErrors and timeouts may pass; errors in the data or the config will not."""
+    """Storage and network errors may pass; errors in the data or the config will not.
+
+    A stage whose parts failed is retried too: the retry resumes from the parts that finished,
+    and a part that fails for a reason in the data fails again, cheaply.
+    """
     if isinstance(error, (ConfigError, ManifestError, FileNotFoundError, PermissionError)):
         return False
-    return isinstance(error, (OSError, TimeoutError, ConnectionError))
+    return isinstance(error, (OSError, TimeoutError, ConnectionError, BotocoreConnectionError, PartsFailed))
 
 
 def retry_transient(task: Any, task_run: Any, state: Any) -> bool:

@@ -233,4 +233,4 @@ def run_train(config: PretrainConfig, iteration: int, store: ArtifactStore, labe
     return record
 
 
-train_task = task(run_train, name="train", retries=1, retry_condition_fn=retry_transient, cache_policy=NONE)
+train_task = task(run_train, name="train", retries=1, retry_delay_seconds=10, retry_condition_fn=retry_transient, cache_policy=NONE)

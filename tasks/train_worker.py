@@ -22,7 +22,8 @@ def main() -> None:
     parser.add_argument("--iteration", type=int, required=True)
     parser.add_argument("--config", type=Path, required=True, help="the run config as JSON")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s rank %(process)d %(name)s: %(message)s")
+    # force: importing Prefect (through tasks) has already configured the root logger.
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s pid %(process)d %(name)s: %(message)s", force=True)
     config = PretrainConfig.model_validate_json(args.config.read_text())
     dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
     try:

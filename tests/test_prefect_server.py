@@ -79,16 +79,17 @@ def test_a_deployment_runs_through_a_work_pool(prefect_server, tmp_path: Path, d
 import sys
 sys.path.insert(0, {str(REPO)!r})
 from flows.pretrain import pretrain_from_file
-pretrain_from_file.from_source(source={str(REPO)!r}, entrypoint="flows/pretrain.py:pretrain_from_file").deploy(
+deployment = pretrain_from_file.from_source(source={str(REPO)!r}, entrypoint="flows/pretrain.py:pretrain_from_file")
+deployment.to_deployment(
     name="test", work_pool_name="hubert-test", parameters={{"config_path": {str(config)!r}, "until": "labels"}},
-    build=False, push=False,
-)
+).apply()
 """
     result = subprocess.run([sys.executable, "-c", deploy], env=env, capture_output=True, text=True, timeout=120, cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]
     triggered = prefect(env, "deployment", "run", "pretrain-from-file/test")
     assert "Created flow run" in triggered.stdout
-    prefect(env, "worker", "start", "--pool", "hubert-test", "--run-once", timeout=600)
+    worker = prefect(env, "worker", "start", "--pool", "hubert-test", "--run-once", timeout=600)
+    (tmp_path / "worker.log").write_text(worker.stdout + worker.stderr)
 
     runs = json.loads(
         urllib.request.urlopen(
@@ -100,5 +101,5 @@ pretrain_from_file.from_source(source={str(REPO)!r}, entrypoint="flows/pretrain.
             timeout=10,
         ).read()
     )
-    assert [run["state"]["type"] for run in runs] == ["COMPLETED"], [run["state"] for run in runs]
+    assert [run["state"]["type"] for run in runs] == ["COMPLETED"], (runs[0]["state"], worker.stdout[-4000:], worker.stderr[-4000:])
     assert (tmp_path / "runs" / "scheduled" / "iter-1" / "labels.commit.json").exists()

@@ -99,3 +99,20 @@ def test_sigkill_in_every_stage_then_rerun_matches_an_uninterrupted_run(tmp_path
     started = time.monotonic()
     rerun = run_cli(tmp_path, "run", str(config))
     assert "committed earlier" in rerun.stderr and time.monotonic() - started < 60
+
+    # Changing iteration 2's k re-runs k-means@2 and what follows, never what comes before.
+    before = {path.relative_to(run): path.read_bytes() for path in run.rglob("*.commit.json")}
+    config.write_text(config.read_text().replace("kmeans: {k: 8, max_iter: 30}", "kmeans: {k: 6, max_iter: 30}"))
+    run_cli(tmp_path, "run", str(config), "--until", "labels@2")
+    after = {path.relative_to(run): path.read_bytes() for path in run.rglob("*.commit.json")}
+    unchanged = {str(path) for path in before if after.get(path) == before[path]}
+    assert unchanged >= {"corpus/intake.commit.json", "iter-1/features.commit.json", "iter-1/kmeans.commit.json",
+                         "iter-1/labels.commit.json", "iter-1/train.commit.json", "iter-2/features.commit.json"}
+    assert after[Path("iter-2/kmeans.commit.json")] != before[Path("iter-2/kmeans.commit.json")]
+    assert after[Path("iter-2/labels.commit.json")] != before[Path("iter-2/labels.commit.json")]
+    assert inspect_json(tmp_path, run)["iterations"][1]["train"]["status"] == "stale"
+
+    # --force re-runs a stage and everything after it even though they are committed.
+    forced = run_cli(tmp_path, "run", str(config), "--until", "labels@2", "--force", "kmeans@2")
+    assert "forcing kmeans@iter-2, labels@iter-2, train@iter-2" in forced.stderr
+    assert "kmeans@2: committed earlier" not in forced.stderr and "features@2: committed earlier" in forced.stderr
