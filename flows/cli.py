@@ -50,7 +50,15 @@ def command_run(args: argparse.Namespace) -> int:
     except (ValidationError, ValueError) as error:
         print(f"--until/--force: {error}", file=sys.stderr)
         return EXIT_USAGE
-    run_path = pretrain(config, stop, force)
+    try:
+        run_path = pretrain(config, stop, force)
+    except Exception as error:  # noqa: BLE001 - Prefect has logged the traceback; say what to do
+        print(
+            f"\nrun failed: {type(error).__name__}: {error}\n"
+            f"finished stages and parts are kept; run the same command again to resume.",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
     _print_inspection(run_path, config.storage_options)
     return 0
 

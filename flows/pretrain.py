@@ -26,6 +26,7 @@ from tasks.labels import labels_task
 from tasks.report import report_task
 from tasks.train import train_task
 
+
 class StopPoint(BaseModel):
     """Where a run stops: after `stage` of iteration `iteration` (None: the last iteration)."""
 
@@ -144,11 +145,13 @@ def _iteration_stages(
 
 
 @flow(name="pretrain", validate_parameters=True)
-def pretrain(config: PretrainConfig, stop: StopPoint = StopPoint(), force: StopPoint | None = None) -> str:
+def pretrain(config: PretrainConfig, stop: StopPoint | None = None, force: StopPoint | None = None) -> str:
     """Run (or resume) a pretraining run; returns the run's path in the artifact store.
 
-    `force` re-runs that stage and every one after it even where they are committed.
+    `stop` defaults to every stage of every iteration; `force` re-runs that stage and every one
+    after it even where they are committed.
     """
+    stop = stop or StopPoint()
     check_stop_point(stop, config)
     logger = get_run_logger()
     store = ArtifactStore(config.store, config.storage_options)
@@ -170,4 +173,4 @@ def pretrain(config: PretrainConfig, stop: StopPoint = StopPoint(), force: StopP
 def pretrain_from_file(config_path: str, until: str | None = None) -> str:
     """The deployment entrypoint: a YAML config on the worker's disk (validated as `run` does)."""
     config = load_config(config_path)
-    return pretrain(config, StopPoint.parse(until) if until else StopPoint())
+    return pretrain(config, StopPoint.parse(until) if until else None)

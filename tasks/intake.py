@@ -13,13 +13,13 @@ from collections import Counter
 from typing import Any
 
 from distributed import Client
-from pydantic import BaseModel
 from prefect import task
 from prefect.cache_policies import NONE
+from pydantic import BaseModel
 
 from infra.digest import digest_bytes
-from infra.paths import fingerprint_source
 from infra.parts import gather_parts
+from infra.paths import fingerprint_source
 from infra.store import ArtifactStore, Stage, StageRecord, utc_now
 from tasks.audio import AudioError, probe_audio, read_bytes
 from tasks.config import CorpusConfig, PretrainConfig

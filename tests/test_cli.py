@@ -136,3 +136,15 @@ iterations:
     run_cli(tmp_path, "export-labels", str(tmp_path / "runs" / "demo"), "--out", str(out))
     assert len((out / "train.km").read_text().splitlines()) == iteration["labels"]["utterances"]
     assert len((out / "dict.km.txt").read_text().splitlines()) == 100
+
+
+def test_a_failing_stage_exits_1_saying_how_to_resume(tmp_path: Path) -> None:
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "notes.wav").write_text("not audio")
+    config = write_config(tmp_path / "cfg.yaml", corpus, tmp_path / "runs")
+    result = run_cli(tmp_path, "run", str(config), "--until", "features", check=False)
+    assert result.returncode == 1
+    assert "run failed: ManifestError: no usable audio" in result.stderr and "run the same command again" in result.stderr
+    report = ArtifactStore(str(tmp_path / "runs")).read_json("t/corpus/intake_report.json")
+    assert report["rejected"][0]["reason"] == "unreadable"

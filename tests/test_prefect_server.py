@@ -49,7 +49,7 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory):
         except OSError:
             if server.poll() is not None or time.monotonic() > deadline:
                 server.kill()
-                raise RuntimeError(f"Prefect server did not start:\n{(home / 'server.log').read_text()[-3000:]}")
+                raise RuntimeError(f"Prefect server did not start:\n{(home / 'server.log').read_text()[-3000:]}") from None
             time.sleep(0.5)
     yield env
     server.terminate()
