@@ -12,7 +12,6 @@ only the stage call (planning, Zarr writes, waiting for every chunk).
 from __future__ import annotations
 
 import argparse
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -26,17 +25,9 @@ import torchaudio.functional
 from infra.cluster import dask_client
 from infra.store import ArtifactStore
 from tasks.config import PretrainConfig
-from tasks.demo_corpus import synthesize_demo_corpus
+from tasks.demo_corpus import cached_demo_corpus
 from tasks.features import MfccSource, run_features
 from tasks.intake import load_manifest, run_intake
-
-
-def corpus_of(minutes: float, out: Path) -> Path:
-    folder = out / f"corpus-{minutes:g}min"
-    if not (folder / "manifest.jsonl").exists():
-        shutil.rmtree(folder, ignore_errors=True)
-        synthesize_demo_corpus(folder, minutes=minutes, seed=0)
-    return folder / "wav"
 
 
 def reference_loop(wav_folder: Path, out_folder: Path) -> float:
@@ -86,7 +77,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench-out"))
     parser.add_argument("--repeats", type=int, default=5, help="best of this many runs of each (default 5)")
     args = parser.parse_args()
-    wav_folder = corpus_of(args.minutes, args.out)
+    wav_folder = cached_demo_corpus(args.out, args.minutes)
     with tempfile.TemporaryDirectory(dir=args.out) as scratch_name:
         scratch = Path(scratch_name)
         (scratch / "npy").mkdir()

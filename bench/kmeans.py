@@ -21,7 +21,7 @@ from sklearn.cluster import MiniBatchKMeans
 from infra.cluster import dask_client
 from infra.store import ArtifactStore
 from tasks.config import PretrainConfig
-from tasks.demo_corpus import synthesize_demo_corpus
+from tasks.demo_corpus import cached_demo_corpus
 from tasks.features import MfccSource, run_features
 from tasks.intake import load_manifest, run_intake
 from tasks.kmeans import load_centroids, run_kmeans
@@ -43,16 +43,14 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("bench-out"))
     args = parser.parse_args()
-    corpus = args.out / f"corpus-{args.minutes:g}min"
-    if not (corpus / "manifest.jsonl").exists():
-        synthesize_demo_corpus(corpus, minutes=args.minutes, seed=0)
+    wav_folder = cached_demo_corpus(args.out, args.minutes)
     args.out.mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory(dir=args.out) as scratch, dask_client(n_workers=args.workers) as client:
         config = PretrainConfig.model_validate(
             {
                 "run": "bench",
                 "store": scratch,
-                "corpus": {"source": str(corpus / "wav")},
+                "corpus": {"source": str(wav_folder)},
                 "iterations": [{"features": {"kind": "mfcc"}, "kmeans": {"k": args.k}, "train": {"model": "tiny"}}],
             }
         )

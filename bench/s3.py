@@ -13,7 +13,6 @@ k-means (k=100, at most 10 Lloyd iterations) run between them untimed.
 from __future__ import annotations
 
 import argparse
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ from infra.cluster import dask_client
 from infra.seaweed import seaweed_s3
 from infra.store import ArtifactStore
 from tasks.config import PretrainConfig
-from tasks.demo_corpus import synthesize_demo_corpus
+from tasks.demo_corpus import cached_demo_corpus
 from tasks.features import MfccSource, run_features
 from tasks.intake import load_manifest, run_intake
 from tasks.kmeans import run_kmeans
@@ -30,14 +29,6 @@ from tasks.labels import run_labels
 
 BUCKET = "bench"
 STAGES = ("features", "labels")
-
-
-def corpus_of(minutes: float, out: Path) -> Path:
-    folder = out / f"corpus-{minutes:g}min"
-    if not (folder / "manifest.jsonl").exists():
-        shutil.rmtree(folder, ignore_errors=True)
-        synthesize_demo_corpus(folder, minutes=minutes, seed=0)
-    return folder / "wav"
 
 
 def timed_stages(config: PretrainConfig, client) -> tuple[dict[str, float], dict[str, int]]:
@@ -76,7 +67,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench-out"))
     parser.add_argument("--repeats", type=int, default=3, help="best of this many runs of each (default 3)")
     args = parser.parse_args()
-    wav_folder = corpus_of(args.minutes, args.out)
+    wav_folder = cached_demo_corpus(args.out, args.minutes)
     best = {(kind, stage): float("inf") for kind in ("local", "s3") for stage in STAGES}
     with tempfile.TemporaryDirectory(dir=args.out) as scratch_name:
         scratch = Path(scratch_name)

@@ -19,6 +19,7 @@ import functools
 import io
 import json
 import os
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -259,3 +260,15 @@ def synthesize_demo_corpus(out_dir: Path, minutes: float, seed: int) -> DemoCorp
         seconds=total_samples / TARGET_SAMPLE_RATE,
         out_dir=out_dir,
     )
+
+
+def cached_demo_corpus(root: Path, minutes: float, seed: int = 0) -> Path:
+    """`root/corpus-<minutes>min` (synthesized once, reused after) for benchmarks; returns its wav folder.
+
+    A folder without its manifest is an interrupted synthesis and is made again.
+    """
+    folder = root / f"corpus-{minutes:g}min" if seed == 0 else root / f"corpus-{minutes:g}min-seed{seed}"
+    if not (folder / "manifest.jsonl").exists():
+        shutil.rmtree(folder, ignore_errors=True)
+        synthesize_demo_corpus(folder, minutes=minutes, seed=seed)
+    return folder / "wav"
