@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import ctypes.util
 import os
 import signal
@@ -520,3 +521,50 @@ def test_an_external_worker_killed_during_the_feature_stage_does_not_stop_it(
     assert_same_as_reference(outcome, reference, ("features",))
     external_client.wait_for_workers(2, timeout=120)  # the nanny brings a new worker process
     assert killed not in set(external_client.run(os.getpid).values())
+
+
+def two_iteration_yaml(run: str, store: str, corpus: str, dask_address: str | None, storage_options: dict) -> str:
+    """Two iterations (MFCC, then layer 2 of tiny) with a few training steps each."""
+    dask = f"{{address: '{dask_address}'}}" if dask_address else "{n_workers: 2}"
+    train = "{model: tiny, steps: 6, max_batch_seconds: 4, max_sample_seconds: 2, checkpoint_every: 3, log_every: 3}"
+    return (
+        f"run: {run}\nstore: {store}\nstorage_options: {json.dumps(storage_options)}\n"
+        f"corpus: {{source: {corpus}/wav, alignments: {corpus}/align}}\ndask: {dask}\niterations:\n"
+        f"  - features: {{kind: mfcc, chunk_frames: {CHUNK_FRAMES}}}\n    kmeans: {{k: {K}}}\n    train: {train}\n"
+        f"  - features: {{kind: hubert, layer: 2, chunk_frames: {CHUNK_FRAMES}}}\n    kmeans: {{k: 6}}\n    train: {train}\n"
+    )
+
+
+@pytest.mark.slow
+def test_the_two_iteration_pipeline_on_s3_and_an_external_scheduler_matches_a_local_run(
+    s3: S3Server, s3_corpus: str, corpus_dir: Path, external_cluster: ExternalCluster, tmp_path: Path
+) -> None:
+    from tests.test_cli import run_cli
+
+    s3.create_bucket("pipeline")
+    s3_config = tmp_path / "s3.yaml"
+    s3_config.write_text(
+        two_iteration_yaml("twice", "s3://pipeline/runs", s3_corpus, external_cluster.address, s3.storage_options())
+    )
+    local_config = tmp_path / "local.yaml"
+    local_config.write_text(two_iteration_yaml("twice", str(tmp_path / "runs"), str(corpus_dir), None, {}))
+    run_cli(tmp_path, "run", str(s3_config))
+    run_cli(tmp_path, "run", str(local_config))
+
+    def inspected(path: str, env: dict[str, str]) -> dict:
+        result = subprocess.run(
+            [sys.executable, "-m", "flows.cli", "inspect", path, "--json"],
+            env={**os.environ, **env}, capture_output=True, text=True, timeout=120, check=True,
+        )
+        status = json.loads(result.stdout)
+        for iteration in status["iterations"]:
+            for stage in ("features", "kmeans", "labels", "train"):
+                for volatile in ("seconds", "finished_at", "bytes", "audio_seconds_per_second", "chunks_resumed"):
+                    iteration[stage].pop(volatile, None)
+        return status["iterations"]
+
+    on_s3 = inspected("s3://pipeline/runs/twice", s3.env())
+    local = inspected(str(tmp_path / "runs" / "twice"), {})
+    assert [it["train"]["status"] for it in on_s3] == ["done", "done"]
+    assert on_s3 == local
+    assert_no_credentials_in_records(s3, "pipeline/runs/twice")
