@@ -137,7 +137,10 @@ def command_export_labels(args: argparse.Namespace) -> int:
 def command_dev_s3(args: argparse.Namespace) -> int:
     from infra.seaweed import main as serve_s3
 
-    return serve_s3(args.weed_args)
+    argv = ["--port", str(args.port), "--bucket", args.bucket]
+    if args.dir is not None:
+        argv += ["--dir", args.dir]
+    return serve_s3(argv)
 
 
 def command_demo_corpus(args: argparse.Namespace) -> int:
@@ -191,8 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     dev = commands.add_parser("dev", help="local services for trying things out")
     services = dev.add_subparsers(dest="service", required=True)
-    s3 = services.add_parser("s3", help="a local SeaweedFS S3 server (see `dev s3 -- --help`)")
-    s3.add_argument("weed_args", nargs=argparse.REMAINDER, help="--dir D --port P --bucket B")
+    s3 = services.add_parser("s3", help="run a local SeaweedFS S3 server until Ctrl-C and print how to use it")
+    s3.add_argument("--dir", help="data folder, kept (default: a temporary one, removed on exit)")
+    s3.add_argument("--port", type=int, default=8333, help="S3 port on 127.0.0.1 (default 8333)")
+    s3.add_argument("--bucket", default="hubert", help="bucket to create (default hubert)")
     s3.set_defaults(handler=command_dev_s3)
 
     demo = commands.add_parser("demo-corpus", help="synthesize an English demo corpus with phone alignments")
