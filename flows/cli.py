@@ -120,13 +120,11 @@ def command_diff(args: argparse.Namespace) -> int:
 
 
 def command_export_labels(args: argparse.Namespace) -> int:
-    from infra.paths import parent_of
-    from infra.store import ArtifactStore
+    from infra.store import open_run, record_path
     from tasks.labels import export_fairseq_labels
 
-    store = ArtifactStore(parent_of(args.run_path.rstrip("/")))
-    run = args.run_path.rstrip("/").rsplit("/", 1)[-1]
-    if not store.exists(f"{run}/iter-{args.iteration}/labels.commit.json"):
+    store, run = open_run(args.run_path)
+    if not store.exists(record_path(run, f"iter-{args.iteration}", "labels")):
         print(f"no committed labels for iteration {args.iteration} in {args.run_path}", file=sys.stderr)
         return EXIT_USAGE
     target = export_fairseq_labels(store, run, args.iteration, Path(args.out), args.split)

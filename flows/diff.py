@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import posixpath
 from dataclasses import dataclass
 
-from infra.paths import parent_of
-from infra.store import ArtifactStore, StageRecord
-
-STAGES = ("intake", "features", "kmeans", "labels", "train")
+from infra.store import StageRecord, open_run, read_record
+from tasks.config import STAGE_ORDER
 
 
 @dataclass(frozen=True)
@@ -18,22 +15,14 @@ class StageDiff:
     detail: str
 
 
-def _open(run_path: str) -> tuple[ArtifactStore, str]:
-    return ArtifactStore(parent_of(run_path.rstrip("/"))), posixpath.basename(run_path.rstrip("/"))
-
-
 def read_scope(run_path: str, scope: str) -> dict[str, StageRecord]:
-    store, run = _open(run_path)
-    records = {}
-    for stage in STAGES:
-        raw = store.read_json(posixpath.join(run, scope, f"{stage}.commit.json"))
-        if raw is not None:
-            records[stage] = StageRecord.model_validate(raw)
-    return records
+    store, run = open_run(run_path)
+    records = {stage: read_record(store, run, scope, stage) for stage in STAGE_ORDER}
+    return {stage: record for stage, record in records.items() if record is not None}
 
 
 def scopes(run_path: str) -> list[str]:
-    store, run = _open(run_path)
+    store, run = open_run(run_path)
     names = [name for name in store.list_names(run) if name.startswith("iter-")]
     return ["corpus", *sorted(names, key=lambda name: int(name.split("-")[1]))]
 
@@ -56,7 +45,7 @@ def compare(a: StageRecord, b: StageRecord) -> StageDiff:
 
 def diff_scopes(a: dict[str, StageRecord], b: dict[str, StageRecord]) -> list[StageDiff]:
     rows = []
-    for stage in STAGES:
+    for stage in STAGE_ORDER:
         if stage in a and stage in b:
             rows.append(compare(a[stage], b[stage]))
         elif stage in a or stage in b:

@@ -8,10 +8,9 @@ from typing import Any
 from pydantic import BaseModel
 from rich.table import Table
 
-from infra.paths import parent_of
-from infra.store import ArtifactStore, StageRecord
+from infra.store import ArtifactStore, StageRecord, open_run, read_record
+from tasks.config import ITERATION_STAGES
 
-ITERATION_STAGES = ("features", "kmeans", "labels", "train")
 # Which record produced an input, by the input's name: (scope, stage), where the scope is given
 # relative to the consuming record's iteration: "corpus", 0 (the same iteration) or -1 (the one before).
 INPUT_PRODUCERS: dict[str, tuple[str | int, str]] = {
@@ -69,11 +68,6 @@ class RunStatus(BaseModel):
         }
 
 
-def _read_record(store: ArtifactStore, run: str, scope: str, stage: str) -> StageRecord | None:
-    raw = store.read_json(posixpath.join(run, scope, f"{stage}.commit.json"))
-    return None if raw is None else StageRecord.model_validate(raw)
-
-
 def _is_stale(store: ArtifactStore, run: str, record: StageRecord) -> bool:
     """A record whose inputs no longer match what its upstream stages committed."""
     for name, digest in record.inputs.items():
@@ -81,14 +75,14 @@ def _is_stale(store: ArtifactStore, run: str, record: StageRecord) -> bool:
         if producer is None:
             continue
         relative, stage = producer
-        upstream = _read_record(store, run, _producer_scope(record.scope, relative), stage)
+        upstream = read_record(store, run, _producer_scope(record.scope, relative), stage)
         if upstream is None or upstream.output_digest != digest:
             return True
     return False
 
 
 def stage_status(store: ArtifactStore, run: str, scope: str, stage: str) -> StageStatus:
-    record = _read_record(store, run, scope, stage)
+    record = read_record(store, run, scope, stage)
     if record is None:
         markers = [name for name in store.list_names(posixpath.join(run, scope, "_progress", stage)) if name != "key.json"]
         if markers:
@@ -107,8 +101,7 @@ def stage_status(store: ArtifactStore, run: str, scope: str, stage: str) -> Stag
 
 def inspect_run(run_path: str, storage_options: dict[str, Any] | None = None) -> RunStatus:
     """The status of every stage of the run at `run_path` (`<store root>/<run name>`)."""
-    store = ArtifactStore(parent_of(run_path.rstrip("/")), storage_options)
-    run = posixpath.basename(run_path.rstrip("/"))
+    store, run = open_run(run_path, storage_options)
     info = store.read_json(posixpath.join(run, "run.json"))
     if info is None:
         raise FileNotFoundError(f"no run at {run_path} (no run.json there)")

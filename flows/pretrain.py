@@ -18,7 +18,7 @@ from infra.cluster import dask_client
 from infra.digest import digest_json
 from infra.store import ArtifactStore, StageRecord, forget_stage, utc_now
 from infra.version import code_version
-from tasks.config import STAGE_ORDER, PretrainConfig, StageName, load_config
+from tasks.config import ITERATION_STAGES, STAGE_ORDER, PretrainConfig, StageName, load_config
 from tasks.features import FeatureSource, MfccSource, features_task, hubert_layer_source
 from tasks.intake import intake_task, load_manifest
 from tasks.kmeans import kmeans_task
@@ -74,7 +74,7 @@ def write_run_info(store: ArtifactStore, config: PretrainConfig) -> None:
 def stages_from(start: StopPoint, iterations: int) -> list[tuple[str, str]]:
     """(scope, stage) of `start` and of every stage after it: what `--force` re-runs."""
     ordered = [("corpus", "intake")] + [
-        (f"iter-{i}", stage) for i in range(1, iterations + 1) for stage in STAGE_ORDER if stage != "intake"
+        (f"iter-{i}", stage) for i in range(1, iterations + 1) for stage in ITERATION_STAGES
     ]
     first = ("corpus", "intake") if start.stage == "intake" else (f"iter-{start.iteration or 1}", start.stage)
     return ordered[ordered.index(first) :]

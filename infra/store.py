@@ -29,6 +29,7 @@ from fsspec.implementations.local import LocalFileSystem
 from pydantic import BaseModel, Field
 
 from infra.digest import digest_json
+from infra.paths import parent_of
 from infra.version import code_version
 
 
@@ -202,15 +203,14 @@ class Stage:
 
     @property
     def record_path(self) -> str:
-        return self.rel(f"{self.name}.commit.json")
+        return record_path(self.run, self.scope, self.name)
 
     @property
     def progress_path(self) -> str:
         return self.rel("_progress", self.name)
 
     def read_record(self) -> StageRecord | None:
-        raw = self.store.read_json(self.record_path)
-        return None if raw is None else StageRecord.model_validate(raw)
+        return read_record(self.store, self.run, self.scope, self.name)
 
     def committed(self) -> StageRecord | None:
         """The record of this exact work, or None if it still has to run."""
@@ -287,9 +287,26 @@ def _user() -> str:
         return "unknown"
 
 
+def record_path(run: str, scope: str, name: str) -> str:
+    """Where a stage's record lives, relative to the store root."""
+    return posixpath.join(run, scope, f"{name}.commit.json")
+
+
+def read_record(store: ArtifactStore, run: str, scope: str, name: str) -> StageRecord | None:
+    """A stage's record whatever its key, or None if it has none."""
+    raw = store.read_json(record_path(run, scope, name))
+    return None if raw is None else StageRecord.model_validate(raw)
+
+
+def open_run(run_path: str, storage_options: dict[str, Any] | None = None) -> tuple[ArtifactStore, str]:
+    """`<store root>/<run name>` (a folder or URL) -> the store and the run's name."""
+    trimmed = run_path.rstrip("/")
+    return ArtifactStore(parent_of(trimmed), storage_options), posixpath.basename(trimmed)
+
+
 def forget_stage(store: ArtifactStore, run: str, scope: str, name: str) -> bool:
     """Remove a stage's record and progress so that it runs afresh; True if there was a record."""
-    record = posixpath.join(run, scope, f"{name}.commit.json")
+    record = record_path(run, scope, name)
     existed = store.exists(record)
     store.remove(record)
     store.remove(posixpath.join(run, scope, "_progress", name))

@@ -17,6 +17,7 @@ from infra.paths import is_remote_url
 
 StageName = Literal["intake", "features", "kmeans", "labels", "train"]
 STAGE_ORDER: tuple[StageName, ...] = ("intake", "features", "kmeans", "labels", "train")
+ITERATION_STAGES: tuple[StageName, ...] = STAGE_ORDER[1:]
 
 
 class _Section(BaseModel):

@@ -18,19 +18,15 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
 
-from infra.store import ArtifactStore, StageRecord
+from infra.store import ArtifactStore, StageRecord, read_record
+from tasks.config import ITERATION_STAGES
 from tasks.kmeans import FIT_REPORT
-
-STAGES = ("features", "kmeans", "labels", "train")
 
 
 def read_records(store: ArtifactStore, run: str, iteration: int) -> dict[str, StageRecord]:
-    records = {}
-    for stage in STAGES:
-        raw = store.read_json(posixpath.join(run, f"iter-{iteration}", f"{stage}.commit.json"))
-        if raw is not None:
-            records[stage] = StageRecord.model_validate(raw)
-    return records
+    """The committed records of an iteration's stages, by stage."""
+    records = {stage: read_record(store, run, f"iter-{iteration}", stage) for stage in ITERATION_STAGES}
+    return {stage: record for stage, record in records.items() if record is not None}
 
 
 def _png(figure: Figure) -> bytes:

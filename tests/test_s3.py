@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import json
 import ctypes.util
+import json
 import os
 import signal
 import socket
