@@ -141,7 +141,7 @@ def _iteration_stages(
     labels = labels_task(config, iteration, store, client, features, kmeans, utterances)
     if not stop.includes("train", iteration, iterations):
         return None
-    return train_task(config, iteration, store, labels)
+    return train_task(config, iteration, store, labels, client)
 
 
 @flow(name="pretrain", validate_parameters=True)

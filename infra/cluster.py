@@ -23,19 +23,20 @@ WORKER_MALLOC_ENVIRON = {"MALLOC_TRIM_THRESHOLD_": 16 * 2**20, "MALLOC_MMAP_THRE
 @contextlib.contextmanager
 def dask_client(
     address: str | None = None,
+    scheduler_file: str | None = None,
     n_workers: int | None = None,
     threads_per_worker: int = 1,
     memory_limit: str = "auto",
 ) -> Iterator[Client]:
     """A client for one run's Dask work.
 
-    With `address`, connect to that scheduler (its workers may be on other machines: tasks read and
-    write through the artifact store, never through a shared disk). Without, start a LocalCluster of
-    worker processes, one per core by default, and shut it down on exit.
+    With `address` or `scheduler_file`, connect to that scheduler (its workers may be on other
+    machines: tasks read and write through the artifact store, never through a shared disk).
+    Without, start a LocalCluster of worker processes, one per core by default, and shut it down on exit.
     """
-    if address is not None:
-        log.info("connecting to Dask scheduler at %s", address)
-        with Client(address) as client:
+    if address is not None or scheduler_file is not None:
+        log.info("connecting to the Dask scheduler at %s", address or f"the address in {scheduler_file}")
+        with Client(address, scheduler_file=scheduler_file) as client:
             yield client
         return
     workers = n_workers or os.cpu_count() or 1

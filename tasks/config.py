@@ -50,13 +50,28 @@ class CorpusConfig(_Section):
 
 class DaskConfig(_Section):
     address: str | None = Field(
-        default=None, description="Scheduler address (tcp://host:port); null starts a LocalCluster."
+        default=None, description="Scheduler address (tcp://host:port); null (and no scheduler_file) starts a LocalCluster."
+    )
+    scheduler_file: str | None = Field(
+        default=None,
+        description="The JSON file `dask scheduler --scheduler-file` writes (on a shared file system, as on "
+        "Slurm); instead of address.",
     )
     n_workers: int | None = Field(
         default=None, ge=1, description="LocalCluster worker processes; null: one per CPU core."
     )
     threads_per_worker: int = Field(default=1, ge=1, description="LocalCluster threads per worker.")
     memory_limit: str = Field(default="auto", description="LocalCluster memory limit per worker.")
+
+    @model_validator(mode="after")
+    def _one_way_to_the_scheduler(self) -> DaskConfig:
+        if self.address is not None and self.scheduler_file is not None:
+            raise ValueError("give dask.address or dask.scheduler_file, not both")
+        return self
+
+    @property
+    def is_external(self) -> bool:
+        return self.address is not None or self.scheduler_file is not None
 
 
 class FeaturesConfig(_Section):
@@ -104,7 +119,17 @@ class TrainConfig(_Section):
     checkpoint_every: int = Field(default=1000, ge=1, description="Steps between checkpoints.")
     log_every: int = Field(default=100, ge=1, description="Steps between log lines.")
     seed: int = Field(default=0, ge=0)
-    nproc: int = Field(default=1, ge=1, description="Training processes (one per GPU) under torchrun.")
+    nproc: int = Field(default=1, ge=1, description="Training processes per machine (one per GPU) under torchrun.")
+    nnodes: int = Field(
+        default=1,
+        ge=1,
+        description="Training machines. Over 1, torchrun runs on that many workers of the external Dask "
+        "cluster that have the `train_node` resource (`dask worker ... --resources train_node=1`), "
+        "which rendezvous at the first one's host on `rdzv_port`.",
+    )
+    rdzv_port: int = Field(
+        default=29400, ge=1, le=65535, description="Port of torchrun's c10d rendezvous on the first training machine."
+    )
     bf16: bool = Field(default=True, description="bf16 autocast on GPU (ignored on CPU).")
 
     @model_validator(mode="after")
@@ -145,6 +170,16 @@ class PretrainConfig(_Section):
             raise ValueError("iteration 1 must use features.kind 'mfcc': there is no earlier model to take layers from")
         return iterations
 
+    @model_validator(mode="after")
+    def _several_training_machines_need_a_cluster(self) -> PretrainConfig:
+        for number, iteration in enumerate(self.iterations, start=1):
+            if iteration.train.nnodes > 1 and not self.dask.is_external:
+                raise ValueError(
+                    f"iterations.{number - 1}.train.nnodes is {iteration.train.nnodes}, which needs an external "
+                    "Dask cluster (dask.address or dask.scheduler_file) with that many `train_node` workers; a LocalCluster is one machine"
+                )
+        return self
+
 
 class ConfigError(ValueError):
     """An invalid configuration; the message lists every problem with its field path."""
@@ -173,6 +208,9 @@ def _resolve_relative_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
     corpus = resolved.get("corpus")
     if isinstance(corpus, dict):
         resolved["corpus"] = {**corpus, **{k: resolve(corpus[k]) for k in ("source", "alignments") if k in corpus}}
+    dask = resolved.get("dask")
+    if isinstance(dask, dict) and dask.get("scheduler_file"):
+        resolved["dask"] = {**dask, "scheduler_file": resolve(dask["scheduler_file"])}
     return resolved
 
 

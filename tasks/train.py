@@ -5,8 +5,9 @@
     iter-N/model/train_log.json               one entry per `log_every` steps
 
 The checkpoints are the stage's progress: a run cut off anywhere resumes from the newest one with
-the same losses as an uninterrupted run. With `train.nproc > 1` the stage runs `torchrun` (one
-process per GPU; gloo on CPU) over `tasks.train_worker`, which calls the same `train_rank`.
+the same losses as an uninterrupted run. With `train.nproc > 1` or `train.nnodes > 1` the stage
+runs `torchrun` (one process per GPU; gloo on CPU; tasks/torchrun.py) over `tasks.train_worker`,
+which calls the same `train_rank`.
 """
 
 from __future__ import annotations
@@ -14,15 +15,12 @@ from __future__ import annotations
 import functools
 import io
 import logging
-import os
 import posixpath
-import subprocess
-import sys
-import tempfile
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from distributed import Client
 from prefect import task
 from prefect.cache_policies import NONE
 
@@ -37,6 +35,7 @@ from tasks.intake import load_manifest
 from tasks.labels import LABELS_STORE
 from tasks.manifest import Utterance
 from tasks.retry import retry_transient
+from tasks.torchrun import run_multinode, run_standalone
 
 log = logging.getLogger(__name__)
 
@@ -168,37 +167,26 @@ def train_rank(config: PretrainConfig, iteration: int, rank: int = 0, world_size
     return history
 
 
-def _run_torchrun(config: PretrainConfig, iteration: int, nproc: int) -> None:
-    """Train under torchrun, one process per device; raises if any rank fails.
-
-    The config travels in a private temporary file (it may hold storage credentials).
-    """
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as handle:
-        handle.write(config.model_dump_json())
-    try:
-        command = [
-            sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-            "-m", "tasks.train_worker", "--iteration", str(iteration), "--config", handle.name,
-        ]
-        log.info("train@%d: %s", iteration, " ".join(command))
-        result = subprocess.run(command, env=os.environ.copy())
-    finally:
-        os.unlink(handle.name)
-    if result.returncode != 0:
-        raise RuntimeError(f"torchrun exited with {result.returncode}; checkpoints so far are kept for resume")
-
-
 def train_stage(config: PretrainConfig, iteration: int, store: ArtifactStore, labels: StageRecord) -> Stage:
+    """The key leaves out what cannot change the weights (logging, the rendezvous port), and
+    `nnodes` while it is 1, so records made before it existed stay valid."""
+    settings = config.iterations[iteration - 1].train
     return Stage(
         store, config.run, f"iter-{iteration}", "train",
         version=TRAIN_VERSION,
-        config=config.iterations[iteration - 1].train.model_dump(exclude={"log_every"}),
+        config=settings.model_dump(exclude={"log_every", "rdzv_port", *(["nnodes"] if settings.nnodes == 1 else [])}),
         inputs={"labels": labels.output_digest},
     )
 
 
-def run_train(config: PretrainConfig, iteration: int, store: ArtifactStore, labels: StageRecord) -> StageRecord:
-    """Train (or resume) iteration N's model and commit its final weights (skipped if committed)."""
+def run_train(
+    config: PretrainConfig, iteration: int, store: ArtifactStore, labels: StageRecord, client: Client | None = None
+) -> StageRecord:
+    """Train (or resume) iteration N's model and commit its final weights (skipped if committed).
+
+    One process here; `nproc > 1`: torchrun on this machine; `nnodes > 1`: torchrun on that many
+    of `client`'s training workers (tasks/torchrun.py).
+    """
     stage = train_stage(config, iteration, store, labels)
     if (record := stage.committed()) is not None:
         log.info("train@%d: committed earlier (%d steps), skipping", iteration, record.counts["steps"])
@@ -206,8 +194,13 @@ def run_train(config: PretrainConfig, iteration: int, store: ArtifactStore, labe
     started_at = utc_now()
     stage.prepare([MODEL_DIR])
     settings = config.iterations[iteration - 1].train
-    if settings.nproc > 1:
-        _run_torchrun(config, iteration, settings.nproc)
+    if settings.nnodes > 1:
+        if client is None:
+            raise ValueError(f"train@{iteration}: nnodes {settings.nnodes} needs the run's Dask client")
+        run_multinode(config, client, iteration, stage.key)
+        history = store.read_json(stage.rel(TRAIN_LOG))
+    elif settings.nproc > 1:
+        run_standalone(config, iteration)
         history = store.read_json(stage.rel(TRAIN_LOG))
     else:
         history = train_rank(config, iteration)
@@ -218,7 +211,7 @@ def run_train(config: PretrainConfig, iteration: int, store: ArtifactStore, labe
         outputs=[MODEL_DIR],
         output_digest=final_digest,
         started_at=started_at,
-        counts={"steps": settings.steps, "processes": settings.nproc},
+        counts={"steps": settings.steps, "processes": settings.nproc * settings.nnodes, "machines": settings.nnodes},
         metrics={
             "final_loss": last["loss"],
             "first_loss": history[0]["loss"],

@@ -42,6 +42,8 @@ from tasks.intake import load_manifest, run_intake
 from tasks.kmeans import load_centroids, run_kmeans
 from tasks.labels import LABELS_STORE, run_labels
 from tasks.manifest import Utterance
+from tasks.torchrun import TRAIN_NODE_RESOURCE
+from tasks.train import run_train
 
 pytestmark = pytest.mark.skipif(
     find_weed() is None,
@@ -111,6 +113,11 @@ class ExternalCluster:
     address: str
     folder: Path
 
+    @property
+    def scheduler_file(self) -> Path:
+        """Written by the scheduler (`--scheduler-file`), as on Slurm (infra/deploy/slurm)."""
+        return self.folder / "scheduler.json"
+
 
 @pytest.fixture(scope="module")
 def external_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ExternalCluster]:
@@ -137,9 +144,14 @@ def external_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Exter
             )
         return log
 
+    cluster = ExternalCluster(address, folder)
     try:
         log = spawn(
-            "scheduler", [str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"]
+            "scheduler",
+            [
+                str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard",
+                "--scheduler-file", str(cluster.scheduler_file),
+            ],
         )
         _wait_for_port(port, processes[0], log)
         for index in range(2):
@@ -149,9 +161,10 @@ def external_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Exter
                     str(BIN / "dask"), "worker", address, "--nthreads", "1", "--nworkers", "1",
                     "--local-directory", str(folder / f"worker-{index}"), "--host", "127.0.0.1",
                     "--name", f"external-{index}", "--no-dashboard", "--memory-limit", "3GiB",
+                    "--resources", f"{TRAIN_NODE_RESOURCE}=1",  # each stands for a training machine too
                 ],
             )
-        yield ExternalCluster(address, folder)
+        yield cluster
     finally:
         _end_all(processes[1:])  # the workers, then the scheduler
         _end_all(processes[:1])
@@ -369,17 +382,23 @@ def test_the_stage_commit_protocol_on_s3(s3: S3Server) -> None:
 # -- the pipeline on S3 with an external cluster -----------------------------------------------------
 
 
-def test_the_stages_on_s3_with_an_external_cluster_match_a_local_run(
-    s3: S3Server, s3_corpus: str, external_client: Client, reference: Outcome
-) -> None:
+@pytest.fixture(scope="module")
+def s3_outcome(s3: S3Server, s3_corpus: str, external_client: Client) -> Outcome:
+    """Intake to labels on S3 through the external cluster, with credentials from the config alone."""
     from flows.pretrain import write_run_info
 
     assert worker_environ(external_client, "AWS_SECRET_ACCESS_KEY") == {None}  # options alone must do
-    malloc_trim = str(WORKER_MALLOC_ENVIRON["MALLOC_TRIM_THRESHOLD_"])
-    assert worker_environ(external_client, "MALLOC_TRIM_THRESHOLD_") == {malloc_trim}  # as the README says
     config = pipeline_config("explicit", f"s3://{RUNS_BUCKET}/pipeline", s3_corpus, s3.storage_options())
     write_run_info(ArtifactStore(config.store, config.storage_options), config)
-    outcome = run_stages(config, external_client)
+    return run_stages(config, external_client)
+
+
+def test_the_stages_on_s3_with_an_external_cluster_match_a_local_run(
+    s3: S3Server, external_client: Client, s3_outcome: Outcome, reference: Outcome
+) -> None:
+    malloc_trim = str(WORKER_MALLOC_ENVIRON["MALLOC_TRIM_THRESHOLD_"])
+    assert worker_environ(external_client, "MALLOC_TRIM_THRESHOLD_") == {malloc_trim}  # as the README says
+    outcome = s3_outcome
 
     assert all(utterance.path.startswith(f"{CORPUS_URL}/wav/") for utterance in outcome.utterances)
     assert [u.id for u in outcome.utterances] == [u.id for u in reference.utterances]
@@ -523,9 +542,35 @@ def test_an_external_worker_killed_during_the_feature_stage_does_not_stop_it(
     assert killed not in set(external_client.run(os.getpid).values())
 
 
-def two_iteration_yaml(run: str, store: str, corpus: str, dask_address: str | None, storage_options: dict) -> str:
+def with_train(config: PretrainConfig, **settings) -> PretrainConfig:
+    [iteration] = config.iterations
+    train = iteration.train.model_copy(update=settings)
+    return config.model_copy(update={"iterations": [iteration.model_copy(update={"train": train})]})
+
+
+@pytest.mark.slow
+def test_training_on_two_machines_through_dask_equals_two_processes_on_one(
+    s3: S3Server, external_client: Client, external_cluster: ExternalCluster, s3_outcome: Outcome, reference: Outcome
+) -> None:
+    """nnodes=2: one torchrun per `train_node` worker, meeting at a c10d rendezvous, reading S3."""
+    short = {"steps": 4, "checkpoint_every": 2, "log_every": 2, "max_batch_seconds": 4, "max_sample_seconds": 2}
+    [port] = free_ports(1)
+    two_machines = with_train(s3_outcome.config, nnodes=2, nproc=1, rdzv_port=port, **short)
+    two_machines = two_machines.model_copy(update={"dask": two_machines.dask.model_copy(update={"address": external_cluster.address})})
+    on_s3 = run_train(two_machines, 1, s3_outcome.store, s3_outcome.records["labels"], external_client)
+    one_machine = with_train(reference.config, nproc=2, **short)
+    local = run_train(one_machine, 1, reference.store, reference.records["labels"])
+
+    assert on_s3.counts == {"steps": 4, "processes": 2, "machines": 2}
+    assert on_s3.output_digest == local.output_digest  # the same weights, bit for bit
+    assert on_s3.metrics["loss_curve"] == local.metrics["loss_curve"]
+    checkpoints = s3_outcome.store.list_names("explicit/iter-1/model/checkpoints")
+    assert checkpoints == ["step-0000002.pt", "step-0000004.pt"]  # written once, by rank 0
+    assert_no_credentials_in_records(s3, f"{RUNS_BUCKET}/pipeline/explicit")
+
+
+def two_iteration_yaml(run: str, store: str, corpus: str, dask: str, storage_options: dict) -> str:
     """Two iterations (MFCC, then layer 2 of tiny) with a few training steps each."""
-    dask = f"{{address: '{dask_address}'}}" if dask_address else "{n_workers: 2}"
     train = "{model: tiny, steps: 6, max_batch_seconds: 4, max_sample_seconds: 2, checkpoint_every: 3, log_every: 3}"
     return (
         f"run: {run}\nstore: {store}\nstorage_options: {json.dumps(storage_options)}\n"
@@ -544,10 +589,13 @@ def test_the_two_iteration_pipeline_on_s3_and_an_external_scheduler_matches_a_lo
     s3.create_bucket("pipeline")
     s3_config = tmp_path / "s3.yaml"
     s3_config.write_text(
-        two_iteration_yaml("twice", "s3://pipeline/runs", s3_corpus, external_cluster.address, s3.storage_options())
+        two_iteration_yaml(
+            "twice", "s3://pipeline/runs", s3_corpus, f"{{scheduler_file: '{external_cluster.scheduler_file}'}}",
+            s3.storage_options(),
+        )
     )
     local_config = tmp_path / "local.yaml"
-    local_config.write_text(two_iteration_yaml("twice", str(tmp_path / "runs"), str(corpus_dir), None, {}))
+    local_config.write_text(two_iteration_yaml("twice", str(tmp_path / "runs"), str(corpus_dir), "{n_workers: 2}", {}))
     run_cli(tmp_path, "run", str(s3_config))
     run_cli(tmp_path, "run", str(local_config))
 
