@@ -20,14 +20,22 @@ class PartsFailed(RuntimeError):
     """Some parts of a stage failed; the finished ones are kept for the next run to resume from."""
 
 
-def gather_parts(futures: Sequence[Future], description: str) -> list[Any]:
-    """Results of all futures, in completion order.
+def gather_parts(
+    futures: Sequence[Future], description: str, on_result: Callable[[Any], Any] | None = None
+) -> list[Any]:
+    """Results of all futures, in completion order, each passed through `on_result` if given.
 
-    Every future is waited for even after one fails, so that every part that can finish does
-    (and is marked done); then the failures are raised together.
+    The first failure stops the stage: parts not yet finished are cancelled (a running one may
+    still finish and mark itself done), and the failures are raised together. When the store or
+    the network is down every remaining part would fail the same way, each after its own
+    timeouts; stopping at once wastes at most the parts in flight, which a retry or re-run
+    resumes around. `on_result` sees each result as
+    it arrives, so a stage can fold large per-part results into a running total and keep only
+    what it returns (memory bounded by one part, not by the number of parts).
     """
     results: list[Any] = []
     failures: list[str] = []
+    stopped = 0
     show_bar = sys.stderr.isatty()
     next_log_share = 0.1
     with Progress(
@@ -36,10 +44,16 @@ def gather_parts(futures: Sequence[Future], description: str) -> list[Any]:
     ) as progress:
         bar = progress.add_task(description, total=len(futures))
         for done, future in enumerate(as_completed(futures), start=1):
-            if future.status == "error":
-                failures.append(f"{future.key}: {future.exception()!r}")
+            if future.cancelled() and failures:
+                stopped += 1
+            elif future.status == "error" or future.cancelled():
+                failures.append(_failure(future))
+                for unfinished in futures:
+                    if not unfinished.done():
+                        unfinished.cancel()
             else:
-                results.append(future.result())
+                result = future.result()
+                results.append(result if on_result is None else on_result(result))
             progress.advance(bar)
             if not show_bar and done / len(futures) >= next_log_share:
                 log.info("%s: %d/%d parts done", description, done, len(futures))
@@ -48,10 +62,16 @@ def gather_parts(futures: Sequence[Future], description: str) -> list[Any]:
         listed = "\n  ".join(failures[:5])
         more = f"\n  ... and {len(failures) - 5} more" if len(failures) > 5 else ""
         raise PartsFailed(
-            f"{len(failures)} of {len(futures)} {description} parts failed "
+            f"{len(failures)} of {len(futures)} {description} parts failed, {stopped} stopped unfinished "
             f"(finished parts are kept; run again to resume):\n  {listed}{more}"
         )
     return results
+
+
+def _failure(future: Future) -> str:
+    if future.cancelled():  # by the scheduler: e.g. its inputs were lost with every worker holding them
+        return f"{future.key}: cancelled by the Dask scheduler"
+    return f"{future.key}: {future.exception()!r}"
 
 
 class Part(Protocol):
@@ -68,12 +88,14 @@ def run_parts(
     work: Callable[..., dict[str, Any]],
     description: str,
     done: dict[str, dict[str, Any]],
+    on_result: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
     **arguments: Any,
 ) -> dict[str, dict[str, Any]]:
     """Run `work(job, stage=stage, **arguments)` on Dask for each job not already in `done`.
 
-    `work` writes its part, calls `stage.mark_part(job.part, info)` and returns that `info`.
-    Returns the info of every job's part, the resumed ones included.
+    `work` writes its part, calls `stage.mark_part(job.part, info)` and returns `info` (perhaps
+    with more, which `on_result` takes out; see `gather_parts`). Returns the info of every job's
+    part, the resumed ones included.
     """
     todo = [job for job in jobs if job.part not in done]
     if len(todo) < len(jobs):
@@ -82,5 +104,5 @@ def run_parts(
     futures = client.map(
         work, todo, stage=stage, **arguments, key=[f"{stage.name}-{attempt}-{job.part}" for job in todo]
     )
-    finished = {info["part"]: info for info in gather_parts(futures, description)}
+    finished = {info["part"]: info for info in gather_parts(futures, description, on_result)}
     return {**done, **finished}

@@ -20,10 +20,13 @@ import posixpath
 import socket
 import uuid
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
 import fsspec
+import numpy as np
 import zarr
 from fsspec.implementations.local import LocalFileSystem
 from pydantic import BaseModel, Field
@@ -146,13 +149,56 @@ class ArtifactStore:
             return 0
         return int(self.fs.du(target, total=True))
 
-    def open_zarr(self, relpath: str, mode: str) -> zarr.Group:
-        """A Zarr group at relpath (mode as zarr.open_group: 'r', 'r+', 'a', 'w')."""
+    def open_zarr(self, relpath: str, mode: str, attributes: dict[str, Any] | None = None) -> zarr.Group:
+        """A Zarr group at relpath (mode as zarr.open_group: 'r', 'r+', 'a', 'w'; `attributes` for a new one)."""
         # zarr_format=3: without it every open also probes for Zarr 2 metadata (three more
         # requests per task on object storage).
         if self.is_local:
-            return zarr.open_group(self.path(relpath), mode=mode, zarr_format=3)
-        return zarr.open_group(self.url(relpath), mode=mode, storage_options=self.storage_options, zarr_format=3)
+            return zarr.open_group(self.path(relpath), mode=mode, zarr_format=3, attributes=attributes)
+        return zarr.open_group(
+            self.url(relpath), mode=mode, storage_options=self.storage_options, zarr_format=3, attributes=attributes
+        )
+
+
+@dataclass(frozen=True)
+class EmptyArray:
+    """An array a stage's tasks fill chunk by chunk."""
+
+    shape: tuple[int, ...]
+    chunks: tuple[int, ...]
+    dtype: str
+    compressors: Any = "auto"
+
+
+def create_zarr_group(
+    store: ArtifactStore,
+    relpath: str,
+    attributes: dict[str, Any],
+    empty: dict[str, EmptyArray],
+    whole: dict[str, np.ndarray],
+) -> zarr.Group:
+    """A new group at relpath (replacing any): its attributes, empty arrays, and small arrays
+    written whole (one chunk each; strings as variable-length UTF-8).
+
+    The pieces are written concurrently: on object storage each is a request or two, and one after
+    another they were most of a small stage's fixed cost.
+    """
+    group = store.open_zarr(relpath, mode="w", attributes=attributes)
+
+    def create_empty(name: str) -> None:
+        spec = empty[name]
+        group.create_array(name, shape=spec.shape, chunks=spec.chunks, dtype=spec.dtype, compressors=spec.compressors)
+
+    def create_whole(name: str) -> None:
+        data = whole[name]
+        dtype = str if data.dtype.kind in "UOT" else data.dtype
+        group.create_array(name, shape=data.shape, chunks=data.shape, dtype=dtype)[:] = data
+
+    with ThreadPoolExecutor(max_workers=len(empty) + len(whole) or 1) as pool:
+        futures = [pool.submit(create_empty, name) for name in empty] + [pool.submit(create_whole, name) for name in whole]
+        for future in futures:
+            future.result()
+    return group
 
 
 def _protocol(fs: fsspec.AbstractFileSystem) -> str:

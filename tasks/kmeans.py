@@ -122,7 +122,8 @@ class KMeansFit:
 
 
 def _lloyd_step(client: Client, blocks: list[Future], centroids: np.ndarray) -> list[dict[str, Any]]:
-    [shared] = client.scatter([centroids], broadcast=True, hash=False)
+    # A task, not a scatter: if the worker holding it dies, Dask makes it again from the graph.
+    shared = client.submit(np.array, centroids, pure=False)
     futures = [client.submit(lloyd_partial, block, shared, index, pure=False) for index, block in enumerate(blocks)]
     return sorted(client.gather(futures), key=lambda partial: partial["index"])
 

@@ -20,14 +20,14 @@ from typing import Any
 import numpy as np
 import torch
 import zarr
-from distributed import Client, Future
+from distributed import Client
 from prefect import task
 from prefect.cache_policies import NONE
 
 from infra.digest import digest_bytes, digest_digests, digest_json
-from infra.parts import run_parts
+from infra.parts import gather_parts, run_parts
 from infra.paths import fingerprint_source
-from infra.store import ArtifactStore, Stage, StageRecord, utc_now
+from infra.store import ArtifactStore, EmptyArray, Stage, StageRecord, create_zarr_group, utc_now
 from tasks.audio import TARGET_SAMPLE_RATE
 from tasks.config import PretrainConfig
 from tasks.features import FEATURES_STORE, overlapping_utterances
@@ -40,8 +40,9 @@ log = logging.getLogger(__name__)
 
 LABELS_VERSION = 1
 LABELS_STORE = "labels.zarr"
+MAX_CHUNKS_PER_TASK = 8
+TASKS_PER_WORKER = 4
 ALIGNMENT_SUFFIXES = (".tsv",)
-TALLY_FAN_IN = 16
 
 
 class FrameCountMismatch(ValueError):
@@ -50,36 +51,75 @@ class FrameCountMismatch(ValueError):
 
 @dataclass(frozen=True)
 class LabelJob:
-    index: int
+    """A run of whole, consecutive chunks: frames [start, stop), chunk edges at `chunk_starts`."""
+
+    chunk_starts: tuple[int, ...]
+    first_chunk: int
     start: int
     stop: int
+    utterances: tuple[tuple[str, int, int], ...]  # (id, offset, frames) of those overlapping [start, stop)
 
     @property
     def part(self) -> str:
-        return f"chunk-{self.index:06d}"
+        return f"chunks-{self.first_chunk:06d}-{self.first_chunk + len(self.chunk_starts) - 1:06d}"
+
+    def chunk_digests(self, labels: np.ndarray) -> list[str]:
+        """One digest per chunk, so the stage's digest does not depend on how chunks were grouped."""
+        edges = [*self.chunk_starts, self.stop]
+        return [digest_bytes(labels[a - self.start : b - self.start].tobytes()) for a, b in zip(edges, edges[1:])]
 
 
-def write_label_chunk(job: LabelJob, stage: Stage, centroids: np.ndarray) -> dict[str, Any]:
-    """One Dask task: label one features chunk, write the same rows of labels, mark it done."""
+@dataclass(frozen=True)
+class Measuring:
+    """What a label task needs to tally its chunk for the quality measures (tasks/quality.py)."""
+
+    k: int
+    window: int
+    hop: int
+    alignments: str | None
+    storage_options: dict[str, Any]
+
+
+def write_label_chunk(
+    job: LabelJob, stage: Stage, centroids: np.ndarray, features: zarr.Array, labels: zarr.Array, measuring: Measuring
+) -> dict[str, Any]:
+    """One Dask task: label some features chunks, write the same rows of labels, tally them, mark it done.
+
+    A label costs little to compute, so on object storage a task per chunk would spend most of its
+    time waiting on requests; a task takes several chunks, which zarr reads and writes
+    concurrently, and writes one marker. The arrays come opened by the driver (no metadata
+    requests per task). The returned info
+    carries the chunk's tally for the driver to fold in; the marker keeps the rest, including the
+    chunk's first and last label, which join runs of one label across chunk edges.
+    """
     torch.set_num_threads(1)
-    rows = stage.store.open_zarr(stage.rel(FEATURES_STORE), mode="r")["features"][job.start : job.stop]
-    labels = nearest_centroids(rows, centroids)[0].numpy().astype(np.int16)
-    stage.store.open_zarr(stage.rel(LABELS_STORE), mode="r+")["labels"][job.start : job.stop] = labels
-    info = {"part": job.part, "digest": digest_bytes(labels.tobytes())}
+    chunk = nearest_centroids(features[job.start : job.stop], centroids)[0].numpy().astype(np.int16)
+    tally = tally_labels(job, chunk, measuring)
+    labels[job.start : job.stop] = chunk
+    info = {
+        "part": job.part,
+        "digests": job.chunk_digests(chunk),
+        "first_label": int(chunk[0]),
+        "last_label": int(chunk[-1]),
+    }
     stage.mark_part(job.part, info)
-    return info
+    return {**info, "tally": tally}
 
 
-def _create_store(stage: Stage, features: zarr.Group, k: int, centroids_digest: str) -> None:
-    group = stage.store.open_zarr(stage.rel(LABELS_STORE), mode="w")
-    total, chunk_frames = features["features"].shape[0], features["features"].chunks[0]
-    group.create_array("labels", shape=(total,), chunks=(chunk_frames,), dtype="int16")
-    for name in ("offsets", "utt_ids"):
-        source = features[name]
-        group.create_array(name, shape=source.shape, chunks=source.shape, dtype=source.dtype)[:] = source[:]
-    attributes = dict(features.attrs)
-    group.attrs.update(
-        {
+def _create_store(
+    stage: Stage,
+    attributes: dict[str, Any],
+    features: zarr.Array,
+    offsets: np.ndarray,
+    ids: np.ndarray,
+    k: int,
+    centroids_digest: str,
+) -> None:
+    """`labels.zarr`, chunked like the features, with their offsets, ids and frame geometry."""
+    create_zarr_group(
+        stage.store,
+        stage.rel(LABELS_STORE),
+        attributes={
             "k": k,
             "label_rate": attributes["frame_rate"],
             "window_samples": attributes["window_samples"],
@@ -88,7 +128,9 @@ def _create_store(stage: Stage, features: zarr.Group, k: int, centroids_digest: 
             "features": {key: attributes[key] for key in ("kind", "dim", "frame_rate")},
             "centroids_digest": centroids_digest,
             "stage_key": stage.key,
-        }
+        },
+        empty={"labels": EmptyArray(shape=(features.shape[0],), chunks=(features.chunks[0],), dtype="int16")},
+        whole={"offsets": offsets, "utt_ids": ids},
     )
 
 
@@ -118,82 +160,63 @@ def check_frame_counts(utterances: list[Utterance], features: zarr.Group, labels
         raise FrameCountMismatch(f"frame counts disagree for {len(problems)} utterance(s):\n  {listed}{more}")
 
 
-@dataclass(frozen=True)
-class TallyJob:
-    start: int
-    stop: int
-    utterances: tuple[tuple[str, int, int], ...]  # (id, offset, frames) overlapping [start, stop)
+def tally_labels(job: LabelJob, labels: np.ndarray, measuring: Measuring) -> LabelTally:
+    """Label counts, runs within each utterance's piece and (with alignments) phone/label pairs.
 
-
-def tally_chunk(
-    job: TallyJob,
-    store: ArtifactStore,
-    labels_relpath: str,
-    k: int,
-    geometry: tuple[int, int],
-    alignments: str | None,
-) -> LabelTally:
-    """Label counts, runs and (with alignments) phone/label pairs of one chunk."""
-    array = store.open_zarr(labels_relpath, mode="r")["labels"]
-    labels = array[job.start : job.stop].astype(np.int64)
-    tally = LabelTally(k)
-    tally.label_counts += np.bincount(labels, minlength=k)
-    window, hop = geometry
+    Runs are counted as if each job started a new one; `runs_continuing_across_chunks` takes
+    back those that go on over a job's edge inside an utterance.
+    """
+    tally = LabelTally(measuring.k)
+    tally.label_counts += np.bincount(labels, minlength=measuring.k)
     for utterance_id, offset, frames in job.utterances:
         low, high = max(job.start, offset), min(job.stop, offset + frames)
         piece = labels[low - job.start : high - job.start]
         tally.runs += 1 + int(np.count_nonzero(np.diff(piece)))
-        if low > offset and int(array[low - 1]) == int(piece[0]):
-            tally.runs -= 1  # the run goes on from the previous chunk
-        if alignments is None:
+        if measuring.alignments is None:
             continue
-        segments = read_alignment(alignment_path(alignments, utterance_id), store.storage_options)
+        segments = read_alignment(alignment_path(measuring.alignments, utterance_id), measuring.storage_options)
         if segments is None:
             continue
         tally.aligned_utterances += int(low == offset)
-        times = ((np.arange(low, high) - offset) * hop + window / 2) / TARGET_SAMPLE_RATE
+        times = ((np.arange(low, high) - offset) * measuring.hop + measuring.window / 2) / TARGET_SAMPLE_RATE
         tally.add_aligned(segments, frame_segments(segments, times), piece)
     return tally
 
 
-def merge_tallies(*tallies: LabelTally) -> LabelTally:
-    merged = LabelTally(tallies[0].k)
-    for tally in tallies:
-        merged.merge(tally)
-    return merged
+def tally_written_part(job: LabelJob, labels: zarr.Array, measuring: Measuring) -> dict[str, Any]:
+    """A part written by an earlier attempt (resume): read it back and tally it."""
+    chunk = labels[job.start : job.stop]
+    return {"part": job.part, "first_label": int(chunk[0]), "last_label": int(chunk[-1]), "tally": tally_labels(job, chunk, measuring)}
 
 
-def _reduce_on_cluster(client: Client, futures: list[Future]) -> LabelTally:
-    """Merge tallies in a tree on the workers: the driver receives one."""
-    while len(futures) > 1:
-        futures = [
-            client.submit(merge_tallies, *futures[i : i + TALLY_FAN_IN], pure=False)
-            for i in range(0, len(futures), TALLY_FAN_IN)
-        ]
-    return futures[0].result()
+def runs_continuing_across_chunks(jobs: list[LabelJob], edges: dict[str, dict[str, Any]], offsets: np.ndarray) -> int:
+    """Runs counted twice: one label going on over a job's edge that falls inside an utterance."""
+    continuing = 0
+    for previous, job in zip(jobs, jobs[1:]):
+        utterance = int(np.searchsorted(offsets, job.start, side="right")) - 1
+        inside = offsets[utterance] < job.start < offsets[utterance + 1]
+        continuing += int(inside and edges[previous.part]["last_label"] == edges[job.part]["first_label"])
+    return continuing
 
 
-def measure_labels(
-    client: Client, stage: Stage, labels: zarr.Group, k: int, alignments: str | None
-) -> dict[str, Any]:
-    offsets = labels["offsets"][:]
-    ids = list(labels["utt_ids"][:])
-    total, chunk_frames = labels["labels"].shape[0], labels["labels"].chunks[0]
+def chunks_per_task(chunks: int, workers: int) -> int:
+    """Enough tasks to keep every worker busy and balanced, as few as that allows, at most 8 chunks each."""
+    return max(1, min(MAX_CHUNKS_PER_TASK, chunks // (TASKS_PER_WORKER * max(workers, 1))))
+
+
+def plan_label_jobs(offsets: np.ndarray, ids: list[str], chunk_frames: int, per_task: int) -> list[LabelJob]:
+    """Consecutive runs of `per_task` chunks; every chunk belongs to exactly one job."""
+    total = int(offsets[-1])
+    starts = list(range(0, total, chunk_frames))
     jobs = []
-    for start in range(0, total, chunk_frames):
-        stop = min(start + chunk_frames, total)
+    for first in range(0, len(starts), per_task):
+        chunk_starts = tuple(starts[first : first + per_task])
+        start, stop = chunk_starts[0], min(chunk_starts[-1] + chunk_frames, total)
         spans = tuple(
-            (ids[i], int(offsets[i]), int(offsets[i + 1] - offsets[i]))
-            for i in overlapping_utterances(offsets, start, stop)
+            (ids[i], int(offsets[i]), int(offsets[i + 1] - offsets[i])) for i in overlapping_utterances(offsets, start, stop)
         )
-        jobs.append(TallyJob(start, stop, spans))
-    geometry = (int(labels.attrs["window_samples"]), int(labels.attrs["hop_samples"]))
-    futures = client.map(
-        tally_chunk, jobs, store=stage.store, labels_relpath=stage.rel(LABELS_STORE), k=k,
-        geometry=geometry, alignments=alignments, pure=False,
-    )
-    tally = _reduce_on_cluster(client, futures)
-    return {"labels": label_measures(tally), "quality": phone_measures(tally)}
+        jobs.append(LabelJob(chunk_starts, first, start, stop, spans))
+    return jobs
 
 
 def labels_stage(
@@ -230,26 +253,56 @@ def run_labels(
     centroids = load_centroids(store, config.run, iteration)
     k = centroids.shape[0]
     features_group = store.open_zarr(stage.rel(FEATURES_STORE), mode="r")
-    total, chunk_frames = features_group["features"].shape[0], features_group["features"].chunks[0]
+    features_array, offsets, ids = features_group["features"], features_group["offsets"][:], features_group["utt_ids"][:]
+    total, chunk_frames = features_array.shape[0], features_array.chunks[0]
     done = stage.done_parts()
     if not done:
-        _create_store(stage, features_group, k, kmeans.output_digest)
-    jobs = [LabelJob(i, start, min(start + chunk_frames, total)) for i, start in enumerate(range(0, total, chunk_frames))]
-    [shared] = client.scatter([centroids], broadcast=True, hash=False)
-    parts = run_parts(client, stage, jobs, write_label_chunk, f"labels@{iteration}", done, centroids=shared)
+        _create_store(stage, features_group.attrs.asdict(), features_array, offsets, ids, k, kmeans.output_digest)
+    labels_group = store.open_zarr(stage.rel(LABELS_STORE), mode="r+")
+    workers = len(client.scheduler_info(n_workers=-1)["workers"])
+    jobs = plan_label_jobs(offsets, list(ids), chunk_frames, chunks_per_task(-(-total // chunk_frames), workers))
+    measuring = Measuring(
+        k, int(features_group.attrs["window_samples"]), int(features_group.attrs["hop_samples"]),
+        config.corpus.alignments, store.storage_options,
+    )
+    tally, edges = LabelTally(k), {}
 
-    labels_group = store.open_zarr(stage.rel(LABELS_STORE), mode="r")
+    def fold(result: dict[str, Any]) -> dict[str, Any]:
+        """Add a part's tally to the stage's and keep its edge labels; drop the tally."""
+        tally.merge(result.pop("tally"))
+        edges[result["part"]] = result
+        return result
+
+    # Loaded by a task, not scattered: if the worker holding it dies, Dask loads it again.
+    shared = client.submit(load_centroids, store, config.run, iteration, pure=False)
+    arrays = {"features": features_array, "labels": labels_group["labels"]}
+    parts = run_parts(
+        client, stage, jobs, write_label_chunk, f"labels@{iteration}", done, on_result=fold,
+        centroids=shared, measuring=measuring, **arrays,
+    )
+    resumed = [job for job in jobs if job.part in done]
+    if resumed:
+        futures = client.map(tally_written_part, resumed, labels=arrays["labels"], measuring=measuring, pure=False)
+        gather_parts(futures, f"labels@{iteration} (tallying resumed parts)", fold)
+    tally.runs -= runs_continuing_across_chunks(jobs, edges, offsets)
+
     check_frame_counts(utterances, features_group, labels_group)
-    measures = measure_labels(client, stage, labels_group, k, config.corpus.alignments)
+    measures = {"labels": label_measures(tally), "quality": phone_measures(tally)}
     record = stage.commit(
         outputs=[LABELS_STORE],
         output_digest=digest_json(
-            {"labels": digest_digests(parts[job.part]["digest"] for job in jobs), "offsets": features.output_digest}
+            {
+                "labels": digest_digests(digest for job in jobs for digest in parts[job.part]["digests"]),
+                "offsets": features.output_digest,
+            }
         ),
         started_at=started_at,
-        counts={"frames": int(total), "utterances": len(utterances), "k": k, "chunks": len(jobs), "chunks_resumed": len(done)},
+        counts={
+            "frames": int(total), "utterances": len(utterances), "k": k, "chunks": -(-total // chunk_frames),
+            "chunks_resumed": sum(len(job.chunk_starts) for job in jobs if job.part in done),
+        },
         metrics={
-            "label_rate": float(labels_group.attrs["label_rate"]),
+            "label_rate": float(features_group.attrs["frame_rate"]),
             **{key: value for key, value in measures["labels"].items() if key != "frames"},
             "quality": measures["quality"],
         },

@@ -11,7 +11,7 @@ from tasks.features import MfccSource, run_features
 from tasks.intake import load_manifest, run_intake
 from tasks.kmeans import load_centroids, run_kmeans
 from tasks.labels import FrameCountMismatch, check_frame_counts, export_fairseq_labels, run_labels
-from tasks.quality import LabelTally, PhoneSegments, frame_segments, phone_measures
+from tasks.quality import LabelTally, PhoneSegments, frame_segments, phone_measures, read_alignment
 from tests.conftest import demo_config
 
 
@@ -46,6 +46,28 @@ def test_every_frame_gets_its_nearest_centroid_and_quality_is_measured(tmp_path:
     assert quality["aligned_utterances"] == len(utterances)
     assert record.metrics["used_clusters"] == 16 and record.metrics["mean_segment_frames"] > 1
     assert record.counts["frames"] == features["features"].shape[0]
+    assert record.metrics["mean_segment_frames"] == pytest.approx(whole_utterance_segment_frames(labels))
+    expected = whole_utterance_quality(labels, demo_corpus / "align")
+    assert quality == pytest.approx(expected, rel=1e-12)
+
+
+def whole_utterance_segment_frames(labels) -> float:
+    """Frames per run of one label, counted on whole utterances (no chunks)."""
+    everything, offsets = labels["labels"][:], labels["offsets"][:]
+    runs = sum(1 + np.count_nonzero(np.diff(everything[a:b])) for a, b in zip(offsets[:-1], offsets[1:]))
+    return everything.shape[0] / runs
+
+
+def whole_utterance_quality(labels, alignments: Path) -> dict:
+    """The paper's measures from one pass over whole utterances: what the chunked tallies must add up to."""
+    everything, offsets = labels["labels"][:].astype(np.int64), labels["offsets"][:]
+    tally = LabelTally(int(labels.attrs["k"]))
+    for utterance_id, a, b in zip(labels["utt_ids"][:], offsets[:-1], offsets[1:]):
+        segments = read_alignment(str(alignments / f"{utterance_id}.tsv"))
+        times = (np.arange(b - a) * labels.attrs["hop_samples"] + labels.attrs["window_samples"] / 2) / 16000
+        tally.add_aligned(segments, frame_segments(segments, times), everything[a:b])
+        tally.aligned_utterances += 1
+    return phone_measures(tally)
 
 
 def test_the_same_config_twice_gives_identical_labels_and_fairseq_export(tmp_path: Path, demo_corpus: Path, client) -> None:
@@ -73,8 +95,13 @@ class KillFirstLabelWorker(WorkerPlugin):
         self.flag = flag
 
     def transition(self, key, start, finish, **kwargs) -> None:
-        if finish == "executing" and str(key).startswith("labels-") and not os.path.exists(self.flag):
-            Path(self.flag).write_text(str(os.getpid()))
+        if finish == "executing" and str(key).startswith("labels-"):
+            try:  # O_EXCL: two workers starting label tasks at once must not both die
+                descriptor = os.open(self.flag, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                return
+            os.write(descriptor, str(os.getpid()).encode())
+            os.close(descriptor)
             os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -86,7 +113,10 @@ def test_a_worker_killed_during_the_label_stage_does_not_stop_it(tmp_path: Path,
     finally:
         client.unregister_worker_plugin("kill-first-label-worker")
     assert flag.exists(), "no worker was killed: the test did not test anything"
-    assert (store.open_zarr("t/iter-1/labels.zarr", "r")["labels"][:] == nearest(store)).mean() > 0.999
+    labels = store.open_zarr("t/iter-1/labels.zarr", "r")
+    assert (labels["labels"][:] == nearest(store)).mean() > 0.999
+    assert record.metrics["mean_segment_frames"] == pytest.approx(whole_utterance_segment_frames(labels))
+    assert record.metrics["quality"] == pytest.approx(whole_utterance_quality(labels, demo_corpus / "align"), rel=1e-12)
     client.wait_for_workers(2, timeout=60)
 
 
@@ -114,3 +144,17 @@ def test_purity_and_pnmi_on_a_known_joint_distribution() -> None:
     p = np.array([[2, 1], [0, 3]]) / 6
     mi = sum(p[y, z] * np.log(p[y, z] / (p[y].sum() * p[:, z].sum())) for y in range(2) for z in range(2) if p[y, z])
     assert measures["pnmi"] == pytest.approx(mi / np.log(2))
+
+
+def test_how_chunks_are_grouped_into_tasks_changes_nothing(tmp_path: Path, demo_corpus: Path, client, monkeypatch) -> None:
+    """Each task labels a run of chunks; the stage's bytes, digest and measures must not depend on how many."""
+    import tasks.labels
+
+    one_store, _, one = labelled(tmp_path, demo_corpus, client, "one")
+    monkeypatch.setattr(tasks.labels, "chunks_per_task", lambda chunks, workers: 3)
+    grouped_store, _, grouped = labelled(tmp_path, demo_corpus, client, "grouped")
+    assert one.counts["chunks"] > 3  # so some tasks hold several chunks and some edges fall inside tasks
+    assert grouped.output_digest == one.output_digest and grouped.metrics == one.metrics
+    np.testing.assert_array_equal(
+        grouped_store.open_zarr("t/iter-1/labels.zarr", "r")["labels"][:], one_store.open_zarr("t/iter-1/labels.zarr", "r")["labels"][:]
+    )

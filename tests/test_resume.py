@@ -63,7 +63,7 @@ def test_sigkill_in_every_stage_then_rerun_matches_an_uninterrupted_run(tmp_path
 
     config = two_iteration_config(tmp_path / "cfg.yaml", demo_corpus, tmp_path / "runs")
     run = tmp_path / "runs" / "r"
-    has_parts = lambda scope, stage: any((run / scope / "_progress" / stage).glob("chunk-*.json"))  # noqa: E731
+    has_parts = lambda scope, stage: any((run / scope / "_progress" / stage).glob("chunk*.json"))  # noqa: E731
     committed = lambda scope, stage: (run / scope / f"{stage}.commit.json").exists()  # noqa: E731
     checkpoints = lambda scope: any((run / scope / "model" / "checkpoints").glob("step-*.pt"))  # noqa: E731
     kills = [
