@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import posixpath
+from collections.abc import Callable
 from typing import Any
 
 from pydantic import BaseModel
@@ -68,21 +70,25 @@ class RunStatus(BaseModel):
         }
 
 
-def _is_stale(store: ArtifactStore, run: str, record: StageRecord) -> bool:
+RecordReader = Callable[[str, str], StageRecord | None]
+"""(scope, stage) -> that stage's record, or None."""
+
+
+def _is_stale(read: RecordReader, record: StageRecord) -> bool:
     """A record whose inputs no longer match what its upstream stages committed."""
     for name, digest in record.inputs.items():
         producer = INPUT_PRODUCERS.get(name)
         if producer is None:
             continue
         relative, stage = producer
-        upstream = read_record(store, run, _producer_scope(record.scope, relative), stage)
+        upstream = read(_producer_scope(record.scope, relative), stage)
         if upstream is None or upstream.output_digest != digest:
             return True
     return False
 
 
-def stage_status(store: ArtifactStore, run: str, scope: str, stage: str) -> StageStatus:
-    record = read_record(store, run, scope, stage)
+def stage_status(store: ArtifactStore, run: str, scope: str, stage: str, read: RecordReader) -> StageStatus:
+    record = read(scope, stage)
     if record is None:
         markers = [name for name in store.list_names(posixpath.join(run, scope, "_progress", stage)) if name != "key.json"]
         if markers:
@@ -90,7 +96,7 @@ def stage_status(store: ArtifactStore, run: str, scope: str, stage: str) -> Stag
         return StageStatus(stage=stage, status="missing")
     return StageStatus(
         stage=stage,
-        status="stale" if _is_stale(store, run, record) else "done",
+        status="stale" if _is_stale(read, record) else "done",
         seconds=record.seconds,
         bytes=sum(record.sizes.values()),
         finished_at=record.finished_at.isoformat(),
@@ -106,13 +112,14 @@ def inspect_run(run_path: str, storage_options: dict[str, Any] | None = None) ->
     if info is None:
         raise FileNotFoundError(f"no run at {run_path} (no run.json there)")
     iteration_count = len(info["config"]["iterations"])
+    read = functools.cache(functools.partial(read_record, store, run))  # each record once, upstream checks included
     return RunStatus(
         run=run,
         path=store.url(run),
         code_version=info.get("code_version"),
-        intake=stage_status(store, run, "corpus", "intake"),
+        intake=stage_status(store, run, "corpus", "intake", read),
         iterations=[
-            {stage: stage_status(store, run, f"iter-{number}", stage) for stage in ITERATION_STAGES}
+            {stage: stage_status(store, run, f"iter-{number}", stage, read) for stage in ITERATION_STAGES}
             for number in range(1, iteration_count + 1)
         ],
     )

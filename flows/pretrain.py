@@ -7,7 +7,6 @@ records, not by Prefect's state, so wiping Prefect's database costs no finished 
 
 from __future__ import annotations
 
-import getpass
 import socket
 
 from distributed import default_client
@@ -16,7 +15,7 @@ from pydantic import BaseModel, Field
 
 from infra.cluster import dask_client
 from infra.digest import digest_json
-from infra.store import ArtifactStore, StageRecord, forget_stage, utc_now
+from infra.store import ArtifactStore, StageRecord, current_user, forget_stage, utc_now
 from infra.version import code_version
 from tasks.config import ITERATION_STAGES, STAGE_ORDER, PretrainConfig, StageName, load_config
 from tasks.features import FeatureSource, MfccSource, features_task, hubert_layer_source
@@ -65,7 +64,7 @@ def write_run_info(store: ArtifactStore, config: PretrainConfig) -> None:
             "config_digest": digest_json(recorded),
             "code_version": code_version(),
             "started_at": utc_now().isoformat(),
-            "user": getpass.getuser(),
+            "user": current_user(),
             "host": socket.gethostname(),
         },
     )

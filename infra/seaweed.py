@@ -153,7 +153,7 @@ def _credentials_in(identities_file: Path) -> tuple[str, str] | None:
         return None
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """In the child before exec (Linux): SIGKILL it when the thread that started it ends.
 
     So that a killed test run or shell does not leave a server behind: the server runs in a
@@ -332,7 +332,7 @@ class S3Server:
             stdout=self._log_handle,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # a Ctrl-C in a terminal reaches us, and we stop it
-            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+            preexec_fn=die_with_parent if sys.platform.startswith("linux") else None,
         )
         try:
             self._wait_ready(timeout)

@@ -317,7 +317,7 @@ class Stage:
             seconds=round((finished_at - started_at).total_seconds(), 3),
             code_version=code_version(),
             host=socket.gethostname(),
-            user=_user(),
+            user=current_user(),
         )
         self.store.write_json(self.record_path, record.model_dump(mode="json"))
         self.store.remove(self.progress_path)
@@ -326,7 +326,8 @@ class Stage:
         return record
 
 
-def _user() -> str:
+def current_user() -> str:
+    """The login name, or "unknown" where there is none (containers with an unnamed uid)."""
     try:
         return getpass.getuser()
     except (KeyError, OSError):

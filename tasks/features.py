@@ -33,6 +33,7 @@ from prefect.cache_policies import NONE
 from infra.digest import digest_bytes, digest_digests, digest_json
 from infra.parts import run_parts
 from infra.store import ArtifactStore, EmptyArray, Stage, StageRecord, create_zarr_group, utc_now
+from model.data import FrameGeometry
 from model.hubert import HubertConfig, build_pretrain_model, hop, receptive_field
 from model.layer_features import extract_layer_features_batch
 from model.mfcc import FRAME_RATE, HOP_SAMPLES, MFCC_DIM, WINDOW_SAMPLES, mfcc_num_frames, mfcc_with_deltas
@@ -120,7 +121,7 @@ class HubertLayerSource:
         return TARGET_SAMPLE_RATE / self.hop_samples
 
     def num_frames(self, samples_16k: int) -> int:
-        return 0 if samples_16k < self.window_samples else 1 + (samples_16k - self.window_samples) // self.hop_samples
+        return FrameGeometry(hop=self.hop_samples, window=self.window_samples).num_frames(samples_16k)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -223,23 +224,27 @@ def overlapping_utterances(offsets: np.ndarray, start: int, stop: int) -> list[i
     return [i for i in range(max(first, 0), last) if offsets[i + 1] > start and offsets[i] < stop]
 
 
+def utterance_spans(utterances: list[Utterance], offsets: np.ndarray, start: int, stop: int) -> tuple[UtteranceSpan, ...]:
+    """The utterances whose frames overlap [start, stop), with where their frames sit."""
+    return tuple(
+        UtteranceSpan(
+            id=utterances[i].id,
+            path=utterances[i].path,
+            samples_16k=utterances[i].samples_16k,
+            offset=int(offsets[i]),
+            frames=int(offsets[i + 1] - offsets[i]),
+        )
+        for i in overlapping_utterances(offsets, start, stop)
+    )
+
+
 def plan_chunks(utterances: list[Utterance], offsets: np.ndarray, chunk_frames: int) -> list[ChunkJob]:
     """One job per Zarr chunk, with the utterances whose frames overlap it."""
     total = int(offsets[-1])
     jobs = []
     for index, start in enumerate(range(0, total, chunk_frames)):
         stop = min(start + chunk_frames, total)
-        spans = tuple(
-            UtteranceSpan(
-                id=utterances[i].id,
-                path=utterances[i].path,
-                samples_16k=utterances[i].samples_16k,
-                offset=int(offsets[i]),
-                frames=int(offsets[i + 1] - offsets[i]),
-            )
-            for i in overlapping_utterances(offsets, start, stop)
-        )
-        jobs.append(ChunkJob(index=index, start=start, stop=stop, utterances=spans))
+        jobs.append(ChunkJob(index=index, start=start, stop=stop, utterances=utterance_spans(utterances, offsets, start, stop)))
     return jobs
 
 

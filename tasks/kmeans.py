@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import zarr
 from distributed import Client, Future, wait
 from prefect import task
 from prefect.cache_policies import NONE
@@ -59,13 +60,11 @@ def feature_blocks(total_frames: int, chunk_frames: int) -> list[FeatureBlock]:
     ]
 
 
-def read_feature_rows(store: ArtifactStore, relpath: str, start: int, stop: int) -> np.ndarray:
-    return store.open_zarr(relpath, mode="r")["features"][start:stop]
+def sample_block(block: FeatureBlock, features: zarr.Array, fraction: float, seed: int) -> np.ndarray:
+    """The block's frames kept for fitting: each with probability `fraction`, seeded by block index.
 
-
-def sample_block(block: FeatureBlock, store: ArtifactStore, relpath: str, fraction: float, seed: int) -> np.ndarray:
-    """The block's frames kept for fitting: each with probability `fraction`, seeded by block index."""
-    rows = read_feature_rows(store, relpath, block.start, block.stop)
+    `features` is the array as the driver opened it (no metadata requests per task)."""
+    rows = features[block.start : block.stop]
     if fraction >= 1.0:
         return rows
     keep = np.random.default_rng([seed, block.index]).random(rows.shape[0]) < fraction
@@ -145,22 +144,14 @@ def _reduce(partials: list[dict[str, Any]], centroids: np.ndarray) -> tuple[np.n
     return updated.astype(np.float32), counts, inertia, int(empty.size)
 
 
-def fit_kmeans(
-    client: Client,
-    store: ArtifactStore,
-    features_relpath: str,
-    total_frames: int,
-    chunk_frames: int,
-    settings: KMeansConfig,
-) -> KMeansFit:
+def fit_kmeans(client: Client, features: zarr.Array, settings: KMeansConfig) -> KMeansFit:
     """k-means++ on a small gathered sample, then Lloyd on the distributed fitting sample."""
+    total_frames = features.shape[0]
     fraction = settings.sample_fraction
     if settings.max_frames is not None:
         fraction = min(fraction, settings.max_frames / total_frames)
-    blocks = feature_blocks(total_frames, chunk_frames)
-    sampled = client.map(
-        sample_block, blocks, store=store, relpath=features_relpath, fraction=fraction, seed=settings.seed, pure=False
-    )
+    blocks = feature_blocks(total_frames, features.chunks[0])
+    sampled = client.map(sample_block, blocks, features=features, fraction=fraction, seed=settings.seed, pure=False)
     wait(sampled)
     moments = client.gather(client.map(block_moments, sampled, pure=False))
     frames = sum(count for count, _, _ in moments)
@@ -227,10 +218,9 @@ def run_kmeans(
     started_at = utc_now()
     stage.prepare(["kmeans"])
     settings = config.iterations[iteration - 1].kmeans
-    features_relpath = stage.rel(FEATURES_STORE)
-    array = store.open_zarr(features_relpath, mode="r")["features"]
+    array = store.open_zarr(stage.rel(FEATURES_STORE), mode="r")["features"]
     clock = time.perf_counter()
-    fit = fit_kmeans(client, store, features_relpath, array.shape[0], array.chunks[0], settings)
+    fit = fit_kmeans(client, array, settings)
     seconds = time.perf_counter() - clock
 
     buffer = io.BytesIO()

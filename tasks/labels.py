@@ -28,9 +28,10 @@ from infra.digest import digest_bytes, digest_digests, digest_json
 from infra.parts import gather_parts, run_parts
 from infra.paths import fingerprint_source
 from infra.store import ArtifactStore, EmptyArray, Stage, StageRecord, create_zarr_group, utc_now
+from model.data import FrameGeometry
 from tasks.audio import TARGET_SAMPLE_RATE
 from tasks.config import PretrainConfig
-from tasks.features import FEATURES_STORE, overlapping_utterances
+from tasks.features import FEATURES_STORE, UtteranceSpan, utterance_spans
 from tasks.kmeans import load_centroids, nearest_centroids
 from tasks.manifest import Utterance
 from tasks.quality import LabelTally, alignment_path, frame_segments, label_measures, phone_measures, read_alignment
@@ -55,9 +56,12 @@ class LabelJob:
 
     chunk_starts: tuple[int, ...]
     first_chunk: int
-    start: int
     stop: int
-    utterances: tuple[tuple[str, int, int], ...]  # (id, offset, frames) of those overlapping [start, stop)
+    utterances: tuple[UtteranceSpan, ...]  # those overlapping [start, stop)
+
+    @property
+    def start(self) -> int:
+        return self.chunk_starts[0]
 
     @property
     def part(self) -> str:
@@ -88,9 +92,9 @@ def write_label_chunk(
     A label costs little to compute, so on object storage a task per chunk would spend most of its
     time waiting on requests; a task takes several chunks, which zarr reads and writes
     concurrently, and writes one marker. The arrays come opened by the driver (no metadata
-    requests per task). The returned info
-    carries the chunk's tally for the driver to fold in; the marker keeps the rest, including the
-    chunk's first and last label, which join runs of one label across chunk edges.
+    requests per task). The returned info carries the part's tally for the driver to fold in; the
+    marker keeps the rest, including the part's first and last label, which join runs of one
+    label across part edges.
     """
     torch.set_num_threads(1)
     chunk = nearest_centroids(features[job.start : job.stop], centroids)[0].numpy().astype(np.int16)
@@ -134,13 +138,9 @@ def _create_store(
     )
 
 
-def expected_frames(samples_16k: int, window: int, hop: int) -> int:
-    return 0 if samples_16k < window else 1 + (samples_16k - window) // hop
-
-
 def check_frame_counts(utterances: list[Utterance], features: zarr.Group, labels: zarr.Group) -> None:
     """Raise FrameCountMismatch naming every utterance whose frame counts disagree."""
-    window, hop = features.attrs["window_samples"], features.attrs["hop_samples"]
+    geometry = FrameGeometry(hop=int(features.attrs["hop_samples"]), window=int(features.attrs["window_samples"]))
     feature_counts = np.diff(features["offsets"][:])
     label_counts = np.diff(labels["offsets"][:])
     ids = list(features["utt_ids"][:])
@@ -149,7 +149,7 @@ def check_frame_counts(utterances: list[Utterance], features: zarr.Group, labels
         problems.append("utterance ids or their order differ between manifest, features and labels")
     else:
         for utterance, in_features, in_labels in zip(utterances, feature_counts, label_counts):
-            wanted = expected_frames(utterance.samples_16k, window, hop)
+            wanted = geometry.num_frames(utterance.samples_16k)
             if not wanted == in_features == in_labels:
                 problems.append(f"{utterance.id}: audio gives {wanted}, features {in_features}, labels {in_labels}")
     if labels["labels"].shape[0] != features["features"].shape[0]:
@@ -168,29 +168,30 @@ def tally_labels(job: LabelJob, labels: np.ndarray, measuring: Measuring) -> Lab
     """
     tally = LabelTally(measuring.k)
     tally.label_counts += np.bincount(labels, minlength=measuring.k)
-    for utterance_id, offset, frames in job.utterances:
-        low, high = max(job.start, offset), min(job.stop, offset + frames)
+    for span in job.utterances:
+        low, high = max(job.start, span.offset), min(job.stop, span.offset + span.frames)
         piece = labels[low - job.start : high - job.start]
         tally.runs += 1 + int(np.count_nonzero(np.diff(piece)))
         if measuring.alignments is None:
             continue
-        segments = read_alignment(alignment_path(measuring.alignments, utterance_id), measuring.storage_options)
+        segments = read_alignment(alignment_path(measuring.alignments, span.id), measuring.storage_options)
         if segments is None:
             continue
-        tally.aligned_utterances += int(low == offset)
-        times = ((np.arange(low, high) - offset) * measuring.hop + measuring.window / 2) / TARGET_SAMPLE_RATE
+        tally.aligned_utterances += int(low == span.offset)
+        times = ((np.arange(low, high) - span.offset) * measuring.hop + measuring.window / 2) / TARGET_SAMPLE_RATE
         tally.add_aligned(segments, frame_segments(segments, times), piece)
     return tally
 
 
-def tally_written_part(job: LabelJob, labels: zarr.Array, measuring: Measuring) -> dict[str, Any]:
+def tally_written_part(job: LabelJob, labels: zarr.Array, measuring: Measuring) -> LabelTally:
     """A part written by an earlier attempt (resume): read it back and tally it."""
-    chunk = labels[job.start : job.stop]
-    return {"part": job.part, "first_label": int(chunk[0]), "last_label": int(chunk[-1]), "tally": tally_labels(job, chunk, measuring)}
+    return tally_labels(job, labels[job.start : job.stop], measuring)
 
 
 def runs_continuing_across_chunks(jobs: list[LabelJob], edges: dict[str, dict[str, Any]], offsets: np.ndarray) -> int:
-    """Runs counted twice: one label going on over a job's edge that falls inside an utterance."""
+    """Runs counted twice: one label going on over a job's edge that falls inside an utterance.
+
+    `edges` holds each part's info (its marker's), with its first and last label."""
     continuing = 0
     for previous, job in zip(jobs, jobs[1:]):
         utterance = int(np.searchsorted(offsets, job.start, side="right")) - 1
@@ -204,18 +205,15 @@ def chunks_per_task(chunks: int, workers: int) -> int:
     return max(1, min(MAX_CHUNKS_PER_TASK, chunks // (TASKS_PER_WORKER * max(workers, 1))))
 
 
-def plan_label_jobs(offsets: np.ndarray, ids: list[str], chunk_frames: int, per_task: int) -> list[LabelJob]:
+def plan_label_jobs(utterances: list[Utterance], offsets: np.ndarray, chunk_frames: int, per_task: int) -> list[LabelJob]:
     """Consecutive runs of `per_task` chunks; every chunk belongs to exactly one job."""
     total = int(offsets[-1])
     starts = list(range(0, total, chunk_frames))
     jobs = []
     for first in range(0, len(starts), per_task):
         chunk_starts = tuple(starts[first : first + per_task])
-        start, stop = chunk_starts[0], min(chunk_starts[-1] + chunk_frames, total)
-        spans = tuple(
-            (ids[i], int(offsets[i]), int(offsets[i + 1] - offsets[i])) for i in overlapping_utterances(offsets, start, stop)
-        )
-        jobs.append(LabelJob(chunk_starts, first, start, stop, spans))
+        stop = min(chunk_starts[-1] + chunk_frames, total)
+        jobs.append(LabelJob(chunk_starts, first, stop, utterance_spans(utterances, offsets, chunk_starts[0], stop)))
     return jobs
 
 
@@ -250,27 +248,26 @@ def run_labels(
         return record
     started_at = utc_now()
     stage.prepare([LABELS_STORE])
-    centroids = load_centroids(store, config.run, iteration)
-    k = centroids.shape[0]
+    k = int(kmeans.counts["k"])
     features_group = store.open_zarr(stage.rel(FEATURES_STORE), mode="r")
     features_array, offsets, ids = features_group["features"], features_group["offsets"][:], features_group["utt_ids"][:]
     total, chunk_frames = features_array.shape[0], features_array.chunks[0]
+    chunks = -(-total // chunk_frames)
     done = stage.done_parts()
     if not done:
         _create_store(stage, features_group.attrs.asdict(), features_array, offsets, ids, k, kmeans.output_digest)
     labels_group = store.open_zarr(stage.rel(LABELS_STORE), mode="r+")
     workers = len(client.scheduler_info(n_workers=-1)["workers"])
-    jobs = plan_label_jobs(offsets, list(ids), chunk_frames, chunks_per_task(-(-total // chunk_frames), workers))
+    jobs = plan_label_jobs(utterances, offsets, chunk_frames, chunks_per_task(chunks, workers))
     measuring = Measuring(
         k, int(features_group.attrs["window_samples"]), int(features_group.attrs["hop_samples"]),
         config.corpus.alignments, store.storage_options,
     )
-    tally, edges = LabelTally(k), {}
+    tally = LabelTally(k)
 
     def fold(result: dict[str, Any]) -> dict[str, Any]:
-        """Add a part's tally to the stage's and keep its edge labels; drop the tally."""
+        """Add a part's tally to the stage's and keep the rest (its marker's info)."""
         tally.merge(result.pop("tally"))
-        edges[result["part"]] = result
         return result
 
     # Loaded by a task, not scattered: if the worker holding it dies, Dask loads it again.
@@ -283,8 +280,8 @@ def run_labels(
     resumed = [job for job in jobs if job.part in done]
     if resumed:
         futures = client.map(tally_written_part, resumed, labels=arrays["labels"], measuring=measuring, pure=False)
-        gather_parts(futures, f"labels@{iteration} (tallying resumed parts)", fold)
-    tally.runs -= runs_continuing_across_chunks(jobs, edges, offsets)
+        gather_parts(futures, f"labels@{iteration} (tallying resumed parts)", tally.merge)
+    tally.runs -= runs_continuing_across_chunks(jobs, parts, offsets)
 
     check_frame_counts(utterances, features_group, labels_group)
     measures = {"labels": label_measures(tally), "quality": phone_measures(tally)}
@@ -298,7 +295,7 @@ def run_labels(
         ),
         started_at=started_at,
         counts={
-            "frames": int(total), "utterances": len(utterances), "k": k, "chunks": -(-total // chunk_frames),
+            "frames": int(total), "utterances": len(utterances), "k": k, "chunks": chunks,
             "chunks_resumed": sum(len(job.chunk_starts) for job in jobs if job.part in done),
         },
         metrics={

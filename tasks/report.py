@@ -68,10 +68,10 @@ def quality_plot(by_iteration: dict[int, dict[str, float]]) -> bytes:
     return _png(figure)
 
 
-def build_report(store: ArtifactStore, run: str, iteration: int) -> dict[str, Any]:
-    """Write iter-N/report.json, report.md and plots; returns the report."""
+def build_report(store: ArtifactStore, run: str, iteration: int, records: dict[str, StageRecord]) -> tuple[dict[str, Any], str]:
+    """Write iter-N/report.json, report.md and plots from the iteration's records; returns the
+    report and its markdown."""
     scope = posixpath.join(run, f"iter-{iteration}")
-    records = read_records(store, run, iteration)
     plots: dict[str, str] = {}
     if "train" in records:
         curve = store.read_json(posixpath.join(scope, "model", "train_log.json")) or []
@@ -83,7 +83,7 @@ def build_report(store: ArtifactStore, run: str, iteration: int) -> dict[str, An
         plots["cluster_sizes"] = "plots/cluster_sizes.png"
     quality = {}
     for earlier in range(1, iteration + 1):
-        labels = read_records(store, run, earlier).get("labels")
+        labels = records.get("labels") if earlier == iteration else read_record(store, run, f"iter-{earlier}", "labels")
         if labels is not None and labels.metrics.get("quality"):
             quality[earlier] = labels.metrics["quality"]
     if quality:
@@ -100,9 +100,10 @@ def build_report(store: ArtifactStore, run: str, iteration: int) -> dict[str, An
         },
         "plots": plots,
     }
+    markdown = render_markdown(report, records)
     store.write_json(posixpath.join(scope, "report.json"), report)
-    store.write_text(posixpath.join(scope, "report.md"), render_markdown(report, records))
-    return report
+    store.write_text(posixpath.join(scope, "report.md"), markdown)
+    return report, markdown
 
 
 def summary_rows(records: dict[str, StageRecord]) -> list[dict[str, Any]]:
@@ -161,12 +162,10 @@ def artifact_key(run: str, iteration: int) -> str:
 
 def publish_report(store: ArtifactStore, run: str, iteration: int) -> dict[str, Any]:
     """Build the iteration's report and show it in Prefect's UI as a markdown and a table artifact."""
-    report = build_report(store, run, iteration)
     records = read_records(store, run, iteration)
+    report, markdown = build_report(store, run, iteration, records)
     key = artifact_key(run, iteration)
-    create_markdown_artifact(
-        key=f"{key}-report", markdown=render_markdown(report, records), description=f"{run} iteration {iteration}"
-    )
+    create_markdown_artifact(key=f"{key}-report", markdown=markdown, description=f"{run} iteration {iteration}")
     create_table_artifact(key=f"{key}-stages", table=summary_rows(records), description=f"{run} iteration {iteration}")
     return report
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +12,7 @@ import pytest
 import soundfile
 import torch
 import torchaudio.functional
+from distributed.diagnostics.plugin import WorkerPlugin
 
 from infra.cluster import dask_client
 
@@ -105,3 +108,27 @@ def demo_config(tmp_path: Path, corpus: Path, name: str = "runs", k: int = 16, *
             ],
         }
     )
+
+
+def first_to_claim(flag: str) -> bool:
+    """True for exactly one caller across processes: the one that creates `flag`, writing its pid there."""
+    try:  # O_EXCL: two workers starting tasks at once must not both act
+        descriptor = os.open(flag, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return False
+    os.write(descriptor, str(os.getpid()).encode())
+    os.close(descriptor)
+    return True
+
+
+class KillWorkerAtFirstTask(WorkerPlugin):
+    """SIGKILLs the worker process that starts the first task whose key starts with `prefix`
+    (once across workers and restarts: the flag file says which pid it was)."""
+
+    def __init__(self, prefix: str, flag: str) -> None:
+        self.prefix = prefix
+        self.flag = flag
+
+    def transition(self, key, start, finish, **kwargs) -> None:
+        if finish == "executing" and str(key).startswith(self.prefix) and first_to_claim(self.flag):
+            os.kill(os.getpid(), signal.SIGKILL)

@@ -1,10 +1,7 @@
-import os
-import signal
 from pathlib import Path
 
 import numpy as np
 import pytest
-from distributed.diagnostics.plugin import WorkerPlugin
 
 from infra.store import ArtifactStore
 from tasks.features import MfccSource, run_features
@@ -12,7 +9,7 @@ from tasks.intake import load_manifest, run_intake
 from tasks.kmeans import load_centroids, run_kmeans
 from tasks.labels import FrameCountMismatch, check_frame_counts, export_fairseq_labels, run_labels
 from tasks.quality import LabelTally, PhoneSegments, frame_segments, phone_measures, read_alignment
-from tests.conftest import demo_config
+from tests.conftest import KillWorkerAtFirstTask, demo_config
 
 
 def labelled(tmp_path: Path, corpus: Path, client, name: str = "runs", **kmeans):
@@ -88,26 +85,9 @@ def test_the_same_config_twice_gives_identical_labels_and_fairseq_export(tmp_pat
     assert (tmp_path / "fairseq" / "dict.km.txt").read_text().splitlines()[:2] == ["0 1", "1 1"]
 
 
-class KillFirstLabelWorker(WorkerPlugin):
-    """SIGKILLs the worker process that starts the first label task (once, across restarts)."""
-
-    def __init__(self, flag: str) -> None:
-        self.flag = flag
-
-    def transition(self, key, start, finish, **kwargs) -> None:
-        if finish == "executing" and str(key).startswith("labels-"):
-            try:  # O_EXCL: two workers starting label tasks at once must not both die
-                descriptor = os.open(self.flag, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                return
-            os.write(descriptor, str(os.getpid()).encode())
-            os.close(descriptor)
-            os.kill(os.getpid(), signal.SIGKILL)
-
-
 def test_a_worker_killed_during_the_label_stage_does_not_stop_it(tmp_path: Path, demo_corpus: Path, client) -> None:
     flag = tmp_path / "killed"
-    client.register_plugin(KillFirstLabelWorker(str(flag)), name="kill-first-label-worker")
+    client.register_plugin(KillWorkerAtFirstTask("labels-", str(flag)), name="kill-first-label-worker")
     try:
         store, _, record = labelled(tmp_path, demo_corpus, client)
     finally:

