@@ -22,12 +22,14 @@ import torch
 import torchaudio.compliance.kaldi
 import torchaudio.functional
 
+from devtools.demo_corpus import cached_demo_corpus
 from infra.cluster import dask_client
 from infra.store import ArtifactStore
+from tasks.artifacts import load_manifest
 from tasks.config import PretrainConfig
-from tasks.demo_corpus import cached_demo_corpus
-from tasks.features import MfccSource, run_features
-from tasks.intake import load_manifest, run_intake
+from tasks.layout import RunLayout
+from tasks.pipeline import STAGES, run_through
+from tasks.stage import StageContext, run_stage
 
 
 def reference_loop(wav_folder: Path, out_folder: Path) -> float:
@@ -62,10 +64,10 @@ def stage_throughput(wav_folder: Path, workers: int, scratch: Path, repeats: int
                 }
             )
             store = ArtifactStore(config.store)
-            intake = run_intake(config, store, client)
-            utterances = load_manifest(store, config.run)
+            run_through(config, store, client, "intake")
+            utterances = load_manifest(store, RunLayout(config.run))
             start = time.perf_counter()
-            run_features(config, 1, store, client, intake, utterances, MfccSource())
+            run_stage(STAGES["features"], StageContext(config, store, client, 1))
             seconds = time.perf_counter() - start
             best = max(best, sum(u.samples_16k for u in utterances) / 16_000 / seconds)
     return best

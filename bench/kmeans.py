@@ -18,13 +18,14 @@ from pathlib import Path
 import numpy as np
 from sklearn.cluster import MiniBatchKMeans
 
+from devtools.demo_corpus import cached_demo_corpus
 from infra.cluster import dask_client
 from infra.store import ArtifactStore
+from tasks.artifacts import load_centroids
 from tasks.config import PretrainConfig
-from tasks.demo_corpus import cached_demo_corpus
-from tasks.features import MfccSource, run_features
-from tasks.intake import load_manifest, run_intake
-from tasks.kmeans import load_centroids, run_kmeans
+from tasks.layout import RunLayout
+from tasks.pipeline import STAGES, run_through
+from tasks.stage import StageContext, run_stage
 
 
 def inertia_per_frame(frames: np.ndarray, centroids: np.ndarray) -> float:
@@ -54,14 +55,13 @@ def main() -> None:
                 "iterations": [{"features": {"kind": "mfcc"}, "kmeans": {"k": args.k}, "train": {"model": "tiny"}}],
             }
         )
-        store = ArtifactStore(config.store)
-        intake = run_intake(config, store, client)
-        features = run_features(config, 1, store, client, intake, load_manifest(store, "bench"), MfccSource())
+        store, layout = ArtifactStore(config.store), RunLayout("bench")
+        run_through(config, store, client, "features")
         start = time.perf_counter()
-        run_kmeans(config, 1, store, client, features)
+        run_stage(STAGES["kmeans"], StageContext(config, store, client, 1))
         ours_seconds = time.perf_counter() - start
-        frames = store.open_zarr("bench/iter-1/features.zarr", "r")["features"][:]
-        ours = inertia_per_frame(frames, load_centroids(store, "bench", 1))
+        frames = store.open_zarr(layout.features_store(1), "r")["features"][:]
+        ours = inertia_per_frame(frames, load_centroids(store, layout, 1))
 
     start = time.perf_counter()
     reference_model = MiniBatchKMeans(

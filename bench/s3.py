@@ -24,18 +24,16 @@ from pathlib import Path
 
 import psutil
 
+from devtools.demo_corpus import cached_demo_corpus
+from devtools.seaweed import seaweed_s3
 from infra.cluster import dask_client
-from infra.seaweed import seaweed_s3
 from infra.store import ArtifactStore
 from tasks.config import PretrainConfig
-from tasks.demo_corpus import cached_demo_corpus
-from tasks.features import MfccSource, run_features
-from tasks.intake import load_manifest, run_intake
-from tasks.kmeans import run_kmeans
-from tasks.labels import run_labels
+from tasks.pipeline import STAGES, run_through
+from tasks.stage import StageContext, run_stage
 
 BUCKET = "bench"
-STAGES = ("features", "labels")
+TIMED = ("features", "labels")
 
 
 def cpu_seconds(process: psutil.Process | None) -> float:
@@ -59,17 +57,13 @@ def measured(call: Callable[[], object], server: psutil.Process | None) -> tuple
 def timed_stages(config: PretrainConfig, client, server: psutil.Process | None = None) -> tuple[dict, dict, dict]:
     """Wall seconds and server CPU seconds of the feature and label stage calls of one fresh run, and its size."""
     store = ArtifactStore(config.store, config.storage_options)
-    intake = run_intake(config, store, client)
-    utterances = load_manifest(store, config.run)
+    intake = run_through(config, store, client, "intake")[("intake", None)]
+    context = StageContext(config, store, client, 1)
     seconds, server_cpu = {}, {}
-    features, seconds["features"], server_cpu["features"] = measured(
-        lambda: run_features(config, 1, store, client, intake, utterances, MfccSource()), server
-    )
-    kmeans = run_kmeans(config, 1, store, client, features)
-    _, seconds["labels"], server_cpu["labels"] = measured(
-        lambda: run_labels(config, 1, store, client, features, kmeans, utterances), server
-    )
-    size = {"utterances": len(utterances), "frames": features.counts["frames"], "chunks": features.counts["chunks"]}
+    features, seconds["features"], server_cpu["features"] = measured(lambda: run_stage(STAGES["features"], context), server)
+    run_stage(STAGES["kmeans"], context)
+    _, seconds["labels"], server_cpu["labels"] = measured(lambda: run_stage(STAGES["labels"], context), server)
+    size = {"utterances": intake.counts["utterances"], "frames": features.counts["frames"], "chunks": features.counts["chunks"]}
     return seconds, server_cpu, size
 
 
@@ -94,8 +88,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="best of this many runs of each (default 3)")
     args = parser.parse_args()
     wav_folder = cached_demo_corpus(args.out, args.minutes)
-    best = {(kind, stage): float("inf") for kind in ("local", "s3") for stage in STAGES}
-    server_cpu = dict.fromkeys(STAGES, 0.0)
+    best = {(kind, stage): float("inf") for kind in ("local", "s3") for stage in TIMED}
+    server_cpu = dict.fromkeys(TIMED, 0.0)
     with tempfile.TemporaryDirectory(dir=args.out) as scratch_name:
         scratch = Path(scratch_name)
         with seaweed_s3(scratch / "seaweed") as s3, dask_client(n_workers=2, threads_per_worker=1) as client:
@@ -109,7 +103,7 @@ def main() -> None:
                     config = bench_config(f"bench-{kind}-{repeat}", root, wav_folder, options)
                     server = psutil.Process(s3.pid) if kind == "s3" else None
                     seconds, cpu, size = timed_stages(config, client, server)
-                    for stage in STAGES:
+                    for stage in TIMED:
                         if seconds[stage] < best[kind, stage] and kind == "s3":
                             server_cpu[stage] = cpu[stage]
                         best[kind, stage] = min(best[kind, stage], seconds[stage])
@@ -119,7 +113,7 @@ def main() -> None:
         f"best of {args.repeats} runs each"
     )
     print(f"{'stage':<10}{'local folder':>14}{'SeaweedFS S3':>14}{'S3/local':>11}{'server CPU':>22}")
-    for stage in STAGES:
+    for stage in TIMED:
         local, s3_seconds = best["local", stage], best["s3", stage]
         print(
             f"{stage:<10}{local:>12.2f} s{s3_seconds:>12.2f} s{s3_seconds / local:>10.2f}x"

@@ -71,12 +71,16 @@ def _console() -> Console:
 def _print_inspection(run_path: str, storage_options: dict | None = None) -> None:
     from flows.inspection import inspect_run, render_table
 
+    from infra.store import open_run
+    from tasks.layout import RunLayout
+
     console = _console()
     status = inspect_run(run_path, storage_options)
     console.print(render_table(status))
     console.print(f"artifacts: {run_path}")
+    store, run = open_run(run_path, storage_options)
     for number in range(1, len(status.iterations) + 1):
-        console.print(f"iteration {number} report: {run_path}/iter-{number}/report.md")
+        console.print(f"iteration {number} report: {store.url(RunLayout(run).report_md(number))}")
 
 
 def command_inspect(args: argparse.Namespace) -> int:
@@ -120,20 +124,22 @@ def command_diff(args: argparse.Namespace) -> int:
 
 
 def command_export_labels(args: argparse.Namespace) -> int:
-    from infra.store import open_run, record_path
-    from tasks.labels import export_fairseq_labels
+    from infra.store import open_run, read_record
+    from tasks.exports import export_fairseq_labels
+    from tasks.layout import RunLayout
 
     store, run = open_run(args.run_path)
-    if not store.exists(record_path(run, f"iter-{args.iteration}", "labels")):
+    layout = RunLayout(run)
+    if read_record(store, layout.scope(args.iteration), "labels") is None:
         print(f"no committed labels for iteration {args.iteration} in {args.run_path}", file=sys.stderr)
         return EXIT_USAGE
-    target = export_fairseq_labels(store, run, args.iteration, Path(args.out), args.split)
+    target = export_fairseq_labels(store, layout, args.iteration, Path(args.out), args.split)
     print(f"wrote {target} and {target.parent / 'dict.km.txt'}")
     return 0
 
 
 def command_dev_s3(args: argparse.Namespace) -> int:
-    from infra.seaweed import main as serve_s3
+    from devtools.seaweed import main as serve_s3
 
     argv = ["--port", str(args.port), "--bucket", args.bucket]
     if args.dir is not None:
@@ -142,7 +148,7 @@ def command_dev_s3(args: argparse.Namespace) -> int:
 
 
 def command_demo_corpus(args: argparse.Namespace) -> int:
-    from tasks.demo_corpus import synthesize_demo_corpus
+    from devtools.demo_corpus import synthesize_demo_corpus
 
     try:
         summary = synthesize_demo_corpus(Path(args.out), minutes=args.minutes, seed=args.seed)

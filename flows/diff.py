@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from infra.store import StageRecord, open_run, read_record
-from tasks.config import STAGE_ORDER
+from tasks.layout import STAGE_ORDER, RunLayout, scope_name
 
 
 @dataclass(frozen=True)
@@ -15,16 +15,18 @@ class StageDiff:
     detail: str
 
 
-def read_scope(run_path: str, scope: str) -> dict[str, StageRecord]:
+def read_scope(run_path: str, iteration: int | None) -> dict[str, StageRecord]:
+    """The records of the corpus scope (None) or of an iteration, by stage."""
     store, run = open_run(run_path)
-    records = {stage: read_record(store, run, scope, stage) for stage in STAGE_ORDER}
+    folder = RunLayout(run).scope(iteration)
+    records = {stage: read_record(store, folder, stage) for stage in STAGE_ORDER}
     return {stage: record for stage, record in records.items() if record is not None}
 
 
-def scopes(run_path: str) -> list[str]:
+def scopes(run_path: str) -> list[int | None]:
+    """The corpus scope (None) and the iterations the run's folder holds."""
     store, run = open_run(run_path)
-    names = [name for name in store.list_names(run) if name.startswith("iter-")]
-    return ["corpus", *sorted(names, key=lambda name: int(name.split("-")[1]))]
+    return [None, *RunLayout(run).iterations_in(store.list_names(run))]
 
 
 def compare(a: StageRecord, b: StageRecord) -> StageDiff:
@@ -56,14 +58,12 @@ def diff_scopes(a: dict[str, StageRecord], b: dict[str, StageRecord]) -> list[St
 def diff_runs(run_a: str, run_b: str) -> dict[str, list[StageDiff]]:
     """Per scope (corpus, iter-1, ...), the stage-by-stage comparison of two runs."""
     return {
-        scope: diff_scopes(read_scope(run_a, scope), read_scope(run_b, scope))
+        scope_name(scope): diff_scopes(read_scope(run_a, scope), read_scope(run_b, scope))
         for scope in dict.fromkeys(scopes(run_a) + scopes(run_b))
     }
 
 
 def diff_iterations(run_path: str, first: int, second: int) -> dict[str, list[StageDiff]]:
     return {
-        f"iter-{first} vs iter-{second}": diff_scopes(
-            read_scope(run_path, f"iter-{first}"), read_scope(run_path, f"iter-{second}")
-        )
+        f"{scope_name(first)} vs {scope_name(second)}": diff_scopes(read_scope(run_path, first), read_scope(run_path, second))
     }

@@ -3,31 +3,14 @@
 from __future__ import annotations
 
 import functools
-import posixpath
 from collections.abc import Callable
 from typing import Any
 
 from pydantic import BaseModel
 from rich.table import Table
 
-from infra.store import ArtifactStore, StageRecord, open_run, read_record
-from tasks.config import ITERATION_STAGES
-
-# Which record produced an input, by the input's name: (scope, stage), where the scope is given
-# relative to the consuming record's iteration: "corpus", 0 (the same iteration) or -1 (the one before).
-INPUT_PRODUCERS: dict[str, tuple[str | int, str]] = {
-    "manifest": ("corpus", "intake"),
-    "model": (-1, "train"),
-    "features": (0, "features"),
-    "centroids": (0, "kmeans"),
-    "labels": (0, "labels"),
-}
-
-
-def _producer_scope(consumer_scope: str, relative: str | int) -> str:
-    if isinstance(relative, str):
-        return relative
-    return f"iter-{int(consumer_scope.split('-')[1]) + relative}"
+from infra.store import ArtifactStore, StageRecord, open_run, parts_in_progress, read_record
+from tasks.layout import ITERATION_STAGES, STAGE_INPUTS, RunLayout, StageName, scope_iteration, upstream_iteration
 
 
 class StageStatus(BaseModel):
@@ -70,29 +53,27 @@ class RunStatus(BaseModel):
         }
 
 
-RecordReader = Callable[[str, str], StageRecord | None]
-"""(scope, stage) -> that stage's record, or None."""
+RecordReader = Callable[[StageName, int | None], StageRecord | None]
+"""(stage, iteration) -> that stage's record, or None."""
 
 
 def _is_stale(read: RecordReader, record: StageRecord) -> bool:
     """A record whose inputs no longer match what its upstream stages committed."""
     for name, digest in record.inputs.items():
-        producer = INPUT_PRODUCERS.get(name)
+        producer = STAGE_INPUTS[record.stage].get(name)
         if producer is None:
             continue
-        relative, stage = producer
-        upstream = read(_producer_scope(record.scope, relative), stage)
+        upstream = read(producer.stage, upstream_iteration(producer, scope_iteration(record.scope)))
         if upstream is None or upstream.output_digest != digest:
             return True
     return False
 
 
-def stage_status(store: ArtifactStore, run: str, scope: str, stage: str, read: RecordReader) -> StageStatus:
-    record = read(scope, stage)
+def stage_status(store: ArtifactStore, layout: RunLayout, stage: StageName, iteration: int | None, read: RecordReader) -> StageStatus:
+    record = read(stage, iteration)
     if record is None:
-        markers = [name for name in store.list_names(posixpath.join(run, scope, "_progress", stage)) if name != "key.json"]
-        if markers:
-            return StageStatus(stage=stage, status="partial", parts_done=len(markers))
+        if parts := parts_in_progress(store, layout.stage_folder(stage, iteration), stage):
+            return StageStatus(stage=stage, status="partial", parts_done=parts)
         return StageStatus(stage=stage, status="missing")
     return StageStatus(
         stage=stage,
@@ -108,18 +89,23 @@ def stage_status(store: ArtifactStore, run: str, scope: str, stage: str, read: R
 def inspect_run(run_path: str, storage_options: dict[str, Any] | None = None) -> RunStatus:
     """The status of every stage of the run at `run_path` (`<store root>/<run name>`)."""
     store, run = open_run(run_path, storage_options)
-    info = store.read_json(posixpath.join(run, "run.json"))
+    layout = RunLayout(run)
+    info = store.read_json(layout.run_info)
     if info is None:
         raise FileNotFoundError(f"no run at {run_path} (no run.json there)")
     iteration_count = len(info["config"]["iterations"])
-    read = functools.cache(functools.partial(read_record, store, run))  # each record once, upstream checks included
+
+    @functools.cache
+    def read(stage: StageName, iteration: int | None) -> StageRecord | None:  # each record once
+        return read_record(store, layout.stage_folder(stage, iteration), stage)
+
     return RunStatus(
         run=run,
         path=store.url(run),
         code_version=info.get("code_version"),
-        intake=stage_status(store, run, "corpus", "intake", read),
+        intake=stage_status(store, layout, "intake", None, read),
         iterations=[
-            {stage: stage_status(store, run, f"iter-{number}", stage, read) for stage in ITERATION_STAGES}
+            {stage: stage_status(store, layout, stage, number, read) for stage in ITERATION_STAGES}
             for number in range(1, iteration_count + 1)
         ],
     )

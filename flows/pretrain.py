@@ -1,29 +1,30 @@
 """The pretraining flow: intake once, then each configured iteration's stages, on one Dask cluster.
 
-Flows only orchestrate: every stage is a task in `tasks/` that reads its inputs from the artifact
-store and commits its outputs there. Skipping finished work is decided by the store's stage
-records, not by Prefect's state, so wiping Prefect's database costs no finished work.
+Flows only orchestrate: every stage is declared in `tasks/stages/` and runs as a Prefect task
+(`tasks.stage.stage_task`) that reads its inputs from the artifact store and commits its outputs
+there. Skipping finished work is decided by the store's stage records, not by Prefect's state,
+so wiping Prefect's database costs no finished work.
 """
 
 from __future__ import annotations
 
 import socket
 
-from distributed import default_client
-from prefect import flow, get_run_logger
+from distributed import Client, default_client
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NONE
 from pydantic import BaseModel, Field
 
 from infra.cluster import dask_client
 from infra.digest import digest_json
-from infra.store import ArtifactStore, StageRecord, current_user, forget_stage, utc_now
+from infra.store import ArtifactStore, current_user, forget_stage, utc_now
 from infra.version import code_version
-from tasks.config import ITERATION_STAGES, STAGE_ORDER, PretrainConfig, StageName, load_config
-from tasks.features import FeatureSource, MfccSource, features_task, hubert_layer_source
-from tasks.intake import intake_task, load_manifest
-from tasks.kmeans import kmeans_task
-from tasks.labels import labels_task
-from tasks.report import report_task
-from tasks.train import train_task
+from tasks.config import PretrainConfig, load_config
+from tasks.layout import ITERATION_STAGES, STAGE_ORDER, RunLayout, StageName, scope_name, stage_iteration
+from tasks.pipeline import STAGES
+from tasks.report import build_report, read_records, summary_rows
+from tasks.stage import StageContext, stage_label, stage_task
 
 
 class StopPoint(BaseModel):
@@ -57,7 +58,7 @@ def config_for_the_record(config: PretrainConfig) -> dict:
 def write_run_info(store: ArtifactStore, config: PretrainConfig) -> None:
     recorded = config_for_the_record(config)
     store.write_json(
-        f"{config.run}/run.json",
+        RunLayout(config.run).run_info,
         {
             "run": config.run,
             "config": recorded,
@@ -70,21 +71,19 @@ def write_run_info(store: ArtifactStore, config: PretrainConfig) -> None:
     )
 
 
-def stages_from(start: StopPoint, iterations: int) -> list[tuple[str, str]]:
-    """(scope, stage) of `start` and of every stage after it: what `--force` re-runs."""
-    ordered = [("corpus", "intake")] + [
-        (f"iter-{i}", stage) for i in range(1, iterations + 1) for stage in ITERATION_STAGES
-    ]
-    first = ("corpus", "intake") if start.stage == "intake" else (f"iter-{start.iteration or 1}", start.stage)
-    return ordered[ordered.index(first) :]
+def stages_from(start: StopPoint, iterations: int) -> list[tuple[StageName, int | None]]:
+    """(stage, iteration) of `start` and of every stage after it: what `--force` re-runs."""
+    ordered = [("intake", None)] + [(stage, i) for i in range(1, iterations + 1) for stage in ITERATION_STAGES]
+    return ordered[ordered.index((start.stage, stage_iteration(start.stage, start.iteration or 1))) :]
 
 
 def force_stages(store: ArtifactStore, config: PretrainConfig, start: StopPoint) -> list[str]:
     """Forget the records of `start` and everything after it; returns those that existed."""
+    layout = RunLayout(config.run)
     return [
-        f"{stage}@{scope}"
-        for scope, stage in stages_from(start, len(config.iterations))
-        if forget_stage(store, config.run, scope, stage)
+        stage_label(stage, iteration)
+        for stage, iteration in stages_from(start, len(config.iterations))
+        if forget_stage(store, layout.stage_folder(stage, iteration), stage)
     ]
 
 
@@ -93,54 +92,39 @@ def check_stop_point(stop: StopPoint, config: PretrainConfig) -> None:
         raise ValueError(f"the config has {len(config.iterations)} iteration(s), asked to stop in iteration {stop.iteration}")
 
 
-def feature_source_for(
-    config: PretrainConfig, iteration: int, store: ArtifactStore, previous_train: StageRecord | None
-) -> FeatureSource:
-    """MFCC, or a layer of the previous iteration's trained model."""
-    features = config.iterations[iteration - 1].features
-    if features.kind == "mfcc":
-        return MfccSource()
-    if previous_train is None:
-        raise ValueError(f"iteration {iteration} takes model features, but iteration {iteration - 1} has no trained model")
-    return hubert_layer_source(store, config.run, iteration - 1, previous_train, features.layer)
+def artifact_key(run: str, iteration: int) -> str:
+    """Prefect artifact keys allow lowercase letters, digits and dashes only."""
+    cleaned = "".join(character if character.isalnum() else "-" for character in run.lower())
+    return f"{cleaned}-{scope_name(iteration)}"
+
+
+@task(name="report", cache_policy=NONE)
+def publish_report(store: ArtifactStore, layout: RunLayout, iteration: int) -> None:
+    """Build the iteration's report and show it in Prefect's UI as a markdown and a table artifact."""
+    records = read_records(store, layout, iteration)
+    _, markdown = build_report(store, layout, iteration, records)
+    key = artifact_key(layout.run, iteration)
+    description = f"{layout.run} iteration {iteration}"
+    create_markdown_artifact(key=f"{key}-report", markdown=markdown, description=description)
+    create_table_artifact(key=f"{key}-stages", table=summary_rows(records), description=description)
 
 
 @flow(name="iteration", validate_parameters=False)
-def iteration_flow(
-    config: PretrainConfig, iteration: int, stop: StopPoint, intake: StageRecord, previous_train: StageRecord | None
-) -> StageRecord | None:
-    """One HuBERT iteration: features -> k-means -> labels -> train; returns the train record.
+def iteration_flow(config: PretrainConfig, iteration: int, stop: StopPoint) -> None:
+    """One HuBERT iteration: features -> k-means -> labels -> train, then its report.
 
     Runs inside `pretrain`, on its Dask client.
     """
-    store = ArtifactStore(config.store, config.storage_options)
-    trained = _iteration_stages(config, iteration, stop, intake, previous_train, store)
-    report_task(store, config.run, iteration)
-    return trained
+    context = StageContext(config, ArtifactStore(config.store, config.storage_options), default_client(), iteration)
+    for stage in ITERATION_STAGES:
+        if not stop.includes(stage, iteration, len(config.iterations)):
+            break
+        stage_task(STAGES[stage])(context)
+    publish_report(context.store, context.layout, iteration)
 
 
-def _iteration_stages(
-    config: PretrainConfig,
-    iteration: int,
-    stop: StopPoint,
-    intake: StageRecord,
-    previous_train: StageRecord | None,
-    store: ArtifactStore,
-) -> StageRecord | None:
-    client = default_client()
-    iterations = len(config.iterations)
-    utterances = load_manifest(store, config.run)
-    source = feature_source_for(config, iteration, store, previous_train)
-    features = features_task(config, iteration, store, client, intake, utterances, source)
-    if not stop.includes("kmeans", iteration, iterations):
-        return None
-    kmeans = kmeans_task(config, iteration, store, client, features)
-    if not stop.includes("labels", iteration, iterations):
-        return None
-    labels = labels_task(config, iteration, store, client, features, kmeans, utterances)
-    if not stop.includes("train", iteration, iterations):
-        return None
-    return train_task(config, iteration, store, labels, client)
+def run_intake(config: PretrainConfig, store: ArtifactStore, client: Client) -> None:
+    stage_task(STAGES["intake"])(StageContext(config, store, client))
 
 
 @flow(name="pretrain", validate_parameters=True)
@@ -159,12 +143,11 @@ def pretrain(config: PretrainConfig, stop: StopPoint | None = None, force: StopP
     write_run_info(store, config)
     with dask_client(**config.dask.model_dump()) as client:
         logger.info("Dask scheduler at %s", client.scheduler.address)
-        intake = intake_task(config, store, client)
-        trained = None
+        run_intake(config, store, client)
         for iteration in range(1, len(config.iterations) + 1):
             if stop.includes("features", iteration, len(config.iterations)):
-                named = iteration_flow.with_options(flow_run_name=f"{config.run}-iter-{iteration}")
-                trained = named(config, iteration, stop, intake, trained)
+                named = iteration_flow.with_options(flow_run_name=f"{config.run}-{scope_name(iteration)}")
+                named(config, iteration, stop)
     return store.url(config.run)
 
 

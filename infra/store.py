@@ -1,11 +1,10 @@
 """The artifact store: one root (a local folder or an s3:// prefix) holding every run's artifacts.
 
-Layout (see DESIGN.md):
+Where a run's artifacts sit is the pipeline's business (tasks/layout.py); what this module fixes
+is the commit protocol inside a stage's folder:
 
-    <root>/<run>/run.json
-    <root>/<run>/corpus/manifest.jsonl, intake_report.json, intake.commit.json
-    <root>/<run>/iter-N/features.zarr, features.commit.json, ...
-    <root>/<run>/<scope>/_progress/<stage>/        per-part markers of a stage still running
+    <folder>/<stage>.commit.json          the stage's record, written last
+    <folder>/_progress/<stage>/           per-part markers of a stage still running
 
 Everything goes through fsspec, so the same code serves a laptop folder and object storage. This is
 the only module that tells local paths from URLs.
@@ -44,7 +43,7 @@ class StageRecord(BaseModel):
     """What a stage committed. Written last, read first: its presence means the stage is done."""
 
     stage: str
-    scope: str = Field(description="'corpus' or 'iter-N'")
+    scope: str = Field(description="The name of the stage's folder in its run ('corpus', 'iter-1', ...).")
     key: str = Field(description="Digest of everything the outputs depend on (config, inputs, stage version).")
     config: dict[str, Any]
     config_digest: str
@@ -207,7 +206,7 @@ def _protocol(fs: fsspec.AbstractFileSystem) -> str:
 
 
 class Stage:
-    """The commit protocol of one stage in one scope of a run.
+    """The commit protocol of one stage in one folder of a run.
 
     - `committed()` answers "is this work already done?": a record exists and its key matches.
     - `prepare(outputs)` clears whatever a different key left behind (the record first, so nothing
@@ -221,8 +220,7 @@ class Stage:
     def __init__(
         self,
         store: ArtifactStore,
-        run: str,
-        scope: str,
+        folder: str,
         name: str,
         *,
         version: int,
@@ -236,27 +234,26 @@ class Stage:
         release does not throw away days of finished work.
         """
         self.store = store
-        self.run = run
-        self.scope = scope
+        self.folder = folder
         self.name = name
         self.config = config
         self.inputs = inputs
         self.key = digest_json({"stage": name, "version": version, "config": config, "inputs": inputs})
 
     def rel(self, *parts: str) -> str:
-        """Path relative to the store root of something in this stage's scope."""
-        return posixpath.join(self.run, self.scope, *parts)
+        """Path relative to the store root of something in this stage's folder."""
+        return posixpath.join(self.folder, *parts)
 
     @property
     def record_path(self) -> str:
-        return record_path(self.run, self.scope, self.name)
+        return record_path(self.folder, self.name)
 
     @property
     def progress_path(self) -> str:
-        return self.rel("_progress", self.name)
+        return progress_path(self.folder, self.name)
 
     def read_record(self) -> StageRecord | None:
-        return read_record(self.store, self.run, self.scope, self.name)
+        return read_record(self.store, self.folder, self.name)
 
     def committed(self) -> StageRecord | None:
         """The record of this exact work, or None if it still has to run."""
@@ -283,11 +280,10 @@ class Stage:
     def done_parts(self) -> dict[str, dict[str, Any]]:
         """Markers of finished parts, by part name."""
         parts = {}
-        for name in self.store.list_names(self.progress_path):
-            if name.endswith(".json") and name != "key.json" and ".tmp-" not in name:
-                info = self.store.read_json(posixpath.join(self.progress_path, name))
-                if info is not None:
-                    parts[name.removesuffix(".json")] = info
+        for name in part_markers(self.store.list_names(self.progress_path)):
+            info = self.store.read_json(posixpath.join(self.progress_path, name))
+            if info is not None:
+                parts[name.removesuffix(".json")] = info
         return parts
 
     def commit(
@@ -302,7 +298,7 @@ class Stage:
         finished_at = utc_now()
         record = StageRecord(
             stage=self.name,
-            scope=self.scope,
+            scope=posixpath.basename(self.folder),
             key=self.key,
             config=self.config,
             config_digest=digest_json(self.config),
@@ -321,8 +317,8 @@ class Stage:
         )
         self.store.write_json(self.record_path, record.model_dump(mode="json"))
         self.store.remove(self.progress_path)
-        if not self.store.list_names(self.rel("_progress")):
-            self.store.remove(self.rel("_progress"))
+        if not self.store.list_names(self.rel(PROGRESS)):
+            self.store.remove(self.rel(PROGRESS))
         return record
 
 
@@ -334,15 +330,33 @@ def current_user() -> str:
         return "unknown"
 
 
-def record_path(run: str, scope: str, name: str) -> str:
+PROGRESS = "_progress"
+
+
+def record_path(folder: str, name: str) -> str:
     """Where a stage's record lives, relative to the store root."""
-    return posixpath.join(run, scope, f"{name}.commit.json")
+    return posixpath.join(folder, f"{name}.commit.json")
 
 
-def read_record(store: ArtifactStore, run: str, scope: str, name: str) -> StageRecord | None:
+def progress_path(folder: str, name: str) -> str:
+    """The folder of a running stage's part markers."""
+    return posixpath.join(folder, PROGRESS, name)
+
+
+def read_record(store: ArtifactStore, folder: str, name: str) -> StageRecord | None:
     """A stage's record whatever its key, or None if it has none."""
-    raw = store.read_json(record_path(run, scope, name))
+    raw = store.read_json(record_path(folder, name))
     return None if raw is None else StageRecord.model_validate(raw)
+
+
+def parts_in_progress(store: ArtifactStore, folder: str, name: str) -> int:
+    """How many parts of an uncommitted stage have finished (0 when none has started)."""
+    return len(part_markers(store.list_names(progress_path(folder, name))))
+
+
+def part_markers(names: list[str]) -> list[str]:
+    """The finished parts' marker files among a progress folder's names (not its key, nor a write in flight)."""
+    return [name for name in names if name.endswith(".json") and name != "key.json" and ".tmp-" not in name]
 
 
 def open_run(run_path: str, storage_options: dict[str, Any] | None = None) -> tuple[ArtifactStore, str]:
@@ -351,10 +365,10 @@ def open_run(run_path: str, storage_options: dict[str, Any] | None = None) -> tu
     return ArtifactStore(parent_of(trimmed), storage_options), posixpath.basename(trimmed)
 
 
-def forget_stage(store: ArtifactStore, run: str, scope: str, name: str) -> bool:
+def forget_stage(store: ArtifactStore, folder: str, name: str) -> bool:
     """Remove a stage's record and progress so that it runs afresh; True if there was a record."""
-    record = record_path(run, scope, name)
+    record = record_path(folder, name)
     existed = store.exists(record)
     store.remove(record)
-    store.remove(posixpath.join(run, scope, "_progress", name))
+    store.remove(progress_path(folder, name))
     return existed

@@ -17,16 +17,7 @@ from typing import Protocol
 
 import torch
 
-
-@dataclass(frozen=True)
-class FrameGeometry:
-    """Frame i covers samples [i * hop, i * hop + window) at 16 kHz."""
-
-    hop: int
-    window: int
-
-    def num_frames(self, samples: int) -> int:
-        return 0 if samples < self.window else 1 + (samples - self.window) // self.hop
+from model.frames import SAMPLE_RATE, FrameGeometry
 
 
 class LabelCountMismatch(ValueError):
@@ -79,7 +70,7 @@ class Batch:
 
     @property
     def audio_seconds(self) -> float:
-        return float(self.lengths.sum()) / 16_000
+        return float(self.lengths.sum()) / SAMPLE_RATE
 
 
 class BucketBatches:

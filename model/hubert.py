@@ -25,6 +25,8 @@ import torchaudio.models
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor
 
+from model.frames import FrameGeometry
+
 
 class HubertConfig(BaseModel):
     """Every architecture knob of torchaudio's `hubert_pretrain_model` that a preset varies.
@@ -189,22 +191,12 @@ def receptive_field(config: HubertConfig) -> int:
     return field
 
 
-def num_frames(config: HubertConfig, num_samples: int) -> int:
-    """Frames the conv stack outputs for `num_samples` samples, layer by layer as the convs count them.
+def frame_geometry(config: HubertConfig) -> FrameGeometry:
+    """The conv stack's framing: frame i covers [i * hop, i * hop + receptive_field).
 
-    Equals 1 + (num_samples - receptive_field) // hop, or 0 when shorter than the receptive field.
+    Its `num_frames` equals what the conv layers output, counted layer by layer (tests hold us to it).
     """
-    if num_samples < 0:
-        raise ValueError(f"expected a sample count >= 0, got {num_samples}")
-    frames = num_samples
-    for _, kernel, stride in config.extractor_conv_layer_config:
-        frames = max((frames - kernel) // stride + 1, 0)
-    return frames
-
-
-def frame_rate(config: HubertConfig) -> float:
-    """Frames per second (50.0 for the paper's stack at 16 kHz)."""
-    return config.sample_rate / hop(config)
+    return FrameGeometry(hop=hop(config), window=receptive_field(config))
 
 
 def prepare_waveform(config: HubertConfig, waveform: Tensor) -> Tensor:

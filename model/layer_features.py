@@ -3,7 +3,7 @@
 The encoder is the pretraining model's `.wav2vec2`; features come from its
 `extract_features(..., num_layers=layer)`: unmasked, in eval mode, without gradients. Frame i of
 an utterance covers samples [i * hop, i * hop + receptive_field), so an utterance has exactly
-`num_frames(config, samples)` frames, whichever path computed them.
+`frame_geometry(config).num_frames(samples)` frames, whichever path computed them.
 
 Long utterances are cut so memory stays bounded (self-attention grows with the square of the
 length). torchaudio has no chunked inference, and its conv stack falls short of one in one place:
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchaudio.models import Wav2Vec2Model
 
-from model.hubert import HubertConfig, hop, num_frames, prepare_waveform, receptive_field
+from model.hubert import HubertConfig, frame_geometry, hop, prepare_waveform, receptive_field
 
 DEFAULT_MAX_CHUNK_SAMPLES = 16_000 * 30
 DEFAULT_CONTEXT_SAMPLES = 16_000 * 2
@@ -60,7 +60,7 @@ def extract_layer_features(
         waveform: (samples,) float at config.sample_rate.
         layer: 1 .. config.encoder_num_layers.
     Returns:
-        (num_frames(config, samples), encoder_embed_dim) in the encoder's dtype, on its device.
+        (frame_geometry(config).num_frames(samples), encoder_embed_dim) in the encoder's dtype, on its device.
     """
     _check_waveform(waveform, "waveform")
     _check_arguments(encoder, layer, config, max_chunk_samples, context_samples)
@@ -86,7 +86,7 @@ def extract_layer_features_batch(
     Args:
         waveforms: each (samples,) float at config.sample_rate.
     Returns:
-        Per utterance, in order, (num_frames(config, samples), encoder_embed_dim) float32.
+        Per utterance, in order, (frame_geometry(config).num_frames(samples), encoder_embed_dim) float32.
     """
     for index, waveform in enumerate(waveforms):
         _check_waveform(waveform, f"waveforms[{index}]")
@@ -96,7 +96,7 @@ def extract_layer_features_batch(
         batched = [
             index
             for index, waveform in enumerate(prepared)
-            if num_frames(config, waveform.shape[0]) > 0 and waveform.shape[0] <= max_chunk_samples
+            if frame_geometry(config).num_frames(waveform.shape[0]) > 0 and waveform.shape[0] <= max_chunk_samples
         ]
         results = dict(zip(batched, _transformer_batch(encoder, [prepared[index] for index in batched], layer)))
         for index, waveform in enumerate(prepared):
@@ -159,7 +159,7 @@ def _extract(
     context_samples: int,
 ) -> Tensor:
     """One prepared utterance (samples,) -> (frames, dim); shorter than one frame gives (0, dim)."""
-    if num_frames(config, waveform.shape[0]) == 0:
+    if frame_geometry(config).num_frames(waveform.shape[0]) == 0:
         return waveform.new_zeros((0, config.encoder_embed_dim))
     if waveform.shape[0] <= max_chunk_samples:
         return encoder.extract_features(waveform[None], num_layers=layer)[0][layer - 1][0]
@@ -230,7 +230,7 @@ def _conv_features_in_pieces(
     if isinstance(first.layer_norm, nn.GroupNorm):
         first_affine = _first_norm_affine(first, waveform, max_chunk_samples)
     step, field = hop(config), receptive_field(config)
-    total = num_frames(config, waveform.shape[0])
+    total = frame_geometry(config).num_frames(waveform.shape[0])
     per_piece = (max_chunk_samples - field) // step + 1
     pieces = []
     for start in range(0, total, per_piece):

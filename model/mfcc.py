@@ -17,7 +17,8 @@ import torch
 import torchaudio.compliance.kaldi
 import torchaudio.functional
 
-SAMPLE_RATE = 16_000
+from model.frames import SAMPLE_RATE, FrameGeometry
+
 FRAME_LENGTH_MS = 25.0
 FRAME_SHIFT_MS = 10.0
 NUM_CEPS = 13
@@ -28,14 +29,8 @@ MFCC_DIM = 3 * NUM_CEPS
 WINDOW_SAMPLES = int(SAMPLE_RATE * FRAME_LENGTH_MS / 1000)
 HOP_SAMPLES = int(SAMPLE_RATE * FRAME_SHIFT_MS / 1000)
 FFT_SIZE = 1 << (WINDOW_SAMPLES - 1).bit_length()
-FRAME_RATE = SAMPLE_RATE / HOP_SAMPLES
-
-
-def mfcc_num_frames(num_samples: int) -> int:
-    """Kaldi's frame count with snip_edges: 1 + (samples - window) // hop, or 0 if shorter than a window."""
-    if num_samples < WINDOW_SAMPLES:
-        return 0
-    return 1 + (num_samples - WINDOW_SAMPLES) // HOP_SAMPLES
+MFCC_GEOMETRY = FrameGeometry(hop=HOP_SAMPLES, window=WINDOW_SAMPLES)
+"""Kaldi's framing with snip_edges: whole 25 ms windows every 10 ms."""
 
 
 @functools.cache
@@ -82,7 +77,7 @@ def mfcc_with_deltas(waveform: torch.Tensor) -> torch.Tensor:
     Args:
         waveform: (samples,) float, in [-1, 1) as soundfile reads it.
     Returns:
-        (frames, 39) float32, frames = mfcc_num_frames(samples).
+        (frames, 39) float32, frames = MFCC_GEOMETRY.num_frames(samples).
     """
     if waveform.dim() != 1:
         raise ValueError(f"expected a 1-D waveform (samples,), got shape {tuple(waveform.shape)}")

@@ -18,7 +18,7 @@ import soundfile
 import torch
 import torchaudio.functional
 
-TARGET_SAMPLE_RATE = 16_000
+from model.frames import SAMPLE_RATE
 
 
 class AudioError(ValueError):
@@ -99,7 +99,7 @@ def probe_audio(data: bytes) -> AudioInfo:
     )
 
 
-def resampled_length(samples: int, sample_rate: int, target_rate: int = TARGET_SAMPLE_RATE) -> int:
+def resampled_length(samples: int, sample_rate: int, target_rate: int = SAMPLE_RATE) -> int:
     """Samples after torchaudio.functional.resample: ceil(samples * target / source), rates reduced by gcd."""
     divisor = math.gcd(sample_rate, target_rate)
     source, target = sample_rate // divisor, target_rate // divisor
@@ -109,9 +109,9 @@ def resampled_length(samples: int, sample_rate: int, target_rate: int = TARGET_S
 def to_mono_16k(samples: np.ndarray, sample_rate: int) -> torch.Tensor:
     """[samples, channels] float32 -> 1-D float32 tensor at 16 kHz (channels averaged)."""
     mono = torch.from_numpy(np.ascontiguousarray(samples.mean(axis=1, dtype=np.float32)))
-    if sample_rate == TARGET_SAMPLE_RATE:
+    if sample_rate == SAMPLE_RATE:
         return mono
-    return torchaudio.functional.resample(mono, sample_rate, TARGET_SAMPLE_RATE)
+    return torchaudio.functional.resample(mono, sample_rate, SAMPLE_RATE)
 
 
 def load_audio_16k(path: str, storage_options: dict[str, Any] | None = None) -> torch.Tensor:

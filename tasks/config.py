@@ -15,11 +15,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from infra.paths import is_remote_url
 
-StageName = Literal["intake", "features", "kmeans", "labels", "train"]
-STAGE_ORDER: tuple[StageName, ...] = ("intake", "features", "kmeans", "labels", "train")
-ITERATION_STAGES: tuple[StageName, ...] = STAGE_ORDER[1:]
-
-
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 

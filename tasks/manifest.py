@@ -18,7 +18,8 @@ import fsspec
 from pydantic import BaseModel, ConfigDict
 
 from infra.paths import find_files, join_path, parent_of
-from tasks.audio import TARGET_SAMPLE_RATE, resampled_length
+from model.frames import SAMPLE_RATE
+from tasks.audio import resampled_length
 
 AUDIO_SUFFIXES = (".wav", ".flac")
 
@@ -59,7 +60,7 @@ class Utterance(BaseModel):
     @property
     def samples_16k(self) -> int:
         """Length after resampling to the 16 kHz every model and feature here works at."""
-        return resampled_length(self.samples, self.sample_rate, TARGET_SAMPLE_RATE)
+        return resampled_length(self.samples, self.sample_rate, SAMPLE_RATE)
 
 
 def utterance_id(path: str) -> str:

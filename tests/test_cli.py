@@ -13,32 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from devtools.demo_corpus import synthesize_demo_corpus
 from infra.store import ArtifactStore
-from tasks.demo_corpus import synthesize_demo_corpus
-from tests.conftest import write_config
+from tests.conftest import CLI, cli_env, inspect_json, run_cli, write_config
 
 pytestmark = pytest.mark.slow
-CLI = [sys.executable, "-m", "flows.cli"]
-
-
-def cli_env(tmp_path: Path) -> dict[str, str]:
-    """A fresh Prefect home per test: the store, not Prefect's database, must carry all state."""
-    env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
-    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
-    return env
-
-
-def run_cli(tmp_path: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run([*CLI, *args], env=cli_env(tmp_path), capture_output=True, text=True, timeout=300)
-    if check and result.returncode != 0:
-        raise AssertionError(f"exit {result.returncode}\n--- stdout\n{result.stdout}\n--- stderr\n{result.stderr[-5000:]}")
-    return result
-
-
-def inspect_json(tmp_path: Path, run_path: Path) -> dict:
-    return json.loads(run_cli(tmp_path, "inspect", str(run_path), "--json").stdout)
-
-
 def test_run_until_features_then_a_second_run_skips_everything(tmp_path: Path, salted_corpus: Path) -> None:
     config = write_config(tmp_path / "cfg.yaml", salted_corpus, tmp_path / "runs")
     first = run_cli(tmp_path, "run", str(config), "--until", "features")

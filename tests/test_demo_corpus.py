@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import soundfile
 
-from tasks.demo_corpus import (
+from devtools.demo_corpus import (
     MAX_WORDS,
     MIN_WORDS,
     SPEAKERS,
@@ -18,7 +18,7 @@ from tasks.demo_corpus import (
     make_sentence,
     synthesize_demo_corpus,
 )
-from tasks.espeak import EspeakSynthesizer
+from devtools.espeak import EspeakSynthesizer
 
 SAMPLE_RATE = 16_000
 SIBILANTS = {"s", "S", "z"}

@@ -11,7 +11,7 @@ def commit(root: Path, k: int, features_digest: str) -> None:
         ("features", {"kind": "mfcc"}, {"manifest": "m"}, features_digest),
         ("kmeans", {"k": k}, {"features": features_digest}, f"centroids-{k}-{features_digest}"),
     ):
-        stage = Stage(store, "run", "iter-1", name, version=1, config=config, inputs=inputs)
+        stage = Stage(store, "run/iter-1", name, version=1, config=config, inputs=inputs)
         stage.prepare([])
         stage.commit(outputs=[], output_digest=output, started_at=utc_now())
 

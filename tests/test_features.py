@@ -8,12 +8,14 @@ import torch
 import torchaudio.compliance.kaldi
 import torchaudio.functional
 
+import tasks.stages.features
 from infra.parts import PartsFailed
 from infra.store import ArtifactStore
+from tasks.artifacts import load_manifest
 from tasks.config import PretrainConfig, load_config
-from tasks.features import MfccSource, run_features
-from tasks.intake import load_manifest, run_intake
-from tests.conftest import write_config
+from tasks.feature_sources import MfccSource
+from tasks.layout import RunLayout
+from tests.conftest import run_chain, write_config
 
 
 def reference_features(path: str, dtype: torch.dtype = torch.float32) -> np.ndarray:
@@ -32,22 +34,19 @@ def reference_features(path: str, dtype: torch.dtype = torch.float32) -> np.ndar
 
 def prepared(tmp_path: Path, corpus: Path, client, name: str = "runs") -> tuple[PretrainConfig, ArtifactStore]:
     config = load_config(write_config(tmp_path / f"{name}.yaml", corpus, tmp_path / name, chunk_frames=256))
-    store = ArtifactStore(config.store)
-    run_intake(config, store, client)
-    return config, store
+    return config, run_chain(config, client, "intake").store
 
 
-def features_of(config: PretrainConfig, store: ArtifactStore, client, source=None):
-    intake = run_intake(config, store, client)
-    return run_features(config, 1, store, client, intake, load_manifest(store, config.run), source or MfccSource())
+def features_of(config: PretrainConfig, client):
+    return run_chain(config, client, "features").records["features"]
 
 
 def test_features_equal_kaldi_mfcc_computed_one_utterance_at_a_time(tmp_path: Path, salted_corpus: Path, client) -> None:
     config, store = prepared(tmp_path, salted_corpus, client)
-    record = features_of(config, store, client)
+    record = features_of(config, client)
     group = store.open_zarr("t/iter-1/features.zarr", mode="r")
     features, offsets, ids = group["features"][:], group["offsets"][:], list(group["utt_ids"][:])
-    manifest = load_manifest(store, "t")
+    manifest = load_manifest(store, RunLayout("t"))
     assert ids == [u.id for u in manifest]
     assert record.counts["chunks"] > 3, "chunks this small must split utterances across writers"
     for index, utterance in enumerate(manifest):
@@ -66,8 +65,8 @@ def test_features_equal_kaldi_mfcc_computed_one_utterance_at_a_time(tmp_path: Pa
 
 def test_a_second_run_is_skipped(tmp_path: Path, salted_corpus: Path, client) -> None:
     config, store = prepared(tmp_path, salted_corpus, client)
-    first = features_of(config, store, client)
-    assert features_of(config, store, client) == first
+    first = features_of(config, client)
+    assert features_of(config, client) == first
 
 
 @dataclass(frozen=True)
@@ -82,17 +81,18 @@ class FailingMfcc(MfccSource):
         return super().compute(waveforms_16k)
 
 
-def test_an_interrupted_stage_resumes_to_the_same_store(tmp_path: Path, salted_corpus: Path, client) -> None:
+def test_an_interrupted_stage_resumes_to_the_same_store(tmp_path: Path, salted_corpus: Path, client, monkeypatch) -> None:
     config, reference_store = prepared(tmp_path, salted_corpus, client, "reference")
-    reference = features_of(config, reference_store, client)
+    reference = features_of(config, client)
 
     config, store = prepared(tmp_path, salted_corpus, client, "resumed")
     # the last utterance: a stage stops at its first failed part, so the parts before it finish first
-    victim = load_manifest(store, "t")[-1]
-    with pytest.raises(PartsFailed, match="simulated crash"):
-        features_of(config, store, client, FailingMfcc(fail_on_samples=victim.samples_16k))
+    victim = load_manifest(store, RunLayout("t"))[-1]
+    with monkeypatch.context() as patched, pytest.raises(PartsFailed, match="simulated crash"):
+        patched.setattr(tasks.stages.features, "feature_source", lambda context: FailingMfcc(fail_on_samples=victim.samples_16k))
+        features_of(config, client)
     assert not store.exists("t/iter-1/features.commit.json")
-    resumed = features_of(config, store, client)
+    resumed = features_of(config, client)
 
     assert 0 < resumed.counts["chunks_resumed"] < resumed.counts["chunks"]
     assert resumed.output_digest == reference.output_digest

@@ -3,23 +3,24 @@ from pathlib import Path
 import pytest
 
 from infra.store import ArtifactStore
+from tasks.artifacts import load_manifest
 from tasks.config import load_config
-from tasks.intake import load_manifest, run_intake
+from tasks.layout import RunLayout
 from tasks.manifest import ManifestError
-from tests.conftest import write_config
+from tests.conftest import run_chain, write_config
 
 
 def test_bad_files_are_reported_and_good_ones_kept(tmp_path: Path, salted_corpus: Path, client) -> None:
     config = load_config(write_config(tmp_path / "cfg.yaml", salted_corpus, tmp_path / "runs"))
     store = ArtifactStore(config.store)
-    record = run_intake(config, store, client)
+    record = run_chain(config, client, "intake").records["intake"]
 
     report = store.read_json("t/corpus/intake_report.json")
     reasons = {Path(rejection["path"]).name: rejection["reason"] for rejection in report["rejected"]}
     assert reasons == {"empty.wav": "empty", "truncated.wav": "truncated", "notes.wav": "unreadable", "blip.wav": "too short"}
     assert all(rejection["detail"] for rejection in report["rejected"])
 
-    manifest = {utterance.id: utterance for utterance in load_manifest(store, "t")}
+    manifest = {utterance.id: utterance for utterance in load_manifest(store, RunLayout("t"))}
     assert len(manifest) == 28
     assert manifest["stereo"].channels == 2
     assert manifest["hifi"].sample_rate == 44_100
@@ -30,10 +31,10 @@ def test_bad_files_are_reported_and_good_ones_kept(tmp_path: Path, salted_corpus
 def test_a_second_intake_is_skipped_and_a_changed_folder_is_not(tmp_path: Path, salted_corpus: Path, client) -> None:
     config = load_config(write_config(tmp_path / "cfg.yaml", salted_corpus, tmp_path / "runs"))
     store = ArtifactStore(config.store)
-    first = run_intake(config, store, client)
-    assert run_intake(config, store, client) == first
+    first = run_chain(config, client, "intake").records["intake"]
+    assert run_chain(config, client, "intake").records["intake"] == first
     (salted_corpus / "notes.wav").unlink()
-    changed = run_intake(config, store, client)
+    changed = run_chain(config, client, "intake").records["intake"]
     assert changed.key != first.key and changed.counts["rejected"] == 3
 
 
@@ -44,7 +45,7 @@ def test_manifest_mismatch_is_a_rejection(tmp_path: Path, fsdd_dir: Path, client
     config = load_config(write_config(tmp_path / "cfg.yaml", tsv, tmp_path / "runs"))
     store = ArtifactStore(config.store)
     with pytest.raises(ManifestError, match="all 2 files rejected"):
-        run_intake(config, store, client)
+        run_chain(config, client, "intake")
     report = store.read_json("t/corpus/intake_report.json")
     assert {r["reason"] for r in report["rejected"]} == {"manifest mismatch"}
     assert not store.exists("t/corpus/intake.commit.json")

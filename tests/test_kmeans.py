@@ -3,19 +3,15 @@ from pathlib import Path
 import numpy as np
 from sklearn.cluster import MiniBatchKMeans
 
-from infra.store import ArtifactStore
-from tasks.features import MfccSource, run_features
-from tasks.intake import load_manifest, run_intake
-from tasks.kmeans import _reduce, load_centroids, run_kmeans
-from tests.conftest import demo_config
+from model.kmeans import reduce_partials
+from tasks.artifacts import load_centroids
+from tasks.layout import RunLayout
+from tests.conftest import demo_config, run_chain
 
 
 def fitted(tmp_path: Path, corpus: Path, client, name: str = "runs", **kmeans):
-    config = demo_config(tmp_path, corpus, name, **kmeans)
-    store = ArtifactStore(config.store)
-    intake = run_intake(config, store, client)
-    features = run_features(config, 1, store, client, intake, load_manifest(store, "t"), MfccSource())
-    return config, store, features, run_kmeans(config, 1, store, client, features)
+    chain = run_chain(demo_config(tmp_path, corpus, name, **kmeans), client, "kmeans")
+    return chain.config, chain.store, chain.records["features"], chain.records["kmeans"]
 
 
 def test_inertia_is_no_worse_than_fairseqs_minibatch_kmeans(tmp_path: Path, demo_corpus: Path, client) -> None:
@@ -30,14 +26,14 @@ def test_inertia_is_no_worse_than_fairseqs_minibatch_kmeans(tmp_path: Path, demo
     assert ours <= 1.01 * reference_per_frame, (ours, reference_per_frame)
     report = store.read_json("t/iter-1/kmeans/report.json")
     assert report["frames_fitted"] == len(frames) and sum(report["cluster_sizes"]) == len(frames)
-    assert record.counts["k"] == 32 and load_centroids(store, "t", 1).shape == (32, 39)
+    assert record.counts["k"] == 32 and load_centroids(store, RunLayout("t"), 1).shape == (32, 39)
 
 
 def test_a_seed_gives_the_same_centroids_and_a_sample_cap_is_kept(tmp_path: Path, demo_corpus: Path, client) -> None:
     _, first_store, _, first = fitted(tmp_path, demo_corpus, client, "a", max_frames=4000, seed=3)
     _, second_store, _, second = fitted(tmp_path, demo_corpus, client, "b", max_frames=4000, seed=3)
     assert first.output_digest == second.output_digest
-    np.testing.assert_array_equal(load_centroids(first_store, "t", 1), load_centroids(second_store, "t", 1))
+    np.testing.assert_array_equal(load_centroids(first_store, RunLayout("t"), 1), load_centroids(second_store, RunLayout("t"), 1))
     assert 3000 < first.counts["frames_fitted"] < 5000
     _, _, _, other_seed = fitted(tmp_path, demo_corpus, client, "c", max_frames=4000, seed=4)
     assert other_seed.output_digest != first.output_digest
@@ -53,7 +49,7 @@ def test_empty_clusters_are_reseeded_with_the_farthest_frames() -> None:
         "far_distances": np.array([32.0, 1.0, 1.0], dtype=np.float32),
         "far_rows": rows[[2, 0, 1]],
     }
-    updated, counts, inertia, empty = _reduce([partial], centroids)
+    updated, counts, inertia, empty = reduce_partials([partial], centroids)
     assert empty == 1 and inertia == 3.0
     np.testing.assert_array_equal(updated[0], [0.5, 0.5])
     np.testing.assert_array_equal(updated[1], [9.0, 9.0])

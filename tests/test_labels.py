@@ -3,28 +3,25 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import tasks.stages.labels
 from infra.store import ArtifactStore
-from tasks.features import MfccSource, run_features
-from tasks.intake import load_manifest, run_intake
-from tasks.kmeans import load_centroids, run_kmeans
-from tasks.labels import FrameCountMismatch, check_frame_counts, export_fairseq_labels, run_labels
-from tasks.quality import LabelTally, PhoneSegments, frame_segments, phone_measures, read_alignment
-from tests.conftest import KillWorkerAtFirstTask, demo_config
+from model.quality import LabelTally, PhoneSegments, frame_segments, phone_measures
+from tasks.alignments import read_alignment
+from tasks.artifacts import load_centroids
+from tasks.exports import export_fairseq_labels
+from tasks.layout import RunLayout
+from tasks.stages.labels import FrameCountMismatch, check_frame_counts
+from tests.conftest import KillWorkerAtFirstTask, demo_config, run_chain
 
 
 def labelled(tmp_path: Path, corpus: Path, client, name: str = "runs", **kmeans):
-    config = demo_config(tmp_path, corpus, name, **kmeans)
-    store = ArtifactStore(config.store)
-    intake = run_intake(config, store, client)
-    utterances = load_manifest(store, "t")
-    features = run_features(config, 1, store, client, intake, utterances, MfccSource())
-    kmeans_record = run_kmeans(config, 1, store, client, features)
-    return store, utterances, run_labels(config, 1, store, client, features, kmeans_record, utterances)
+    chain = run_chain(demo_config(tmp_path, corpus, name, **kmeans), client, "labels")
+    return chain.store, chain.utterances, chain.records["labels"]
 
 
 def nearest(store: ArtifactStore) -> np.ndarray:
     frames = store.open_zarr("t/iter-1/features.zarr", "r")["features"][:].astype(np.float64)
-    centroids = load_centroids(store, "t", 1).astype(np.float64)
+    centroids = load_centroids(store, RunLayout("t"), 1).astype(np.float64)
     distances = (frames**2).sum(1)[:, None] - 2 * frames @ centroids.T + (centroids**2).sum(1)
     return distances.argmin(axis=1)
 
@@ -75,7 +72,7 @@ def test_the_same_config_twice_gives_identical_labels_and_fairseq_export(tmp_pat
         first_store.open_zarr("t/iter-1/labels.zarr", "r")["labels"][:],
         second_store.open_zarr("t/iter-1/labels.zarr", "r")["labels"][:],
     )
-    km = export_fairseq_labels(first_store, "t", 1, tmp_path / "fairseq", "train")
+    km = export_fairseq_labels(first_store, RunLayout("t"), 1, tmp_path / "fairseq", "train")
     lines = km.read_text().splitlines()
     offsets = first_store.open_zarr("t/iter-1/labels.zarr", "r")["offsets"][:]
     assert len(lines) == len(utterances)
@@ -128,10 +125,8 @@ def test_purity_and_pnmi_on_a_known_joint_distribution() -> None:
 
 def test_how_chunks_are_grouped_into_tasks_changes_nothing(tmp_path: Path, demo_corpus: Path, client, monkeypatch) -> None:
     """Each task labels a run of chunks; the stage's bytes, digest and measures must not depend on how many."""
-    import tasks.labels
-
     one_store, _, one = labelled(tmp_path, demo_corpus, client, "one")
-    monkeypatch.setattr(tasks.labels, "chunks_per_task", lambda chunks, workers: 3)
+    monkeypatch.setattr(tasks.stages.labels, "chunks_per_task", lambda chunks, workers: 3)
     grouped_store, _, grouped = labelled(tmp_path, demo_corpus, client, "grouped")
     assert one.counts["chunks"] > 3  # so some tasks hold several chunks and some edges fall inside tasks
     assert grouped.output_digest == one.output_digest and grouped.metrics == one.metrics

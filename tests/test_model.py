@@ -12,14 +12,14 @@ from model.hubert import (
     HUBERT_CONFIGS,
     HubertConfig,
     build_pretrain_model,
-    frame_rate,
+    frame_geometry,
     hop,
     hubert_loss,
-    num_frames,
     prepare_waveform,
     receptive_field,
 )
 from model.layer_features import extract_layer_features, extract_layer_features_batch
+from model.mfcc import MFCC_GEOMETRY
 
 TINY = HUBERT_CONFIGS["tiny"]
 BASE = HUBERT_CONFIGS["base"]
@@ -78,21 +78,32 @@ def test_presets_mask_as_the_paper():
 @pytest.mark.parametrize("name", ["base", "tiny"])
 def test_frame_geometry_is_derived_from_the_conv_stack(name):
     config = HUBERT_CONFIGS[name]
-    assert (hop(config), receptive_field(config), frame_rate(config)) == (320, 400, 50.0)
+    assert (hop(config), receptive_field(config), frame_geometry(config).frame_rate) == (320, 400, 50.0)
 
 
 @pytest.mark.parametrize("name", ["base", "tiny"])
 def test_num_frames_is_what_the_conv_stack_outputs(name, base_model, tiny_encoder):
     config = HUBERT_CONFIGS[name]
+    num_frames = frame_geometry(config).num_frames
     extractor = (base_model.wav2vec2 if name == "base" else tiny_encoder).feature_extractor
     lengths = torch.tensor([0, 1, 9, 10, 399, 400, 401, 719, 720, 721, 1000, 16_000, 16_319, 16_320, 24_123])
     with torch.no_grad():
         _, counted = extractor(torch.zeros(len(lengths), int(lengths.max())), lengths)
         for samples in [400, 401, 719, 720, 5_000, 16_320]:
             features, _ = extractor(torch.zeros(1, samples), None)
-            assert features.shape[1] == num_frames(config, samples)
-    assert counted.tolist() == [num_frames(config, int(samples)) for samples in lengths]
-    assert [num_frames(config, samples) for samples in (0, 399, 400, 719, 720)] == [0, 0, 1, 1, 2]
+            assert features.shape[1] == num_frames(samples)
+    assert counted.tolist() == [num_frames(int(samples)) for samples in lengths]
+    assert [num_frames(samples) for samples in (0, 399, 400, 719, 720)] == [0, 0, 1, 1, 2]
+
+
+def test_mfcc_framing_is_kaldis() -> None:
+    """25 ms windows every 10 ms with snip_edges: torchaudio's Kaldi MFCC frame count."""
+    import torchaudio.compliance.kaldi
+
+    for samples in (400, 401, 559, 560, 16_000, 24_123):
+        expected = torchaudio.compliance.kaldi.mfcc(torch.randn(1, samples), sample_frequency=16_000).shape[0]
+        assert MFCC_GEOMETRY.num_frames(samples) == expected, samples
+    assert MFCC_GEOMETRY.num_frames(399) == 0 and MFCC_GEOMETRY.frame_rate == 100.0
 
 
 def test_base_forward_and_backward_on_a_padded_batch(base_model):
@@ -100,13 +111,13 @@ def test_base_forward_and_backward_on_a_padded_batch(base_model):
     waveforms = torch.zeros(2, 24_000)
     for row, length in enumerate(lengths.tolist()):
         waveforms[row, :length] = _speechlike(length, seed=row)
-    labels = torch.randint(0, 500, (2, num_frames(BASE, 24_000)), generator=torch.Generator().manual_seed(0))
+    labels = torch.randint(0, 500, (2, frame_geometry(BASE).num_frames(24_000)), generator=torch.Generator().manual_seed(0))
     base_model.train()
     base_model.zero_grad()
     loss, metrics = hubert_loss(*base_model(waveforms, labels, lengths))
     loss.backward()
     assert torch.isfinite(loss)
-    assert metrics["masked_frames"] + metrics["unmasked_frames"] == sum(num_frames(BASE, n) for n in lengths.tolist())
+    assert metrics["masked_frames"] + metrics["unmasked_frames"] == sum(frame_geometry(BASE).num_frames(n) for n in lengths.tolist())
     gradients = {name: parameter.grad for name, parameter in base_model.named_parameters()}
     assert all(torch.isfinite(gradient).all() for gradient in gradients.values() if gradient is not None)
     # BASE drops each transformer layer with probability 0.05 in training; nothing else may lack one.
@@ -121,7 +132,7 @@ def _tones(samples: int, classes: int, seed: int) -> tuple[torch.Tensor, torch.T
     segments = torch.randint(0, classes, (samples // segment + 1,), generator=generator)
     position = torch.arange(samples)
     waveform = 0.5 * torch.sin(2 * math.pi * 200.0 * (1 + segments[position // segment].float()) * position / 16_000)
-    centres = torch.arange(num_frames(TINY, samples)) * hop(TINY) + receptive_field(TINY) // 2
+    centres = torch.arange(frame_geometry(TINY).num_frames(samples)) * hop(TINY) + receptive_field(TINY) // 2
     return waveform, segments[centres // segment]
 
 
@@ -167,7 +178,7 @@ def test_layer_features_of_short_input_are_extract_features_exactly(tiny_encoder
             with torch.no_grad():
                 expected = encoder.extract_features(waveform[None], num_layers=layer)[0][layer - 1][0]
             features = extract_layer_features(encoder, waveform, layer, config)
-            assert features.shape == (num_frames(config, 20_123), config.encoder_embed_dim)
+            assert features.shape == (frame_geometry(config).num_frames(20_123), config.encoder_embed_dim)
             assert torch.equal(features, expected)
 
 
@@ -196,7 +207,7 @@ def test_chunked_features_with_whole_utterance_context_are_exact(extractor_mode)
     for samples in (80_000, 80_123, 16_000 * 3 + 319):
         waveform = _speechlike(samples)
         chunked = extract_layer_features(encoder, waveform, 2, config, max_chunk_samples=16_000, context_samples=80_000)
-        assert chunked.shape == (num_frames(config, samples), config.encoder_embed_dim)
+        assert chunked.shape == (frame_geometry(config).num_frames(samples), config.encoder_embed_dim)
         torch.testing.assert_close(chunked, _unchunked(encoder, waveform, 2), atol=1e-4, rtol=1e-4)
 
 
@@ -212,7 +223,7 @@ def test_chunked_features_are_close_with_enough_context(tiny_encoder):
         extract_layer_features(tiny_encoder, waveform, 3, TINY, max_chunk_samples=16_000, context_samples=context)
         for context in (16_000, 0)
     )
-    assert with_context.shape == without.shape == expected.shape == (num_frames(TINY, 80_123), TINY.encoder_embed_dim)
+    assert with_context.shape == without.shape == expected.shape == (frame_geometry(TINY).num_frames(80_123), TINY.encoder_embed_dim)
     difference = (with_context - expected).abs()
     assert difference.max() < 0.15 and difference.mean() < 0.03
     assert (without - expected).abs().max() > 1.0
@@ -224,7 +235,7 @@ def test_batch_features_equal_one_at_a_time(tiny_encoder):
     batch = extract_layer_features_batch(tiny_encoder, waveforms, 3, TINY, max_chunk_samples=45_000)
     for waveform, features in zip(waveforms, batch):
         single = extract_layer_features(tiny_encoder, waveform, 3, TINY, max_chunk_samples=45_000)
-        assert features.shape == (num_frames(TINY, waveform.shape[0]), TINY.encoder_embed_dim)
+        assert features.shape == (frame_geometry(TINY).num_frames(waveform.shape[0]), TINY.encoder_embed_dim)
         torch.testing.assert_close(features, single, atol=1e-5, rtol=1e-5)
 
 

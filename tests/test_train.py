@@ -10,15 +10,18 @@ import pytest
 import torch
 
 from infra.store import ArtifactStore
-from model.data import BatchStream, FrameGeometry, LabelCountMismatch, check_label_counts, map_labels
+from model.data import BatchStream, LabelCountMismatch, check_label_counts, map_labels
+from model.frames import FrameGeometry
 from model.hubert import HUBERT_CONFIGS, build_pretrain_model, hop, receptive_field
 from model.trainer import train
+from tasks.artifacts import load_manifest
 from tasks.config import PretrainConfig
-from tasks.features import MfccSource, hubert_layer_source, run_features
-from tasks.intake import load_manifest, run_intake
-from tasks.kmeans import run_kmeans
-from tasks.labels import run_labels
-from tasks.train import StoreCheckpoints, StoreUtteranceSource, run_train, trainer_settings
+from tasks.feature_sources import layer_source
+from tasks.layout import RunLayout
+from tasks.pipeline import STAGES
+from tasks.stage import StageContext, run_stage
+from tasks.training import StoreCheckpoints, StoreUtteranceSource, trainer_settings
+from tests.conftest import run_chain
 
 TINY = HUBERT_CONFIGS["tiny"]
 
@@ -43,18 +46,16 @@ def labelled_config(tmp_path: Path, corpus: Path, name: str = "runs", **train: o
 def labelled_store(tmp_path_factory: pytest.TempPathFactory, demo_corpus: Path, client):
     """Iteration 1 of the demo corpus up to labels (MFCC at 100 Hz, k=16)."""
     tmp_path = tmp_path_factory.mktemp("train")
-    config = labelled_config(tmp_path, demo_corpus)
-    store = ArtifactStore(config.store)
-    intake = run_intake(config, store, client)
-    utterances = load_manifest(store, "t")
-    features = run_features(config, 1, store, client, intake, utterances, MfccSource())
-    kmeans = run_kmeans(config, 1, store, client, features)
-    labels = run_labels(config, 1, store, client, features, kmeans, utterances)
-    return config, store, labels
+    chain = run_chain(labelled_config(tmp_path, demo_corpus), client, "labels")
+    return chain.config, chain.store, chain.records["labels"]
+
+
+def run(stage: str, config: PretrainConfig, store: ArtifactStore, iteration: int, client=None):
+    return run_stage(STAGES[stage], StageContext(config, store, client, iteration))
 
 
 def stream_for(store: ArtifactStore, seed: int = 0) -> tuple[BatchStream, StoreUtteranceSource]:
-    source = StoreUtteranceSource(store, "t/iter-1/labels.zarr", load_manifest(store, "t"))
+    source = StoreUtteranceSource(store, "t/iter-1/labels.zarr", load_manifest(store, RunLayout("t")))
     stream = BatchStream(
         source, source.geometry, FrameGeometry(hop(TINY), receptive_field(TINY)),
         max_batch_samples=6 * 16000, max_sample_size=3 * 16000, seed=seed,
@@ -110,24 +111,24 @@ def test_a_resumed_run_gives_the_uninterrupted_loss_curve(labelled_store, tmp_pa
 
 def test_tiny_learns_and_its_layers_feed_the_next_iteration(labelled_store, client) -> None:
     config, store, labels = labelled_store
-    record = run_train(config, 1, store, labels)
+    record = run("train", config, store, 1)
     metrics = record.metrics
     assert metrics["final_loss"] < metrics["first_loss"]
     assert metrics["masked_accuracy"] > 2 * metrics["chance_accuracy"]
     assert store.exists("t/iter-1/model/final.pt") and len(store.list_names("t/iter-1/model/checkpoints")) <= 2
-    assert run_train(config, 1, store, labels) == record
+    assert run("train", config, store, 1) == record
 
-    intake = run_intake(config, store, client)
-    utterances = load_manifest(store, "t")
-    source = hubert_layer_source(store, "t", 1, record, layer=2)
-    assert (source.frame_rate, source.dim) == (50.0, TINY.encoder_embed_dim)
-    features = run_features(config, 2, store, client, intake, utterances, source)
+    utterances = load_manifest(store, RunLayout("t"))
+    source = layer_source(store, RunLayout("t"), 1, record, layer=2)
+    assert (source.geometry.frame_rate, source.dim) == (50.0, TINY.encoder_embed_dim)
+    features = run("features", config, store, 2, client)
+    assert features.config["source"] == source.describe()
     group = store.open_zarr("t/iter-2/features.zarr", "r")
     offsets = group["offsets"][:]
     assert [offsets[i + 1] - offsets[i] for i in range(3)] == [1 + (u.samples_16k - 400) // 320 for u in utterances[:3]]
     assert np.isfinite(group["features"][: offsets[3]]).all()
-    kmeans = run_kmeans(config, 2, store, client, features)
-    labels_2 = run_labels(config, 2, store, client, features, kmeans, utterances)
+    run("kmeans", config, store, 2, client)
+    labels_2 = run("labels", config, store, 2, client)
     assert labels_2.metrics["label_rate"] == 50.0 and labels_2.metrics["quality"]["pnmi"] > 0
 
 
@@ -143,7 +144,7 @@ def test_torchrun_with_two_cpu_processes_trains_and_checkpoints_once(labelled_st
     config = config.model_copy(update={"run": "ddp"})
     store.remove("ddp/iter-1/train.commit.json")
     store.remove("ddp/iter-1/model")
-    record = run_train(config, 1, store, labels)
+    record = run("train", config, store, 1)
     output = capfd.readouterr()
     saves = [line for line in (output.out + output.err).splitlines() if "saved checkpoint" in line]
     assert len(saves) == 2, saves  # steps 2 and 4, by rank 0 only

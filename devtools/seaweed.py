@@ -1,6 +1,6 @@
 """A real S3 server on loopback: SeaweedFS (`weed server`) for tests, benchmarks and people.
 
-    .venv/bin/python -m infra.seaweed [--dir D] [--port P] [--bucket B]
+    .venv/bin/python -m devtools.seaweed [--dir D] [--port P] [--bucket B]
 
 starts one, prints its endpoint, credentials and a config snippet, and runs until Ctrl-C. In code:
 
@@ -514,7 +514,7 @@ def _wait_for_interrupt(server: S3Server) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m infra.seaweed",
+        prog="python -m devtools.seaweed",
         description="Run a local S3 server (SeaweedFS) until Ctrl-C, and print how to point a run at it.",
     )
     parser.add_argument(

@@ -30,8 +30,8 @@ import torch
 import torchaudio.transforms
 from pydantic import BaseModel, ConfigDict
 
-from tasks.audio import TARGET_SAMPLE_RATE
-from tasks.espeak import EspeakWorker, PhoneSegment, SynthesisRequest, SynthesizedUtterance
+from devtools.espeak import EspeakWorker, PhoneSegment, SynthesisRequest, SynthesizedUtterance
+from model.frames import SAMPLE_RATE
 
 MIN_WORDS, MAX_WORDS = 4, 14
 # Utterances queued ahead in the synthesis process while this one resamples and writes.
@@ -182,7 +182,7 @@ def _plans(rng: np.random.Generator) -> Iterator[_Plan]:
 def _resampler(sample_rate: int) -> torchaudio.transforms.Resample:
     """Same output as torchaudio.functional.resample on float32, but builds the sinc kernel once
     (rebuilding it per utterance took most of the corpus time)."""
-    return torchaudio.transforms.Resample(sample_rate, TARGET_SAMPLE_RATE, dtype=torch.float32)
+    return torchaudio.transforms.Resample(sample_rate, SAMPLE_RATE, dtype=torch.float32)
 
 
 def _to_pcm16(utterance: SynthesizedUtterance) -> np.ndarray:
@@ -193,7 +193,7 @@ def _to_pcm16(utterance: SynthesizedUtterance) -> np.ndarray:
 
 def _wav_bytes(pcm: np.ndarray) -> bytes:
     buffer = io.BytesIO()
-    soundfile.write(buffer, pcm, TARGET_SAMPLE_RATE, subtype="PCM_16", format="WAV")
+    soundfile.write(buffer, pcm, SAMPLE_RATE, subtype="PCM_16", format="WAV")
     return buffer.getvalue()
 
 
@@ -210,7 +210,7 @@ def _request(plan: _Plan) -> SynthesisRequest:
 def _manifest_line(plan: _Plan, samples: int) -> str:
     return json.dumps({
         "audio_filepath": f"wav/{plan.utt_id}.wav",
-        "duration": samples / TARGET_SAMPLE_RATE,
+        "duration": samples / SAMPLE_RATE,
         "speaker": plan.speaker.name,
         "text": plan.text,
     })
@@ -237,7 +237,7 @@ def synthesize_demo_corpus(out_dir: Path, minutes: float, seed: int) -> DemoCorp
         raise ValueError(f"minutes must be positive, got {minutes}")
     out_dir = Path(out_dir)
     _prepare_out_dir(out_dir)
-    target_samples = minutes * 60 * TARGET_SAMPLE_RATE
+    target_samples = minutes * 60 * SAMPLE_RATE
     plans = _plans(np.random.default_rng(seed))
     manifest: list[str] = []
     speakers: set[str] = set()
@@ -257,7 +257,7 @@ def synthesize_demo_corpus(out_dir: Path, minutes: float, seed: int) -> DemoCorp
     return DemoCorpusSummary(
         utterances=len(manifest),
         speakers=len(speakers),
-        seconds=total_samples / TARGET_SAMPLE_RATE,
+        seconds=total_samples / SAMPLE_RATE,
         out_dir=out_dir,
     )
 

@@ -12,17 +12,15 @@ import uuid
 from collections import Counter
 from typing import Any
 
-from distributed import Client
-from prefect import task
-from prefect.cache_policies import NONE
 from pydantic import BaseModel
 
 from infra.digest import digest_bytes
 from infra.parts import gather_parts
 from infra.paths import fingerprint_source
-from infra.store import ArtifactStore, Stage, StageRecord, utc_now
+from infra.store import Stage, StageRecord
 from tasks.audio import AudioError, probe_audio, read_bytes
-from tasks.config import CorpusConfig, PretrainConfig
+from tasks.config import CorpusConfig
+from tasks.layout import INTAKE_REPORT, MANIFEST
 from tasks.manifest import (
     AUDIO_SUFFIXES,
     Candidate,
@@ -30,16 +28,12 @@ from tasks.manifest import (
     Utterance,
     check_unique_ids,
     list_candidates,
-    manifest_from_jsonl,
     manifest_to_jsonl,
 )
-from tasks.retry import retry_transient
+from tasks.stage import StageContext, StageResult, StageSpec
 
 log = logging.getLogger(__name__)
 
-INTAKE_VERSION = 1
-MANIFEST = "manifest.jsonl"
-REPORT = "intake_report.json"
 PROBE_BATCH = 32
 DURATION_TOLERANCE_SECONDS = 0.05
 
@@ -103,28 +97,21 @@ def probe_batch(
     return [probe_candidate(candidate, corpus, storage_options) for candidate in candidates]
 
 
-def intake_stage(config: PretrainConfig, store: ArtifactStore) -> Stage:
-    corpus = config.corpus
-    return Stage(
-        store, config.run, "corpus", "intake",
-        version=INTAKE_VERSION,
-        config=corpus.model_dump(include={"source", "min_seconds", "max_seconds"}),
-        inputs={"source": fingerprint_source(corpus.source, AUDIO_SUFFIXES, config.storage_options)},
-    )
+def intake_key_config(context: StageContext) -> dict[str, Any]:
+    return context.config.corpus.model_dump(include={"source", "min_seconds", "max_seconds"})
 
 
-def run_intake(config: PretrainConfig, store: ArtifactStore, client: Client) -> StageRecord:
-    """Probe the corpus and commit `corpus/manifest.jsonl` (skipped if already committed)."""
-    stage = intake_stage(config, store)
-    if (record := stage.committed()) is not None:
-        log.info("intake: committed earlier (%d utterances), skipping", record.counts.get("utterances", 0))
-        return record
-    started_at = utc_now()
+def intake_key_inputs(context: StageContext) -> dict[str, str]:
+    return {"source": fingerprint_source(context.config.corpus.source, AUDIO_SUFFIXES, context.config.storage_options)}
+
+
+def intake(context: StageContext, stage: Stage) -> StageResult:
+    """Probe every file of the corpus source on Dask and write the manifest and the intake report."""
+    config, store, client = context.config, context.store, context.client
     candidates = list_candidates(config.corpus.source, config.storage_options)
     if not candidates:
         raise ManifestError(f"no .wav or .flac files in corpus source {config.corpus.source}")
     check_unique_ids(candidates)
-    stage.prepare([MANIFEST, REPORT])
     log.info("intake: probing %d files on %d Dask worker(s)", len(candidates), len(client.scheduler_info()["workers"]))
 
     batches = [candidates[start : start + PROBE_BATCH] for start in range(0, len(candidates), PROBE_BATCH)]
@@ -141,35 +128,39 @@ def run_intake(config: PretrainConfig, store: ArtifactStore, client: Client) -> 
         log.warning("intake: skipping %s (%s): %s", rejection.path, rejection.reason, rejection.detail)
     reasons = Counter(rejection.reason for rejection in rejections)
     store.write_json(
-        stage.rel(REPORT),
+        stage.rel(INTAKE_REPORT),
         {"rejected": [rejection.model_dump() for rejection in rejections], "rejected_by_reason": dict(reasons)},
     )
     if not utterances:
         raise ManifestError(
             f"no usable audio in {config.corpus.source}: all {len(rejections)} files rejected "
-            f"(see {store.url(stage.rel(REPORT))})"
+            f"(see {store.url(stage.rel(INTAKE_REPORT))})"
         )
     manifest_text = manifest_to_jsonl(utterances)
     store.write_text(stage.rel(MANIFEST), manifest_text)
-    hours = sum(utterance.seconds for utterance in utterances) / 3600
-    record = stage.commit(
-        outputs=[MANIFEST, REPORT],
+    return StageResult(
         output_digest=digest_bytes(manifest_text.encode()),
-        started_at=started_at,
         counts={
             "utterances": len(utterances),
             "rejected": len(rejections),
-            "hours": round(hours, 4),
+            "hours": round(sum(utterance.seconds for utterance in utterances) / 3600, 4),
             "speakers": len({u.speaker for u in utterances if u.speaker is not None}),
         },
         metrics={"rejected_by_reason": dict(reasons)},
     )
-    log.info("intake: %d utterances (%.2f h), %d rejected", len(utterances), hours, len(rejections))
-    return record
 
 
-def load_manifest(store: ArtifactStore, run: str) -> list[Utterance]:
-    return manifest_from_jsonl(store.read_text(f"{run}/corpus/{MANIFEST}"))
+def intake_summary(record: StageRecord) -> str:
+    counts = record.counts
+    return f"{counts['utterances']} utterances, {counts['hours']:.2f} h, {counts['rejected']} rejected"
 
 
-intake_task = task(run_intake, name="intake", retries=2, retry_delay_seconds=10, retry_condition_fn=retry_transient, cache_policy=NONE)
+INTAKE = StageSpec(
+    name="intake",
+    version=1,
+    outputs=(MANIFEST, INTAKE_REPORT),
+    key_config=intake_key_config,
+    key_inputs=intake_key_inputs,
+    work=intake,
+    summary=intake_summary,
+)

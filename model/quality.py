@@ -10,11 +10,8 @@ of one label within an utterance). Frames outside every phone segment are left o
 
 from __future__ import annotations
 
-import posixpath
 from dataclasses import dataclass, field
-from typing import Any
 
-import fsspec
 import numpy as np
 
 
@@ -29,13 +26,8 @@ class PhoneSegments:
     phones: list[str]
 
 
-def read_alignment(path: str, storage_options: dict[str, Any] | None = None) -> PhoneSegments | None:
-    """`start_sec end_sec phone` rows after a header; None if the file does not exist."""
-    try:
-        with fsspec.open(path, "rt", **(storage_options or {})) as handle:
-            lines = handle.read().splitlines()
-    except FileNotFoundError:
-        return None
+def parse_alignment(lines: list[str], origin: str) -> PhoneSegments:
+    """`start_sec end_sec phone` rows after a header line; `origin` names the file in errors."""
     starts, ends, phones = [], [], []
     for number, line in enumerate(lines[1:], start=2):
         if not line.strip():
@@ -45,7 +37,7 @@ def read_alignment(path: str, storage_options: dict[str, Any] | None = None) -> 
             start, end = float(fields[0]), float(fields[1])
             phone = fields[2]
         except (IndexError, ValueError) as error:
-            raise AlignmentError(f"{path} line {number}: expected 'start_sec end_sec phone', got {line!r}") from error
+            raise AlignmentError(f"{origin} line {number}: expected 'start_sec end_sec phone', got {line!r}") from error
         starts.append(start)
         ends.append(end)
         phones.append(phone)
@@ -131,7 +123,3 @@ def phone_measures(tally: LabelTally) -> dict[str, float | int] | None:
         "phones": len(tally.joint),
         "aligned_utterances": tally.aligned_utterances,
     }
-
-
-def alignment_path(folder: str, utterance_id: str) -> str:
-    return posixpath.join(folder.rstrip("/"), f"{utterance_id}.tsv")

@@ -6,7 +6,7 @@ labels, so writers own whole chunks and the stage resumes per chunk like the fea
 attributes record the label rate and frame geometry, taken from the features store.
 
 Before committing, the stage checks that labels, features and the manifest agree on every
-utterance's frame count and names any that do not. Then it measures the labels (tasks/quality.py)
+utterance's frame count and names any that do not. Then it measures the labels (model/quality.py)
 against phone alignments when the corpus has them.
 """
 
@@ -14,36 +14,30 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import zarr
-from distributed import Client
-from prefect import task
-from prefect.cache_policies import NONE
 
 from infra.digest import digest_bytes, digest_digests, digest_json
 from infra.parts import gather_parts, run_parts
 from infra.paths import fingerprint_source
-from infra.store import ArtifactStore, EmptyArray, Stage, StageRecord, create_zarr_group, utc_now
-from model.data import FrameGeometry
-from tasks.audio import TARGET_SAMPLE_RATE
-from tasks.config import PretrainConfig
-from tasks.features import FEATURES_STORE, UtteranceSpan, utterance_spans
-from tasks.kmeans import load_centroids, nearest_centroids
+from infra.store import EmptyArray, Stage, StageRecord, create_zarr_group
+from model.frames import FrameGeometry
+from model.kmeans import nearest_centroids
+from model.quality import LabelTally, frame_segments, label_measures, phone_measures
+from tasks.alignments import ALIGNMENT_SUFFIXES, alignment_path, read_alignment
+from tasks.artifacts import load_centroids, load_manifest, stored_geometry
+from tasks.chunks import UtteranceSpan, chunk_grid, inside_an_utterance, utterance_spans
+from tasks.layout import FEATURES_STORE, LABELS_STORE
 from tasks.manifest import Utterance
-from tasks.quality import LabelTally, alignment_path, frame_segments, label_measures, phone_measures, read_alignment
-from tasks.retry import retry_transient
+from tasks.stage import StageContext, StageResult, StageSpec
 
 log = logging.getLogger(__name__)
 
-LABELS_VERSION = 1
-LABELS_STORE = "labels.zarr"
 MAX_CHUNKS_PER_TASK = 8
 TASKS_PER_WORKER = 4
-ALIGNMENT_SUFFIXES = (".tsv",)
 
 
 class FrameCountMismatch(ValueError):
@@ -75,11 +69,10 @@ class LabelJob:
 
 @dataclass(frozen=True)
 class Measuring:
-    """What a label task needs to tally its chunk for the quality measures (tasks/quality.py)."""
+    """What a label task needs to tally its chunk for the quality measures (model/quality.py)."""
 
     k: int
-    window: int
-    hop: int
+    geometry: FrameGeometry
     alignments: str | None
     storage_options: dict[str, Any]
 
@@ -140,7 +133,7 @@ def _create_store(
 
 def check_frame_counts(utterances: list[Utterance], features: zarr.Group, labels: zarr.Group) -> None:
     """Raise FrameCountMismatch naming every utterance whose frame counts disagree."""
-    geometry = FrameGeometry(hop=int(features.attrs["hop_samples"]), window=int(features.attrs["window_samples"]))
+    geometry = stored_geometry(features)
     feature_counts = np.diff(features["offsets"][:])
     label_counts = np.diff(labels["offsets"][:])
     ids = list(features["utt_ids"][:])
@@ -169,7 +162,7 @@ def tally_labels(job: LabelJob, labels: np.ndarray, measuring: Measuring) -> Lab
     tally = LabelTally(measuring.k)
     tally.label_counts += np.bincount(labels, minlength=measuring.k)
     for span in job.utterances:
-        low, high = max(job.start, span.offset), min(job.stop, span.offset + span.frames)
+        low, high = span.overlap(job.start, job.stop)
         piece = labels[low - job.start : high - job.start]
         tally.runs += 1 + int(np.count_nonzero(np.diff(piece)))
         if measuring.alignments is None:
@@ -178,7 +171,7 @@ def tally_labels(job: LabelJob, labels: np.ndarray, measuring: Measuring) -> Lab
         if segments is None:
             continue
         tally.aligned_utterances += int(low == span.offset)
-        times = ((np.arange(low, high) - span.offset) * measuring.hop + measuring.window / 2) / TARGET_SAMPLE_RATE
+        times = measuring.geometry.centre_seconds(np.arange(low, high) - span.offset)
         tally.add_aligned(segments, frame_segments(segments, times), piece)
     return tally
 
@@ -192,12 +185,10 @@ def runs_continuing_across_chunks(jobs: list[LabelJob], edges: dict[str, dict[st
     """Runs counted twice: one label going on over a job's edge that falls inside an utterance.
 
     `edges` holds each part's info (its marker's), with its first and last label."""
-    continuing = 0
-    for previous, job in zip(jobs, jobs[1:]):
-        utterance = int(np.searchsorted(offsets, job.start, side="right")) - 1
-        inside = offsets[utterance] < job.start < offsets[utterance + 1]
-        continuing += int(inside and edges[previous.part]["last_label"] == edges[job.part]["first_label"])
-    return continuing
+    return sum(
+        int(inside_an_utterance(offsets, job.start) and edges[previous.part]["last_label"] == edges[job.part]["first_label"])
+        for previous, job in zip(jobs, jobs[1:])
+    )
 
 
 def chunks_per_task(chunks: int, workers: int) -> int:
@@ -206,63 +197,50 @@ def chunks_per_task(chunks: int, workers: int) -> int:
 
 
 def plan_label_jobs(utterances: list[Utterance], offsets: np.ndarray, chunk_frames: int, per_task: int) -> list[LabelJob]:
-    """Consecutive runs of `per_task` chunks; every chunk belongs to exactly one job."""
-    total = int(offsets[-1])
-    starts = list(range(0, total, chunk_frames))
+    """Consecutive runs of `per_task` chunks of the grid; every chunk belongs to exactly one job."""
+    grid = chunk_grid(int(offsets[-1]), chunk_frames)
     jobs = []
-    for first in range(0, len(starts), per_task):
-        chunk_starts = tuple(starts[first : first + per_task])
-        stop = min(chunk_starts[-1] + chunk_frames, total)
-        jobs.append(LabelJob(chunk_starts, first, stop, utterance_spans(utterances, offsets, chunk_starts[0], stop)))
+    for first in range(0, len(grid), per_task):
+        chunks = grid[first : first + per_task]
+        start, stop = chunks[0].start, chunks[-1].stop
+        jobs.append(LabelJob(tuple(chunk.start for chunk in chunks), first, stop, utterance_spans(utterances, offsets, start, stop)))
     return jobs
 
 
-def labels_stage(
-    config: PretrainConfig, iteration: int, store: ArtifactStore, features: StageRecord, kmeans: StageRecord
-) -> Stage:
-    inputs = {"features": features.output_digest, "centroids": kmeans.output_digest}
-    alignments = config.corpus.alignments
+def labels_key_config(context: StageContext) -> dict[str, Any]:
+    return {"alignments": context.config.corpus.alignments}
+
+
+def labels_key_inputs(context: StageContext) -> dict[str, str]:
+    inputs = {
+        "features": context.upstream("labels", "features").output_digest,
+        "centroids": context.upstream("labels", "centroids").output_digest,
+    }
+    alignments = context.config.corpus.alignments
     if alignments is not None:
-        inputs["alignments"] = fingerprint_source(alignments, ALIGNMENT_SUFFIXES, config.storage_options)
-    return Stage(
-        store, config.run, f"iter-{iteration}", "labels",
-        version=LABELS_VERSION,
-        config={"alignments": alignments},
-        inputs=inputs,
-    )
+        inputs["alignments"] = fingerprint_source(alignments, ALIGNMENT_SUFFIXES, context.config.storage_options)
+    return inputs
 
 
-def run_labels(
-    config: PretrainConfig,
-    iteration: int,
-    store: ArtifactStore,
-    client: Client,
-    features: StageRecord,
-    kmeans: StageRecord,
-    utterances: list[Utterance],
-) -> StageRecord:
-    """Label every frame into `iter-N/labels.zarr` and measure the labels (skipped if committed)."""
-    stage = labels_stage(config, iteration, store, features, kmeans)
-    if (record := stage.committed()) is not None:
-        log.info("labels@%d: committed earlier (%d frames), skipping", iteration, record.counts["frames"])
-        return record
-    started_at = utc_now()
-    stage.prepare([LABELS_STORE])
-    k = int(kmeans.counts["k"])
+def labels(context: StageContext, stage: Stage) -> StageResult:
+    """Label every frame into `labels.zarr`, check frame counts, and measure the labels."""
+    label = f"labels@{context.iteration}"
+    store, client, iteration = context.store, context.client, context.iteration
+    features_record = context.upstream("labels", "features")
+    kmeans_record = context.upstream("labels", "centroids")
+    utterances = load_manifest(store, context.layout)
+    k = int(kmeans_record.counts["k"])
     features_group = store.open_zarr(stage.rel(FEATURES_STORE), mode="r")
     features_array, offsets, ids = features_group["features"], features_group["offsets"][:], features_group["utt_ids"][:]
     total, chunk_frames = features_array.shape[0], features_array.chunks[0]
     chunks = -(-total // chunk_frames)
     done = stage.done_parts()
     if not done:
-        _create_store(stage, features_group.attrs.asdict(), features_array, offsets, ids, k, kmeans.output_digest)
+        _create_store(stage, features_group.attrs.asdict(), features_array, offsets, ids, k, kmeans_record.output_digest)
     labels_group = store.open_zarr(stage.rel(LABELS_STORE), mode="r+")
     workers = len(client.scheduler_info(n_workers=-1)["workers"])
     jobs = plan_label_jobs(utterances, offsets, chunk_frames, chunks_per_task(chunks, workers))
-    measuring = Measuring(
-        k, int(features_group.attrs["window_samples"]), int(features_group.attrs["hop_samples"]),
-        config.corpus.alignments, store.storage_options,
-    )
+    measuring = Measuring(k, stored_geometry(features_group), context.config.corpus.alignments, store.storage_options)
     tally = LabelTally(k)
 
     def fold(result: dict[str, Any]) -> dict[str, Any]:
@@ -271,29 +249,26 @@ def run_labels(
         return result
 
     # Loaded by a task, not scattered: if the worker holding it dies, Dask loads it again.
-    shared = client.submit(load_centroids, store, config.run, iteration, pure=False)
+    shared = client.submit(load_centroids, store, context.layout, iteration, pure=False)
     arrays = {"features": features_array, "labels": labels_group["labels"]}
     parts = run_parts(
-        client, stage, jobs, write_label_chunk, f"labels@{iteration}", done, on_result=fold,
-        centroids=shared, measuring=measuring, **arrays,
+        client, stage, jobs, write_label_chunk, label, done, on_result=fold, centroids=shared, measuring=measuring, **arrays
     )
     resumed = [job for job in jobs if job.part in done]
     if resumed:
         futures = client.map(tally_written_part, resumed, labels=arrays["labels"], measuring=measuring, pure=False)
-        gather_parts(futures, f"labels@{iteration} (tallying resumed parts)", tally.merge)
+        gather_parts(futures, f"{label} (tallying resumed parts)", tally.merge)
     tally.runs -= runs_continuing_across_chunks(jobs, parts, offsets)
 
     check_frame_counts(utterances, features_group, labels_group)
     measures = {"labels": label_measures(tally), "quality": phone_measures(tally)}
-    record = stage.commit(
-        outputs=[LABELS_STORE],
+    return StageResult(
         output_digest=digest_json(
             {
                 "labels": digest_digests(digest for job in jobs for digest in parts[job.part]["digests"]),
-                "offsets": features.output_digest,
+                "offsets": features_record.output_digest,
             }
         ),
-        started_at=started_at,
         counts={
             "frames": int(total), "utterances": len(utterances), "k": k, "chunks": chunks,
             "chunks_resumed": sum(len(job.chunk_starts) for job in jobs if job.part in done),
@@ -304,33 +279,20 @@ def run_labels(
             "quality": measures["quality"],
         },
     )
-    quality = measures["quality"]
-    log.info(
-        "labels@%d: %d frames, %d clusters used%s",
-        iteration, total, measures["labels"]["used_clusters"],
-        f", PNMI {quality['pnmi']:.3f}, phone purity {quality['phone_purity']:.3f}" if quality else "",
-    )
-    return record
 
 
-def export_fairseq_labels(store: ArtifactStore, run: str, iteration: int, out_dir: Path, split: str) -> Path:
-    """Write fairseq's `<split>.km` (one line of labels per utterance, manifest order) and `dict.km.txt`."""
-    group = store.open_zarr(f"{run}/iter-{iteration}/{LABELS_STORE}", mode="r")
-    offsets, array = group["offsets"][:], group["labels"]
-    out_dir.mkdir(parents=True, exist_ok=True)
-    target = out_dir / f"{split}.km"
-    temporary = target.with_suffix(".km.partial")
-    chunk_frames = array.chunks[0]
-    with temporary.open("w") as handle:
-        loaded_start, loaded = 0, np.zeros(0, dtype=np.int16)
-        for start, stop in zip(offsets[:-1], offsets[1:]):
-            if stop > loaded_start + loaded.shape[0]:
-                loaded_start = (start // chunk_frames) * chunk_frames
-                loaded = array[loaded_start : max(stop, min(loaded_start + 4 * chunk_frames, array.shape[0]))]
-            handle.write(" ".join(map(str, loaded[start - loaded_start : stop - loaded_start].tolist())) + "\n")
-    temporary.replace(target)
-    (out_dir / "dict.km.txt").write_text("".join(f"{label} 1\n" for label in range(int(group.attrs["k"]))))
-    return target
+def labels_summary(record: StageRecord) -> str:
+    quality = record.metrics.get("quality")
+    phones = f", PNMI {quality['pnmi']:.3f}, phone purity {quality['phone_purity']:.3f}" if quality else ""
+    return f"{record.counts['frames']} frames, {record.metrics['used_clusters']} clusters used{phones}"
 
 
-labels_task = task(run_labels, name="labels", retries=2, retry_delay_seconds=10, retry_condition_fn=retry_transient, cache_policy=NONE)
+LABELS = StageSpec(
+    name="labels",
+    version=1,
+    outputs=(LABELS_STORE,),
+    key_config=labels_key_config,
+    key_inputs=labels_key_inputs,
+    work=labels,
+    summary=labels_summary,
+)

@@ -1,0 +1,44 @@
+"""Reading what stages committed: the manifest, centroids, and what a trained model is.
+
+Shared by the stages that consume these artifacts, so that no stage imports another to read
+its neighbour's output.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import zarr
+
+from infra.store import ArtifactStore, StageRecord
+from model.frames import FrameGeometry
+from model.hubert import HUBERT_CONFIGS, HubertConfig
+from tasks.layout import RunLayout
+from tasks.manifest import Utterance, manifest_from_jsonl
+
+
+def load_manifest(store: ArtifactStore, layout: RunLayout) -> list[Utterance]:
+    """The utterances intake accepted, in manifest order."""
+    return manifest_from_jsonl(store.read_text(layout.manifest))
+
+
+def load_centroids(store: ArtifactStore, layout: RunLayout, iteration: int) -> np.ndarray:
+    """The (k, dim) float32 centroids of an iteration's k-means."""
+    return np.load(io.BytesIO(store.read_bytes(layout.centroids(iteration))))
+
+
+def trained_architecture(train: StageRecord) -> HubertConfig:
+    """The architecture a train record's model has, without loading its weights.
+
+    The record carries it (`metrics.architecture`); records from before it did name their preset.
+    """
+    recorded = train.metrics.get("architecture")
+    if recorded is not None:
+        return HubertConfig.model_validate(recorded)
+    return HUBERT_CONFIGS[train.config["model"]]
+
+
+def stored_geometry(group: zarr.Group) -> FrameGeometry:
+    """The frame geometry a features or labels store records in its attributes."""
+    return FrameGeometry(hop=int(group.attrs["hop_samples"]), window=int(group.attrs["window_samples"]))

@@ -1,0 +1,81 @@
+"""Where frames sit: utterances concatenated in manifest order, cut into a grid of fixed-size chunks.
+
+Every chunked stage (features, k-means, labels) works on the same grid: chunk i holds frames
+[i * chunk_frames, (i + 1) * chunk_frames) of the concatenation, which is also the Zarr chunk
+that one Dask task writes and resumes. Frame counts follow from sample counts, so the grid is
+known before any audio is read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from tasks.manifest import Utterance
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Frames [start, stop) of the concatenation: chunk `index` of the grid."""
+
+    index: int
+    start: int
+    stop: int
+
+
+def chunk_grid(total_frames: int, chunk_frames: int) -> list[Chunk]:
+    """The grid: consecutive chunks of `chunk_frames` frames, the last one shorter."""
+    return [
+        Chunk(index, start, min(start + chunk_frames, total_frames))
+        for index, start in enumerate(range(0, total_frames, chunk_frames))
+    ]
+
+
+@dataclass(frozen=True)
+class UtteranceSpan:
+    """Where one utterance's frames sit in the concatenated frames."""
+
+    id: str
+    path: str
+    samples_16k: int
+    offset: int
+    frames: int
+
+    def overlap(self, start: int, stop: int) -> tuple[int, int]:
+        """The part of this utterance's frames inside [start, stop), as concatenation indices."""
+        return max(start, self.offset), min(stop, self.offset + self.frames)
+
+
+def frame_offsets(utterances: list[Utterance], num_frames: Callable[[int], int]) -> np.ndarray:
+    """[utterances + 1] int64: where each utterance's frames start, given frames per 16 kHz samples."""
+    frames = [num_frames(utterance.samples_16k) for utterance in utterances]
+    return np.concatenate([[0], np.cumsum(frames, dtype=np.int64)]).astype(np.int64)
+
+
+def overlapping_utterances(offsets: np.ndarray, start: int, stop: int) -> list[int]:
+    """Indices of the utterances with frames in [start, stop), given concatenation offsets."""
+    first = int(np.searchsorted(offsets, start, side="right")) - 1
+    last = int(np.searchsorted(offsets, stop, side="left"))
+    return [i for i in range(max(first, 0), last) if offsets[i + 1] > start and offsets[i] < stop]
+
+
+def utterance_spans(utterances: list[Utterance], offsets: np.ndarray, start: int, stop: int) -> tuple[UtteranceSpan, ...]:
+    """The utterances whose frames overlap [start, stop), with where their frames sit."""
+    return tuple(
+        UtteranceSpan(
+            id=utterances[i].id,
+            path=utterances[i].path,
+            samples_16k=utterances[i].samples_16k,
+            offset=int(offsets[i]),
+            frames=int(offsets[i + 1] - offsets[i]),
+        )
+        for i in overlapping_utterances(offsets, start, stop)
+    )
+
+
+def inside_an_utterance(offsets: np.ndarray, frame: int) -> bool:
+    """Whether a chunk edge at `frame` falls inside an utterance rather than between two."""
+    utterance = int(np.searchsorted(offsets, frame, side="right")) - 1
+    return bool(offsets[utterance] < frame < offsets[utterance + 1])

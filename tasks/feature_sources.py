@@ -1,0 +1,129 @@
+"""What the feature stage computes per utterance: MFCC, or a transformer layer of a trained model.
+
+A source pickles (it is sent to Dask workers) and describes everything that determines its
+values, so the description goes into the stage key and the features store's attributes.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+from infra.store import ArtifactStore, StageRecord
+from model.frames import FrameGeometry
+from model.hubert import HubertConfig, build_pretrain_model, frame_geometry
+from model.layer_features import extract_layer_features_batch
+from model.mfcc import MFCC_DIM, MFCC_GEOMETRY, mfcc_with_deltas
+from tasks.artifacts import trained_architecture
+from tasks.layout import RunLayout
+
+
+class FeatureSource(Protocol):
+    """What the feature stage needs to know about a kind of features. Must pickle (sent to workers)."""
+
+    kind: str
+    dim: int
+    geometry: FrameGeometry
+
+    def describe(self) -> dict[str, Any]:
+        """Everything that determines the values (goes into the stage key and the store's attributes).
+
+        Includes `frame_rate`, `window_samples` and `hop_samples` (at 16 kHz): later stages derive
+        frame times from these, never from constants of their own.
+        """
+        ...
+
+    def compute(self, waveforms_16k: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Each (samples,) float32 at 16 kHz -> (geometry.num_frames(samples), dim) float32.
+
+        Given a chunk's utterances at once, so a source can batch them.
+        """
+        ...
+
+
+def _geometry_description(geometry: FrameGeometry) -> dict[str, Any]:
+    return {"frame_rate": geometry.frame_rate, "window_samples": geometry.window, "hop_samples": geometry.hop}
+
+
+@dataclass(frozen=True)
+class MfccSource:
+    kind: str = "mfcc"
+    dim: int = MFCC_DIM
+    geometry: FrameGeometry = MFCC_GEOMETRY
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": self.kind, "dim": self.dim, **_geometry_description(self.geometry), "recipe": "kaldi-mfcc13+d+dd"}
+
+    def compute(self, waveforms_16k: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [mfcc_with_deltas(waveform) for waveform in waveforms_16k]
+
+
+@dataclass(frozen=True)
+class HubertLayerSource:
+    """Transformer layer `layer` of an earlier iteration's model, unmasked (50 frames/s for BASE).
+
+    Workers load the model once per process (cached by its digest) and read it from the store, so
+    they need no shared disk with the driver; the driver never loads it.
+    """
+
+    store: ArtifactStore
+    model_relpath: str
+    model_digest: str
+    layer: int
+    architecture: HubertConfig
+    kind: str = "hubert"
+
+    @property
+    def dim(self) -> int:
+        return self.architecture.encoder_embed_dim
+
+    @property
+    def geometry(self) -> FrameGeometry:
+        return frame_geometry(self.architecture)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "layer": self.layer,
+            "dim": self.dim,
+            **_geometry_description(self.geometry),
+            "model_digest": self.model_digest,
+        }
+
+    def compute(self, waveforms_16k: list[torch.Tensor]) -> list[torch.Tensor]:
+        if self.model_digest not in _ENCODERS:
+            _ENCODERS.clear()
+            _ENCODERS[self.model_digest] = load_encoder(self.store, self.model_relpath)
+        encoder, architecture = _ENCODERS[self.model_digest]
+        with torch.inference_mode():
+            return extract_layer_features_batch(encoder, waveforms_16k, self.layer, architecture)
+
+
+# The encoder a worker process has loaded, by model digest (one at a time).
+_ENCODERS: dict[str, tuple[torch.nn.Module, HubertConfig]] = {}
+
+
+def load_encoder(store: ArtifactStore, relpath: str) -> tuple[torch.nn.Module, HubertConfig]:
+    """The encoder (`.wav2vec2`, in eval mode) of a saved final model, and its architecture."""
+    saved = torch.load(io.BytesIO(store.read_bytes(relpath)), map_location="cpu", weights_only=False)
+    architecture = HubertConfig.model_validate(saved["config"])
+    model = build_pretrain_model(architecture, num_classes=saved["num_classes"])
+    model.load_state_dict(saved["model"])
+    return model.wav2vec2.eval(), architecture
+
+
+def layer_source(store: ArtifactStore, layout: RunLayout, iteration: int, trained: StageRecord, layer: int) -> HubertLayerSource:
+    """Layer `layer` of the model iteration `iteration` trained, described from its train record alone."""
+    architecture = trained_architecture(trained)
+    if layer > architecture.encoder_num_layers:
+        raise ValueError(
+            f"features.layer {layer} does not exist: iteration {iteration}'s model has "
+            f"{architecture.encoder_num_layers} layers"
+        )
+    return HubertLayerSource(
+        store=store, model_relpath=layout.final_model(iteration), model_digest=trained.output_digest,
+        layer=layer, architecture=architecture,
+    )

@@ -1,0 +1,159 @@
+"""The run's layout: every path under `<store>/<run>/`, the stage order, and what each stage reads.
+
+    <run>/run.json                                config as given, code version, when, who
+    <run>/corpus/manifest.jsonl, intake_report.json     + intake.commit.json
+    <run>/iter-N/features.zarr                    + features.commit.json
+    <run>/iter-N/kmeans/centroids.npy, report.json     + kmeans.commit.json
+    <run>/iter-N/labels.zarr                      + labels.commit.json
+    <run>/iter-N/model/checkpoints/, final.pt, architecture.json, train_log.json   + train.commit.json
+    <run>/iter-N/report.json, report.md, plots/
+
+Stages, `inspect`, `diff`, the report and the exports ask this module for paths; nothing else
+spells one. Paths are relative to the store root (see infra/store.py); a stage's outputs are
+named relative to its folder, as its record lists them.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from dataclasses import dataclass
+from typing import Literal
+
+StageName = Literal["intake", "features", "kmeans", "labels", "train"]
+STAGE_ORDER: tuple[StageName, ...] = ("intake", "features", "kmeans", "labels", "train")
+ITERATION_STAGES: tuple[StageName, ...] = STAGE_ORDER[1:]
+
+CORPUS_SCOPE = "corpus"
+ITERATION_PREFIX = "iter-"
+
+# Outputs, relative to their stage's folder.
+MANIFEST = "manifest.jsonl"
+INTAKE_REPORT = "intake_report.json"
+FEATURES_STORE = "features.zarr"
+KMEANS_DIR = "kmeans"
+CENTROIDS = "kmeans/centroids.npy"
+FIT_REPORT = "kmeans/report.json"
+LABELS_STORE = "labels.zarr"
+MODEL_DIR = "model"
+CHECKPOINTS = "model/checkpoints"
+FINAL_MODEL = "model/final.pt"
+MODEL_ARCHITECTURE = "model/architecture.json"
+TRAIN_LOG = "model/train_log.json"
+REPORT_JSON = "report.json"
+REPORT_MD = "report.md"
+PLOTS = "plots"
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """The stage whose output digest an input names: in the corpus scope, or `back` iterations earlier."""
+
+    stage: StageName
+    back: int | None  # None: the corpus scope; 0: the same iteration; 1: the one before
+
+
+STAGE_INPUTS: dict[StageName, dict[str, Upstream]] = {
+    "intake": {},
+    "features": {"manifest": Upstream("intake", None), "model": Upstream("train", 1)},
+    "kmeans": {"features": Upstream("features", 0)},
+    "labels": {"features": Upstream("features", 0), "centroids": Upstream("kmeans", 0)},
+    "train": {"labels": Upstream("labels", 0)},
+}
+"""Each stage's inputs, by the names its record's `inputs` use. A stage may also take inputs from
+outside the run (the corpus source, alignments), which are not listed here."""
+
+
+def scope_name(iteration: int | None) -> str:
+    """'corpus' (None) or 'iter-N'."""
+    return CORPUS_SCOPE if iteration is None else f"{ITERATION_PREFIX}{iteration}"
+
+
+def scope_iteration(scope: str) -> int | None:
+    """The iteration of a scope name ('iter-2' -> 2), None for the corpus scope."""
+    return None if scope == CORPUS_SCOPE else int(scope.removeprefix(ITERATION_PREFIX))
+
+
+def stage_iteration(stage: StageName, iteration: int | None) -> int | None:
+    """The iteration a stage runs in: intake runs once per run, in the corpus scope."""
+    return None if stage == "intake" else iteration
+
+
+def upstream_iteration(upstream: Upstream, iteration: int | None) -> int | None:
+    """The iteration of an input's producer, for a consumer in `iteration` (None: no such iteration)."""
+    if upstream.back is None:
+        return None
+    return iteration - upstream.back if iteration is not None else None
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """Where everything of one run lives, relative to the store root."""
+
+    run: str
+
+    def scope(self, iteration: int | None = None) -> str:
+        """The folder of the corpus scope (None) or of an iteration."""
+        return posixpath.join(self.run, scope_name(iteration))
+
+    def stage_folder(self, stage: StageName, iteration: int | None) -> str:
+        return self.scope(stage_iteration(stage, iteration))
+
+    def path(self, iteration: int | None, relative: str) -> str:
+        """A path inside the corpus scope (None) or an iteration's folder."""
+        return posixpath.join(self.scope(iteration), relative)
+
+    @property
+    def run_info(self) -> str:
+        return posixpath.join(self.run, "run.json")
+
+    @property
+    def manifest(self) -> str:
+        return self.path(None, MANIFEST)
+
+    @property
+    def intake_report(self) -> str:
+        return self.path(None, INTAKE_REPORT)
+
+    def features_store(self, iteration: int) -> str:
+        return self.path(iteration, FEATURES_STORE)
+
+    def centroids(self, iteration: int) -> str:
+        return self.path(iteration, CENTROIDS)
+
+    def fit_report(self, iteration: int) -> str:
+        return self.path(iteration, FIT_REPORT)
+
+    def labels_store(self, iteration: int) -> str:
+        return self.path(iteration, LABELS_STORE)
+
+    def checkpoints(self, iteration: int) -> str:
+        return self.path(iteration, CHECKPOINTS)
+
+    def final_model(self, iteration: int) -> str:
+        return self.path(iteration, FINAL_MODEL)
+
+    def model_architecture(self, iteration: int) -> str:
+        return self.path(iteration, MODEL_ARCHITECTURE)
+
+    def train_log(self, iteration: int) -> str:
+        return self.path(iteration, TRAIN_LOG)
+
+    def report_json(self, iteration: int) -> str:
+        return self.path(iteration, REPORT_JSON)
+
+    def report_md(self, iteration: int) -> str:
+        return self.path(iteration, REPORT_MD)
+
+    def plot(self, iteration: int, name: str) -> str:
+        """`plots/<name>.png` in an iteration's folder, relative to the store root."""
+        return self.path(iteration, self.plot_in_report(name))
+
+    @staticmethod
+    def plot_in_report(name: str) -> str:
+        """The same plot relative to the iteration's folder, as report.md links it."""
+        return posixpath.join(PLOTS, f"{name}.png")
+
+    def iterations_in(self, names: list[str]) -> list[int]:
+        """The iterations among the names of the run folder's entries, in order."""
+        found = [name for name in names if name.startswith(ITERATION_PREFIX) and name[len(ITERATION_PREFIX):].isdigit()]
+        return sorted(int(name[len(ITERATION_PREFIX):]) for name in found)

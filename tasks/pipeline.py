@@ -1,0 +1,35 @@
+"""The stages in the order a run goes through them (the layout's STAGE_ORDER), and running them without Prefect."""
+
+from __future__ import annotations
+
+from distributed import Client
+
+from infra.store import ArtifactStore, StageRecord
+from tasks.config import PretrainConfig
+from tasks.layout import STAGE_ORDER, StageName, stage_iteration
+from tasks.stage import StageContext, StageSpec, run_stage
+from tasks.stages.features import FEATURES
+from tasks.stages.intake import INTAKE
+from tasks.stages.kmeans import KMEANS
+from tasks.stages.labels import LABELS
+from tasks.stages.train import TRAIN
+
+STAGES: dict[StageName, StageSpec] = {spec.name: spec for spec in (INTAKE, FEATURES, KMEANS, LABELS, TRAIN)}
+assert tuple(STAGES) == STAGE_ORDER, "every stage of the layout has exactly one declaration"
+
+
+def run_through(
+    config: PretrainConfig, store: ArtifactStore, client: Client, last: StageName, iteration: int = 1
+) -> dict[tuple[StageName, int | None], StageRecord]:
+    """Every stage up to `last` of `iteration` (earlier iterations whole), in this process without
+    Prefect (benchmarks, tests, notebooks); returns the records by (stage, iteration)."""
+    records: dict[tuple[StageName, int | None], StageRecord] = {}
+    for number in range(1, iteration + 1):
+        for stage in STAGE_ORDER:
+            if stage == "intake" and number > 1:
+                continue
+            at = stage_iteration(stage, number)
+            records[(stage, at)] = run_stage(STAGES[stage], StageContext(config, store, client, at))
+            if number == iteration and stage == last:
+                return records
+    return records

@@ -1,0 +1,90 @@
+"""Stage: train HuBERT on an iteration's labels, resumable from checkpoints in the artifact store.
+
+Its folder (tasks/layout.py) holds checkpoints every `checkpoint_every` steps (the newest two
+kept), the final weights with their architecture for the next iteration's features, the
+architecture alone, and the training log (one entry per `log_every` steps).
+
+The checkpoints are the stage's progress: a run cut off anywhere resumes from the newest one with
+the same losses as an uninterrupted run. With `train.nproc > 1` or `train.nnodes > 1` the stage
+runs `torchrun` (one process per GPU; gloo on CPU; tasks/torchrun.py) over `tasks.train_worker`,
+which calls the same `train_rank` (tasks/training.py).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from infra.digest import digest_bytes
+from infra.store import Stage, StageRecord
+from model.hubert import HUBERT_CONFIGS
+from tasks.layout import FINAL_MODEL, LABELS_STORE, MODEL_DIR, TRAIN_LOG
+from tasks.stage import StageContext, StageResult, StageSpec
+from tasks.torchrun import run_multinode, run_standalone
+from tasks.training import train_rank
+
+log = logging.getLogger(__name__)
+
+
+def train_key_config(context: StageContext) -> dict[str, Any]:
+    """The key leaves out what cannot change the weights (logging, the rendezvous port), and
+    `nnodes` while it is 1, so records made before it existed stay valid."""
+    settings = context.settings.train
+    return settings.model_dump(exclude={"log_every", "rdzv_port", *(["nnodes"] if settings.nnodes == 1 else [])})
+
+
+def train_key_inputs(context: StageContext) -> dict[str, str]:
+    return {"labels": context.upstream("train", "labels").output_digest}
+
+
+def train_model(context: StageContext, stage: Stage) -> StageResult:
+    """Train (or resume) the iteration's model and write its final weights.
+
+    One process here; `nproc > 1`: torchrun on this machine; `nnodes > 1`: torchrun on that many
+    of the cluster's training workers (tasks/torchrun.py).
+    """
+    config, store, iteration = context.config, context.store, context.iteration
+    settings = context.settings.train
+    if settings.nnodes > 1:
+        if context.client is None:
+            raise ValueError(f"train@{iteration}: nnodes {settings.nnodes} needs the run's Dask client")
+        run_multinode(config, context.client, iteration, stage.key)
+        history = store.read_json(stage.rel(TRAIN_LOG))
+    elif settings.nproc > 1:
+        run_standalone(config, iteration)
+        history = store.read_json(stage.rel(TRAIN_LOG))
+    else:
+        history = train_rank(config, iteration)
+    last = history[-1]
+    k = store.open_zarr(stage.rel(LABELS_STORE), mode="r").attrs["k"]
+    architecture = HUBERT_CONFIGS[settings.model]
+    return StageResult(
+        output_digest=digest_bytes(store.read_bytes(stage.rel(FINAL_MODEL))),
+        counts={"steps": settings.steps, "processes": settings.nproc * settings.nnodes, "machines": settings.nnodes},
+        metrics={
+            "final_loss": last["loss"],
+            "first_loss": history[0]["loss"],
+            "masked_accuracy": last["masked_accuracy"],
+            "unmasked_accuracy": last["unmasked_accuracy"],
+            "chance_accuracy": 1 / k,
+            "audio_seconds_per_second": last["audio_seconds_per_second"],
+            "loss_curve": [[entry["step"], round(entry["loss"], 5)] for entry in history],
+            "architecture": architecture.model_dump(mode="json"),
+        },
+    )
+
+
+def train_summary(record: StageRecord) -> str:
+    return f"{record.counts['steps']} steps, loss {record.metrics['first_loss']:.3f} -> {record.metrics['final_loss']:.3f}"
+
+
+TRAIN = StageSpec(
+    name="train",
+    version=1,
+    outputs=(MODEL_DIR,),
+    key_config=train_key_config,
+    key_inputs=train_key_inputs,
+    work=train_model,
+    summary=train_summary,
+    retries=1,
+)
