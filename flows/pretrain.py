@@ -24,7 +24,7 @@ from tasks.config import PretrainConfig, load_config
 from tasks.layout import ITERATION_STAGES, STAGE_ORDER, RunLayout, StageName, scope_name, stage_iteration
 from tasks.pipeline import STAGES
 from tasks.report import build_report, read_records, summary_rows
-from tasks.stage import StageContext, stage_label, stage_task
+from tasks.stage import StageContext, stage_task
 
 
 class StopPoint(BaseModel):
@@ -81,7 +81,7 @@ def force_stages(store: ArtifactStore, config: PretrainConfig, start: StopPoint)
     """Forget the records of `start` and everything after it; returns those that existed."""
     layout = RunLayout(config.run)
     return [
-        stage_label(stage, iteration)
+        f"{stage}@{scope_name(iteration)}"
         for stage, iteration in stages_from(start, len(config.iterations))
         if forget_stage(store, layout.stage_folder(stage, iteration), stage)
     ]
