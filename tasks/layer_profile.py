@@ -1,0 +1,114 @@
+"""The layer profile: every transformer layer of a trained model, clustered and measured on a fixed sample.
+
+After each training the train stage measures, on the same seeded sample of utterances, each
+layer's k-means labels against phone alignments (PNMI, phone and cluster purity, the paper's
+way: model/quality.py) and, where speakers are known, how much speaker identity the layer
+carries (model/probes.py); MFCC at the same k on the same sample is the reference line. One Dask
+task per layer; the model is loaded on the workers (tasks/feature_sources.py), never here.
+`features.layer: auto` takes the layer with the highest PNMI.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from distributed import Client
+
+from model.kmeans import initial_centroids, lloyd, lloyd_partial, nearest_centroids
+from model.probes import speaker_probe_accuracy
+from model.quality import LabelTally, frame_segments, phone_measures
+from tasks.alignments import alignment_path, read_alignment
+from tasks.audio import load_audio_16k
+from tasks.config import LayerProfileConfig
+from tasks.feature_sources import FeatureSource, HubertLayerSource, MfccSource
+from tasks.manifest import Utterance
+
+log = logging.getLogger(__name__)
+
+LLOYD_ITERATIONS = 50
+
+
+def profile_sample(utterances: list[Utterance], count: int, seed: int) -> list[Utterance]:
+    """`count` utterances chosen by a seeded hash of their ids: the same whatever the corpus order."""
+    ranked = sorted(utterances, key=lambda u: hashlib.sha256(f"{seed}:{u.id}".encode()).hexdigest())
+    return sorted(ranked[:count], key=lambda u: u.id)
+
+
+@dataclass(frozen=True)
+class ProfileSample:
+    utterances: tuple[Utterance, ...]
+    alignments: str | None
+    storage_options: dict[str, Any]
+    k: int
+    seed: int
+
+
+def measure_source(source: FeatureSource, sample: ProfileSample) -> dict[str, Any]:
+    """One Dask task: the sample's features from `source`, clustered at k and measured."""
+    torch.set_num_threads(1)
+    waveforms = [load_audio_16k(u.path, sample.storage_options) for u in sample.utterances]
+    features = [f.numpy().astype(np.float32) for f in source.compute(waveforms)]
+    rows = np.concatenate(features)
+    k = min(sample.k, rows.shape[0])
+    centroids = initial_centroids(rows, k, "k-means++", sample.seed)
+    variance = float(rows.astype(np.float64).var(axis=0).mean())
+    fit = lloyd(lambda c: [lloyd_partial(rows, c, 0)], centroids, LLOYD_ITERATIONS, variance)
+    labels = nearest_centroids(rows, fit.centroids)[0].numpy()
+    tally = LabelTally(k)
+    start = 0
+    for utterance, own in zip(sample.utterances, features):
+        piece = labels[start : start + own.shape[0]]
+        start += own.shape[0]
+        segments = None if sample.alignments is None else read_alignment(alignment_path(sample.alignments, utterance.id), sample.storage_options)
+        if segments is not None:
+            times = source.geometry.centre_seconds(np.arange(own.shape[0]))
+            tally.add_aligned(segments, frame_segments(segments, times), piece)
+            tally.aligned_utterances += 1
+    quality = phone_measures(tally) or {}
+    speakers = [u.speaker for u in sample.utterances]
+    probe = None
+    if all(speaker is not None for speaker in speakers):
+        means = np.stack([own.mean(axis=0) for own in features if own.shape[0]])
+        probe = speaker_probe_accuracy(means, [s for s, own in zip(speakers, features) if own.shape[0]], sample.seed)
+    return {
+        "pnmi": quality.get("pnmi"),
+        "phone_purity": quality.get("phone_purity"),
+        "cluster_purity": quality.get("cluster_purity"),
+        "speaker_probe_accuracy": probe,
+        "frames": int(rows.shape[0]),
+    }
+
+
+def layer_profile(
+    client: Client, layers: list[HubertLayerSource], utterances: list[Utterance], settings: LayerProfileConfig,
+    alignments: str | None, storage_options: dict[str, Any],
+) -> dict[str, Any]:
+    """Every layer's measures (and MFCC's, as the reference) on the seeded sample, and the best layer by PNMI."""
+    sample = ProfileSample(
+        tuple(profile_sample(utterances, settings.utterances, settings.seed)), alignments, storage_options,
+        settings.k, settings.seed,
+    )
+    sources: list[FeatureSource] = [MfccSource(), *layers]
+    futures = client.map(measure_source, sources, sample=sample, pure=False)
+    mfcc, *measured = client.gather(futures)
+    rows = [{"layer": source.layer, **measures} for source, measures in zip(layers, measured)]
+    scored = [row for row in rows if row["pnmi"] is not None]
+    best = max(scored, key=lambda row: row["pnmi"]) if scored else None
+    log.info(
+        "layer profile (k=%d, %d utterances): PNMI by layer %s; MFCC %s",
+        settings.k, len(sample.utterances), [None if r["pnmi"] is None else round(r["pnmi"], 3) for r in rows],
+        None if mfcc["pnmi"] is None else round(mfcc["pnmi"], 3),
+    )
+    return {
+        "k": settings.k,
+        "utterances": len(sample.utterances),
+        "seed": settings.seed,
+        "layers": rows,
+        "mfcc": mfcc,
+        "best_layer": None if best is None else best["layer"],
+    }

@@ -1,0 +1,111 @@
+"""Iterations measured and gated: layer profiles, `layer: auto`, the verdict, the quality gate."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import normalized_mutual_info_score
+
+from flows.inspection import inspect_run
+from flows.pretrain import write_run_info
+from infra.store import ArtifactStore
+from model.data import map_labels
+from tasks.artifacts import stored_geometry
+from tasks.config import PretrainConfig
+from tasks.layout import RunLayout
+from tasks.pipeline import run_through
+from tasks.verdict import QualityGateFailed
+
+TRAIN = {"model": "tiny", "steps": 6, "max_batch_seconds": 4, "max_sample_seconds": 2, "checkpoint_every": 6,
+         "log_every": 3, "profile": {"utterances": 24, "k": 12}}
+
+
+def two_iterations(tmp_path: Path, corpus: Path, name: str, **top: object) -> PretrainConfig:
+    return PretrainConfig.model_validate(
+        {
+            "run": "t",
+            "store": str(tmp_path / name),
+            "corpus": {"source": str(corpus / "manifest.jsonl"), "alignments": str(corpus / "align")},
+            "iterations": [
+                {"features": {"kind": "mfcc", "chunk_frames": 4096}, "kmeans": {"k": 12}, "train": TRAIN},
+                {"features": {"kind": "hubert", "layer": "auto", "chunk_frames": 4096}, "kmeans": {"k": 10}, "train": TRAIN},
+            ],
+            **top,
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def measured_run(tmp_path_factory: pytest.TempPathFactory, demo_corpus: Path, client):
+    """Two iterations up to labels@2, iteration 2 on the layer `auto` picked from iteration 1's profile."""
+    config = two_iterations(tmp_path_factory.mktemp("iterations"), demo_corpus, "runs")
+    store = ArtifactStore(config.store)
+    write_run_info(store, config)
+    records = run_through(config, store, client, "labels", iteration=2)
+    return config, store, records
+
+
+def test_the_layer_profile_measures_every_layer_and_auto_takes_the_best(measured_run) -> None:
+    _, _, records = measured_run
+    profile = records[("train", 1)].metrics["layer_profile"]
+    assert [row["layer"] for row in profile["layers"]] == [1, 2, 3, 4, 5, 6]
+    assert profile["utterances"] == 24 and profile["k"] == 12
+    for row in [*profile["layers"], profile["mfcc"]]:
+        assert 0 < row["pnmi"] < 1 and 0 < row["phone_purity"] <= 1 and 0 < row["cluster_purity"] <= 1
+        assert 0 <= row["speaker_probe_accuracy"] <= 1  # the manifest names speakers
+    best = max(profile["layers"], key=lambda row: row["pnmi"])
+    assert profile["best_layer"] == best["layer"]
+    features = records[("features", 2)]
+    assert features.metrics["layer"] == best["layer"] and features.config["source"]["layer"] == best["layer"]
+    assert "highest PNMI" in features.metrics["layer_choice"] and features.config["layer"] == "auto"
+
+
+def test_the_verdict_gives_the_pnmi_change_and_the_agreement_of_the_two_label_sets(measured_run) -> None:
+    config, store, records = measured_run
+    layout = RunLayout("t")
+    first, second = (store.open_zarr(layout.labels_store(i), "r") for i in (1, 2))
+    first_labels, first_offsets, second_offsets = first["labels"][:].astype(np.int64), first["offsets"][:], second["offsets"][:]
+    mapped = []
+    for index in range(len(second_offsets) - 1):
+        earlier = torch.from_numpy(first_labels[first_offsets[index] : first_offsets[index + 1]])
+        frames = int(second_offsets[index + 1] - second_offsets[index])
+        mapped.append(map_labels(earlier, stored_geometry(first), stored_geometry(second), frames).numpy())
+    expected_nmi = normalized_mutual_info_score(np.concatenate(mapped), second["labels"][:])
+    agreement = records[("labels", 2)].metrics["agreement"]
+    assert agreement["nmi"] == pytest.approx(expected_nmi, rel=1e-9) and agreement["previous_iteration"] == 1
+
+    status = inspect_run(str(Path(config.store) / "t")).as_json()
+    first_verdict, verdict = (iteration["verdict"] for iteration in status["iterations"])
+    assert first_verdict["verdict"] == "first iteration"
+    pnmi = [records[("labels", i)].metrics["quality"]["pnmi"] for i in (1, 2)]
+    assert verdict["pnmi_change"] == pytest.approx(pnmi[1] - pnmi[0])
+    assert verdict["verdict"] == ("better" if pnmi[1] > pnmi[0] else "worse")
+    assert verdict["nmi_with_previous"] == agreement["nmi"]
+
+
+def test_the_quality_gate_stops_a_run_before_training_on_worse_labels(tmp_path: Path, measured_run, client) -> None:
+    config, store, records = measured_run
+    gated = PretrainConfig.model_validate({**config.model_dump(), "quality_gate": {"min_pnmi_gain": 0.9}})  # a gain no run reaches
+    with pytest.raises(QualityGateFailed) as failure:
+        run_through(gated, store, client, "train", iteration=2)
+    pnmi = [records[("labels", i)].metrics["quality"]["pnmi"] for i in (1, 2)]
+    message = str(failure.value)
+    assert f"{pnmi[1]:.4f}" in message and f"{pnmi[0]:.4f}" in message and "min_pnmi_gain" in message
+    assert not store.exists(RunLayout("t").final_model(2)), "the gate must stop the stage before any training"
+
+
+@pytest.mark.parametrize(
+    ("change", "path"),
+    [
+        ({"quality_gate": {"min_pnmi_gain": 0.0}, "corpus": {"source": "x"}}, "quality_gate compares PNMI"),
+        ({"corpus": {"source": "x"}}, "iterations.1.features.layer 'auto'"),
+    ],
+)
+def test_new_settings_are_checked_before_work(tmp_path: Path, demo_corpus: Path, change: dict, path: str) -> None:
+    raw = two_iterations(tmp_path, demo_corpus, "runs").model_dump()
+    raw.update(change)
+    with pytest.raises(ValueError, match=path):
+        PretrainConfig.model_validate(raw)
