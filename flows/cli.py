@@ -81,6 +81,9 @@ def _print_inspection(run_path: str, storage_options: dict | None = None) -> Non
     store, run = open_run(run_path, storage_options)
     for number in range(1, len(status.iterations) + 1):
         console.print(f"iteration {number} report: {store.url(RunLayout(run).report_md(number))}")
+    for verdict in status.verdicts:
+        if verdict is not None and verdict["verdict"] in ("worse", "unchanged"):
+            console.print(f"[bold red]warning:[/] {verdict['summary']}: the labels did not improve")
 
 
 def command_inspect(args: argparse.Namespace) -> int:

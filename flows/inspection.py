@@ -11,6 +11,7 @@ from rich.table import Table
 
 from infra.store import ArtifactStore, StageRecord, open_run, parts_in_progress, read_record
 from tasks.layout import ITERATION_STAGES, STAGE_INPUTS, RunLayout, StageName, scope_iteration, upstream_iteration
+from tasks.verdict import iteration_verdict
 
 
 class StageStatus(BaseModel):
@@ -35,6 +36,7 @@ class RunStatus(BaseModel):
     code_version: str | None
     intake: StageStatus
     iterations: list[dict[str, StageStatus]]
+    verdicts: list[dict[str, Any] | None] = []  # per iteration, tasks/verdict.py's, once its labels exist
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -47,8 +49,9 @@ class RunStatus(BaseModel):
                     "iteration": number,
                     **{stage: status.as_json() for stage, status in stages.items()},
                     "quality": stages["labels"].metrics.get("quality"),
+                    "verdict": verdict,
                 }
-                for number, stages in enumerate(self.iterations, start=1)
+                for number, (stages, verdict) in enumerate(zip(self.iterations, self.verdicts), start=1)
             ],
         }
 
@@ -99,6 +102,10 @@ def inspect_run(run_path: str, storage_options: dict[str, Any] | None = None) ->
     def read(stage: StageName, iteration: int | None) -> StageRecord | None:  # each record once
         return read_record(store, layout.stage_folder(stage, iteration), stage)
 
+    verdicts = [
+        iteration_verdict(number, read("labels", number), read("labels", number - 1) if number > 1 else None)
+        for number in range(1, iteration_count + 1)
+    ]
     return RunStatus(
         run=run,
         path=store.url(run),
@@ -108,6 +115,7 @@ def inspect_run(run_path: str, storage_options: dict[str, Any] | None = None) ->
             {stage: stage_status(store, layout, stage, number, read) for stage in ITERATION_STAGES}
             for number in range(1, iteration_count + 1)
         ],
+        verdicts=[None if verdict is None else {**verdict.as_json(), "summary": verdict.sentence()} for verdict in verdicts],
     )
 
 
@@ -127,7 +135,9 @@ def _key_metric(status: StageStatus) -> str:
             return f"PNMI {quality['pnmi']:.3f}, purity {quality['phone_purity']:.3f}"
         return f"{counts['frames']} labels, {metrics.get('used_clusters', 0)} used"
     if status.stage == "train" and "final_loss" in metrics:
-        return f"loss {metrics['final_loss']:.3f}"
+        profile = metrics.get("layer_profile") or {}
+        best = next((row for row in profile.get("layers", []) if row["layer"] == profile.get("best_layer")), None)
+        return f"loss {metrics['final_loss']:.3f}" + ("" if best is None else f", best layer {best['layer']} PNMI {best['pnmi']:.3f}")
     return ""
 
 
@@ -150,6 +160,7 @@ def render_table(status: RunStatus) -> Table:
         (str(number), stage) for number, stages in enumerate(status.iterations, start=1) for stage in stages.values()
     ]
     colours = {"done": "green", "stale": "yellow", "partial": "yellow", "missing": "dim"}
+    verdict_colours = {"better": "green", "worse": "bold red", "unchanged": "yellow", "unmeasured": "yellow"}
     for iteration, stage in rows:
         table.add_row(
             iteration,
@@ -159,4 +170,8 @@ def render_table(status: RunStatus) -> Table:
             "" if stage.seconds is None else f"{stage.seconds:.1f} s",
             _human_bytes(stage.bytes),
         )
+        verdict = status.verdicts[int(iteration) - 1] if iteration != "-" and stage.stage == "labels" else None
+        if verdict is not None and verdict["verdict"] in verdict_colours:
+            colour = verdict_colours[verdict["verdict"]]
+            table.add_row(iteration, "verdict", f"[{colour}]{verdict['verdict']}[/]", verdict["summary"].split(": ", 2)[-1], "", "")
     return table

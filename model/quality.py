@@ -6,6 +6,11 @@ For the joint distribution p(phone y, label z) over aligned frames:
 - PNMI           = I(y; z) / H(y)        (share of phone information the labels carry).
 Plus, from the labels alone: entropy (bits), clusters used, and mean segment length (frames per run
 of one label within an utterance). Frames outside every phone segment are left out of the joint.
+
+Between two label sets of the same frames (iteration N's labels and iteration N-1's, mapped onto
+N's frames), the agreement is their normalised mutual information, I(a; b) / mean(H(a), H(b))
+(the arithmetic normalisation, scikit-learn's default): 1 when one determines the other, 0 when
+they are independent. It says how far the targets moved, whether or not phones are known.
 """
 
 from __future__ import annotations
@@ -57,13 +62,21 @@ class LabelTally:
     """Counts that add up across chunks, from which every measure follows."""
 
     k: int
+    previous_k: int | None = None  # with an earlier label set to compare against
     label_counts: np.ndarray = field(init=False)
     joint: dict[str, np.ndarray] = field(default_factory=dict)
+    agreement: np.ndarray | None = field(init=False)  # (k, previous_k) frame counts
     runs: int = 0
     aligned_utterances: int = 0
 
     def __post_init__(self) -> None:
         self.label_counts = np.zeros(self.k, dtype=np.int64)
+        self.agreement = None if self.previous_k is None else np.zeros((self.k, self.previous_k), dtype=np.int64)
+
+    def add_previous(self, labels: np.ndarray, previous: np.ndarray) -> None:
+        """Count (label, earlier label) pairs of the same frames."""
+        pairs = np.bincount(labels.astype(np.int64) * self.previous_k + previous, minlength=self.k * self.previous_k)
+        self.agreement += pairs.reshape(self.k, self.previous_k)
 
     def add_aligned(self, segments: PhoneSegments, segment_index: np.ndarray, labels: np.ndarray) -> None:
         """Count (phone, label) pairs of frames whose segment index is not -1."""
@@ -85,6 +98,8 @@ class LabelTally:
                 self.joint[phone] += row
             else:
                 self.joint[phone] = row.copy()
+        if other.agreement is not None:
+            self.agreement += other.agreement
         self.runs += other.runs
         self.aligned_utterances += other.aligned_utterances
 
@@ -123,3 +138,16 @@ def phone_measures(tally: LabelTally) -> dict[str, float | int] | None:
         "phones": len(tally.joint),
         "aligned_utterances": tally.aligned_utterances,
     }
+
+
+def label_agreement(tally: LabelTally) -> dict[str, float | int] | None:
+    """NMI between the labels and the earlier labels of the same frames; None without them."""
+    if tally.agreement is None or tally.agreement.sum() == 0:
+        return None
+    p = tally.agreement.astype(np.float64) / tally.agreement.sum()
+    p_labels, p_previous = p.sum(axis=1, keepdims=True), p.sum(axis=0, keepdims=True)
+    nonzero = p > 0
+    mutual_information = float((p[nonzero] * np.log(p[nonzero] / (p_labels @ p_previous)[nonzero])).sum())
+    entropies = [float(-(q[q > 0] * np.log(q[q > 0])).sum()) for q in (p_labels, p_previous)]
+    mean_entropy = sum(entropies) / 2
+    return {"nmi": mutual_information / mean_entropy if mean_entropy > 0 else 1.0, "frames": int(tally.agreement.sum())}

@@ -35,8 +35,9 @@ def chunk_grid(total_frames: int, chunk_frames: int) -> list[Chunk]:
 
 @dataclass(frozen=True)
 class UtteranceSpan:
-    """Where one utterance's frames sit in the concatenated frames."""
+    """Where one utterance's frames sit in the concatenated frames (`index`: its place in the manifest)."""
 
+    index: int
     id: str
     path: str
     samples_16k: int
@@ -65,6 +66,7 @@ def utterance_spans(utterances: list[Utterance], offsets: np.ndarray, start: int
     """The utterances whose frames overlap [start, stop), with where their frames sit."""
     return tuple(
         UtteranceSpan(
+            index=i,
             id=utterances[i].id,
             path=utterances[i].path,
             samples_16k=utterances[i].samples_16k,

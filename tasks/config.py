@@ -8,7 +8,7 @@ silently ignored setting.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -74,7 +74,11 @@ class FeaturesConfig(_Section):
         description="mfcc: 39-dim Kaldi MFCC + deltas at 100 frames/s (iteration 1); "
         "hubert: a transformer layer of the previous iteration's model (50 frames/s)."
     )
-    layer: int | None = Field(default=None, ge=1, description="Transformer layer for kind=hubert (1-based).")
+    layer: Annotated[int, Field(ge=1)] | Literal["auto"] | None = Field(
+        default=None,
+        description="Transformer layer for kind=hubert (1-based), or 'auto': the layer with the highest PNMI "
+        "in the previous iteration's layer profile (needs corpus.alignments).",
+    )
     chunk_frames: int | None = Field(
         default=None,
         ge=256,
@@ -98,6 +102,15 @@ class KMeansConfig(_Section):
     max_iter: int = Field(default=100, ge=1, description="Lloyd iterations at most.")
     seed: int = Field(default=0, ge=0)
     init: Literal["k-means++", "random"] = "k-means++"
+
+
+class LayerProfileConfig(_Section):
+    """After training, every transformer layer is clustered and measured on a fixed sample."""
+
+    enabled: bool = Field(default=True, description="Measure every layer after training.")
+    utterances: int = Field(default=100, ge=1, description="Utterances in the sample (chosen by a seeded hash of their ids).")
+    k: int = Field(default=100, ge=2, le=32767, description="Clusters per layer (the paper compares layers at k=100).")
+    seed: int = Field(default=0, ge=0)
 
 
 class TrainConfig(_Section):
@@ -126,6 +139,9 @@ class TrainConfig(_Section):
         default=29400, ge=1, le=65535, description="Port of torchrun's c10d rendezvous on the first training machine."
     )
     bf16: bool = Field(default=True, description="bf16 autocast on GPU (ignored on CPU).")
+    profile: LayerProfileConfig = Field(
+        default_factory=LayerProfileConfig, description="The layer profile measured after training."
+    )
 
     @model_validator(mode="after")
     def _batch_holds_a_crop(self) -> TrainConfig:
@@ -134,6 +150,14 @@ class TrainConfig(_Section):
                 f"max_batch_seconds ({self.max_batch_seconds}) must be at least max_sample_seconds ({self.max_sample_seconds})"
             )
         return self
+
+
+class QualityGateConfig(_Section):
+    min_pnmi_gain: float = Field(
+        ge=-1.0, le=1.0,
+        description="Stop the run before training an iteration whose labels' PNMI is not at least this much "
+        "above the previous iteration's (0: any regression stops it).",
+    )
 
 
 class IterationConfig(_Section):
@@ -156,6 +180,11 @@ class PretrainConfig(_Section):
     )
     corpus: CorpusConfig
     dask: DaskConfig = Field(default_factory=DaskConfig)
+    quality_gate: QualityGateConfig | None = Field(
+        default=None,
+        description="Optional: refuse to train on labels that are not better than the previous iteration's "
+        "(needs corpus.alignments). Without it a regression is a warning in the report and the CLI's table.",
+    )
     iterations: list[IterationConfig] = Field(min_length=1)
 
     @field_validator("iterations")
@@ -164,6 +193,28 @@ class PretrainConfig(_Section):
         if iterations[0].features.kind != "mfcc":
             raise ValueError("iteration 1 must use features.kind 'mfcc': there is no earlier model to take layers from")
         return iterations
+
+    @model_validator(mode="after")
+    def _phone_measures_need_alignments(self) -> PretrainConfig:
+        if self.corpus.alignments is not None:
+            return self
+        if self.quality_gate is not None:
+            raise ValueError("quality_gate compares PNMI, which needs corpus.alignments")
+        for number, iteration in enumerate(self.iterations):
+            if iteration.features.layer == "auto":
+                raise ValueError(
+                    f"iterations.{number}.features.layer 'auto' picks the layer with the highest PNMI, which needs corpus.alignments"
+                )
+        return self
+
+    @model_validator(mode="after")
+    def _auto_layers_need_a_profile(self) -> PretrainConfig:
+        for number, iteration in enumerate(self.iterations[1:], start=1):
+            if iteration.features.layer == "auto" and not self.iterations[number - 1].train.profile.enabled:
+                raise ValueError(
+                    f"iterations.{number}.features.layer 'auto' needs iterations.{number - 1}.train.profile.enabled"
+                )
+        return self
 
     @model_validator(mode="after")
     def _several_training_machines_need_a_cluster(self) -> PretrainConfig:

@@ -56,7 +56,11 @@ STAGE_INPUTS: dict[StageName, dict[str, Upstream]] = {
     "intake": {},
     "features": {"manifest": Upstream("intake", None), "model": Upstream("train", 1)},
     "kmeans": {"features": Upstream("features", 0)},
-    "labels": {"features": Upstream("features", 0), "centroids": Upstream("kmeans", 0)},
+    "labels": {
+        "features": Upstream("features", 0),
+        "centroids": Upstream("kmeans", 0),
+        "previous_labels": Upstream("labels", 1),
+    },
     "train": {"labels": Upstream("labels", 0)},
 }
 """Each stage's inputs, by the names its record's `inputs` use. A stage may also take inputs from

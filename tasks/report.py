@@ -16,6 +16,7 @@ from matplotlib.figure import Figure
 
 from infra.store import ArtifactStore, StageRecord, read_record
 from tasks.layout import ITERATION_STAGES, RunLayout
+from tasks.verdict import iteration_verdict
 
 
 def read_records(store: ArtifactStore, layout: RunLayout, iteration: int) -> dict[str, StageRecord]:
@@ -63,6 +64,26 @@ def quality_plot(by_iteration: dict[int, dict[str, float]]) -> bytes:
     return _png(figure)
 
 
+PROFILE_MEASURES = ("pnmi", "phone_purity", "speaker_probe_accuracy")
+
+
+def layer_profile_plot(profiles: dict[int, dict[str, Any]]) -> bytes:
+    """Layer x measure, one line per iteration (MFCC on the same sample as a dashed reference)."""
+    figure = Figure(figsize=(12, 3.4))
+    axes = figure.subplots(1, len(PROFILE_MEASURES))
+    for axis, measure in zip(axes, PROFILE_MEASURES):
+        for iteration, profile in sorted(profiles.items()):
+            points = [(row["layer"], row[measure]) for row in profile["layers"] if row.get(measure) is not None]
+            if points:
+                axis.plot(*zip(*points), marker="o", label=f"iteration {iteration} (k={profile['k']})")
+            reference = profile["mfcc"].get(measure)
+            if reference is not None and iteration == min(profiles):
+                axis.axhline(reference, linestyle="--", color="grey", label="MFCC")
+        axis.set(title=measure.replace("_", " "), xlabel="transformer layer")
+        axis.legend(fontsize="small")
+    return _png(figure)
+
+
 def build_report(store: ArtifactStore, layout: RunLayout, iteration: int, records: dict[str, StageRecord]) -> tuple[dict[str, Any], str]:
     """Write iter-N/report.json, report.md and plots from the iteration's records; returns the
     report and its markdown."""
@@ -83,6 +104,15 @@ def build_report(store: ArtifactStore, layout: RunLayout, iteration: int, record
             quality[earlier] = labels.metrics["quality"]
     if quality:
         add_plot("quality", quality_plot(quality))
+    profiles = {}
+    for earlier in range(1, iteration + 1):
+        train = records.get("train") if earlier == iteration else read_record(store, layout.scope(earlier), "train")
+        if train is not None and train.metrics.get("layer_profile"):
+            profiles[earlier] = train.metrics["layer_profile"]
+    if profiles:
+        add_plot("layer_profile", layer_profile_plot(profiles))
+    previous_labels = read_record(store, layout.scope(iteration - 1), "labels") if iteration > 1 else None
+    verdict = iteration_verdict(iteration, records.get("labels"), previous_labels)
 
     report = {
         "run": layout.run,
@@ -93,6 +123,8 @@ def build_report(store: ArtifactStore, layout: RunLayout, iteration: int, record
             for name, record in records.items()
         },
         "plots": plots,
+        "verdict": None if verdict is None else {**verdict.as_json(), "summary": verdict.sentence()},
+        "layer_profile": profiles.get(iteration),
     }
     markdown = render_markdown(report, records)
     store.write_json(layout.report_json(iteration), report)
@@ -143,6 +175,22 @@ def render_markdown(report: dict[str, Any], records: dict[str, StageRecord]) -> 
     for name, lineage in report["lineage"].items():
         inputs = ", ".join(f"{k} `{v[:12]}`" for k, v in lineage["inputs"].items())
         lines.append(f"| {name} | `{lineage['key'][:12]}` | {inputs} |")
+    if report["verdict"] is not None:
+        warning = " **(a regression: these labels are not better than the last iteration's)**" if report["verdict"]["verdict"] in ("worse", "unchanged") else ""
+        lines += ["", "## Verdict", "", report["verdict"]["summary"] + warning]
+    if report["layer_profile"]:
+        profile = report["layer_profile"]
+        lines += [
+            "", f"## Layer profile (k={profile['k']}, {profile['utterances']} utterances; best layer: {profile['best_layer']})", "",
+            "| layer | PNMI | phone purity | cluster purity | speaker probe accuracy |", "|---|---|---|---|---|",
+        ]
+        for row in [*profile["layers"], {"layer": "MFCC", **profile["mfcc"]}]:
+            cells = [_measure(row.get(name)) for name in ("pnmi", "phone_purity", "cluster_purity", "speaker_probe_accuracy")]
+            lines.append(f"| {row['layer']} | " + " | ".join(cells) + " |")
     if report["plots"]:
         lines += ["", "## Plots", ""] + [f"![{name}]({path})" for name, path in report["plots"].items()]
     return "\n".join(lines) + "\n"
+
+
+def _measure(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"

@@ -29,6 +29,7 @@ from infra.store import ArtifactStore, Stage, StageRecord, read_record, utc_now
 from tasks.config import ConfigError, IterationConfig, PretrainConfig
 from tasks.layout import STAGE_INPUTS, RunLayout, StageName, stage_iteration, upstream_iteration
 from tasks.manifest import ManifestError
+from tasks.verdict import QualityGateFailed
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,8 @@ class StageResult:
 class StageSpec:
     """One stage, declared. `key_config` and `key_inputs` make its key (with `version`, which is
     bumped when a code change alters outputs); `work` writes `outputs` (relative to the stage's
-    folder) and calls `stage.mark_part` as parts finish; `summary` is the log line's detail."""
+    folder) and calls `stage.mark_part` as parts finish; `summary` is the log line's detail;
+    `check`, if given, may refuse the work before anything is prepared (it raises)."""
 
     name: StageName
     version: int
@@ -90,6 +92,7 @@ class StageSpec:
     key_inputs: Callable[[StageContext], dict[str, str]]
     work: Callable[[StageContext, Stage], StageResult]
     summary: Callable[[StageRecord], str]
+    check: Callable[[StageContext], None] | None = None
     retries: int = 2
 
 
@@ -118,6 +121,8 @@ def run_stage(spec: StageSpec, context: StageContext) -> StageRecord:
     if (record := stage.committed()) is not None:
         log.info("%s: committed earlier (%s), skipping", label, spec.summary(record))
         return record
+    if spec.check is not None:
+        spec.check(context)
     started_at = utc_now()
     stage.prepare(spec.outputs)
     result = spec.work(context, stage)
@@ -138,7 +143,7 @@ def is_transient(error: BaseException) -> bool:
     A stage whose parts failed is retried too: the retry resumes from the parts that finished,
     and a part that fails for a reason in the data fails again, cheaply.
     """
-    if isinstance(error, (ConfigError, ManifestError, FileNotFoundError, PermissionError)):
+    if isinstance(error, (ConfigError, ManifestError, QualityGateFailed, FileNotFoundError, PermissionError)):
         return False
     return isinstance(error, (OSError, TimeoutError, ConnectionError, BotocoreConnectionError, PartsFailed))
 

@@ -129,13 +129,34 @@ def _create_store(
     )
 
 
+def chosen_layer(context: StageContext) -> tuple[int, str]:
+    """The layer to take (`features.layer`, or with 'auto' the best by PNMI in the previous
+    iteration's layer profile) and why."""
+    layer = context.settings.features.layer
+    previous = context.iteration - 1
+    if layer != "auto":
+        return layer, "features.layer"
+    profile = context.upstream("features", "model").metrics.get("layer_profile")
+    if not profile or profile.get("best_layer") is None:
+        raise ValueError(
+            f"features@{context.iteration}: layer 'auto' needs iteration {previous}'s layer profile with PNMI, and its "
+            f"train record has none (trained before profiles existed, or without alignments): name a layer, or "
+            f"re-run with --force train@{previous}"
+        )
+    best = next(row for row in profile["layers"] if row["layer"] == profile["best_layer"])
+    return best["layer"], (
+        f"highest PNMI ({best['pnmi']:.4f} at k={profile['k']} on {profile['utterances']} utterances) "
+        f"in iteration {previous}'s layer profile"
+    )
+
+
 def feature_source(context: StageContext) -> FeatureSource:
-    """MFCC, or the configured layer of the previous iteration's trained model."""
-    features = context.settings.features
-    if features.kind == "mfcc":
+    """MFCC, or a layer of the previous iteration's trained model."""
+    if context.settings.features.kind == "mfcc":
         return MfccSource()
     trained = context.upstream("features", "model")
-    return layer_source(context.store, context.layout, context.iteration - 1, trained, features.layer)
+    layer, _ = chosen_layer(context)
+    return layer_source(context.store, context.layout, context.iteration - 1, trained, layer)
 
 
 def features_key_config(context: StageContext) -> dict[str, Any]:
@@ -169,6 +190,9 @@ def features(context: StageContext, stage: Stage) -> StageResult:
     done = stage.done_parts()
     if not done:
         _create_store(stage, source, utterances, offsets, chunk_frames)
+    choice = None if source.kind == "mfcc" else chosen_layer(context)
+    if choice is not None:
+        log.info("%s: layer %d (%s)", label, *choice)
     log.info("%s: %s, %d frames in %d chunk(s) of %d", label, source.kind, int(offsets[-1]), len(jobs), chunk_frames)
     clock = time.perf_counter()
     array = context.store.open_zarr(stage.rel(FEATURES_STORE), mode="r+")["features"]
@@ -195,6 +219,7 @@ def features(context: StageContext, stage: Stage) -> StageResult:
         metrics={
             "frame_rate": source.geometry.frame_rate,
             "audio_seconds_per_second": round(computed_audio_seconds / compute_seconds, 2) if len(done) < len(jobs) else None,
+            **({} if choice is None else {"layer": choice[0], "layer_choice": choice[1]}),
         },
     )
 

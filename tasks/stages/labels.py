@@ -25,8 +25,9 @@ from infra.parts import gather_parts, run_parts
 from infra.paths import fingerprint_source
 from infra.store import EmptyArray, Stage, StageRecord, create_zarr_group
 from model.frames import FrameGeometry
+from model.data import map_labels
 from model.kmeans import nearest_centroids
-from model.quality import LabelTally, frame_segments, label_measures, phone_measures
+from model.quality import LabelTally, frame_segments, label_agreement, label_measures, phone_measures
 from tasks.alignments import ALIGNMENT_SUFFIXES, alignment_path, read_alignment
 from tasks.artifacts import load_centroids, load_manifest, stored_geometry
 from tasks.chunks import UtteranceSpan, chunk_grid, inside_an_utterance, utterance_spans
@@ -68,6 +69,27 @@ class LabelJob:
 
 
 @dataclass(frozen=True)
+class PreviousLabels:
+    """The previous iteration's labels, to measure how far this iteration's moved (opened by the driver)."""
+
+    labels: zarr.Array
+    offsets: np.ndarray
+    geometry: FrameGeometry
+    k: int
+
+    def on_frames_of(self, spans: tuple[UtteranceSpan, ...], geometry: FrameGeometry) -> dict[int, np.ndarray]:
+        """Each utterance's previous labels mapped onto this iteration's frames (by nearest frame
+        centre, as training maps labels onto model frames), read in one request for the spans."""
+        first, last = spans[0].index, spans[-1].index
+        block = self.labels[self.offsets[first] : self.offsets[last + 1]].astype(np.int64)
+        mapped = {}
+        for span in spans:
+            own = block[self.offsets[span.index] - self.offsets[first] : self.offsets[span.index + 1] - self.offsets[first]]
+            mapped[span.index] = map_labels(torch.from_numpy(own), self.geometry, geometry, span.frames).numpy()
+        return mapped
+
+
+@dataclass(frozen=True)
 class Measuring:
     """What a label task needs to tally its chunk for the quality measures (model/quality.py)."""
 
@@ -75,6 +97,7 @@ class Measuring:
     geometry: FrameGeometry
     alignments: str | None
     storage_options: dict[str, Any]
+    previous: PreviousLabels | None = None
 
 
 def write_label_chunk(
@@ -159,12 +182,16 @@ def tally_labels(job: LabelJob, labels: np.ndarray, measuring: Measuring) -> Lab
     Runs are counted as if each job started a new one; `runs_continuing_across_chunks` takes
     back those that go on over a job's edge inside an utterance.
     """
-    tally = LabelTally(measuring.k)
+    previous = measuring.previous
+    tally = LabelTally(measuring.k, previous_k=None if previous is None else previous.k)
     tally.label_counts += np.bincount(labels, minlength=measuring.k)
+    earlier = {} if previous is None else previous.on_frames_of(job.utterances, measuring.geometry)
     for span in job.utterances:
         low, high = span.overlap(job.start, job.stop)
         piece = labels[low - job.start : high - job.start]
         tally.runs += 1 + int(np.count_nonzero(np.diff(piece)))
+        if previous is not None:
+            tally.add_previous(piece, earlier[span.index][low - span.offset : high - span.offset])
         if measuring.alignments is None:
             continue
         segments = read_alignment(alignment_path(measuring.alignments, span.id), measuring.storage_options)
@@ -216,6 +243,8 @@ def labels_key_inputs(context: StageContext) -> dict[str, str]:
         "features": context.upstream("labels", "features").output_digest,
         "centroids": context.upstream("labels", "centroids").output_digest,
     }
+    if context.iteration > 1:
+        inputs["previous_labels"] = context.upstream("labels", "previous_labels").output_digest
     alignments = context.config.corpus.alignments
     if alignments is not None:
         inputs["alignments"] = fingerprint_source(alignments, ALIGNMENT_SUFFIXES, context.config.storage_options)
@@ -240,8 +269,11 @@ def labels(context: StageContext, stage: Stage) -> StageResult:
     labels_group = store.open_zarr(stage.rel(LABELS_STORE), mode="r+")
     workers = len(client.scheduler_info(n_workers=-1)["workers"])
     jobs = plan_label_jobs(utterances, offsets, chunk_frames, chunks_per_task(chunks, workers))
-    measuring = Measuring(k, stored_geometry(features_group), context.config.corpus.alignments, store.storage_options)
-    tally = LabelTally(k)
+    previous = previous_labels(context) if iteration > 1 else None
+    measuring = Measuring(
+        k, stored_geometry(features_group), context.config.corpus.alignments, store.storage_options, previous
+    )
+    tally = LabelTally(k, previous_k=None if previous is None else previous.k)
 
     def fold(result: dict[str, Any]) -> dict[str, Any]:
         """Add a part's tally to the stage's and keep the rest (its marker's info)."""
@@ -262,6 +294,7 @@ def labels(context: StageContext, stage: Stage) -> StageResult:
 
     check_frame_counts(utterances, features_group, labels_group)
     measures = {"labels": label_measures(tally), "quality": phone_measures(tally)}
+    agreement = label_agreement(tally)
     return StageResult(
         output_digest=digest_json(
             {
@@ -277,8 +310,15 @@ def labels(context: StageContext, stage: Stage) -> StageResult:
             "label_rate": float(features_group.attrs["frame_rate"]),
             **{key: value for key, value in measures["labels"].items() if key != "frames"},
             "quality": measures["quality"],
+            **({} if agreement is None else {"agreement": {"previous_iteration": iteration - 1, **agreement}}),
         },
     )
+
+
+def previous_labels(context: StageContext) -> PreviousLabels:
+    """The previous iteration's committed labels, opened for the label tasks."""
+    group = context.store.open_zarr(context.layout.labels_store(context.iteration - 1), mode="r")
+    return PreviousLabels(group["labels"], group["offsets"][:], stored_geometry(group), int(group.attrs["k"]))
 
 
 def labels_summary(record: StageRecord) -> str:

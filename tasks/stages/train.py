@@ -16,12 +16,17 @@ import logging
 from typing import Any
 
 from infra.digest import digest_bytes
-from infra.store import Stage, StageRecord
+from infra.store import Stage, StageRecord, read_record
 from model.hubert import HUBERT_CONFIGS
+from tasks.artifacts import load_manifest
+from tasks.config import LayerProfileConfig
+from tasks.feature_sources import HubertLayerSource
+from tasks.layer_profile import layer_profile
 from tasks.layout import FINAL_MODEL, LABELS_STORE, MODEL_DIR, TRAIN_LOG
 from tasks.stage import StageContext, StageResult, StageSpec
 from tasks.torchrun import run_multinode, run_standalone
 from tasks.training import train_rank
+from tasks.verdict import enforce_quality_gate, iteration_verdict
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +35,19 @@ def train_key_config(context: StageContext) -> dict[str, Any]:
     """The key leaves out what cannot change the weights (logging, the rendezvous port), and
     `nnodes` while it is 1, so records made before it existed stay valid."""
     settings = context.settings.train
-    return settings.model_dump(exclude={"log_every", "rdzv_port", *(["nnodes"] if settings.nnodes == 1 else [])})
+    defaults = {"nnodes": 1, "profile": LayerProfileConfig()}
+    at_default = [name for name, value in defaults.items() if getattr(settings, name) == value]
+    return settings.model_dump(exclude={"log_every", "rdzv_port", *at_default})
+
+
+def check_quality_gate(context: StageContext) -> None:
+    """With `quality_gate`, refuse to train on labels whose PNMI gain over the last iteration's falls short."""
+    gate = context.config.quality_gate
+    if gate is None or context.iteration == 1:
+        return
+    labels = context.upstream("train", "labels")
+    previous = read_record(context.store, context.layout.scope(context.iteration - 1), "labels")
+    enforce_quality_gate(iteration_verdict(context.iteration, labels, previous), gate.min_pnmi_gain)
 
 
 def train_key_inputs(context: StageContext) -> dict[str, str]:
@@ -58,8 +75,19 @@ def train_model(context: StageContext, stage: Stage) -> StageResult:
     last = history[-1]
     k = store.open_zarr(stage.rel(LABELS_STORE), mode="r").attrs["k"]
     architecture = HUBERT_CONFIGS[settings.model]
+    weights_digest = digest_bytes(store.read_bytes(stage.rel(FINAL_MODEL)))
+    profile = None
+    if settings.profile.enabled:
+        layers = [
+            HubertLayerSource(store, stage.rel(FINAL_MODEL), weights_digest, layer, architecture)
+            for layer in range(1, architecture.encoder_num_layers + 1)
+        ]
+        profile = layer_profile(
+            context.client, layers, load_manifest(store, context.layout), settings.profile,
+            config.corpus.alignments, store.storage_options,
+        )
     return StageResult(
-        output_digest=digest_bytes(store.read_bytes(stage.rel(FINAL_MODEL))),
+        output_digest=weights_digest,
         counts={"steps": settings.steps, "processes": settings.nproc * settings.nnodes, "machines": settings.nnodes},
         metrics={
             "final_loss": last["loss"],
@@ -70,12 +98,18 @@ def train_model(context: StageContext, stage: Stage) -> StageResult:
             "audio_seconds_per_second": last["audio_seconds_per_second"],
             "loss_curve": [[entry["step"], round(entry["loss"], 5)] for entry in history],
             "architecture": architecture.model_dump(mode="json"),
+            **({} if profile is None else {"layer_profile": profile}),
         },
     )
 
 
 def train_summary(record: StageRecord) -> str:
-    return f"{record.counts['steps']} steps, loss {record.metrics['first_loss']:.3f} -> {record.metrics['final_loss']:.3f}"
+    summary = f"{record.counts['steps']} steps, loss {record.metrics['first_loss']:.3f} -> {record.metrics['final_loss']:.3f}"
+    profile = record.metrics.get("layer_profile")
+    if profile and profile["best_layer"] is not None:
+        best = next(row for row in profile["layers"] if row["layer"] == profile["best_layer"])
+        summary += f", best layer {profile['best_layer']} (PNMI {best['pnmi']:.3f} at k={profile['k']})"
+    return summary
 
 
 TRAIN = StageSpec(
@@ -86,5 +120,6 @@ TRAIN = StageSpec(
     key_inputs=train_key_inputs,
     work=train_model,
     summary=train_summary,
+    check=check_quality_gate,
     retries=1,
 )
