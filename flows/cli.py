@@ -41,6 +41,8 @@ def command_run(args: argparse.Namespace) -> int:
     # Our modules' log lines belong in Prefect's run logs too; must be set before Prefect loads.
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "tasks,infra,flows")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # The temporary server's 20 s default is too short on a busy machine (the run then fails before it starts).
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     from flows.pretrain import StopPoint, check_stop_point, pretrain
 
     try:

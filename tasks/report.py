@@ -97,19 +97,18 @@ def build_report(store: ArtifactStore, layout: RunLayout, iteration: int, record
         add_plot("training", training_plot(curve))
     if "kmeans" in records and (fit := store.read_json(layout.fit_report(iteration))):
         add_plot("cluster_sizes", cluster_size_plot(fit["cluster_sizes"]))
-    quality = {}
-    for earlier in range(1, iteration + 1):
-        labels = records.get("labels") if earlier == iteration else read_record(store, layout.scope(earlier), "labels")
-        if labels is not None and labels.metrics.get("quality"):
-            quality[earlier] = labels.metrics["quality"]
-    if quality:
+    def so_far(stage: str, metric: str) -> dict[int, Any]:
+        """`metric` of `stage`'s record in this iteration and every earlier one that has it."""
+        found = {}
+        for earlier in range(1, iteration + 1):
+            record = records.get(stage) if earlier == iteration else read_record(store, layout.scope(earlier), stage)
+            if record is not None and record.metrics.get(metric):
+                found[earlier] = record.metrics[metric]
+        return found
+
+    if quality := so_far("labels", "quality"):
         add_plot("quality", quality_plot(quality))
-    profiles = {}
-    for earlier in range(1, iteration + 1):
-        train = records.get("train") if earlier == iteration else read_record(store, layout.scope(earlier), "train")
-        if train is not None and train.metrics.get("layer_profile"):
-            profiles[earlier] = train.metrics["layer_profile"]
-    if profiles:
+    if profiles := so_far("train", "layer_profile"):
         add_plot("layer_profile", layer_profile_plot(profiles))
     previous_labels = read_record(store, layout.scope(iteration - 1), "labels") if iteration > 1 else None
     verdict = iteration_verdict(iteration, records.get("labels"), previous_labels)
