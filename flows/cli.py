@@ -17,6 +17,7 @@ from tasks.config import ConfigError, PretrainConfig, load_config
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+EXIT_BUSY = 3
 
 
 def preflight(config: PretrainConfig) -> list[str]:
@@ -42,6 +43,7 @@ def command_run(args: argparse.Namespace) -> int:
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "tasks,infra,flows")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from flows.pretrain import StopPoint, check_stop_point, pretrain
+    from infra.lease import LeaseHeld
 
     try:
         stop = StopPoint.parse(args.until) if args.until else StopPoint()
@@ -51,7 +53,10 @@ def command_run(args: argparse.Namespace) -> int:
         print(f"--until/--force: {error}", file=sys.stderr)
         return EXIT_USAGE
     try:
-        run_path = pretrain(config, stop, force)
+        run_path = pretrain(config, stop, force, wait_for_lease=args.wait)
+    except LeaseHeld as error:
+        print(f"\nrun refused: {error}\nrun it again when that one has finished, or add --wait.", file=sys.stderr)
+        return EXIT_BUSY
     except Exception as error:  # noqa: BLE001 - Prefect has logged the traceback; say what to do
         print(
             f"\nrun failed: {type(error).__name__}: {error}\n"
@@ -174,6 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--force", metavar="STAGE[@ITER]", help="re-run this stage and everything after it, even if committed"
+    )
+    run.add_argument(
+        "--wait", action="store_true",
+        help="if another process is writing this run, wait for it (or for its lease to expire) instead of refusing",
     )
     run.set_defaults(handler=command_run)
 

@@ -12,31 +12,38 @@ the only module that tells local paths from URLs.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import getpass
 import json
 import os
 import posixpath
 import socket
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
 import fsspec
+import fsspec.asyn
 import numpy as np
 import zarr
 from fsspec.implementations.local import LocalFileSystem
 from pydantic import BaseModel, Field
 
-from infra.digest import digest_json
+from infra.digest import digest_bytes, digest_json
 from infra.paths import parent_of
 from infra.version import code_version
 
 
 def utc_now() -> datetime:
     return datetime.now(timezone.utc)
+
+
+class VersionMismatch(RuntimeError):
+    """A conditional write or delete found the object changed since it was read (or gone)."""
 
 
 class StageRecord(BaseModel):
@@ -125,6 +132,112 @@ class ArtifactStore:
         with self.fs.open(self.path(relpath), "rt") as handle:
             return handle.read()
 
+    # -- conditional writes: what a lease needs (infra/lease.py) -----------------------------------
+    #
+    # A version is what tells one state of an object from the next: on object storage its ETag, in
+    # a local folder the digest of its content. Local compare-and-swap holds an exclusive flock on
+    # the object's folder (atomic between processes of one machine, and on NFSv4 between machines);
+    # on S3 the server decides, with If-None-Match / If-Match on the request.
+
+    def read_versioned(self, relpath: str) -> tuple[bytes, str] | None:
+        """The object's bytes and version, read in one request; None if there is none."""
+        target = self.path(relpath)
+        if self.is_local:
+            try:
+                with open(target, "rb") as handle:
+                    data = handle.read()
+            except FileNotFoundError:
+                return None
+            return data, digest_bytes(data)
+        try:
+            return fsspec.asyn.sync(self.fs.loop, self._s3_get_with_etag, target)
+        except FileNotFoundError:
+            return None
+
+    async def _s3_get_with_etag(self, target: str) -> tuple[bytes, str]:
+        bucket, key, _ = self.fs.split_path(target)
+        response = await self.fs._call_s3("get_object", Bucket=bucket, Key=key)
+        async with response["Body"] as body:
+            data = await body.read()
+        return data, response["ETag"]
+
+    def create_exclusive(self, relpath: str, data: bytes) -> str:
+        """Write a new object; FileExistsError if one is there already. Returns its version.
+
+        Local: written under a temporary name, then hard-linked to its name (link refuses an
+        existing name, atomically). S3: a PUT with `If-None-Match: *`; a server that ignores the
+        header overwrites instead, which the lease's read-back detects (see infra/lease.py).
+        """
+        target = self.path(relpath)
+        if self.is_local:
+            self.fs.makedirs(posixpath.dirname(target), exist_ok=True)
+            temporary = f"{target}.tmp-{uuid.uuid4().hex}"
+            with open(temporary, "wb") as handle:
+                handle.write(data)
+            try:
+                os.link(temporary, target)
+            finally:
+                os.unlink(temporary)
+            return digest_bytes(data)
+        try:
+            response = self.fs.call_s3("put_object", **self._s3_location(target), Body=data, IfNoneMatch="*")
+        except OSError as error:
+            if _precondition_failed(error):
+                raise FileExistsError(f"{self.url(relpath)} exists") from error
+            raise
+        return response["ETag"]
+
+    def replace_if(self, relpath: str, data: bytes, version: str) -> str:
+        """Overwrite the object only if it still has `version`; returns the new version.
+
+        Raises VersionMismatch when it changed or is gone."""
+        target = self.path(relpath)
+        if self.is_local:
+            with _folder_lock(posixpath.dirname(target)):
+                current = self.read_versioned(relpath)
+                if current is None or current[1] != version:
+                    raise VersionMismatch(f"{self.url(relpath)} changed since it was read")
+                self.write_bytes(relpath, data)
+            return digest_bytes(data)
+        try:
+            response = self.fs.call_s3("put_object", **self._s3_location(target), Body=data, IfMatch=version)
+        except (OSError, FileNotFoundError) as error:
+            if isinstance(error, FileNotFoundError) or _precondition_failed(error):
+                raise VersionMismatch(f"{self.url(relpath)} changed since it was read") from error
+            raise
+        return response["ETag"]
+
+    def remove_if(self, relpath: str, version: str) -> None:
+        """Delete the object only if it still has `version` (VersionMismatch otherwise)."""
+        target = self.path(relpath)
+        if self.is_local:
+            with _folder_lock(posixpath.dirname(target)):
+                current = self.read_versioned(relpath)
+                if current is None or current[1] != version:
+                    raise VersionMismatch(f"{self.url(relpath)} changed since it was read")
+                os.unlink(target)
+            return
+        try:
+            self.fs.call_s3("delete_object", **self._s3_location(target), IfMatch=version)
+        except OSError as error:
+            if isinstance(error, FileNotFoundError) or _precondition_failed(error):
+                raise VersionMismatch(f"{self.url(relpath)} changed since it was read") from error
+            raise
+        finally:
+            self.fs.invalidate_cache()
+
+    def _s3_location(self, target: str) -> dict[str, str]:
+        bucket, key, _ = self.fs.split_path(target)
+        return {"Bucket": bucket, "Key": key}
+
+    def check_writable(self) -> None:
+        """Write and delete a small probe object at the root; raises OSError (or a credentials
+        error) saying why the store cannot be written."""
+        probe = f"_write-probe-{uuid.uuid4().hex}"
+        self.write_bytes(probe, b"probe\n")
+        self.fs.rm(self.path(probe))
+        self.fs.invalidate_cache()
+
     def remove(self, relpath: str) -> None:
         """Remove a file or a folder tree; a missing one is not an error."""
         target = self.path(relpath)
@@ -198,6 +311,27 @@ def create_zarr_group(
         for future in futures:
             future.result()
     return group
+
+
+@contextlib.contextmanager
+def _folder_lock(folder: str) -> Iterator[None]:
+    """An exclusive flock on a local folder, held for the block (serialises compare-and-swap)."""
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)
+
+
+def _precondition_failed(error: BaseException) -> bool:
+    """Whether s3fs's error is the server refusing a conditional request (HTTP 412)."""
+    if isinstance(error, FileExistsError):  # s3fs's translation when the server names If-None-Match
+        return True
+    response = getattr(error.__cause__, "response", None) or {}
+    return response.get("Error", {}).get("Code") == "PreconditionFailed" or (
+        response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 412
+    )
 
 
 def _protocol(fs: fsspec.AbstractFileSystem) -> str:

@@ -13,6 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from infra.lease import DEFAULT_TTL_SECONDS
 from infra.paths import is_remote_url
 
 class _Section(BaseModel):
@@ -67,6 +68,16 @@ class DaskConfig(_Section):
     @property
     def is_external(self) -> bool:
         return self.address is not None or self.scheduler_file is not None
+
+
+class LeaseConfig(_Section):
+    ttl_seconds: float = Field(
+        default=DEFAULT_TTL_SECONDS,
+        ge=1.0,
+        le=86400.0,
+        description="A run's lease (one writer per run) is renewed every ttl_seconds/4; a lease not renewed for "
+        "ttl_seconds belonged to a writer that died and is taken over. Machines' clocks must agree to well within it.",
+    )
 
 
 class FeaturesConfig(_Section):
@@ -156,6 +167,7 @@ class PretrainConfig(_Section):
     )
     corpus: CorpusConfig
     dask: DaskConfig = Field(default_factory=DaskConfig)
+    lease: LeaseConfig = Field(default_factory=LeaseConfig)
     iterations: list[IterationConfig] = Field(min_length=1)
 
     @field_validator("iterations")
