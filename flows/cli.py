@@ -103,6 +103,29 @@ def command_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_verify(args: argparse.Namespace) -> int:
+    from flows.verification import verify_run
+
+    try:
+        checks = verify_run(args.run_path, deep=args.deep)
+    except FileNotFoundError as error:
+        print(error, file=sys.stderr)
+        return EXIT_USAGE
+    for check in checks:
+        what = "outputs and digest" if check.digest_checked else "outputs"
+        if check.ok:
+            print(f"{check.stage}: ok ({what})")
+        for problem in check.problems:
+            print(f"{check.stage}: {problem}")
+    failed = [check.stage for check in checks if not check.ok]
+    if not checks:
+        print(f"{args.run_path}: no committed stage to verify")
+    elif failed:
+        print(f"{len(failed)} of {len(checks)} committed stage(s) differ from their records: {', '.join(failed)}")
+        return EXIT_FAILED
+    return 0
+
+
 def command_diff(args: argparse.Namespace) -> int:
     from rich.table import Table
 
@@ -190,6 +213,11 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("run_path", help="<store>/<run>, a local folder or s3:// URL")
     inspect.add_argument("--json", action="store_true", help="machine-readable output")
     inspect.set_defaults(handler=command_inspect)
+
+    verify = commands.add_parser("verify", help="check every committed stage's outputs against its record")
+    verify.add_argument("run_path", help="<store>/<run>, a local folder or s3:// URL")
+    verify.add_argument("--deep", action="store_true", help="also recompute every output digest from the stored outputs")
+    verify.set_defaults(handler=command_verify)
 
     diff = commands.add_parser("diff", help="which stages of two runs (or two iterations) differ, and why")
     diff.add_argument("run_a", help="<store>/<run>")

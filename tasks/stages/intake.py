@@ -30,7 +30,7 @@ from tasks.manifest import (
     list_candidates,
     manifest_to_jsonl,
 )
-from tasks.stage import StageContext, StageResult, StageSpec
+from tasks.stage import CommittedStage, StageContext, StageResult, StageSpec
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +150,11 @@ def intake(context: StageContext, stage: Stage) -> StageResult:
     )
 
 
+def verify_intake(committed: CommittedStage) -> str:
+    """The manifest's digest, as the stage took it."""
+    return digest_bytes(committed.store.read_bytes(committed.rel(MANIFEST)))
+
+
 def intake_summary(record: StageRecord) -> str:
     counts = record.counts
     return f"{counts['utterances']} utterances, {counts['hours']:.2f} h, {counts['rejected']} rejected"
@@ -163,4 +168,5 @@ INTAKE = StageSpec(
     key_inputs=intake_key_inputs,
     work=intake,
     summary=intake_summary,
+    verify_digest=verify_intake,
 )

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import zarr
 
-from infra.digest import digest_bytes, digest_digests, digest_json
+from infra.digest import digest_array, digest_digests, digest_json
 from infra.parts import gather_parts, run_parts
 from infra.paths import fingerprint_source
 from infra.store import EmptyArray, Stage, StageRecord, create_zarr_group
@@ -28,11 +28,11 @@ from model.frames import FrameGeometry
 from model.kmeans import nearest_centroids
 from model.quality import LabelTally, frame_segments, label_measures, phone_measures
 from tasks.alignments import ALIGNMENT_SUFFIXES, alignment_path, read_alignment
-from tasks.artifacts import load_centroids, load_manifest, stored_geometry
+from tasks.artifacts import load_centroids, load_manifest, stored_chunk_digests, stored_geometry
 from tasks.chunks import UtteranceSpan, chunk_grid, inside_an_utterance, utterance_spans
 from tasks.layout import FEATURES_STORE, LABELS_STORE
 from tasks.manifest import Utterance
-from tasks.stage import StageContext, StageResult, StageSpec
+from tasks.stage import CommittedStage, StageContext, StageResult, StageSpec
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ class LabelJob:
     def chunk_digests(self, labels: np.ndarray) -> list[str]:
         """One digest per chunk, so the stage's digest does not depend on how chunks were grouped."""
         edges = [*self.chunk_starts, self.stop]
-        return [digest_bytes(labels[a - self.start : b - self.start].tobytes()) for a, b in zip(edges, edges[1:])]
+        return [digest_array(labels[a - self.start : b - self.start]) for a, b in zip(edges, edges[1:])]
 
 
 @dataclass(frozen=True)
@@ -263,11 +263,8 @@ def labels(context: StageContext, stage: Stage) -> StageResult:
     check_frame_counts(utterances, features_group, labels_group)
     measures = {"labels": label_measures(tally), "quality": phone_measures(tally)}
     return StageResult(
-        output_digest=digest_json(
-            {
-                "labels": digest_digests(digest for job in jobs for digest in parts[job.part]["digests"]),
-                "offsets": features_record.output_digest,
-            }
+        output_digest=labels_digest(
+            [digest for job in jobs for digest in parts[job.part]["digests"]], features_record.output_digest
         ),
         counts={
             "frames": int(total), "utterances": len(utterances), "k": k, "chunks": chunks,
@@ -279,6 +276,18 @@ def labels(context: StageContext, stage: Stage) -> StageResult:
             "quality": measures["quality"],
         },
     )
+
+
+def labels_digest(chunk_digests: list[str], features_digest: str) -> str:
+    """The stage's output digest: its chunks' digests in grid order, and the features' digest
+    (whose offsets and ids the labels store copies)."""
+    return digest_json({"labels": digest_digests(chunk_digests), "offsets": features_digest})
+
+
+def verify_labels(committed: CommittedStage) -> str:
+    """The output digest recomputed from every stored chunk."""
+    array = committed.store.open_zarr(committed.rel(LABELS_STORE), mode="r")["labels"]
+    return labels_digest(stored_chunk_digests(array), committed.record.inputs["features"])
 
 
 def labels_summary(record: StageRecord) -> str:
@@ -295,4 +304,5 @@ LABELS = StageSpec(
     key_inputs=labels_key_inputs,
     work=labels,
     summary=labels_summary,
+    verify_digest=verify_labels,
 )

@@ -16,10 +16,10 @@ import logging
 from typing import Any
 
 from infra.digest import digest_bytes
-from infra.store import Stage, StageRecord
+from infra.store import ArtifactStore, Stage, StageRecord
 from model.hubert import HUBERT_CONFIGS
 from tasks.layout import FINAL_MODEL, LABELS_STORE, MODEL_DIR, TRAIN_LOG
-from tasks.stage import StageContext, StageResult, StageSpec
+from tasks.stage import CommittedStage, StageContext, StageResult, StageSpec
 from tasks.torchrun import run_multinode, run_standalone
 from tasks.training import train_rank
 
@@ -59,7 +59,7 @@ def train_model(context: StageContext, stage: Stage) -> StageResult:
     k = store.open_zarr(stage.rel(LABELS_STORE), mode="r").attrs["k"]
     architecture = HUBERT_CONFIGS[settings.model]
     return StageResult(
-        output_digest=digest_bytes(store.read_bytes(stage.rel(FINAL_MODEL))),
+        output_digest=final_model_digest(store, stage.rel(FINAL_MODEL)),
         counts={"steps": settings.steps, "processes": settings.nproc * settings.nnodes, "machines": settings.nnodes},
         metrics={
             "final_loss": last["loss"],
@@ -74,6 +74,15 @@ def train_model(context: StageContext, stage: Stage) -> StageResult:
     )
 
 
+def final_model_digest(store: ArtifactStore, relpath: str) -> str:
+    return digest_bytes(store.read_bytes(relpath))
+
+
+def verify_train(committed: CommittedStage) -> str:
+    """The final weights' digest, as the stage took it."""
+    return final_model_digest(committed.store, committed.rel(FINAL_MODEL))
+
+
 def train_summary(record: StageRecord) -> str:
     return f"{record.counts['steps']} steps, loss {record.metrics['first_loss']:.3f} -> {record.metrics['final_loss']:.3f}"
 
@@ -86,5 +95,6 @@ TRAIN = StageSpec(
     key_inputs=train_key_inputs,
     work=train_model,
     summary=train_summary,
+    verify_digest=verify_train,
     retries=1,
 )
