@@ -32,7 +32,7 @@ from infra.store import EmptyArray, Stage, StageRecord, create_zarr_group
 from model.frames import SAMPLE_RATE
 from tasks.artifacts import load_manifest, stored_chunk_digests
 from tasks.audio import load_audio_16k
-from tasks.chunks import Chunk, UtteranceSpan, chunk_grid, frame_offsets, utterance_spans
+from tasks.chunks import Chunk, UtteranceSpan, check_finite, chunk_grid, frame_offsets, utterance_spans
 from tasks.feature_sources import FeatureSource, MfccSource, layer_source
 from tasks.layout import FEATURES_STORE
 from tasks.manifest import Utterance
@@ -91,6 +91,7 @@ def compute_chunk(job: ChunkJob, source: FeatureSource, storage_options: dict[st
             )
         low, high = span.overlap(job.start, job.stop)
         block[low - job.start : high - job.start] = features[low - span.offset : high - span.offset].numpy()
+    check_finite(block, job.start, job.utterances, f"features of {job.part}")
     return block
 
 

@@ -1,7 +1,8 @@
 """Stage: corpus intake. Lists the source, probes every file in parallel on Dask, writes the manifest.
 
-One bad file never stops a corpus: unreadable, empty, truncated, too short or mismatching files
-go into `corpus/intake_report.json` with their reason and the run goes on without them. Two files
+One bad file never stops a corpus: unreadable, empty, truncated, non-finite (NaN or Inf samples),
+silent, too short or mismatching files go into `corpus/intake_report.json` with their reason and
+the run goes on without them. Two files
 with the same utterance id stop intake before any probing, naming both paths.
 """
 

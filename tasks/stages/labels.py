@@ -29,7 +29,7 @@ from model.kmeans import nearest_centroids
 from model.quality import LabelTally, frame_segments, label_measures, phone_measures
 from tasks.alignments import ALIGNMENT_SUFFIXES, alignment_path, read_alignment
 from tasks.artifacts import load_centroids, load_manifest, stored_chunk_digests, stored_geometry
-from tasks.chunks import UtteranceSpan, chunk_grid, inside_an_utterance, utterance_spans
+from tasks.chunks import UtteranceSpan, check_finite, chunk_grid, inside_an_utterance, utterance_spans
 from tasks.layout import FEATURES_STORE, LABELS_STORE
 from tasks.manifest import Utterance
 from tasks.stage import CommittedStage, StageContext, StageResult, StageSpec
@@ -90,7 +90,9 @@ def write_label_chunk(
     label across part edges.
     """
     torch.set_num_threads(1)
-    chunk = nearest_centroids(features[job.start : job.stop], centroids)[0].numpy().astype(np.int16)
+    rows = features[job.start : job.stop]
+    check_finite(rows, job.start, job.utterances, f"features read for labels {job.part}")
+    chunk = nearest_centroids(rows, centroids)[0].numpy().astype(np.int16)
     tally = tally_labels(job, chunk, measuring)
     labels[job.start : job.stop] = chunk
     info = {
