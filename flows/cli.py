@@ -12,7 +12,7 @@ from pathlib import Path
 from pydantic import ValidationError
 from rich.console import Console
 
-from infra.paths import path_exists
+from infra.paths import unreadable_because
 from tasks.config import ConfigError, PretrainConfig, load_config
 
 EXIT_FAILED = 1
@@ -21,12 +21,19 @@ EXIT_BUSY = 3
 
 
 def preflight(config: PretrainConfig) -> list[str]:
-    """Problems that would only surface mid-run, found before anything starts."""
+    """Problems that would only surface mid-run, found in seconds before anything starts: a corpus
+    source or alignments folder that is absent or refuses our credentials, a store that cannot be
+    written (a probe object is written and deleted)."""
+    from infra.store import ArtifactStore
+
     problems = []
-    if not path_exists(config.corpus.source, config.storage_options):
-        problems.append(f"corpus.source: {config.corpus.source} does not exist")
-    if config.corpus.alignments is not None and not path_exists(config.corpus.alignments, config.storage_options):
-        problems.append(f"corpus.alignments: {config.corpus.alignments} does not exist")
+    for field, path in (("corpus.source", config.corpus.source), ("corpus.alignments", config.corpus.alignments)):
+        if path is not None and (why := unreadable_because(path, config.storage_options)):
+            problems.append(f"{field}: {why}")
+    try:
+        ArtifactStore(config.store, config.storage_options).check_writable()
+    except Exception as error:  # noqa: BLE001 - whatever the probe hits is the finding
+        problems.append(f"store: {config.store} cannot be written: {type(error).__name__}: {error}")
     return problems
 
 
@@ -54,6 +61,9 @@ def command_run(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     try:
         run_path = pretrain(config, stop, force, wait_for_lease=args.wait)
+    except ConfigError as error:
+        print(f"\n{error}", file=sys.stderr)
+        return EXIT_USAGE
     except LeaseHeld as error:
         print(f"\nrun refused: {error}\nrun it again when that one has finished, or add --wait.", file=sys.stderr)
         return EXIT_BUSY

@@ -24,7 +24,9 @@ from infra.store import ArtifactStore, current_user, forget_stage, utc_now
 from infra.version import code_version
 from tasks.config import PretrainConfig, load_config
 from tasks.layout import ITERATION_STAGES, STAGE_ORDER, RunLayout, StageName, scope_name, stage_iteration
+from tasks.artifacts import load_manifest
 from tasks.pipeline import STAGES
+from tasks.preflight import check_kmeans_frames
 from tasks.report import build_report, read_records, summary_rows
 from tasks.stage import StageContext, stage_label, stage_task
 
@@ -127,7 +129,9 @@ def iteration_flow(config: PretrainConfig, iteration: int, stop: StopPoint) -> N
 
 
 def run_intake(config: PretrainConfig, store: ArtifactStore, client: Client) -> None:
+    """Intake, then the config checks that need the manifest (before any features are computed)."""
     stage_task(STAGES["intake"])(StageContext(config, store, client))
+    check_kmeans_frames(config, load_manifest(store, RunLayout(config.run)))
 
 
 @flow(name="pretrain", validate_parameters=True)

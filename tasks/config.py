@@ -110,6 +110,12 @@ class KMeansConfig(_Section):
     seed: int = Field(default=0, ge=0)
     init: Literal["k-means++", "random"] = "k-means++"
 
+    @model_validator(mode="after")
+    def _enough_frames_for_k(self) -> KMeansConfig:
+        if self.max_frames is not None and self.max_frames < self.k:
+            raise ValueError(f"max_frames {self.max_frames} is fewer than k={self.k}: k-means needs at least k frames")
+        return self
+
 
 class TrainConfig(_Section):
     model: Literal["tiny", "base", "large", "xlarge"] = Field(default="base", description="Architecture preset.")
@@ -187,6 +193,23 @@ class PretrainConfig(_Section):
                 )
         return self
 
+    @model_validator(mode="after")
+    def _layers_exist_in_the_previous_model(self) -> PretrainConfig:
+        """A later iteration's layer must exist in the preset the iteration before trains: known now, not after hours."""
+        from model.hubert import HUBERT_CONFIGS  # torch: imported only once the rest of the config is valid
+
+        problems = []
+        for index, (previous, iteration) in enumerate(zip(self.iterations, self.iterations[1:]), start=1):
+            layer, preset = iteration.features.layer, previous.train.model
+            layers = HUBERT_CONFIGS[preset].encoder_num_layers
+            if iteration.features.kind == "hubert" and layer is not None and layer > layers:
+                problems.append(
+                    f"iterations.{index}.features.layer: {layer} exceeds the {layers} layers of iteration {index}'s '{preset}' model"
+                )
+        if problems:
+            raise ValueError("\n  ".join(problems))
+        return self
+
 
 class ConfigError(ValueError):
     """An invalid configuration; the message lists every problem with its field path."""
@@ -196,8 +219,11 @@ def format_validation_error(error: ValidationError, source: str) -> str:
     """One line per problem: `field.path: reason`, so users see all mistakes at once."""
     lines = [f"invalid configuration in {source}:"]
     for problem in error.errors():
-        path = ".".join(str(part) for part in problem["loc"]) or "(top level)"
-        lines.append(f"  {path}: {problem['msg']}")
+        path = ".".join(str(part) for part in problem["loc"])
+        if not path and problem["type"] == "value_error":  # checks across sections name their fields themselves
+            lines.append(f"  {problem['ctx']['error']}")
+        else:
+            lines.append(f"  {path or '(top level)'}: {problem['msg']}")
     return "\n".join(lines)
 
 
