@@ -12,20 +12,28 @@ from pathlib import Path
 from pydantic import ValidationError
 from rich.console import Console
 
-from infra.paths import path_exists
+from infra.paths import unreadable_because
 from tasks.config import ConfigError, PretrainConfig, load_config
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+EXIT_BUSY = 3
 
 
 def preflight(config: PretrainConfig) -> list[str]:
-    """Problems that would only surface mid-run, found before anything starts."""
+    """Problems that would only surface mid-run, found in seconds before anything starts: a corpus
+    source or alignments folder that is absent or refuses our credentials, a store that cannot be
+    written (a probe object is written and deleted)."""
+    from infra.store import ArtifactStore
+
     problems = []
-    if not path_exists(config.corpus.source, config.storage_options):
-        problems.append(f"corpus.source: {config.corpus.source} does not exist")
-    if config.corpus.alignments is not None and not path_exists(config.corpus.alignments, config.storage_options):
-        problems.append(f"corpus.alignments: {config.corpus.alignments} does not exist")
+    for field, path in (("corpus.source", config.corpus.source), ("corpus.alignments", config.corpus.alignments)):
+        if path is not None and (why := unreadable_because(path, config.storage_options)):
+            problems.append(f"{field}: {why}")
+    try:
+        ArtifactStore(config.store, config.storage_options).check_writable()
+    except Exception as error:  # noqa: BLE001 - whatever the probe hits is the finding
+        problems.append(f"store: {config.store} cannot be written: {type(error).__name__}: {error}")
     return problems
 
 
@@ -44,6 +52,7 @@ def command_run(args: argparse.Namespace) -> int:
     # The temporary server's 20 s default is too short on a busy machine (the run then fails before it starts).
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     from flows.pretrain import StopPoint, check_stop_point, pretrain
+    from infra.lease import LeaseHeld
 
     try:
         stop = StopPoint.parse(args.until) if args.until else StopPoint()
@@ -53,7 +62,13 @@ def command_run(args: argparse.Namespace) -> int:
         print(f"--until/--force: {error}", file=sys.stderr)
         return EXIT_USAGE
     try:
-        run_path = pretrain(config, stop, force)
+        run_path = pretrain(config, stop, force, wait_for_lease=args.wait)
+    except ConfigError as error:
+        print(f"\n{error}", file=sys.stderr)
+        return EXIT_USAGE
+    except LeaseHeld as error:
+        print(f"\nrun refused: {error}\nrun it again when that one has finished, or add --wait.", file=sys.stderr)
+        return EXIT_BUSY
     except Exception as error:  # noqa: BLE001 - Prefect has logged the traceback; say what to do
         print(
             f"\nrun failed: {type(error).__name__}: {error}\n"
@@ -100,6 +115,29 @@ def command_inspect(args: argparse.Namespace) -> int:
         print(json.dumps(status.as_json(), indent=2))
     else:
         _console().print(render_table(status))
+    return 0
+
+
+def command_verify(args: argparse.Namespace) -> int:
+    from flows.verification import verify_run
+
+    try:
+        checks = verify_run(args.run_path, deep=args.deep)
+    except FileNotFoundError as error:
+        print(error, file=sys.stderr)
+        return EXIT_USAGE
+    for check in checks:
+        what = "outputs and digest" if check.digest_checked else "outputs"
+        if check.ok:
+            print(f"{check.stage}: ok ({what})")
+        for problem in check.problems:
+            print(f"{check.stage}: {problem}")
+    failed = [check.stage for check in checks if not check.ok]
+    if not checks:
+        print(f"{args.run_path}: no committed stage to verify")
+    elif failed:
+        print(f"{len(failed)} of {len(checks)} committed stage(s) differ from their records: {', '.join(failed)}")
+        return EXIT_FAILED
     return 0
 
 
@@ -180,12 +218,21 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--force", metavar="STAGE[@ITER]", help="re-run this stage and everything after it, even if committed"
     )
+    run.add_argument(
+        "--wait", action="store_true",
+        help="if another process is writing this run, wait for it (or for its lease to expire) instead of refusing",
+    )
     run.set_defaults(handler=command_run)
 
     inspect = commands.add_parser("inspect", help="show what each stage of a run has committed")
     inspect.add_argument("run_path", help="<store>/<run>, a local folder or s3:// URL")
     inspect.add_argument("--json", action="store_true", help="machine-readable output")
     inspect.set_defaults(handler=command_inspect)
+
+    verify = commands.add_parser("verify", help="check every committed stage's outputs against its record")
+    verify.add_argument("run_path", help="<store>/<run>, a local folder or s3:// URL")
+    verify.add_argument("--deep", action="store_true", help="also recompute every output digest from the stored outputs")
+    verify.set_defaults(handler=command_verify)
 
     diff = commands.add_parser("diff", help="which stages of two runs (or two iterations) differ, and why")
     diff.add_argument("run_a", help="<store>/<run>")

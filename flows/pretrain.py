@@ -14,15 +14,19 @@ from distributed import Client, default_client
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
+from prefect.runtime import flow_run
 from pydantic import BaseModel, Field
 
 from infra.cluster import dask_client
 from infra.digest import digest_json
+from infra.lease import RunLease, check_lease
 from infra.store import ArtifactStore, current_user, forget_stage, utc_now
 from infra.version import code_version
 from tasks.config import PretrainConfig, load_config
 from tasks.layout import ITERATION_STAGES, STAGE_ORDER, RunLayout, StageName, scope_name, stage_iteration
+from tasks.artifacts import load_manifest
 from tasks.pipeline import STAGES
+from tasks.preflight import check_kmeans_frames
 from tasks.report import build_report, read_records, summary_rows
 from tasks.stage import StageContext, stage_task
 
@@ -119,40 +123,51 @@ def iteration_flow(config: PretrainConfig, iteration: int, stop: StopPoint) -> N
     for stage in ITERATION_STAGES:
         if not stop.includes(stage, iteration, len(config.iterations)):
             break
+        check_lease(context.store, context.layout.lease)
         stage_task(STAGES[stage])(context)
     publish_report(context.store, context.layout, iteration)
 
 
 def run_intake(config: PretrainConfig, store: ArtifactStore, client: Client) -> None:
+    """Intake, then the config checks that need the manifest (before any features are computed)."""
     stage_task(STAGES["intake"])(StageContext(config, store, client))
+    check_kmeans_frames(config, load_manifest(store, RunLayout(config.run)))
 
 
 @flow(name="pretrain", validate_parameters=True)
-def pretrain(config: PretrainConfig, stop: StopPoint | None = None, force: StopPoint | None = None) -> str:
+def pretrain(
+    config: PretrainConfig, stop: StopPoint | None = None, force: StopPoint | None = None, wait_for_lease: bool = False
+) -> str:
     """Run (or resume) a pretraining run; returns the run's path in the artifact store.
 
     `stop` defaults to every stage of every iteration; `force` re-runs that stage and every one
-    after it even where they are committed.
+    after it even where they are committed. The run's lease (infra/lease.py) is taken before
+    anything is written and given back at the end, failed or not: a run another live process
+    holds raises LeaseHeld, or is waited for with `wait_for_lease`.
     """
     stop = stop or StopPoint()
     check_stop_point(stop, config)
     logger = get_run_logger()
     store = ArtifactStore(config.store, config.storage_options)
-    if force is not None:
-        logger.info("forcing %s", ", ".join(force_stages(store, config, force)) or "nothing (no stage committed yet)")
-    write_run_info(store, config)
-    with dask_client(**config.dask.model_dump()) as client:
-        logger.info("Dask scheduler at %s", client.scheduler.address)
-        run_intake(config, store, client)
-        for iteration in range(1, len(config.iterations) + 1):
-            if stop.includes("features", iteration, len(config.iterations)):
-                named = iteration_flow.with_options(flow_run_name=f"{config.run}-{scope_name(iteration)}")
-                named(config, iteration, stop)
+    layout = RunLayout(config.run)
+    lease = RunLease(store, layout.lease, config.lease.ttl_seconds, flow_run_id=flow_run.id, wait=wait_for_lease)
+    with lease:
+        if force is not None:
+            logger.info("forcing %s", ", ".join(force_stages(store, config, force)) or "nothing (no stage committed yet)")
+        write_run_info(store, config)
+        with dask_client(**config.dask.model_dump()) as client:
+            logger.info("Dask scheduler at %s", client.scheduler.address)
+            run_intake(config, store, client)
+            for iteration in range(1, len(config.iterations) + 1):
+                if stop.includes("features", iteration, len(config.iterations)):
+                    check_lease(store, layout.lease)
+                    named = iteration_flow.with_options(flow_run_name=f"{config.run}-{scope_name(iteration)}")
+                    named(config, iteration, stop)
     return store.url(config.run)
 
 
 @flow(name="pretrain-from-file")
-def pretrain_from_file(config_path: str, until: str | None = None) -> str:
+def pretrain_from_file(config_path: str, until: str | None = None, wait_for_lease: bool = False) -> str:
     """The deployment entrypoint: a YAML config on the worker's disk (validated as `run` does)."""
     config = load_config(config_path)
-    return pretrain(config, StopPoint.parse(until) if until else None)
+    return pretrain(config, StopPoint.parse(until) if until else None, wait_for_lease=wait_for_lease)

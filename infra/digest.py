@@ -7,6 +7,8 @@ import json
 from collections.abc import Iterable
 from typing import Any
 
+import numpy as np
+
 
 def digest_json(value: Any) -> str:
     """A stable sha256 of a JSON-serialisable value (keys sorted, no whitespace)."""
@@ -16,6 +18,11 @@ def digest_json(value: Any) -> str:
 
 def digest_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def digest_array(block: np.ndarray) -> str:
+    """The digest of an array's values as stored (C order, its dtype): one per chunk of a chunked output."""
+    return digest_bytes(np.ascontiguousarray(block).tobytes())
 
 
 def digest_digests(digests: Iterable[str]) -> str:

@@ -49,9 +49,18 @@ def find_files(folder: str, suffixes: tuple[str, ...], storage_options: dict[str
     return [fs.unstrip_protocol(path) for path in found]
 
 
-def path_exists(path: str, storage_options: dict[str, Any] | None = None) -> bool:
-    fs, stripped = fsspec.core.url_to_fs(path, **(storage_options or {}))
-    return fs.exists(stripped)
+def unreadable_because(path: str, storage_options: dict[str, Any] | None = None) -> str | None:
+    """Why `path` cannot be read (absent, or the credentials or endpoint refuse), or None if it can.
+
+    One request (a HEAD, or a listing for a prefix): a probe made before anything starts."""
+    try:
+        fs, stripped = fsspec.core.url_to_fs(path, **(storage_options or {}))
+        fs.info(stripped)
+    except FileNotFoundError:
+        return f"{path} does not exist"
+    except Exception as error:  # noqa: BLE001 - whatever the probe hits is the finding
+        return f"{path} cannot be read: {type(error).__name__}: {error}"
+    return None
 
 
 def fingerprint_source(source: str, suffixes: tuple[str, ...], storage_options: dict[str, Any] | None = None) -> str:

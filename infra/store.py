@@ -12,31 +12,60 @@ the only module that tells local paths from URLs.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import getpass
+import itertools
 import json
+import logging
 import os
 import posixpath
 import socket
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
 import fsspec
+import fsspec.asyn
 import numpy as np
 import zarr
 from fsspec.implementations.local import LocalFileSystem
 from pydantic import BaseModel, Field
 
-from infra.digest import digest_json
+from infra.digest import digest_bytes, digest_json
 from infra.paths import parent_of
 from infra.version import code_version
+
+log = logging.getLogger(__name__)
 
 
 def utc_now() -> datetime:
     return datetime.now(timezone.utc)
+
+
+class VersionMismatch(RuntimeError):
+    """A conditional write or delete found the object changed since it was read (or gone)."""
+
+
+# Every chunk of an array is written, even one equal to the fill value (zarr's default skips
+# those): a chunk that is absent is then always a lost one, never a legitimately empty one, and
+# output checks can name it instead of reading fill values. Set on import, so in every process.
+zarr.config.set({"array.write_empty_chunks": True})
+
+LISTED_NAMES_AT_MOST = 64
+
+
+class OutputObjects(BaseModel):
+    """What one output of a stage held at commit: enough to tell later that something went missing."""
+
+    count: int = Field(description="Objects (files) under the output.")
+    bytes: int
+    names: list[str] | None = Field(
+        default=None, description=f"The objects' paths relative to the stage's folder, for outputs of at most {LISTED_NAMES_AT_MOST}."
+    )
 
 
 class StageRecord(BaseModel):
@@ -53,6 +82,9 @@ class StageRecord(BaseModel):
     counts: dict[str, int | float] = Field(default_factory=dict)
     metrics: dict[str, Any] = Field(default_factory=dict)
     sizes: dict[str, int] = Field(default_factory=dict, description="Output bytes, by output path.")
+    objects: dict[str, OutputObjects] = Field(
+        default_factory=dict, description="Each output's objects at commit (records from before it have none)."
+    )
     started_at: datetime
     finished_at: datetime
     seconds: float
@@ -125,6 +157,112 @@ class ArtifactStore:
         with self.fs.open(self.path(relpath), "rt") as handle:
             return handle.read()
 
+    # -- conditional writes: what a lease needs (infra/lease.py) -----------------------------------
+    #
+    # A version is what tells one state of an object from the next: on object storage its ETag, in
+    # a local folder the digest of its content. Local compare-and-swap holds an exclusive flock on
+    # the object's folder (atomic between processes of one machine, and on NFSv4 between machines);
+    # on S3 the server decides, with If-None-Match / If-Match on the request.
+
+    def read_versioned(self, relpath: str) -> tuple[bytes, str] | None:
+        """The object's bytes and version, read in one request; None if there is none."""
+        target = self.path(relpath)
+        if self.is_local:
+            try:
+                with open(target, "rb") as handle:
+                    data = handle.read()
+            except FileNotFoundError:
+                return None
+            return data, digest_bytes(data)
+        try:
+            return fsspec.asyn.sync(self.fs.loop, self._s3_get_with_etag, target)
+        except FileNotFoundError:
+            return None
+
+    async def _s3_get_with_etag(self, target: str) -> tuple[bytes, str]:
+        bucket, key, _ = self.fs.split_path(target)
+        response = await self.fs._call_s3("get_object", Bucket=bucket, Key=key)
+        async with response["Body"] as body:
+            data = await body.read()
+        return data, response["ETag"]
+
+    def create_exclusive(self, relpath: str, data: bytes) -> str:
+        """Write a new object; FileExistsError if one is there already. Returns its version.
+
+        Local: written under a temporary name, then hard-linked to its name (link refuses an
+        existing name, atomically). S3: a PUT with `If-None-Match: *`; a server that ignores the
+        header overwrites instead, which the lease's read-back detects (see infra/lease.py).
+        """
+        target = self.path(relpath)
+        if self.is_local:
+            self.fs.makedirs(posixpath.dirname(target), exist_ok=True)
+            temporary = f"{target}.tmp-{uuid.uuid4().hex}"
+            with open(temporary, "wb") as handle:
+                handle.write(data)
+            try:
+                os.link(temporary, target)
+            finally:
+                os.unlink(temporary)
+            return digest_bytes(data)
+        try:
+            response = self.fs.call_s3("put_object", **self._s3_location(target), Body=data, IfNoneMatch="*")
+        except OSError as error:
+            if _precondition_failed(error):
+                raise FileExistsError(f"{self.url(relpath)} exists") from error
+            raise
+        return response["ETag"]
+
+    def replace_if(self, relpath: str, data: bytes, version: str) -> str:
+        """Overwrite the object only if it still has `version`; returns the new version.
+
+        Raises VersionMismatch when it changed or is gone."""
+        target = self.path(relpath)
+        if self.is_local:
+            with _folder_lock(posixpath.dirname(target)):
+                current = self.read_versioned(relpath)
+                if current is None or current[1] != version:
+                    raise VersionMismatch(f"{self.url(relpath)} changed since it was read")
+                self.write_bytes(relpath, data)
+            return digest_bytes(data)
+        try:
+            response = self.fs.call_s3("put_object", **self._s3_location(target), Body=data, IfMatch=version)
+        except (OSError, FileNotFoundError) as error:
+            if isinstance(error, FileNotFoundError) or _precondition_failed(error):
+                raise VersionMismatch(f"{self.url(relpath)} changed since it was read") from error
+            raise
+        return response["ETag"]
+
+    def remove_if(self, relpath: str, version: str) -> None:
+        """Delete the object only if it still has `version` (VersionMismatch otherwise)."""
+        target = self.path(relpath)
+        if self.is_local:
+            with _folder_lock(posixpath.dirname(target)):
+                current = self.read_versioned(relpath)
+                if current is None or current[1] != version:
+                    raise VersionMismatch(f"{self.url(relpath)} changed since it was read")
+                os.unlink(target)
+            return
+        try:
+            self.fs.call_s3("delete_object", **self._s3_location(target), IfMatch=version)
+        except OSError as error:
+            if isinstance(error, FileNotFoundError) or _precondition_failed(error):
+                raise VersionMismatch(f"{self.url(relpath)} changed since it was read") from error
+            raise
+        finally:
+            self.fs.invalidate_cache()
+
+    def _s3_location(self, target: str) -> dict[str, str]:
+        bucket, key, _ = self.fs.split_path(target)
+        return {"Bucket": bucket, "Key": key}
+
+    def check_writable(self) -> None:
+        """Write and delete a small probe object at the root; raises OSError (or a credentials
+        error) saying why the store cannot be written."""
+        probe = f"_write-probe-{uuid.uuid4().hex}"
+        self.write_bytes(probe, b"probe\n")
+        self.fs.rm(self.path(probe))
+        self.fs.invalidate_cache()
+
     def remove(self, relpath: str) -> None:
         """Remove a file or a folder tree; a missing one is not an error."""
         target = self.path(relpath)
@@ -140,6 +278,22 @@ class ArtifactStore:
         except FileNotFoundError:
             return []
         return sorted(posixpath.basename(entry.rstrip("/")) for entry in entries)
+
+    def list_objects(self, relpath: str) -> dict[str, int]:
+        """Objects at or under relpath (a file or a folder tree), by path relative to the store root, with their bytes.
+
+        Fresh from the store (no listing cache); a local write in flight (`.tmp-`) is not an object."""
+        target = self.path(relpath)
+        self.fs.invalidate_cache()
+        try:
+            found = self.fs.find(target, detail=True, withdirs=False)
+        except FileNotFoundError:
+            return {}
+        return {
+            posixpath.relpath(path, self.root): int(info.get("size") or 0)
+            for path, info in found.items()
+            if info.get("type") != "directory" and ".tmp-" not in posixpath.basename(path)
+        }
 
     def size(self, relpath: str) -> int:
         """Bytes under a file or folder."""
@@ -200,6 +354,27 @@ def create_zarr_group(
     return group
 
 
+@contextlib.contextmanager
+def _folder_lock(folder: str) -> Iterator[None]:
+    """An exclusive flock on a local folder, held for the block (serialises compare-and-swap)."""
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)
+
+
+def _precondition_failed(error: BaseException) -> bool:
+    """Whether s3fs's error is the server refusing a conditional request (HTTP 412)."""
+    if isinstance(error, FileExistsError):  # s3fs's translation when the server names If-None-Match
+        return True
+    response = getattr(error.__cause__, "response", None) or {}
+    return response.get("Error", {}).get("Code") == "PreconditionFailed" or (
+        response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 412
+    )
+
+
 def _protocol(fs: fsspec.AbstractFileSystem) -> str:
     protocol = fs.protocol
     return protocol[0] if isinstance(protocol, (tuple, list)) else protocol
@@ -256,9 +431,20 @@ class Stage:
         return read_record(self.store, self.folder, self.name)
 
     def committed(self) -> StageRecord | None:
-        """The record of this exact work, or None if it still has to run."""
+        """The record of this exact work with its outputs all there, or None if it has to run.
+
+        A record whose outputs lost objects since (a deleted Zarr chunk would read back as fill
+        values) does not count: the problems are logged and the stage runs again."""
         record = self.read_record()
-        return record if record is not None and record.key == self.key else None
+        if record is None or record.key != self.key:
+            return None
+        if problems := output_problems(self.store, self.folder, record):
+            log.warning(
+                "%s: committed, but its outputs changed since: %s; running it again",
+                self.rel(self.name), "; ".join(problems[:5]),
+            )
+            return None
+        return record
 
     def prepare(self, outputs: Iterable[str]) -> None:
         """Make the scope ready for (re)running this stage with this key."""
@@ -296,6 +482,7 @@ class Stage:
         metrics: dict[str, Any] | None = None,
     ) -> StageRecord:
         finished_at = utc_now()
+        objects = {output: describe_objects(self.store, self.folder, output) for output in outputs}
         record = StageRecord(
             stage=self.name,
             scope=posixpath.basename(self.folder),
@@ -307,7 +494,8 @@ class Stage:
             output_digest=output_digest,
             counts=counts or {},
             metrics=metrics or {},
-            sizes={output: self.store.size(self.rel(output)) for output in outputs},
+            sizes={output: contents.bytes for output, contents in objects.items()},
+            objects=objects,
             started_at=started_at,
             finished_at=finished_at,
             seconds=round((finished_at - started_at).total_seconds(), 3),
@@ -357,6 +545,57 @@ def parts_in_progress(store: ArtifactStore, folder: str, name: str) -> int:
 def part_markers(names: list[str]) -> list[str]:
     """The finished parts' marker files among a progress folder's names (not its key, nor a write in flight)."""
     return [name for name in names if name.endswith(".json") and name != "key.json" and ".tmp-" not in name]
+
+
+def _objects_of(store: ArtifactStore, folder: str, output: str) -> dict[str, int]:
+    """An output's objects by path relative to the stage's folder."""
+    return {posixpath.relpath(name, folder): size for name, size in store.list_objects(posixpath.join(folder, output)).items()}
+
+
+def describe_objects(store: ArtifactStore, folder: str, output: str) -> OutputObjects:
+    found = _objects_of(store, folder, output)
+    names = sorted(found) if len(found) <= LISTED_NAMES_AT_MOST else None
+    return OutputObjects(count=len(found), bytes=sum(found.values()), names=names)
+
+
+def expected_zarr_objects(store: ArtifactStore, relpath: str) -> list[str]:
+    """Every object a Zarr group's metadata promises (its arrays' metadata and chunks), relative to relpath."""
+    group = store.open_zarr(relpath, mode="r")
+    names = ["zarr.json"]
+    for name, array in group.arrays():
+        names.append(posixpath.join(name, "zarr.json"))
+        for coords in itertools.product(*(range(count) for count in array.cdata_shape)):
+            names.append(posixpath.join(name, array.metadata.encode_chunk_key(coords)))
+    return names
+
+
+def output_problems(store: ArtifactStore, folder: str, record: StageRecord, strict: bool = False) -> list[str]:
+    """What no longer matches the record among a stage's outputs: missing objects (named where
+    the record lists them or a Zarr group's metadata promises them) and changed byte totals.
+
+    `strict` also reports objects added since the commit. Cheap: one listing per output, and for
+    a Zarr output its group's metadata."""
+    problems = []
+    for output in record.outputs:
+        found = _objects_of(store, folder, output)
+        if not found:
+            problems.append(f"{output}: missing")
+            continue
+        recorded = record.objects.get(output)
+        expected = set(recorded.names or []) if recorded else set()
+        if posixpath.join(output, "zarr.json") in found:
+            expected |= {posixpath.join(output, name) for name in expected_zarr_objects(store, posixpath.join(folder, output))}
+        missing = sorted(expected - set(found))
+        if missing:
+            more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+            problems.append(f"{output}: {len(missing)} object(s) missing: {', '.join(missing[:5])}{more}")
+        elif recorded is not None and len(found) < recorded.count:
+            problems.append(f"{output}: {recorded.count - len(found)} of {recorded.count} objects missing")
+        elif recorded is not None and sum(found.values()) != recorded.bytes and (strict or len(found) == recorded.count):
+            problems.append(f"{output}: holds {sum(found.values())} bytes, the record says {recorded.bytes}")
+        elif strict and recorded is not None and len(found) > recorded.count:
+            problems.append(f"{output}: {len(found) - recorded.count} object(s) added since the commit")
+    return problems
 
 
 def open_run(run_path: str, storage_options: dict[str, Any] | None = None) -> tuple[ArtifactStore, str]:

@@ -7,13 +7,17 @@ its neighbour's output.
 from __future__ import annotations
 
 import io
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import zarr
 
+from infra.digest import digest_array
+
 from infra.store import ArtifactStore, StageRecord
 from model.frames import FrameGeometry
 from model.hubert import HUBERT_CONFIGS, HubertConfig
+from tasks.chunks import chunk_grid
 from tasks.layout import RunLayout
 from tasks.manifest import Utterance, manifest_from_jsonl
 
@@ -25,7 +29,18 @@ def load_manifest(store: ArtifactStore, layout: RunLayout) -> list[Utterance]:
 
 def load_centroids(store: ArtifactStore, layout: RunLayout, iteration: int) -> np.ndarray:
     """The (k, dim) float32 centroids of an iteration's k-means."""
-    return np.load(io.BytesIO(store.read_bytes(layout.centroids(iteration))))
+    return read_npy(store, layout.centroids(iteration))
+
+
+def read_npy(store: ArtifactStore, relpath: str) -> np.ndarray:
+    return np.load(io.BytesIO(store.read_bytes(relpath)))
+
+
+def stored_chunk_digests(array: zarr.Array) -> list[str]:
+    """`digest_array` of each chunk of the grid along an array's first axis, as stored (read a few at a time)."""
+    grid = chunk_grid(array.shape[0], array.chunks[0])
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        return list(pool.map(lambda chunk: digest_array(array[chunk.start : chunk.stop]), grid))
 
 
 def trained_architecture(train: StageRecord) -> HubertConfig:

@@ -82,10 +82,21 @@ def decode_audio(data: bytes) -> tuple[np.ndarray, int]:
         raise AudioError("corrupt", f"decoding failed ({_libsndfile_message(error)})") from error
     if samples.shape[0] == 0:
         raise AudioError("empty", "no audio samples")
+    check_samples(samples)
     declared = _declared_wav_frames(data) if info.format == "WAV" else info.frames
     if declared is not None and samples.shape[0] < declared:
         raise AudioError("truncated", f"header declares {declared} samples, file holds {samples.shape[0]}")
     return samples, int(sample_rate)
+
+
+def check_samples(samples: np.ndarray) -> None:
+    """Refuse samples no feature can be computed from: NaN or Inf (float files), or digital silence."""
+    finite = np.isfinite(samples)
+    if not finite.all():
+        first = int(np.argmin(finite.all(axis=1)))
+        raise AudioError("non-finite", f"{int((~finite).sum())} NaN or Inf sample value(s), the first at sample {first}")
+    if not samples.any():
+        raise AudioError("silent", "every sample is zero (digital silence)")
 
 
 def probe_audio(data: bytes) -> AudioInfo:

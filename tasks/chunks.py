@@ -77,6 +77,26 @@ def utterance_spans(utterances: list[Utterance], offsets: np.ndarray, start: int
     )
 
 
+class NonFiniteValues(ValueError):
+    """A part computed or read NaN or Inf values; names the utterances they belong to."""
+
+
+def check_finite(block: np.ndarray, start: int, spans: tuple[UtteranceSpan, ...], what: str) -> None:
+    """Raise NonFiniteValues if rows [start, start + len(block)) of the concatenation hold NaN or Inf,
+    naming the utterances those rows belong to: nothing non-finite may reach k-means or the labels."""
+    bad_rows = np.flatnonzero(~np.isfinite(block.reshape(block.shape[0], -1)).all(axis=1)) + start
+    if bad_rows.size == 0:
+        return
+    named = [
+        f"{span.id} ({span.path})"
+        for span in spans
+        if np.any((bad_rows >= span.offset) & (bad_rows < span.offset + span.frames))
+    ]
+    raise NonFiniteValues(
+        f"{what}: {bad_rows.size} frame(s) with NaN or Inf values, of utterance(s) {', '.join(named) or '(none listed)'}"
+    )
+
+
 def inside_an_utterance(offsets: np.ndarray, frame: int) -> bool:
     """Whether a chunk edge at `frame` falls inside an utterance rather than between two."""
     utterance = int(np.searchsorted(offsets, frame, side="right")) - 1

@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from infra.lease import DEFAULT_TTL_SECONDS
 from infra.paths import is_remote_url
 
 class _Section(BaseModel):
@@ -69,6 +70,16 @@ class DaskConfig(_Section):
         return self.address is not None or self.scheduler_file is not None
 
 
+class LeaseConfig(_Section):
+    ttl_seconds: float = Field(
+        default=DEFAULT_TTL_SECONDS,
+        ge=1.0,
+        le=86400.0,
+        description="A run's lease (one writer per run) is renewed every ttl_seconds/4; a lease not renewed for "
+        "ttl_seconds belonged to a writer that died and is taken over. Machines' clocks must agree to well within it.",
+    )
+
+
 class FeaturesConfig(_Section):
     kind: Literal["mfcc", "hubert"] = Field(
         description="mfcc: 39-dim Kaldi MFCC + deltas at 100 frames/s (iteration 1); "
@@ -102,6 +113,12 @@ class KMeansConfig(_Section):
     max_iter: int = Field(default=100, ge=1, description="Lloyd iterations at most.")
     seed: int = Field(default=0, ge=0)
     init: Literal["k-means++", "random"] = "k-means++"
+
+    @model_validator(mode="after")
+    def _enough_frames_for_k(self) -> KMeansConfig:
+        if self.max_frames is not None and self.max_frames < self.k:
+            raise ValueError(f"max_frames {self.max_frames} is fewer than k={self.k}: k-means needs at least k frames")
+        return self
 
 
 class LayerProfileConfig(_Section):
@@ -185,6 +202,7 @@ class PretrainConfig(_Section):
         description="Optional: refuse to train on labels that are not better than the previous iteration's "
         "(needs corpus.alignments). Without it a regression is a warning in the report and the CLI's table.",
     )
+    lease: LeaseConfig = Field(default_factory=LeaseConfig)
     iterations: list[IterationConfig] = Field(min_length=1)
 
     @field_validator("iterations")
@@ -226,6 +244,23 @@ class PretrainConfig(_Section):
                 )
         return self
 
+    @model_validator(mode="after")
+    def _layers_exist_in_the_previous_model(self) -> PretrainConfig:
+        """A later iteration's layer must exist in the preset the iteration before trains: known now, not after hours."""
+        from model.hubert import HUBERT_CONFIGS  # torch: imported only once the rest of the config is valid
+
+        problems = []
+        for index, (previous, iteration) in enumerate(zip(self.iterations, self.iterations[1:]), start=1):
+            layer, preset = iteration.features.layer, previous.train.model
+            layers = HUBERT_CONFIGS[preset].encoder_num_layers
+            if iteration.features.kind == "hubert" and isinstance(layer, int) and layer > layers:
+                problems.append(
+                    f"iterations.{index}.features.layer: {layer} exceeds the {layers} layers of iteration {index}'s '{preset}' model"
+                )
+        if problems:
+            raise ValueError("\n  ".join(problems))
+        return self
+
 
 class ConfigError(ValueError):
     """An invalid configuration; the message lists every problem with its field path."""
@@ -235,8 +270,11 @@ def format_validation_error(error: ValidationError, source: str) -> str:
     """One line per problem: `field.path: reason`, so users see all mistakes at once."""
     lines = [f"invalid configuration in {source}:"]
     for problem in error.errors():
-        path = ".".join(str(part) for part in problem["loc"]) or "(top level)"
-        lines.append(f"  {path}: {problem['msg']}")
+        path = ".".join(str(part) for part in problem["loc"])
+        if not path and problem["type"] == "value_error":  # checks across sections name their fields themselves
+            lines.append(f"  {problem['ctx']['error']}")
+        else:
+            lines.append(f"  {path or '(top level)'}: {problem['msg']}")
     return "\n".join(lines)
 
 

@@ -1,6 +1,7 @@
 """The run's layout: every path under `<store>/<run>/`, the stage order, and what each stage reads.
 
     <run>/run.json                                config as given, code version, when, who
+    <run>/lease.json                              the run's one writer while it works (infra/lease.py)
     <run>/corpus/manifest.jsonl, intake_report.json     + intake.commit.json
     <run>/iter-N/features.zarr                    + features.commit.json
     <run>/iter-N/kmeans/centroids.npy, report.json     + kmeans.commit.json
@@ -109,6 +110,10 @@ class RunLayout:
     @property
     def run_info(self) -> str:
         return posixpath.join(self.run, "run.json")
+
+    @property
+    def lease(self) -> str:
+        return posixpath.join(self.run, "lease.json")
 
     @property
     def manifest(self) -> str:

@@ -6,7 +6,9 @@ from distributed import Client
 
 from infra.store import ArtifactStore, StageRecord
 from tasks.config import PretrainConfig
-from tasks.layout import STAGE_ORDER, StageName, stage_iteration
+from tasks.artifacts import load_manifest
+from tasks.layout import STAGE_ORDER, RunLayout, StageName, stage_iteration
+from tasks.preflight import check_kmeans_frames
 from tasks.stage import StageContext, StageSpec, run_stage
 from tasks.stages.features import FEATURES
 from tasks.stages.intake import INTAKE
@@ -30,6 +32,8 @@ def run_through(
                 continue
             at = stage_iteration(stage, number)
             records[(stage, at)] = run_stage(STAGES[stage], StageContext(config, store, client, at))
+            if stage == "intake":
+                check_kmeans_frames(config, load_manifest(store, RunLayout(config.run)))
             if number == iteration and stage == last:
                 return records
     return records

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import posixpath
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -79,11 +80,26 @@ class StageResult:
 
 
 @dataclass(frozen=True)
+class CommittedStage:
+    """A stage's committed record and where its outputs are: what a deep check recomputes from."""
+
+    store: ArtifactStore
+    folder: str
+    record: StageRecord
+
+    def rel(self, *parts: str) -> str:
+        """Path relative to the store root of something in the stage's folder."""
+        return posixpath.join(self.folder, *parts)
+
+
+@dataclass(frozen=True)
 class StageSpec:
     """One stage, declared. `key_config` and `key_inputs` make its key (with `version`, which is
     bumped when a code change alters outputs); `work` writes `outputs` (relative to the stage's
     folder) and calls `stage.mark_part` as parts finish; `summary` is the log line's detail;
-    `check`, if given, may refuse the work before anything is prepared (it raises)."""
+    `check`, if given, may refuse the work before anything is prepared (it raises);
+    `verify_digest` recomputes the output digest from the stored outputs (`verify --deep`), with
+    the same code the stage digests with."""
 
     name: StageName
     version: int
@@ -92,6 +108,7 @@ class StageSpec:
     key_inputs: Callable[[StageContext], dict[str, str]]
     work: Callable[[StageContext, Stage], StageResult]
     summary: Callable[[StageRecord], str]
+    verify_digest: Callable[[CommittedStage], str]
     check: Callable[[StageContext], None] | None = None
     retries: int = 2
 

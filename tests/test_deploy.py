@@ -122,3 +122,15 @@ def test_the_deployments_name_real_flows_and_the_cluster_one_matches_its_worker(
     assert Path(cluster["parameters"]["config_path"]).parent == Path(mount["mountPath"])
     working_directory = cluster["pull"][0]["prefect.deployments.steps.set_working_directory"]["directory"]
     assert f"WORKDIR {working_directory}" in (DEPLOY / "Dockerfile").read_text()
+
+
+def test_each_deployment_runs_one_flow_run_at_a_time() -> None:
+    """Prefect's own reading of prefect.yaml (3.8.8's model): every deployment limits itself to one run."""
+    from prefect.cli.deploy._models import PrefectYamlModel
+
+    parsed = PrefectYamlModel.model_validate(yaml.safe_load((REPO / "prefect.yaml").read_text()))
+    assert parsed.deployments
+    for deployment in parsed.deployments:
+        assert deployment.concurrency_limit is not None, deployment.name
+        assert deployment.concurrency_limit.limit == 1, deployment.name
+        assert deployment.concurrency_limit.collision_strategy == "ENQUEUE", deployment.name

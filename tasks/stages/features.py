@@ -26,17 +26,17 @@ import numpy as np
 import torch
 import zarr
 
-from infra.digest import digest_bytes, digest_digests, digest_json
+from infra.digest import digest_array, digest_bytes, digest_digests, digest_json
 from infra.parts import run_parts
 from infra.store import EmptyArray, Stage, StageRecord, create_zarr_group
 from model.frames import SAMPLE_RATE
-from tasks.artifacts import load_manifest
+from tasks.artifacts import load_manifest, stored_chunk_digests
 from tasks.audio import load_audio_16k
-from tasks.chunks import Chunk, UtteranceSpan, chunk_grid, frame_offsets, utterance_spans
+from tasks.chunks import Chunk, UtteranceSpan, check_finite, chunk_grid, frame_offsets, utterance_spans
 from tasks.feature_sources import FeatureSource, MfccSource, layer_source
 from tasks.layout import FEATURES_STORE
 from tasks.manifest import Utterance
-from tasks.stage import StageContext, StageResult, StageSpec
+from tasks.stage import CommittedStage, StageContext, StageResult, StageSpec
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +91,7 @@ def compute_chunk(job: ChunkJob, source: FeatureSource, storage_options: dict[st
             )
         low, high = span.overlap(job.start, job.stop)
         block[low - job.start : high - job.start] = features[low - span.offset : high - span.offset].numpy()
+    check_finite(block, job.start, job.utterances, f"features of {job.part}")
     return block
 
 
@@ -105,7 +106,7 @@ def write_feature_chunk(job: ChunkJob, source: FeatureSource, stage: Stage, feat
     features[job.start : job.stop] = block
     info = {
         "part": job.part,
-        "digest": digest_bytes(block.tobytes()),
+        "digest": digest_array(block),
         "audio_seconds": sum(span.samples_16k for span in job.utterances) / SAMPLE_RATE,
     }
     stage.mark_part(job.part, info)
@@ -201,12 +202,8 @@ def features(context: StageContext, stage: Stage) -> StageResult:
     audio_seconds = sum(utterance.samples_16k for utterance in utterances) / SAMPLE_RATE
     computed_audio_seconds = sum(parts[job.part]["audio_seconds"] for job in jobs if job.part not in done)
     return StageResult(
-        output_digest=digest_json(
-            {
-                "features": digest_digests(parts[job.part]["digest"] for job in jobs),
-                "offsets": digest_bytes(offsets.tobytes()),
-                "utt_ids": [utterance.id for utterance in utterances],
-            }
+        output_digest=features_digest(
+            [parts[job.part]["digest"] for job in jobs], offsets, [utterance.id for utterance in utterances]
         ),
         counts={
             "utterances": len(utterances),
@@ -224,6 +221,21 @@ def features(context: StageContext, stage: Stage) -> StageResult:
     )
 
 
+def features_digest(chunk_digests: list[str], offsets: np.ndarray, utt_ids: list[str]) -> str:
+    """The stage's output digest: its chunks' digests in grid order, the offsets and the ids."""
+    return digest_json(
+        {"features": digest_digests(chunk_digests), "offsets": digest_bytes(offsets.tobytes()), "utt_ids": utt_ids}
+    )
+
+
+def verify_features(committed: CommittedStage) -> str:
+    """The output digest recomputed from every stored chunk."""
+    group = committed.store.open_zarr(committed.rel(FEATURES_STORE), mode="r")
+    return features_digest(
+        stored_chunk_digests(group["features"]), group["offsets"][:], [str(name) for name in group["utt_ids"][:]]
+    )
+
+
 def features_summary(record: StageRecord) -> str:
     return f"{record.counts['frames']} frames x {record.counts['dim']}"
 
@@ -236,4 +248,5 @@ FEATURES = StageSpec(
     key_inputs=features_key_inputs,
     work=features,
     summary=features_summary,
+    verify_digest=verify_features,
 )

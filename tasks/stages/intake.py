@@ -1,7 +1,8 @@
 """Stage: corpus intake. Lists the source, probes every file in parallel on Dask, writes the manifest.
 
-One bad file never stops a corpus: unreadable, empty, truncated, too short or mismatching files
-go into `corpus/intake_report.json` with their reason and the run goes on without them. Two files
+One bad file never stops a corpus: unreadable, empty, truncated, non-finite (NaN or Inf samples),
+silent, too short or mismatching files go into `corpus/intake_report.json` with their reason and
+the run goes on without them. Two files
 with the same utterance id stop intake before any probing, naming both paths.
 """
 
@@ -30,7 +31,7 @@ from tasks.manifest import (
     list_candidates,
     manifest_to_jsonl,
 )
-from tasks.stage import StageContext, StageResult, StageSpec
+from tasks.stage import CommittedStage, StageContext, StageResult, StageSpec
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +151,11 @@ def intake(context: StageContext, stage: Stage) -> StageResult:
     )
 
 
+def verify_intake(committed: CommittedStage) -> str:
+    """The manifest's digest, as the stage took it."""
+    return digest_bytes(committed.store.read_bytes(committed.rel(MANIFEST)))
+
+
 def intake_summary(record: StageRecord) -> str:
     counts = record.counts
     return f"{counts['utterances']} utterances, {counts['hours']:.2f} h, {counts['rejected']} rejected"
@@ -163,4 +169,5 @@ INTAKE = StageSpec(
     key_inputs=intake_key_inputs,
     work=intake,
     summary=intake_summary,
+    verify_digest=verify_intake,
 )

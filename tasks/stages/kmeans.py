@@ -22,13 +22,14 @@ import numpy as np
 import zarr
 from distributed import Client, Future, wait
 
-from infra.digest import digest_bytes
+from infra.digest import digest_array
 from infra.store import Stage, StageRecord
 from model.kmeans import LloydResult, initial_centroids, lloyd, lloyd_partial
 from tasks.chunks import Chunk, chunk_grid
 from tasks.config import KMeansConfig
 from tasks.layout import CENTROIDS, FEATURES_STORE, FIT_REPORT, KMEANS_DIR
-from tasks.stage import StageContext, StageResult, StageSpec
+from tasks.artifacts import read_npy
+from tasks.stage import CommittedStage, StageContext, StageResult, StageSpec
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +142,7 @@ def kmeans(context: StageContext, stage: Stage) -> StageResult:
     )
     sizes = np.array(result.cluster_sizes)
     return StageResult(
-        output_digest=digest_bytes(result.centroids.tobytes()),
+        output_digest=digest_array(result.centroids),
         counts={
             "k": settings.k, "dim": int(result.centroids.shape[1]), "frames_fitted": fit.frames, "iterations": result.iterations,
         },
@@ -154,6 +155,11 @@ def kmeans(context: StageContext, stage: Stage) -> StageResult:
             "largest_cluster": int(sizes.max()),
         },
     )
+
+
+def verify_kmeans(committed: CommittedStage) -> str:
+    """The centroids' digest, as the stage took it."""
+    return digest_array(read_npy(committed.store, committed.rel(CENTROIDS)))
 
 
 def kmeans_summary(record: StageRecord) -> str:
@@ -171,4 +177,5 @@ KMEANS = StageSpec(
     key_inputs=kmeans_key_inputs,
     work=kmeans,
     summary=kmeans_summary,
+    verify_digest=verify_kmeans,
 )

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import zarr
 
-from infra.digest import digest_bytes, digest_digests, digest_json
+from infra.digest import digest_array, digest_digests, digest_json
 from infra.parts import gather_parts, run_parts
 from infra.paths import fingerprint_source
 from infra.store import EmptyArray, Stage, StageRecord, create_zarr_group
@@ -29,11 +29,11 @@ from model.data import map_labels
 from model.kmeans import nearest_centroids
 from model.quality import LabelTally, frame_segments, label_agreement, label_measures, phone_measures
 from tasks.alignments import ALIGNMENT_SUFFIXES, alignment_path, read_alignment
-from tasks.artifacts import load_centroids, load_manifest, stored_geometry
-from tasks.chunks import UtteranceSpan, chunk_grid, inside_an_utterance, utterance_spans
+from tasks.artifacts import load_centroids, load_manifest, stored_chunk_digests, stored_geometry
+from tasks.chunks import UtteranceSpan, check_finite, chunk_grid, inside_an_utterance, utterance_spans
 from tasks.layout import FEATURES_STORE, LABELS_STORE
 from tasks.manifest import Utterance
-from tasks.stage import StageContext, StageResult, StageSpec
+from tasks.stage import CommittedStage, StageContext, StageResult, StageSpec
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ class LabelJob:
     def chunk_digests(self, labels: np.ndarray) -> list[str]:
         """One digest per chunk, so the stage's digest does not depend on how chunks were grouped."""
         edges = [*self.chunk_starts, self.stop]
-        return [digest_bytes(labels[a - self.start : b - self.start].tobytes()) for a, b in zip(edges, edges[1:])]
+        return [digest_array(labels[a - self.start : b - self.start]) for a, b in zip(edges, edges[1:])]
 
 
 @dataclass(frozen=True)
@@ -113,7 +113,9 @@ def write_label_chunk(
     label across part edges.
     """
     torch.set_num_threads(1)
-    chunk = nearest_centroids(features[job.start : job.stop], centroids)[0].numpy().astype(np.int16)
+    rows = features[job.start : job.stop]
+    check_finite(rows, job.start, job.utterances, f"features read for labels {job.part}")
+    chunk = nearest_centroids(rows, centroids)[0].numpy().astype(np.int16)
     tally = tally_labels(job, chunk, measuring)
     labels[job.start : job.stop] = chunk
     info = {
@@ -296,11 +298,8 @@ def labels(context: StageContext, stage: Stage) -> StageResult:
     measures = {"labels": label_measures(tally), "quality": phone_measures(tally)}
     agreement = label_agreement(tally)
     return StageResult(
-        output_digest=digest_json(
-            {
-                "labels": digest_digests(digest for job in jobs for digest in parts[job.part]["digests"]),
-                "offsets": features_record.output_digest,
-            }
+        output_digest=labels_digest(
+            [digest for job in jobs for digest in parts[job.part]["digests"]], features_record.output_digest
         ),
         counts={
             "frames": int(total), "utterances": len(utterances), "k": k, "chunks": chunks,
@@ -321,6 +320,18 @@ def previous_labels(context: StageContext) -> PreviousLabels:
     return PreviousLabels(group["labels"], group["offsets"][:], stored_geometry(group), int(group.attrs["k"]))
 
 
+def labels_digest(chunk_digests: list[str], features_digest: str) -> str:
+    """The stage's output digest: its chunks' digests in grid order, and the features' digest
+    (whose offsets and ids the labels store copies)."""
+    return digest_json({"labels": digest_digests(chunk_digests), "offsets": features_digest})
+
+
+def verify_labels(committed: CommittedStage) -> str:
+    """The output digest recomputed from every stored chunk."""
+    array = committed.store.open_zarr(committed.rel(LABELS_STORE), mode="r")["labels"]
+    return labels_digest(stored_chunk_digests(array), committed.record.inputs["features"])
+
+
 def labels_summary(record: StageRecord) -> str:
     quality = record.metrics.get("quality")
     phones = f", PNMI {quality['pnmi']:.3f}, phone purity {quality['phone_purity']:.3f}" if quality else ""
@@ -335,4 +346,5 @@ LABELS = StageSpec(
     key_inputs=labels_key_inputs,
     work=labels,
     summary=labels_summary,
+    verify_digest=verify_labels,
 )

@@ -16,14 +16,14 @@ import logging
 from typing import Any
 
 from infra.digest import digest_bytes
-from infra.store import Stage, StageRecord, read_record
+from infra.store import ArtifactStore, Stage, StageRecord, read_record
 from model.hubert import HUBERT_CONFIGS
 from tasks.artifacts import load_manifest
 from tasks.config import LayerProfileConfig
 from tasks.feature_sources import HubertLayerSource
 from tasks.layer_profile import layer_profile
 from tasks.layout import FINAL_MODEL, LABELS_STORE, MODEL_DIR, TRAIN_LOG
-from tasks.stage import StageContext, StageResult, StageSpec
+from tasks.stage import CommittedStage, StageContext, StageResult, StageSpec
 from tasks.torchrun import run_multinode, run_standalone
 from tasks.training import train_rank
 from tasks.verdict import enforce_quality_gate, iteration_verdict
@@ -75,7 +75,7 @@ def train_model(context: StageContext, stage: Stage) -> StageResult:
     last = history[-1]
     k = store.open_zarr(stage.rel(LABELS_STORE), mode="r").attrs["k"]
     architecture = HUBERT_CONFIGS[settings.model]
-    weights_digest = digest_bytes(store.read_bytes(stage.rel(FINAL_MODEL)))
+    weights_digest = final_model_digest(store, stage.rel(FINAL_MODEL))
     profile = None
     if settings.profile.enabled:
         layers = [
@@ -103,6 +103,15 @@ def train_model(context: StageContext, stage: Stage) -> StageResult:
     )
 
 
+def final_model_digest(store: ArtifactStore, relpath: str) -> str:
+    return digest_bytes(store.read_bytes(relpath))
+
+
+def verify_train(committed: CommittedStage) -> str:
+    """The final weights' digest, as the stage took it."""
+    return final_model_digest(committed.store, committed.rel(FINAL_MODEL))
+
+
 def train_summary(record: StageRecord) -> str:
     summary = f"{record.counts['steps']} steps, loss {record.metrics['first_loss']:.3f} -> {record.metrics['final_loss']:.3f}"
     profile = record.metrics.get("layer_profile")
@@ -120,6 +129,7 @@ TRAIN = StageSpec(
     key_inputs=train_key_inputs,
     work=train_model,
     summary=train_summary,
+    verify_digest=verify_train,
     check=check_quality_gate,
     retries=1,
 )

@@ -1,0 +1,85 @@
+"""Every config mistake found before work: in seconds, with the field path, exit status 2."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from infra.store import ArtifactStore
+from tasks.config import ConfigError, load_config
+from tasks.layout import RunLayout
+from tests.conftest import RUNS_BUCKET, demo_config, run_chain, run_cli
+
+TWO_ITERATIONS = """\
+run: t
+store: {store}
+corpus: {{source: {source}}}
+{extra}
+iterations:
+  - features: {{kind: mfcc}}
+    kmeans: {{k: {k}{kmeans}}}
+    train: {{model: tiny, steps: 2{train}}}
+  - features: {{kind: hubert, layer: {layer}}}
+    kmeans: {{k: 8}}
+    train: {{model: tiny, steps: 2}}
+"""
+
+
+def write(tmp_path: Path, source: Path | str, store: Path | str | None = None, extra: str = "", k: int = 8,
+          kmeans: str = "", train: str = "", layer: int = 3) -> Path:
+    path = tmp_path / "cfg.yaml"
+    path.write_text(TWO_ITERATIONS.format(
+        store=store or tmp_path / "runs", source=source, extra=extra, k=k, kmeans=kmeans, train=train, layer=layer
+    ))
+    return path
+
+
+def refused_in_seconds(tmp_path: Path, config: Path, expected: str) -> None:
+    """`run` exits 2 within 10 s, saying `expected`, before a cluster starts."""
+    started = time.monotonic()
+    result = run_cli(tmp_path, "run", str(config), check=False)
+    seconds = time.monotonic() - started
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert expected in result.stderr, result.stderr[-3000:]
+    assert seconds < 10, f"took {seconds:.1f} s"
+    assert "Dask scheduler" not in result.stderr  # nothing started
+
+
+CASES = {
+    "layer beyond the previous model": (
+        {"layer": 13}, "iterations.1.features.layer: 13 exceeds the 6 layers of iteration 1's 'tiny' model"),
+    "max_frames below k": (
+        {"k": 100, "kmeans": ", max_frames: 50"}, "iterations.0.kmeans: Value error, max_frames 50 is fewer than k=100"),
+    "nnodes without a cluster": ({"train": ", nnodes: 2"}, "iterations.0.train.nnodes is 2, which needs an external Dask cluster"),
+    "a store that cannot be written": (
+        {"store": "/etc/hostname/runs"}, "store: /etc/hostname/runs cannot be written: NotADirectoryError"),
+    "a corpus source that does not exist": ({"source": "/no/such/corpus"}, "corpus.source: /no/such/corpus does not exist"),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_a_config_mistake_is_refused_in_seconds_with_its_field(tmp_path: Path, demo_corpus: Path, case: str) -> None:
+    settings, expected = CASES[case]
+    settings = {"source": demo_corpus / "wav", **settings}
+    refused_in_seconds(tmp_path, write(tmp_path, **settings), expected)
+
+
+def test_credentials_the_s3_endpoint_refuses_are_named_for_the_store_and_the_source(tmp_path: Path, s3, demo_corpus: Path) -> None:
+    options = s3.storage_options()
+    extra = (
+        f"storage_options: {{key: {options['key']}, secret: not-the-secret, "
+        f"client_kwargs: {{endpoint_url: '{s3.endpoint_url}'}}}}"
+    )
+    config = write(tmp_path, "s3://corpus/wav", f"s3://{RUNS_BUCKET}/preflight", extra=extra)
+    refused_in_seconds(tmp_path, config, "corpus.source: s3://corpus/wav cannot be read: PermissionError")
+    refused_in_seconds(tmp_path, config, f"store: s3://{RUNS_BUCKET}/preflight cannot be written: PermissionError")
+
+
+def test_a_k_beyond_the_corpus_frames_stops_right_after_intake_naming_the_field(tmp_path: Path, demo_corpus: Path, client) -> None:
+    config = demo_config(tmp_path, demo_corpus, k=20_000)
+    with pytest.raises(ConfigError, match=r"iterations\.0\.kmeans\.k: 20000 exceeds the about \d+ frames k-means would fit on"):
+        run_chain(config, client, "labels")
+    store = ArtifactStore(config.store)
+    assert store.exists(RunLayout("t").manifest) and not store.exists(RunLayout("t").features_store(1))
