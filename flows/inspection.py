@@ -15,7 +15,7 @@ from tasks.layout import ITERATION_STAGES, STAGE_INPUTS, RunLayout, StageName, s
 
 class StageStatus(BaseModel):
     stage: str
-    status: str  # done | stale | partial | missing
+    status: str  # done | stale | partial | missing | not configured (train, in a last iteration that has none)
     seconds: float | None = None
     bytes: int | None = None
     finished_at: str | None = None
@@ -52,6 +52,8 @@ class RunStatus(BaseModel):
             ],
         }
 
+
+NOT_CONFIGURED = "not configured"
 
 RecordReader = Callable[[StageName, int | None], StageRecord | None]
 """(stage, iteration) -> that stage's record, or None."""
@@ -93,7 +95,7 @@ def inspect_run(run_path: str, storage_options: dict[str, Any] | None = None) ->
     info = store.read_json(layout.run_info)
     if info is None:
         raise FileNotFoundError(f"no run at {run_path} (no run.json there)")
-    iteration_count = len(info["config"]["iterations"])
+    configured = info["config"]["iterations"]
 
     @functools.cache
     def read(stage: StageName, iteration: int | None) -> StageRecord | None:  # each record once
@@ -105,8 +107,13 @@ def inspect_run(run_path: str, storage_options: dict[str, Any] | None = None) ->
         code_version=info.get("code_version"),
         intake=stage_status(store, layout, "intake", None, read),
         iterations=[
-            {stage: stage_status(store, layout, stage, number, read) for stage in ITERATION_STAGES}
-            for number in range(1, iteration_count + 1)
+            {
+                stage: StageStatus(stage=stage, status=NOT_CONFIGURED)
+                if stage == "train" and section.get("train") is None
+                else stage_status(store, layout, stage, number, read)
+                for stage in ITERATION_STAGES
+            }
+            for number, section in enumerate(configured, start=1)
         ],
     )
 
@@ -149,7 +156,7 @@ def render_table(status: RunStatus) -> Table:
     rows = [("-", status.intake)] + [
         (str(number), stage) for number, stages in enumerate(status.iterations, start=1) for stage in stages.values()
     ]
-    colours = {"done": "green", "stale": "yellow", "partial": "yellow", "missing": "dim"}
+    colours = {"done": "green", "stale": "yellow", "partial": "yellow", "missing": "dim", NOT_CONFIGURED: "dim"}
     for iteration, stage in rows:
         table.add_row(
             iteration,
