@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import torch
 import torchaudio
 
 from infra.digest import digest_bytes
+from flows.cli import main
 from infra.store import ArtifactStore, Stage, utc_now
 from model.hubert import HUBERT_CONFIGS, build_pretrain_model, frame_geometry
 from model.layer_features import extract_layer_features
@@ -28,6 +30,7 @@ from tasks.config import PretrainConfig
 from tasks.exports import export_model
 from tasks.layout import BUNDLE, RunLayout
 from tasks.pipeline import run_through
+from tasks.units import load_bundle, units
 from tests.conftest import run_cli
 
 transformers = pytest.importorskip("transformers")
@@ -68,6 +71,16 @@ def run(tmp_path_factory: pytest.TempPathFactory, corpus: Path, client) -> tuple
     return config, store
 
 
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory: pytest.TempPathFactory, run) -> tuple[Path, str]:
+    """`hubert-pipeline export` of iteration 1 (a folder and the command's output)."""
+    config, _ = run
+    tmp_path = tmp_path_factory.mktemp("export")
+    out = tmp_path / "bundle"
+    result = run_cli(tmp_path, "export", str(Path(config.store) / "t"), "--iteration", "1", "--out", str(out))
+    return out, result.stdout
+
+
 def _hf_layers(folder: Path, waveform: torch.Tensor, normalize: bool) -> tuple[torch.Tensor, ...]:
     model = transformers.HubertModel.from_pretrained(folder).eval()
     prepared = torch.nn.functional.layer_norm(waveform, waveform.shape) if normalize else waveform
@@ -90,12 +103,11 @@ def _check_bundle_matches_encoder(folder: Path, encoder: torch.nn.Module, config
         )
 
 
-def test_export_of_a_trained_tiny_model_loads_in_transformers_with_its_quantizer(tmp_path: Path, run, corpus: Path) -> None:
-    config, store = run
+def test_export_of_a_trained_tiny_model_loads_in_transformers_with_its_quantizer(run, bundle, corpus: Path) -> None:
+    _, store = run
     layout = RunLayout("t")
-    out = tmp_path / "bundle"
-    result = run_cli(tmp_path, "export", str(Path(config.store) / "t"), "--iteration", "1", "--out", str(out))
-    assert "quantizer: layer 3, k=8" in result.stdout
+    out, stdout = bundle
+    assert "quantizer: layer 3, k=8" in stdout
     assert {path.name for path in out.iterdir()} >= {"config.json", "model.safetensors", BUNDLE.torchaudio_encoder, BUNDLE.manifest}
     manifest = json.loads((out / BUNDLE.manifest).read_text())
     train = store.read_json("t/iter-1/train.commit.json")
@@ -119,13 +131,16 @@ def test_export_of_a_trained_tiny_model_loads_in_transformers_with_its_quantizer
     _check_bundle_matches_encoder(out, pretrain.wav2vec2.eval(), HUBERT_CONFIGS["tiny"], waveform)
 
 
-def test_export_refuses_an_iteration_that_did_not_train_and_a_missing_best(tmp_path: Path, run) -> None:
+def test_export_refuses_an_iteration_that_did_not_train_and_a_missing_best(tmp_path: Path, run, capsys) -> None:
     config, _ = run
     run_path = str(Path(config.store) / "t")
-    untrained = run_cli(tmp_path, "export", run_path, "--iteration", "2", "--out", str(tmp_path / "b2"), check=False)
-    assert untrained.returncode == 2 and "iteration 2" in untrained.stderr and "no committed train" in untrained.stderr
-    best = run_cli(tmp_path, "export", run_path, "--iteration", "1", "--weights", "best", "--out", str(tmp_path / "b"), check=False)
-    assert best.returncode == 2 and "--weights best" in best.stderr and "does not exist" in best.stderr
+    assert main(["export", run_path, "--iteration", "2", "--out", str(tmp_path / "b2")]) == 2
+    untrained = capsys.readouterr().err
+    assert "iteration 2" in untrained and "no committed train" in untrained
+    assert main(["export", run_path, "--iteration", "1", "--weights", "best", "--out", str(tmp_path / "b")]) == 2
+    best = capsys.readouterr().err
+    assert "--weights best" in best and "does not exist" in best
+    assert not (tmp_path / "b2").exists() and not (tmp_path / "b").exists()
 
 
 @pytest.mark.parametrize("preset", ["base", "large", "xlarge"])
@@ -152,12 +167,11 @@ def test_export_of_each_preset_matches_the_pipeline_layers(tmp_path: Path, prese
     _check_bundle_matches_encoder(tmp_path / "bundle", pretrain.wav2vec2, config, waveform)
 
 
-def test_units_of_the_training_corpus_are_the_next_iterations_labels(tmp_path: Path, run, corpus: Path) -> None:
-    config, store = run
-    bundle = tmp_path / "bundle"
-    run_cli(tmp_path, "export", str(Path(config.store) / "t"), "--iteration", "1", "--out", str(bundle))
+def test_units_of_the_training_corpus_are_the_next_iterations_labels(tmp_path: Path, run, bundle, corpus: Path, caplog) -> None:
+    _, store = run
+    folder, _ = bundle
     out = tmp_path / "units"
-    run_cli(tmp_path, "units", str(bundle), str(corpus), "--out", str(out))
+    run_cli(tmp_path, "units", str(folder), str(corpus), "--out", str(out))
     labels = store.open_zarr("t/iter-2/labels.zarr", "r")
     units = ArtifactStore(str(out)).open_zarr("units.zarr", "r")
     assert list(units["utt_ids"][:]) == list(labels["utt_ids"][:])
@@ -173,26 +187,25 @@ def test_units_of_the_training_corpus_are_the_next_iterations_labels(tmp_path: P
     report = json.loads((out / "report.json").read_text())
     assert report["counts"]["utterances"] == len(lines) == 30 and report["rejected"] == []
 
-    again = run_cli(tmp_path, "units", str(bundle), str(corpus), "--out", str(out), "--dedup")
-    assert "committed earlier" in again.stderr
+    caplog.set_level(logging.INFO, logger="tasks.units")
+    units(load_bundle(str(folder)), str(corpus), str(out), dedup=True)  # committed: no cluster, only units.jsonl
+    assert "committed earlier" in caplog.text
     for plain, collapsed in zip(lines, [json.loads(line) for line in (out / "units.jsonl").read_text().splitlines()]):
         assert sum(collapsed["durations"]) == len(plain["units"])
         assert np.repeat(collapsed["units"], collapsed["durations"]).tolist() == plain["units"]
         assert all(a != b for a, b in zip(collapsed["units"], collapsed["units"][1:]))
 
 
-def test_units_refuses_a_bundle_whose_parts_do_not_belong_together(tmp_path: Path, run, corpus: Path) -> None:
-    config, _ = run
-    bundle = tmp_path / "bundle"
-    run_cli(tmp_path, "export", str(Path(config.store) / "t"), "--iteration", "1", "--out", str(bundle))
+def test_units_refuses_a_bundle_whose_parts_do_not_belong_together(tmp_path: Path, bundle, corpus: Path, capsys) -> None:
+    bundle = Path(shutil.copytree(bundle[0], tmp_path / "bundle"))
     quantizer = json.loads((bundle / BUNDLE.quantizer).read_text())
     (bundle / BUNDLE.quantizer).write_text(json.dumps({**quantizer, "model_digest": "0" * 64}))
-    mixed = run_cli(tmp_path, "units", str(bundle), str(corpus), "--out", str(tmp_path / "u1"), check=False)
-    assert mixed.returncode == 2 and "fitted on weights 000000000000" in mixed.stderr
+    assert main(["units", str(bundle), str(corpus), "--out", str(tmp_path / "u1")]) == 2
+    assert "fitted on weights 000000000000" in capsys.readouterr().err
     (bundle / BUNDLE.quantizer).write_text(json.dumps(quantizer))
     state = torch.load(bundle / BUNDLE.torchaudio_encoder, weights_only=True)
     next(iter(state.values())).add_(1.0)
     torch.save(state, bundle / BUNDLE.torchaudio_encoder)
-    swapped = run_cli(tmp_path, "units", str(bundle), str(corpus), "--out", str(tmp_path / "u2"), check=False)
-    assert swapped.returncode == 2 and "is not the encoder" in swapped.stderr
+    assert main(["units", str(bundle), str(corpus), "--out", str(tmp_path / "u2")]) == 2
+    assert "is not the encoder" in capsys.readouterr().err
     assert not (tmp_path / "u1").exists() and not (tmp_path / "u2").exists()
