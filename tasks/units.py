@@ -246,7 +246,7 @@ def units(
 
 def _compute_units(bundle: Bundle, source: str, candidates: list, stage: Stage, client: Any, options: dict[str, Any]) -> None:
     started_at = utc_now()
-    stage.prepare(OUTPUTS)
+    stage.prepare((*OUTPUTS, UNITS_JSONL))  # units.jsonl is rewritten from units.zarr once committed
     store = stage.store
     layer_source = bundle.source()
     utterances, rejections = probe_candidates(client, candidates, CorpusConfig(source=source), options, "units (probing)")

@@ -22,12 +22,14 @@ import torchaudio
 
 from infra.digest import digest_bytes
 from flows.cli import main
+from flows.inspection import inspect_run
+from flows.pretrain import write_run_info
 from infra.store import ArtifactStore, Stage, utc_now
 from model.hubert import HUBERT_CONFIGS, build_pretrain_model, frame_geometry
 from model.layer_features import extract_layer_features
 from tasks.audio import load_audio_16k
 from tasks.config import PretrainConfig
-from tasks.exports import export_model
+from tasks.exports import export_model, fairseq_root
 from tasks.layout import BUNDLE, RunLayout
 from tasks.pipeline import run_through
 from tasks.units import load_bundle, units
@@ -66,6 +68,7 @@ def run(tmp_path_factory: pytest.TempPathFactory, corpus: Path, client) -> tuple
         }
     )
     store = ArtifactStore(config.store)
+    write_run_info(store, config)
     records = run_through(config, store, client, "labels", iteration=2)
     assert ("train", 2) not in records
     return config, store
@@ -103,6 +106,7 @@ def _check_bundle_matches_encoder(folder: Path, encoder: torch.nn.Module, config
         )
 
 
+@pytest.mark.slow
 def test_export_of_a_trained_tiny_model_loads_in_transformers_with_its_quantizer(run, bundle, corpus: Path) -> None:
     _, store = run
     layout = RunLayout("t")
@@ -131,6 +135,21 @@ def test_export_of_a_trained_tiny_model_loads_in_transformers_with_its_quantizer
     _check_bundle_matches_encoder(out, pretrain.wav2vec2.eval(), HUBERT_CONFIGS["tiny"], waveform)
 
 
+@pytest.mark.slow
+def test_an_iteration_without_train_is_shown_as_not_configured(run) -> None:
+    config, _ = run
+    status = inspect_run(str(Path(config.store) / "t"))
+    assert status.iterations[0]["train"].status == "done"
+    assert [status.iterations[1][stage].status for stage in ("labels", "train")] == ["done", "not configured"]
+
+
+def test_fairseq_root_is_the_deepest_common_folder_or_slash() -> None:
+    assert fairseq_root(["/data/a/x.wav", "/data/a/b/y.wav"]) == ("/data/a", ["x.wav", "b/y.wav"])
+    assert fairseq_root(["/mnt/one/x.wav", "/srv/two/y.wav"]) == ("/", ["/mnt/one/x.wav", "/srv/two/y.wav"])
+    assert fairseq_root(["s3://bucket/c/x.wav", "s3://bucket/c/d/y.wav"]) == ("s3://bucket/c", ["x.wav", "d/y.wav"])
+
+
+@pytest.mark.slow
 def test_export_refuses_an_iteration_that_did_not_train_and_a_missing_best(tmp_path: Path, run, capsys) -> None:
     config, _ = run
     run_path = str(Path(config.store) / "t")
@@ -167,16 +186,17 @@ def test_export_of_each_preset_matches_the_pipeline_layers(tmp_path: Path, prese
     _check_bundle_matches_encoder(tmp_path / "bundle", pretrain.wav2vec2, config, waveform)
 
 
+@pytest.mark.slow
 def test_units_of_the_training_corpus_are_the_next_iterations_labels(tmp_path: Path, run, bundle, corpus: Path, caplog) -> None:
     _, store = run
     folder, _ = bundle
     out = tmp_path / "units"
     run_cli(tmp_path, "units", str(folder), str(corpus), "--out", str(out))
     labels = store.open_zarr("t/iter-2/labels.zarr", "r")
-    units = ArtifactStore(str(out)).open_zarr("units.zarr", "r")
-    assert list(units["utt_ids"][:]) == list(labels["utt_ids"][:])
-    np.testing.assert_array_equal(units["offsets"][:], labels["offsets"][:])
-    np.testing.assert_array_equal(units["units"][:], labels["labels"][:])
+    ours = ArtifactStore(str(out)).open_zarr("units.zarr", "r")
+    assert list(ours["utt_ids"][:]) == list(labels["utt_ids"][:])
+    np.testing.assert_array_equal(ours["offsets"][:], labels["offsets"][:])
+    np.testing.assert_array_equal(ours["units"][:], labels["labels"][:])
 
     # 8 kHz files, resampled on read: 50 Hz frames of the 16 kHz length.
     geometry = frame_geometry(HUBERT_CONFIGS["tiny"])
@@ -196,6 +216,7 @@ def test_units_of_the_training_corpus_are_the_next_iterations_labels(tmp_path: P
         assert all(a != b for a, b in zip(collapsed["units"], collapsed["units"][1:]))
 
 
+@pytest.mark.slow
 def test_units_refuses_a_bundle_whose_parts_do_not_belong_together(tmp_path: Path, bundle, corpus: Path, capsys) -> None:
     bundle = Path(shutil.copytree(bundle[0], tmp_path / "bundle"))
     quantizer = json.loads((bundle / BUNDLE.quantizer).read_text())
