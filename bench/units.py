@@ -1,6 +1,6 @@
 """`hubert-pipeline units` throughput: the Dask command on 2 workers against a plain transformers loop.
 
-    .venv/bin/python bench/units.py [--minutes 3] [--model base] [--layer 6] [--out bench-out]
+    .venv/bin/python bench/units.py [--minutes 3] [--model tiny] [--layer 6] [--k 100] [--out bench-out]
 
 Builds a bundle the way a user gets one: a run whose iteration 1 model (random-init weights of
 `--model`, committed under a train record: throughput does not depend on training) has its layer
@@ -102,7 +102,7 @@ def reference_loop(bundle: Path, wavs: list[Path]) -> tuple[float, list[np.ndarr
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=3.0, help="audio to turn into units (default 3)")
-    parser.add_argument("--model", default="base", choices=sorted(HUBERT_CONFIGS), help="architecture (default base)")
+    parser.add_argument("--model", default="tiny", choices=sorted(HUBERT_CONFIGS), help="architecture (default tiny; base is slower, same shape of result)")
     parser.add_argument("--layer", type=int, default=6)
     parser.add_argument("--k", type=int, default=100)
     parser.add_argument("--out", type=Path, default=Path("bench-out"), help="cached corpora live here")

@@ -167,16 +167,13 @@ def command_export(args: argparse.Namespace) -> int:
 
 
 def command_units(args: argparse.Namespace) -> int:
+    from tasks.manifest import ManifestError
     from tasks.units import BundleError, load_bundle, units
 
     try:
-        bundle = load_bundle(args.bundle)
-    except BundleError as error:
-        print(error, file=sys.stderr)
-        return EXIT_USAGE
-    try:
+        bundle = load_bundle(args.bundle)  # every digest checked before any work
         summary = units(bundle, args.source, args.out, dedup=args.dedup, dask_address=args.dask)
-    except BundleError as error:
+    except (BundleError, ManifestError) as error:
         print(error, file=sys.stderr)
         return EXIT_USAGE
     print(
