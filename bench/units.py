@@ -15,7 +15,9 @@ Builds a bundle the way a user gets one: a run whose iteration 1 model (random-i
       audio, features, units and Zarr write; what report.json records), and the whole call
       (bundle checks, listing, probing on Dask, units.jsonl included).
 
-Prints audio-seconds per second of each, the ratios, and the share of frames where (a) and (b) agree.
+Prints audio-seconds per second of each, the ratios, and the share of frames where (a) and (b) agree;
+also (a) with one torch thread: on a machine whose cores are shared, torch's intra-op threads can
+lose most of their speed waiting for each other, and the ratio to (a) alone would flatter (b).
 """
 
 from __future__ import annotations
@@ -80,8 +82,17 @@ def make_bundle(work: Path, fit_corpus: Path, model: str, layer: int, k: int, cl
     return summary.folder
 
 
-def reference_loop(bundle: Path, wavs: list[Path]) -> tuple[float, list[np.ndarray]]:
-    """HF forward + nearest centroid per utterance; audio-seconds per second and the units."""
+def reference_loop(bundle: Path, wavs: list[Path], threads: int) -> tuple[float, list[np.ndarray]]:
+    """HF forward + nearest centroid per utterance with `threads` torch threads; audio-seconds per second and the units."""
+    default = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _reference_loop(bundle, wavs)
+    finally:
+        torch.set_num_threads(default)
+
+
+def _reference_loop(bundle: Path, wavs: list[Path]) -> tuple[float, list[np.ndarray]]:
     manifest = json.loads((bundle / BUNDLE.manifest).read_text())
     quantizer = json.loads((bundle / BUNDLE.quantizer).read_text())
     centroids = np.load(bundle / BUNDLE.centroids)
@@ -117,7 +128,9 @@ def main() -> None:
             started = time.perf_counter()
             bundle = make_bundle(work, fit_corpus, args.model, args.layer, args.k, client)
             print(f"bundle: {args.model}, layer {args.layer}, k={args.k} ({time.perf_counter() - started:.0f} s to make)")
-            loop_rate, loop_units = reference_loop(bundle, wavs)
+            default_threads = torch.get_num_threads()
+            loop_rate, loop_units = reference_loop(bundle, wavs, default_threads)
+            one_thread_rate, _ = reference_loop(bundle, wavs, 1)
             clock = time.perf_counter()
             counts = units(load_bundle(str(bundle)), str(corpus), str(work / "units"), dask_address=client.scheduler.address)
             end_to_end = time.perf_counter() - clock
@@ -128,10 +141,12 @@ def main() -> None:
         group = ArtifactStore(str(work / "units")).open_zarr("units.zarr", "r")
         ours = group["units"][:]
         agree = float(np.mean(ours == np.concatenate(loop_units))) if ours.size == sum(map(len, loop_units)) else float("nan")
-        print(f"audio: {audio_seconds:.0f} s in {len(wavs)} utterances, torch threads in this process: {torch.get_num_threads()}")
-        print(f"(a) transformers loop, one process:          {loop_rate:8.1f} audio-s/s")
-        print(f"(b) units on 2 Dask workers, compute phase:   {stage_rate:8.1f} audio-s/s   ratio b/a {stage_rate / loop_rate:.2f}x")
-        print(f"    units on 2 Dask workers, whole call:      {command_rate:8.1f} audio-s/s   ratio     {command_rate / loop_rate:.2f}x")
+        print(f"audio: {audio_seconds:.0f} s in {len(wavs)} utterances")
+        print(f"(a) transformers loop, one process, {default_threads} threads (torch's default): {loop_rate:8.1f} audio-s/s")
+        print(f"    the same loop with 1 thread (for reference):       {one_thread_rate:8.1f} audio-s/s   "
+              f"(b) against it: {stage_rate / one_thread_rate:.2f}x")
+        print(f"(b) units on 2 Dask workers, compute phase:            {stage_rate:8.1f} audio-s/s   ratio b/a {stage_rate / loop_rate:.2f}x")
+        print(f"    units on 2 Dask workers, whole call:               {command_rate:8.1f} audio-s/s   ratio     {command_rate / loop_rate:.2f}x")
         print(f"frames where (a) and (b) give the same unit: {agree:.4%}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
