@@ -168,7 +168,7 @@ def command_diff(args: argparse.Namespace) -> int:
 
 def command_export_labels(args: argparse.Namespace) -> int:
     from infra.store import open_run, read_record
-    from tasks.exports import export_fairseq_labels
+    from tasks.exports import ExportError, export_fairseq_labels
     from tasks.layout import RunLayout
 
     store, run = open_run(args.run_path)
@@ -176,8 +176,53 @@ def command_export_labels(args: argparse.Namespace) -> int:
     if read_record(store, layout.scope(args.iteration), "labels") is None:
         print(f"no committed labels for iteration {args.iteration} in {args.run_path}", file=sys.stderr)
         return EXIT_USAGE
-    target = export_fairseq_labels(store, layout, args.iteration, Path(args.out), args.split)
-    print(f"wrote {target} and {target.parent / 'dict.km.txt'}")
+    try:
+        splits = export_fairseq_labels(store, layout, args.iteration, Path(args.out))
+    except ExportError as error:
+        print(error, file=sys.stderr)
+        return EXIT_USAGE
+    for split in splits:
+        print(f"wrote {split.tsv} and {split.km} ({split.utterances} utterances)")
+    print(f"wrote {Path(args.out) / 'dict.km.txt'}")
+    return 0
+
+
+def command_export(args: argparse.Namespace) -> int:
+    from infra.store import open_run
+    from tasks.exports import ExportError, export_model
+    from tasks.layout import RunLayout
+
+    store, run = open_run(args.run_path)
+    try:
+        summary = export_model(store, RunLayout(run), args.iteration, Path(args.out), args.weights)
+    except ExportError as error:
+        print(error, file=sys.stderr)
+        return EXIT_USAGE
+    manifest = summary.manifest
+    print(f"wrote iteration {args.iteration}'s {args.weights} weights ({manifest['weights_digest'][:12]}) to {summary.folder}")
+    print("  Hugging Face: transformers.HubertModel.from_pretrained(folder); torchaudio: torchaudio_encoder.pt")
+    if summary.has_quantizer:
+        quantizer = json.loads((summary.folder / manifest["quantizer"]).read_text())
+        print(f"  quantizer: layer {quantizer['layer']}, k={quantizer['k']} (fitted in iteration {quantizer['fitted_in']['iteration']})")
+    else:
+        print("  no quantizer: no later iteration of this run clustered a layer of these weights")
+    return 0
+
+
+def command_units(args: argparse.Namespace) -> int:
+    from tasks.manifest import ManifestError
+    from tasks.units import BundleError, load_bundle, units
+
+    try:
+        bundle = load_bundle(args.bundle)  # every digest checked before any work
+        summary = units(bundle, args.source, args.out, dedup=args.dedup, dask_address=args.dask)
+    except (BundleError, ManifestError) as error:
+        print(error, file=sys.stderr)
+        return EXIT_USAGE
+    print(
+        f"{summary['utterances']} utterance(s), {summary['frames']} units, {summary['rejected']} file(s) rejected; "
+        f"{args.out}/units.jsonl, units.zarr, report.json"
+    )
     return 0
 
 
@@ -241,12 +286,30 @@ def build_parser() -> argparse.ArgumentParser:
     diff.add_argument("--json", action="store_true")
     diff.set_defaults(handler=command_diff)
 
-    export = commands.add_parser("export-labels", help="write an iteration's labels in fairseq's .km format")
-    export.add_argument("run_path", help="<store>/<run>")
-    export.add_argument("--iteration", type=int, default=1)
-    export.add_argument("--split", default="train", help="file name: <split>.km (default train)")
-    export.add_argument("--out", required=True, help="output folder")
-    export.set_defaults(handler=command_export_labels)
+    labels = commands.add_parser(
+        "export-labels", help="write an iteration's labels for fairseq: train.tsv + train.km (valid.*), dict.km.txt"
+    )
+    labels.add_argument("run_path", help="<store>/<run>")
+    labels.add_argument("--iteration", type=int, default=1)
+    labels.add_argument("--out", required=True, help="output folder")
+    labels.set_defaults(handler=command_export_labels)
+
+    export = commands.add_parser(
+        "export", help="write an iteration's trained encoder (Hugging Face + torchaudio) and its quantizer to a folder"
+    )
+    export.add_argument("run_path", help="<store>/<run>, a local folder or s3:// URL")
+    export.add_argument("--iteration", type=int, required=True, help="the iteration whose trained model to export")
+    export.add_argument("--weights", choices=("final", "best"), default="final", help="which checkpoint (default final)")
+    export.add_argument("--out", required=True, help="output folder (the bundle that `units` reads)")
+    export.set_defaults(handler=command_export)
+
+    unit = commands.add_parser("units", help="turn any corpus into discrete units with an exported bundle")
+    unit.add_argument("bundle", help="a folder written by `hubert-pipeline export` (with a quantizer/)")
+    unit.add_argument("source", help="a folder of wav/flac, a fairseq .tsv or a NeMo .jsonl; local or s3://")
+    unit.add_argument("--out", required=True, help="output folder: units.jsonl, units.zarr, report.json")
+    unit.add_argument("--dedup", action="store_true", help="collapse repeated units; units.jsonl gets their durations")
+    unit.add_argument("--dask", metavar="ADDRESS", help="scheduler address (default: a LocalCluster)")
+    unit.set_defaults(handler=command_units)
 
     dev = commands.add_parser("dev", help="local services for trying things out")
     services = dev.add_subparsers(dest="service", required=True)

@@ -16,7 +16,7 @@ from tasks.verdict import iteration_verdict
 
 class StageStatus(BaseModel):
     stage: str
-    status: str  # done | stale | partial | missing
+    status: str  # done | stale | partial | missing | not configured (train, in a last iteration that has none)
     seconds: float | None = None
     bytes: int | None = None
     finished_at: str | None = None
@@ -55,6 +55,8 @@ class RunStatus(BaseModel):
             ],
         }
 
+
+NOT_CONFIGURED = "not configured"
 
 RecordReader = Callable[[StageName, int | None], StageRecord | None]
 """(stage, iteration) -> that stage's record, or None."""
@@ -96,7 +98,7 @@ def inspect_run(run_path: str, storage_options: dict[str, Any] | None = None) ->
     info = store.read_json(layout.run_info)
     if info is None:
         raise FileNotFoundError(f"no run at {run_path} (no run.json there)")
-    iteration_count = len(info["config"]["iterations"])
+    configured = info["config"]["iterations"]
 
     @functools.cache
     def read(stage: StageName, iteration: int | None) -> StageRecord | None:  # each record once
@@ -104,7 +106,7 @@ def inspect_run(run_path: str, storage_options: dict[str, Any] | None = None) ->
 
     verdicts = [
         iteration_verdict(number, read("labels", number), read("labels", number - 1) if number > 1 else None)
-        for number in range(1, iteration_count + 1)
+        for number in range(1, len(configured) + 1)
     ]
     return RunStatus(
         run=run,
@@ -112,8 +114,13 @@ def inspect_run(run_path: str, storage_options: dict[str, Any] | None = None) ->
         code_version=info.get("code_version"),
         intake=stage_status(store, layout, "intake", None, read),
         iterations=[
-            {stage: stage_status(store, layout, stage, number, read) for stage in ITERATION_STAGES}
-            for number in range(1, iteration_count + 1)
+            {
+                stage: StageStatus(stage=stage, status=NOT_CONFIGURED)
+                if stage == "train" and section.get("train") is None
+                else stage_status(store, layout, stage, number, read)
+                for stage in ITERATION_STAGES
+            }
+            for number, section in enumerate(configured, start=1)
         ],
         verdicts=[None if verdict is None else {**verdict.as_json(), "summary": verdict.sentence()} for verdict in verdicts],
     )
@@ -159,7 +166,7 @@ def render_table(status: RunStatus) -> Table:
     rows = [("-", status.intake)] + [
         (str(number), stage) for number, stages in enumerate(status.iterations, start=1) for stage in stages.values()
     ]
-    colours = {"done": "green", "stale": "yellow", "partial": "yellow", "missing": "dim"}
+    colours = {"done": "green", "stale": "yellow", "partial": "yellow", "missing": "dim", NOT_CONFIGURED: "dim"}
     verdict_colours = {"better": "green", "worse": "bold red", "unchanged": "yellow", "unmeasured": "yellow"}
     for iteration, stage in rows:
         table.add_row(

@@ -25,7 +25,7 @@ from infra.version import code_version
 from tasks.config import PretrainConfig, load_config
 from tasks.layout import ITERATION_STAGES, STAGE_ORDER, RunLayout, StageName, scope_name, stage_iteration
 from tasks.artifacts import load_manifest
-from tasks.pipeline import STAGES
+from tasks.pipeline import STAGES, iteration_stages
 from tasks.preflight import check_kmeans_frames
 from tasks.report import build_report, read_records, summary_rows
 from tasks.stage import StageContext, stage_task
@@ -94,6 +94,8 @@ def force_stages(store: ArtifactStore, config: PretrainConfig, start: StopPoint)
 def check_stop_point(stop: StopPoint, config: PretrainConfig) -> None:
     if stop.iteration is not None and stop.iteration > len(config.iterations):
         raise ValueError(f"the config has {len(config.iterations)} iteration(s), asked to stop in iteration {stop.iteration}")
+    if stop.iteration is not None and stop.stage not in iteration_stages(config, stop.iteration):
+        raise ValueError(f"iteration {stop.iteration} does not train (its config has no train section)")
 
 
 def artifact_key(run: str, iteration: int) -> str:
@@ -120,7 +122,7 @@ def iteration_flow(config: PretrainConfig, iteration: int, stop: StopPoint) -> N
     Runs inside `pretrain`, on its Dask client.
     """
     context = StageContext(config, ArtifactStore(config.store, config.storage_options), default_client(), iteration)
-    for stage in ITERATION_STAGES:
+    for stage in iteration_stages(config, iteration):
         if not stop.includes(stage, iteration, len(config.iterations)):
             break
         check_lease(context.store, context.layout.lease)

@@ -101,3 +101,31 @@ def inside_an_utterance(offsets: np.ndarray, frame: int) -> bool:
     """Whether a chunk edge at `frame` falls inside an utterance rather than between two."""
     utterance = int(np.searchsorted(offsets, frame, side="right")) - 1
     return bool(offsets[utterance] < frame < offsets[utterance + 1])
+
+
+@dataclass(frozen=True)
+class ChunkJob:
+    """One chunk of the grid and the utterances whose frames overlap it."""
+
+    chunk: Chunk
+    utterances: tuple[UtteranceSpan, ...]
+
+    @property
+    def start(self) -> int:
+        return self.chunk.start
+
+    @property
+    def stop(self) -> int:
+        return self.chunk.stop
+
+    @property
+    def part(self) -> str:
+        return f"chunk-{self.chunk.index:06d}"
+
+
+def plan_chunks(utterances: list[Utterance], offsets: np.ndarray, chunk_frames: int) -> list[ChunkJob]:
+    """One job per chunk of the grid, with the utterances whose frames overlap it."""
+    return [
+        ChunkJob(chunk, utterance_spans(utterances, offsets, chunk.start, chunk.stop))
+        for chunk in chunk_grid(int(offsets[-1]), chunk_frames)
+    ]

@@ -180,7 +180,11 @@ class QualityGateConfig(_Section):
 class IterationConfig(_Section):
     features: FeaturesConfig
     kmeans: KMeansConfig
-    train: TrainConfig
+    train: TrainConfig | None = Field(
+        default=None,
+        description="Training of this iteration's model. Only the last iteration may leave it out: it then "
+        "runs features, k-means and labels on the previous model, which ends a run with that model's units.",
+    )
 
 
 class PretrainConfig(_Section):
@@ -212,6 +216,27 @@ class PretrainConfig(_Section):
             raise ValueError("iteration 1 must use features.kind 'mfcc': there is no earlier model to take layers from")
         return iterations
 
+    @model_validator(mode="wrap")
+    @classmethod
+    def _only_the_last_iteration_may_skip_training(cls, data: Any, handler: Any) -> PretrainConfig:
+        """A missing train section anywhere but last is reported at its own field path."""
+        config = handler(data)
+        missing = [number for number, iteration in enumerate(config.iterations[:-1]) if iteration.train is None]
+        if missing:
+            raise ValidationError.from_exception_data(
+                cls.__name__,
+                [
+                    {
+                        "type": "value_error",
+                        "loc": ("iterations", number, "train"),
+                        "input": None,
+                        "ctx": {"error": ValueError("only the last iteration may leave train out: a later iteration reads its model")},
+                    }
+                    for number in missing
+                ],
+            )
+        return config
+
     @model_validator(mode="after")
     def _phone_measures_need_alignments(self) -> PretrainConfig:
         if self.corpus.alignments is not None:
@@ -237,7 +262,7 @@ class PretrainConfig(_Section):
     @model_validator(mode="after")
     def _several_training_machines_need_a_cluster(self) -> PretrainConfig:
         for number, iteration in enumerate(self.iterations, start=1):
-            if iteration.train.nnodes > 1 and not self.dask.is_external:
+            if iteration.train is not None and iteration.train.nnodes > 1 and not self.dask.is_external:
                 raise ValueError(
                     f"iterations.{number - 1}.train.nnodes is {iteration.train.nnodes}, which needs an external "
                     "Dask cluster (dask.address or dask.scheduler_file) with that many `train_node` workers; a LocalCluster is one machine"

@@ -1,30 +1,295 @@
-"""Committed artifacts in other tools' formats."""
+"""Committed artifacts in other tools' formats: fairseq label files, and the model bundle.
+
+The bundle (`hubert-pipeline export`, layout in tasks/layout.py `BundleLayout`) is one folder
+that a team uses elsewhere: a Hugging Face `HubertModel` (config.json, model.safetensors), the
+same encoder as a torchaudio `wav2vec2_model` state dict, and, where the run fitted one on a
+layer of this model, the quantizer (centroids + what they apply to). `hubert_pipeline.json`
+records where it all came from and every digest, so `hubert-pipeline units` can refuse a bundle
+whose parts do not belong together.
+"""
 
 from __future__ import annotations
 
+import io
+import json
+import posixpath
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import torch
+import zarr
 
-from infra.store import ArtifactStore
-from tasks.layout import RunLayout
+from infra.digest import digest_bytes
+from infra.store import ArtifactStore, StageRecord, read_record
+from model.frames import SAMPLE_RATE
+from model.hf_convert import hf_layer_index, save_hf_pretrained, torchaudio_encoder_kwargs
+from model.hubert import HubertConfig, frame_geometry
+from tasks.artifacts import load_centroids, load_manifest
+from tasks.layout import BUNDLE, RunLayout, WeightsName
+from tasks.manifest import Utterance
+
+BUNDLE_FORMAT = "hubert-pipeline-bundle"
+BUNDLE_VERSION = 1
+ENCODER_PREFIX = "wav2vec2."
+MASK_EMBEDDING = "mask_generator.mask_embedding"
+LAYER_CONVENTION = (
+    "layer L (1-based) is the output of transformer layer L before any final layer norm: torchaudio "
+    "Wav2Vec2Model.extract_features(x, num_layers=L)[0][L-1]; Hugging Face HubertModel(x, "
+    "output_hidden_states=True).hidden_states[hf_hidden_states_index] (transformers >= 5, with the exported "
+    "config's tie_last_hidden_states: false); x is the 16 kHz waveform, layer-normalised over the utterance "
+    "first when normalize_waveform is true"
+)
 
 
-def export_fairseq_labels(store: ArtifactStore, layout: RunLayout, iteration: int, out_dir: Path, split: str) -> Path:
-    """Write fairseq's `<split>.km` (one line of labels per utterance, manifest order) and `dict.km.txt`."""
-    group = store.open_zarr(layout.labels_store(iteration), mode="r")
-    offsets, array = group["offsets"][:], group["labels"]
-    out_dir.mkdir(parents=True, exist_ok=True)
-    target = out_dir / f"{split}.km"
-    temporary = target.with_suffix(".km.partial")
+class ExportError(ValueError):
+    """What was asked for cannot be exported (no such model, no such checkpoint)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# fairseq labels
+
+
+@dataclass(frozen=True)
+class FairseqSplit:
+    """One split's files: `<name>.tsv` (audio manifest) and `<name>.km` (labels), same order."""
+
+    name: str
+    tsv: Path
+    km: Path
+    utterances: int
+
+
+def utterance_split(utterance: Utterance) -> str:
+    """"train" or "valid"; manifests written before validation splits existed are all train."""
+    return getattr(utterance, "split", "train")
+
+
+def fairseq_root(paths: list[str]) -> tuple[str, list[str]]:
+    """fairseq's manifest root folder and each path relative to it.
+
+    The root is the deepest folder holding every file; with none but `/` (files on several
+    disks), it is `/` and the paths stay absolute, which fairseq's os.path.join keeps as they are.
+    """
+    folders = [path.split("/")[:-1] for path in paths]
+    common: list[str] = []
+    for parts in zip(*folders):
+        if any(part != parts[0] for part in parts):
+            break
+        common.append(parts[0])
+    root = "/".join(common)
+    if root in ("", "/") or root.endswith(":") or root.endswith(":/"):
+        return "/", paths
+    return root, [path[len(root) + 1 :] for path in paths]
+
+
+def _utterance_labels(array: zarr.Array, offsets: np.ndarray) -> Iterator[np.ndarray]:
+    """Each utterance's labels in manifest order, read a few chunks at a time."""
     chunk_frames = array.chunks[0]
-    with temporary.open("w") as handle:
-        loaded_start, loaded = 0, np.zeros(0, dtype=np.int16)
-        for start, stop in zip(offsets[:-1], offsets[1:]):
-            if stop > loaded_start + loaded.shape[0]:
-                loaded_start = (start // chunk_frames) * chunk_frames
-                loaded = array[loaded_start : max(stop, min(loaded_start + 4 * chunk_frames, array.shape[0]))]
-            handle.write(" ".join(map(str, loaded[start - loaded_start : stop - loaded_start].tolist())) + "\n")
+    loaded_start, loaded = 0, np.zeros(0, dtype=np.int16)
+    for start, stop in zip(offsets[:-1].tolist(), offsets[1:].tolist()):
+        if stop > loaded_start + loaded.shape[0]:
+            loaded_start = (start // chunk_frames) * chunk_frames
+            loaded = array[loaded_start : max(stop, min(loaded_start + 4 * chunk_frames, array.shape[0]))]
+        yield loaded[start - loaded_start : stop - loaded_start]
+
+
+def _write_atomically(target: Path, lines: list[str]) -> None:
+    temporary = target.with_name(target.name + ".partial")
+    temporary.write_text("".join(line + "\n" for line in lines))
     temporary.replace(target)
-    (out_dir / "dict.km.txt").write_text("".join(f"{label} 1\n" for label in range(int(group.attrs["k"]))))
-    return target
+
+
+def export_fairseq_labels(store: ArtifactStore, layout: RunLayout, iteration: int, out_dir: Path) -> list[FairseqSplit]:
+    """fairseq's HuBERT training files for an iteration's labels, as `fairseq-hydra-train` reads them.
+
+    `train.tsv` + `train.km` always, `valid.tsv` + `valid.km` for utterances in the valid split:
+    the .tsv's first line is the audio root, then `relpath<TAB>samples` (as the file holds them,
+    before resampling), and line i of the .km is the labels of the .tsv's utterance i. And
+    `dict.km.txt`: `<label> <frames>` for every label 0..k-1, unused ones with count 0.
+    """
+    group = store.open_zarr(layout.labels_store(iteration), mode="r")
+    offsets, k = group["offsets"][:], int(group.attrs["k"])
+    utterances = load_manifest(store, layout)
+    if [u.id for u in utterances] != list(group["utt_ids"][:]):
+        raise ExportError(f"labels of iteration {iteration} do not follow the run's manifest (utterance ids differ)")
+    lines: dict[str, list[str]] = {"train": [], "valid": []}
+    chosen: dict[str, list[Utterance]] = {"train": [], "valid": []}
+    counts = np.zeros(k, dtype=np.int64)
+    for utterance, labels in zip(utterances, _utterance_labels(group["labels"], offsets)):
+        split = utterance_split(utterance)
+        if split not in lines:
+            raise ExportError(f"utterance {utterance.id}: unknown split {split!r} (expected 'train' or 'valid')")
+        lines[split].append(" ".join(map(str, labels.tolist())))
+        chosen[split].append(utterance)
+        counts += np.bincount(labels, minlength=k)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for split in ("train", "valid"):
+        if split == "valid" and not chosen[split]:
+            continue
+        root, relpaths = fairseq_root([u.path for u in chosen[split]])
+        tsv, km = out_dir / f"{split}.tsv", out_dir / f"{split}.km"
+        _write_atomically(tsv, [root] + [f"{rel}\t{u.samples}" for rel, u in zip(relpaths, chosen[split])])
+        _write_atomically(km, lines[split])
+        written.append(FairseqSplit(split, tsv, km, len(chosen[split])))
+    _write_atomically(out_dir / "dict.km.txt", [f"{label} {count}" for label, count in enumerate(counts.tolist())])
+    return written
+
+
+# ---------------------------------------------------------------------------------------------
+# the model bundle
+
+
+@dataclass(frozen=True)
+class Quantizer:
+    """The k-means of iteration N+1, fitted on layer `layer` of iteration N's model."""
+
+    features: StageRecord
+    kmeans: StageRecord
+    iteration: int
+
+    @property
+    def layer(self) -> int:
+        return int(self.features.config["source"]["layer"])
+
+
+def fitted_quantizer(store: ArtifactStore, layout: RunLayout, iteration: int, weights_digest: str) -> Quantizer | None:
+    """Iteration N+1's k-means where its features are a layer of exactly these weights, else None."""
+    later = iteration + 1
+    features = read_record(store, layout.scope(later), "features")
+    if features is None:
+        return None
+    source = features.config.get("source", {})
+    if source.get("kind") != "hubert" or source.get("model_digest") != weights_digest:
+        return None
+    kmeans = read_record(store, layout.scope(later), "kmeans")
+    if kmeans is None or kmeans.inputs.get("features") != features.output_digest:
+        return None
+    return Quantizer(features, kmeans, later)
+
+
+@dataclass(frozen=True)
+class ExportSummary:
+    folder: Path
+    manifest: dict[str, Any]
+
+    @property
+    def has_quantizer(self) -> bool:
+        return self.manifest["quantizer"] is not None
+
+
+def _saved_weights(store: ArtifactStore, layout: RunLayout, iteration: int, weights: WeightsName) -> tuple[StageRecord, bytes, str]:
+    """The train record, the checkpoint's bytes and its path; ExportError when either is absent."""
+    train = read_record(store, layout.scope(iteration), "train")
+    if train is None:
+        raise ExportError(f"iteration {iteration} of {store.url(layout.run)} has no committed train stage")
+    relpath = layout.weights(iteration, weights)
+    if not store.exists(relpath):
+        raise ExportError(f"--weights {weights}: {store.url(relpath)} does not exist (iteration {iteration} kept no {weights} checkpoint)")
+    data = store.read_bytes(relpath)
+    if weights == "final" and digest_bytes(data) != train.output_digest:
+        raise ExportError(f"{store.url(relpath)} is not what train@{iteration} committed (its digest differs from the record's)")
+    return train, data, relpath
+
+
+def _jsonable(value: Any) -> Any:
+    """Tuples as lists, as JSON has them (torchaudio's builders take either)."""
+    return json.loads(json.dumps(value))
+
+
+def export_model(
+    store: ArtifactStore, layout: RunLayout, iteration: int, out_dir: Path, weights: WeightsName = "final"
+) -> ExportSummary:
+    """Write iteration `iteration`'s encoder (and its quantizer, if the run fitted one) as a bundle in `out_dir`."""
+    train, data, relpath = _saved_weights(store, layout, iteration, weights)
+    weights_digest = digest_bytes(data)
+    saved = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+    architecture = HubertConfig.model_validate(saved["config"])
+    state = saved["model"]
+    encoder_state = {key[len(ENCODER_PREFIX) :]: tensor for key, tensor in state.items() if key.startswith(ENCODER_PREFIX)}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / BUNDLE.manifest).unlink(missing_ok=True)  # written last: a half-written bundle has none
+    save_hf_pretrained(out_dir, encoder_state, architecture, state.get(MASK_EMBEDDING))
+    buffer = io.BytesIO()
+    torch.save(encoder_state, buffer)
+    (out_dir / BUNDLE.torchaudio_encoder).write_bytes(buffer.getvalue())
+    quantizer = fitted_quantizer(store, layout, iteration, weights_digest)
+    shutil.rmtree(out_dir / BUNDLE.quantizer_dir, ignore_errors=True)
+    if quantizer is not None:
+        _write_quantizer(store, layout, out_dir, quantizer, architecture, weights_digest)
+    geometry = frame_geometry(architecture)
+    manifest = {
+        "format": BUNDLE_FORMAT,
+        "version": BUNDLE_VERSION,
+        "run": layout.run,
+        "run_path": store.url(layout.run),
+        "iteration": iteration,
+        "weights": weights,
+        "weights_path": store.url(relpath),
+        "weights_digest": weights_digest,
+        "train_record_key": train.key,
+        "train_output_digest": train.output_digest,
+        "num_classes": int(saved["num_classes"]),
+        "architecture": architecture.model_dump(mode="json"),
+        "normalize_waveform": architecture.normalize_waveform,
+        "sample_rate": SAMPLE_RATE,
+        "frame_geometry": {"hop_samples": geometry.hop, "window_samples": geometry.window, "frame_rate": geometry.frame_rate},
+        "torchaudio_encoder": {
+            "file": BUNDLE.torchaudio_encoder,
+            "digest": digest_bytes(buffer.getvalue()),
+            "builder": "torchaudio.models.wav2vec2_model",
+            "kwargs": _jsonable(torchaudio_encoder_kwargs(architecture)),
+        },
+        "hugging_face": {
+            "class": "transformers.HubertModel",
+            "model_safetensors_digest": digest_bytes((out_dir / "model.safetensors").read_bytes()),
+        },
+        "quantizer": None if quantizer is None else BUNDLE.quantizer,
+    }
+    (out_dir / BUNDLE.manifest).write_text(json.dumps(manifest, indent=2) + "\n")
+    return ExportSummary(out_dir, manifest)
+
+
+def _write_quantizer(
+    store: ArtifactStore, layout: RunLayout, out_dir: Path, quantizer: Quantizer, architecture: HubertConfig, weights_digest: str
+) -> None:
+    centroids = load_centroids(store, layout, quantizer.iteration)
+    if digest_bytes(centroids.tobytes()) != quantizer.kmeans.output_digest:
+        raise ExportError(f"the centroids of kmeans@{quantizer.iteration} are not what its record says it committed")
+    source = quantizer.features.config["source"]
+    geometry = frame_geometry(architecture)
+    if (source["hop_samples"], source["window_samples"]) != (geometry.hop, geometry.window):
+        raise ExportError(f"features@{quantizer.iteration} has a frame geometry the model of iteration {quantizer.iteration - 1} does not")
+    folder = out_dir / BUNDLE.quantizer_dir
+    folder.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    np.save(buffer, centroids)
+    (out_dir / BUNDLE.centroids).write_bytes(buffer.getvalue())
+    description = {
+        "layer": quantizer.layer,
+        "k": int(centroids.shape[0]),
+        "dim": int(centroids.shape[1]),
+        "label_rate": geometry.frame_rate,
+        "frame_geometry": {"hop_samples": geometry.hop, "window_samples": geometry.window, "sample_rate": SAMPLE_RATE},
+        "centroids": posixpath.basename(BUNDLE.centroids),
+        "centroids_digest": quantizer.kmeans.output_digest,
+        "model_digest": weights_digest,
+        "normalize_waveform": architecture.normalize_waveform,
+        "layer_convention": {
+            "description": LAYER_CONVENTION,
+            "torchaudio": f"Wav2Vec2Model.extract_features(x, num_layers={quantizer.layer})[0][{quantizer.layer - 1}]",
+            "hf_hidden_states_index": hf_layer_index(quantizer.layer, architecture),
+            "final_layer_norm_applied": False,
+        },
+        "distance": "squared euclidean, nearest centroid",
+        "fitted_in": {
+            "iteration": quantizer.iteration,
+            "features_record_key": quantizer.features.key,
+            "kmeans_record_key": quantizer.kmeans.key,
+        },
+    }
+    (out_dir / BUNDLE.quantizer).write_text(json.dumps(description, indent=2) + "\n")

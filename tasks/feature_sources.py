@@ -1,4 +1,5 @@
-"""What the feature stage computes per utterance: MFCC, or a transformer layer of a trained model.
+"""What the feature stage computes per utterance: MFCC, or a transformer layer of a trained model
+(from the run's store, or from an exported bundle for `hubert-pipeline units`).
 
 A source pickles (it is sent to Dask workers) and describes everything that determines its
 values, so the description goes into the stage key and the features store's attributes.
@@ -7,17 +8,22 @@ values, so the description goes into the stage key and the features store's attr
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import numpy as np
 import torch
+import torchaudio
 
+from infra.digest import digest_bytes
 from infra.store import ArtifactStore, StageRecord
 from model.frames import FrameGeometry
 from model.hubert import HubertConfig, build_pretrain_model, frame_geometry
 from model.layer_features import extract_layer_features_batch
 from model.mfcc import MFCC_DIM, MFCC_GEOMETRY, mfcc_with_deltas
 from tasks.artifacts import trained_architecture
+from tasks.audio import load_audio_16k, read_bytes
+from tasks.chunks import ChunkJob, check_finite
 from tasks.layout import RunLayout
 
 
@@ -102,6 +108,54 @@ class HubertLayerSource:
             return extract_layer_features_batch(encoder, waveforms_16k, self.layer, architecture)
 
 
+@dataclass(frozen=True)
+class BundleLayerSource:
+    """Layer `layer` of an exported encoder (`torchaudio_encoder.pt` of a bundle, tasks/exports.py).
+
+    Built with `torchaudio.models.wav2vec2_model(**encoder_kwargs)`, so applying a bundle needs no
+    run store and no transformers. Workers read the file themselves (local or fsspec URL), check
+    its digest and cache the encoder by it.
+    """
+
+    encoder_path: str
+    encoder_digest: str
+    encoder_kwargs: dict[str, Any]
+    layer: int
+    architecture: HubertConfig
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    kind: str = "hubert"
+
+    @property
+    def dim(self) -> int:
+        return self.architecture.encoder_embed_dim
+
+    @property
+    def geometry(self) -> FrameGeometry:
+        return frame_geometry(self.architecture)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind, "layer": self.layer, "dim": self.dim, **_geometry_description(self.geometry),
+            "encoder_digest": self.encoder_digest,
+        }
+
+    def compute(self, waveforms_16k: list[torch.Tensor]) -> list[torch.Tensor]:
+        if self.encoder_digest not in _ENCODERS:
+            _ENCODERS.clear()
+            _ENCODERS[self.encoder_digest] = (self._load(), self.architecture)
+        encoder, architecture = _ENCODERS[self.encoder_digest]
+        with torch.inference_mode():
+            return extract_layer_features_batch(encoder, waveforms_16k, self.layer, architecture)
+
+    def _load(self) -> torch.nn.Module:
+        data = read_bytes(self.encoder_path, self.storage_options)
+        if digest_bytes(data) != self.encoder_digest:
+            raise ValueError(f"{self.encoder_path} changed: its digest is not the one the bundle records")
+        encoder = torchaudio.models.wav2vec2_model(**self.encoder_kwargs)
+        encoder.load_state_dict(torch.load(io.BytesIO(data), map_location="cpu", weights_only=True), strict=True)
+        return encoder.eval()
+
+
 # The encoder a worker process has loaded, by model digest (one at a time).
 _ENCODERS: dict[str, tuple[torch.nn.Module, HubertConfig]] = {}
 
@@ -127,3 +181,25 @@ def layer_source(store: ArtifactStore, layout: RunLayout, iteration: int, traine
         store=store, model_relpath=layout.final_model(iteration), model_digest=trained.output_digest,
         layer=layer, architecture=architecture,
     )
+
+
+def compute_chunk(job: ChunkJob, source: FeatureSource, storage_options: dict[str, Any]) -> np.ndarray:
+    """The (stop - start, dim) block of features for one chunk."""
+    waveforms = [load_audio_16k(span.path, storage_options) for span in job.utterances]
+    for span, waveform in zip(job.utterances, waveforms):
+        if waveform.shape[0] != span.samples_16k:
+            raise ValueError(
+                f"utterance {span.id} ({span.path}): {waveform.shape[0]} samples at 16 kHz, "
+                f"intake recorded {span.samples_16k}; the file changed since intake"
+            )
+    block = np.empty((job.stop - job.start, source.dim), dtype=np.float32)
+    for span, features in zip(job.utterances, source.compute(waveforms)):
+        if tuple(features.shape) != (span.frames, source.dim):
+            raise ValueError(
+                f"utterance {span.id}: feature source gave shape {tuple(features.shape)}, "
+                f"expected ({span.frames}, {source.dim})"
+            )
+        low, high = span.overlap(job.start, job.stop)
+        block[low - job.start : high - job.start] = features[low - span.offset : high - span.offset].numpy()
+    check_finite(block, job.start, job.utterances, f"features of {job.part}")
+    return block

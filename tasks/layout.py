@@ -6,7 +6,7 @@
     <run>/iter-N/features.zarr                    + features.commit.json
     <run>/iter-N/kmeans/centroids.npy, report.json     + kmeans.commit.json
     <run>/iter-N/labels.zarr                      + labels.commit.json
-    <run>/iter-N/model/checkpoints/, final.pt, architecture.json, train_log.json   + train.commit.json
+    <run>/iter-N/model/checkpoints/, final.pt, best.pt, architecture.json, train_log.json   + train.commit.json
     <run>/iter-N/report.json, report.md, plots/
 
 Stages, `inspect`, `diff`, the report and the exports ask this module for paths; nothing else
@@ -38,11 +38,35 @@ LABELS_STORE = "labels.zarr"
 MODEL_DIR = "model"
 CHECKPOINTS = "model/checkpoints"
 FINAL_MODEL = "model/final.pt"
+BEST_MODEL = "model/best.pt"
 MODEL_ARCHITECTURE = "model/architecture.json"
 TRAIN_LOG = "model/train_log.json"
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 PLOTS = "plots"
+
+WeightsName = Literal["final", "best"]
+"""Which checkpoint of a train stage: its final weights, or its best by validation loss."""
+
+
+@dataclass(frozen=True)
+class BundleLayout:
+    """An exported model folder (`hubert-pipeline export`), which `hubert-pipeline units` reads back.
+
+        config.json, model.safetensors, preprocessor_config.json   Hugging Face HubertModel
+        torchaudio_encoder.pt                                       state dict of torchaudio's wav2vec2_model
+        hubert_pipeline.json                                        where it came from, digests, architecture
+        quantizer/centroids.npy, quantizer/quantizer.json           the k-means fitted on one of its layers
+    """
+
+    torchaudio_encoder: str = "torchaudio_encoder.pt"
+    manifest: str = "hubert_pipeline.json"
+    quantizer_dir: str = "quantizer"
+    centroids: str = "quantizer/centroids.npy"
+    quantizer: str = "quantizer/quantizer.json"
+
+
+BUNDLE = BundleLayout()
 
 
 @dataclass(frozen=True)
@@ -140,6 +164,13 @@ class RunLayout:
 
     def final_model(self, iteration: int) -> str:
         return self.path(iteration, FINAL_MODEL)
+
+    def best_model(self, iteration: int) -> str:
+        return self.path(iteration, BEST_MODEL)
+
+    def weights(self, iteration: int, which: WeightsName) -> str:
+        """The final or the best checkpoint of an iteration's model."""
+        return self.final_model(iteration) if which == "final" else self.best_model(iteration)
 
     def model_architecture(self, iteration: int) -> str:
         return self.path(iteration, MODEL_ARCHITECTURE)

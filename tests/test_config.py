@@ -106,3 +106,14 @@ def test_a_scheduler_file_is_an_external_cluster_and_excludes_an_address(tmp_pat
     path.write_text(with_file.replace("scheduler_file:", "address: 'tcp://h:8786', scheduler_file:"))
     with pytest.raises(ConfigError, match="dask: Value error, give dask.address or dask.scheduler_file, not both"):
         load_config(path)
+
+
+def test_only_the_last_iteration_may_leave_train_out(tmp_path: Path) -> None:
+    path = tmp_path / "cfg.yaml"
+    last_untrained = ISSUE_EXAMPLE.rsplit("    train:", 1)[0]
+    path.write_text(last_untrained)
+    assert load_config(path).iterations[1].train is None
+    path.write_text(ISSUE_EXAMPLE.replace("    train: {model: tiny, steps: 200}\n  - features", "  - features", 1))
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    assert "iterations.0.train: Value error, only the last iteration may leave train out" in str(error.value)

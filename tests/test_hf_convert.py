@@ -26,7 +26,6 @@ pytest.importorskip("safetensors")
 from model.hf_convert import (  # noqa: E402
     hf_config,
     hf_expected_shapes,
-    hf_feature_extractor_config,
     hf_layer_index,
     hf_state_dict,
     save_hf_pretrained,

@@ -30,7 +30,6 @@ def test_bad_files_are_reported_and_good_ones_kept(tmp_path: Path, salted_corpus
 
 def test_a_second_intake_is_skipped_and_a_changed_folder_is_not(tmp_path: Path, salted_corpus: Path, client) -> None:
     config = load_config(write_config(tmp_path / "cfg.yaml", salted_corpus, tmp_path / "runs"))
-    store = ArtifactStore(config.store)
     first = run_chain(config, client, "intake").records["intake"]
     assert run_chain(config, client, "intake").records["intake"] == first
     (salted_corpus / "notes.wav").unlink()

@@ -72,14 +72,18 @@ def test_the_same_config_twice_gives_identical_labels_and_fairseq_export(tmp_pat
         first_store.open_zarr("t/iter-1/labels.zarr", "r")["labels"][:],
         second_store.open_zarr("t/iter-1/labels.zarr", "r")["labels"][:],
     )
-    km = export_fairseq_labels(first_store, RunLayout("t"), 1, tmp_path / "fairseq", "train")
-    lines = km.read_text().splitlines()
+    [split] = export_fairseq_labels(first_store, RunLayout("t"), 1, tmp_path / "fairseq")
+    lines = split.km.read_text().splitlines()
     offsets = first_store.open_zarr("t/iter-1/labels.zarr", "r")["offsets"][:]
     assert len(lines) == len(utterances)
     assert [len(line.split()) for line in lines] == np.diff(offsets).tolist()
     everything = first_store.open_zarr("t/iter-1/labels.zarr", "r")["labels"][:]
     assert [int(x) for x in lines[-1].split()] == everything[offsets[-2] :].tolist()
-    assert (tmp_path / "fairseq" / "dict.km.txt").read_text().splitlines()[:2] == ["0 1", "1 1"]
+    counts = np.bincount(everything, minlength=16)
+    assert (tmp_path / "fairseq" / "dict.km.txt").read_text().splitlines() == [f"{i} {c}" for i, c in enumerate(counts)]
+    tsv = split.tsv.read_text().splitlines()
+    assert tsv[0] == str(demo_corpus / "wav")
+    assert tsv[1:] == [f"{Path(u.path).relative_to(demo_corpus / 'wav')}\t{u.samples}" for u in utterances]
 
 
 def test_a_worker_killed_during_the_label_stage_does_not_stop_it(tmp_path: Path, demo_corpus: Path, client) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from infra.store import ArtifactStore
-from tasks.config import ConfigError, load_config
+from tasks.config import ConfigError
 from tasks.layout import RunLayout
 from tests.conftest import RUNS_BUCKET, demo_config, run_chain, run_cli
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -31,9 +30,8 @@ from infra.parts import run_parts
 from infra.store import EmptyArray, Stage, StageRecord, create_zarr_group
 from model.frames import SAMPLE_RATE
 from tasks.artifacts import load_manifest, stored_chunk_digests
-from tasks.audio import load_audio_16k
-from tasks.chunks import Chunk, UtteranceSpan, check_finite, chunk_grid, frame_offsets, utterance_spans
-from tasks.feature_sources import FeatureSource, MfccSource, layer_source
+from tasks.chunks import ChunkJob, frame_offsets, plan_chunks
+from tasks.feature_sources import FeatureSource, MfccSource, compute_chunk, layer_source
 from tasks.layout import FEATURES_STORE
 from tasks.manifest import Utterance
 from tasks.stage import CommittedStage, StageContext, StageResult, StageSpec
@@ -45,54 +43,12 @@ MIN_CHUNK_FRAMES = 16384
 MAX_CHUNK_BYTES = 256 * 2**20
 
 
-@dataclass(frozen=True)
-class ChunkJob:
-    """One chunk of the grid and the utterances whose frames overlap it."""
-
-    chunk: Chunk
-    utterances: tuple[UtteranceSpan, ...]
-
-    @property
-    def start(self) -> int:
-        return self.chunk.start
-
-    @property
-    def stop(self) -> int:
-        return self.chunk.stop
-
-    @property
-    def part(self) -> str:
-        return f"chunk-{self.chunk.index:06d}"
-
-
 def choose_chunk_frames(total_frames: int, dim: int) -> int:
     """A power of two: at least MIN_CHUNK_FRAMES, few enough chunks for Dask, small enough for memory."""
     wanted = max(MIN_CHUNK_FRAMES, -(-total_frames // MAX_CHUNK_TASKS))
     frames = 1 << (wanted - 1).bit_length()
     ceiling = 1 << (MAX_CHUNK_BYTES // (4 * dim)).bit_length() - 1
     return max(256, min(frames, ceiling))
-
-
-def compute_chunk(job: ChunkJob, source: FeatureSource, storage_options: dict[str, Any]) -> np.ndarray:
-    """The (stop - start, dim) block of features for one chunk."""
-    waveforms = [load_audio_16k(span.path, storage_options) for span in job.utterances]
-    for span, waveform in zip(job.utterances, waveforms):
-        if waveform.shape[0] != span.samples_16k:
-            raise ValueError(
-                f"utterance {span.id} ({span.path}): {waveform.shape[0]} samples at 16 kHz, "
-                f"intake recorded {span.samples_16k}; the file changed since intake"
-            )
-    block = np.empty((job.stop - job.start, source.dim), dtype=np.float32)
-    for span, features in zip(job.utterances, source.compute(waveforms)):
-        if tuple(features.shape) != (span.frames, source.dim):
-            raise ValueError(
-                f"utterance {span.id}: feature source gave shape {tuple(features.shape)}, "
-                f"expected ({span.frames}, {source.dim})"
-            )
-        low, high = span.overlap(job.start, job.stop)
-        block[low - job.start : high - job.start] = features[low - span.offset : high - span.offset].numpy()
-    check_finite(block, job.start, job.utterances, f"features of {job.part}")
-    return block
 
 
 def write_feature_chunk(job: ChunkJob, source: FeatureSource, stage: Stage, features: zarr.Array) -> dict[str, Any]:
@@ -169,14 +125,6 @@ def features_key_inputs(context: StageContext) -> dict[str, str]:
     if context.settings.features.kind == "hubert":
         inputs["model"] = context.upstream("features", "model").output_digest
     return inputs
-
-
-def plan_chunks(utterances: list[Utterance], offsets: np.ndarray, chunk_frames: int) -> list[ChunkJob]:
-    """One job per chunk of the grid, with the utterances whose frames overlap it."""
-    return [
-        ChunkJob(chunk, utterance_spans(utterances, offsets, chunk.start, chunk.stop))
-        for chunk in chunk_grid(int(offsets[-1]), chunk_frames)
-    ]
 
 
 def features(context: StageContext, stage: Stage) -> StageResult:

@@ -1,4 +1,4 @@
-"""Stage: corpus intake. Lists the source, probes every file in parallel on Dask, writes the manifest.
+"""Stage: corpus intake. Lists the source, probes every file in parallel on Dask (tasks/probing.py), writes the manifest.
 
 One bad file never stops a corpus: unreadable, empty, truncated, non-finite (NaN or Inf samples),
 silent, too short or mismatching files go into `corpus/intake_report.json` with their reason and
@@ -9,93 +9,18 @@ with the same utterance id stop intake before any probing, naming both paths.
 from __future__ import annotations
 
 import logging
-import uuid
 from collections import Counter
 from typing import Any
 
-from pydantic import BaseModel
-
 from infra.digest import digest_bytes
-from infra.parts import gather_parts
 from infra.paths import fingerprint_source
 from infra.store import Stage, StageRecord
-from tasks.audio import AudioError, probe_audio, read_bytes
-from tasks.config import CorpusConfig
 from tasks.layout import INTAKE_REPORT, MANIFEST
-from tasks.manifest import (
-    AUDIO_SUFFIXES,
-    Candidate,
-    ManifestError,
-    Utterance,
-    check_unique_ids,
-    list_candidates,
-    manifest_to_jsonl,
-)
+from tasks.manifest import AUDIO_SUFFIXES, ManifestError, check_unique_ids, list_candidates, manifest_to_jsonl
+from tasks.probing import probe_candidates
 from tasks.stage import CommittedStage, StageContext, StageResult, StageSpec
 
 log = logging.getLogger(__name__)
-
-PROBE_BATCH = 32
-DURATION_TOLERANCE_SECONDS = 0.05
-
-
-class Rejection(BaseModel):
-    id: str
-    path: str
-    origin: str
-    reason: str
-    detail: str
-
-
-def _check_length(candidate: Candidate, utterance: Utterance, corpus: CorpusConfig) -> None:
-    if candidate.expected_samples is not None and candidate.expected_samples != utterance.samples:
-        raise AudioError(
-            "manifest mismatch", f"manifest says {candidate.expected_samples} samples, file holds {utterance.samples}"
-        )
-    if (
-        candidate.expected_seconds is not None
-        and abs(candidate.expected_seconds - utterance.seconds) > DURATION_TOLERANCE_SECONDS
-    ):
-        raise AudioError(
-            "manifest mismatch",
-            f"manifest says {candidate.expected_seconds:.3f} s, file holds {utterance.seconds:.3f} s",
-        )
-    if utterance.seconds < corpus.min_seconds:
-        raise AudioError("too short", f"{utterance.seconds:.3f} s < corpus.min_seconds {corpus.min_seconds}")
-    if corpus.max_seconds is not None and utterance.seconds > corpus.max_seconds:
-        raise AudioError("too long", f"{utterance.seconds:.3f} s > corpus.max_seconds {corpus.max_seconds}")
-
-
-def probe_candidate(
-    candidate: Candidate, corpus: CorpusConfig, storage_options: dict[str, Any]
-) -> Utterance | Rejection:
-    """Probe one file; a problem with the file becomes a Rejection, a problem with the storage raises."""
-    try:
-        info = probe_audio(read_bytes(candidate.path, storage_options))
-        utterance = Utterance(
-            id=candidate.id,
-            path=candidate.path,
-            samples=info.samples,
-            sample_rate=info.sample_rate,
-            channels=info.channels,
-            speaker=candidate.speaker,
-        )
-        _check_length(candidate, utterance, corpus)
-        return utterance
-    except AudioError as error:
-        reason, detail = error.reason, error.detail
-    except FileNotFoundError:
-        reason, detail = "missing", "no such file"
-    except (IsADirectoryError, PermissionError) as error:
-        reason, detail = "unreadable", str(error)
-    return Rejection(id=candidate.id, path=candidate.path, origin=candidate.origin, reason=reason, detail=detail)
-
-
-def probe_batch(
-    candidates: list[Candidate], corpus: CorpusConfig, storage_options: dict[str, Any]
-) -> list[Utterance | Rejection]:
-    """One Dask task: probe a batch of files (batching keeps task overhead small for short files)."""
-    return [probe_candidate(candidate, corpus, storage_options) for candidate in candidates]
 
 
 def intake_key_config(context: StageContext) -> dict[str, Any]:
@@ -115,16 +40,7 @@ def intake(context: StageContext, stage: Stage) -> StageResult:
     check_unique_ids(candidates)
     log.info("intake: probing %d files on %d Dask worker(s)", len(candidates), len(client.scheduler_info()["workers"]))
 
-    batches = [candidates[start : start + PROBE_BATCH] for start in range(0, len(candidates), PROBE_BATCH)]
-    attempt = uuid.uuid4().hex[:8]  # fresh keys: Dask would hand back a failed attempt's result
-    futures = client.map(
-        probe_batch, batches, corpus=config.corpus, storage_options=config.storage_options,
-        key=[f"probe-{attempt}-{index}" for index in range(len(batches))],
-    )
-    by_id = {result.id: result for batch in gather_parts(futures, "intake") for result in batch}
-    results = [by_id[candidate.id] for candidate in candidates]
-    utterances = [result for result in results if isinstance(result, Utterance)]
-    rejections = [result for result in results if isinstance(result, Rejection)]
+    utterances, rejections = probe_candidates(client, candidates, config.corpus, config.storage_options, "intake")
     for rejection in rejections:
         log.warning("intake: skipping %s (%s): %s", rejection.path, rejection.reason, rejection.detail)
     reasons = Counter(rejection.reason for rejection in rejections)
