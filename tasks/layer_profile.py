@@ -85,17 +85,26 @@ def measure_source(source: FeatureSource, sample: ProfileSample) -> dict[str, An
 
 
 def layer_profile(
-    client: Client, layers: list[HubertLayerSource], utterances: list[Utterance], settings: LayerProfileConfig,
+    client: Client | None, layers: list[HubertLayerSource], utterances: list[Utterance], settings: LayerProfileConfig,
     alignments: str | None, storage_options: dict[str, Any],
 ) -> dict[str, Any]:
-    """Every layer's measures (and MFCC's, as the reference) on the seeded sample, and the best layer by PNMI."""
+    """Every layer's measures (and MFCC's, as the reference) on the seeded sample, and the best layer by PNMI.
+
+    On `client`'s workers, one task per layer; without a client (a stage run alone), here, one after another.
+    """
     sample = ProfileSample(
         tuple(profile_sample(utterances, settings.utterances, settings.seed)), alignments, storage_options,
         settings.k, settings.seed,
     )
     sources: list[FeatureSource] = [MfccSource(), *layers]
-    futures = client.map(measure_source, sources, sample=sample, pure=False)
-    mfcc, *measured = client.gather(futures)
+    if client is None:
+        threads = torch.get_num_threads()  # measure_source takes one, as a Dask task should
+        try:
+            mfcc, *measured = [measure_source(source, sample) for source in sources]
+        finally:
+            torch.set_num_threads(threads)
+    else:
+        mfcc, *measured = client.gather(client.map(measure_source, sources, sample=sample, pure=False))
     rows = [{"layer": source.layer, **measures} for source, measures in zip(layers, measured)]
     scored = [row for row in rows if row["pnmi"] is not None]
     best = max(scored, key=lambda row: row["pnmi"]) if scored else None

@@ -111,12 +111,12 @@ def test_a_resumed_run_gives_the_uninterrupted_loss_curve(labelled_store, tmp_pa
 
 def test_tiny_learns_and_its_layers_feed_the_next_iteration(labelled_store, client) -> None:
     config, store, labels = labelled_store
-    record = run("train", config, store, 1)
+    record = run("train", config, store, 1, client)
     metrics = record.metrics
     assert metrics["final_loss"] < metrics["first_loss"]
     assert metrics["masked_accuracy"] > 2 * metrics["chance_accuracy"]
     assert store.exists("t/iter-1/model/final.pt") and len(store.list_names("t/iter-1/model/checkpoints")) <= 2
-    assert run("train", config, store, 1) == record
+    assert run("train", config, store, 1, client) == record
 
     utterances = load_manifest(store, RunLayout("t"))
     source = layer_source(store, RunLayout("t"), 1, record, layer=2)
