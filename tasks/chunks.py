@@ -79,3 +79,13 @@ def inside_an_utterance(offsets: np.ndarray, frame: int) -> bool:
     """Whether a chunk edge at `frame` falls inside an utterance rather than between two."""
     utterance = int(np.searchsorted(offsets, frame, side="right")) - 1
     return bool(offsets[utterance] < frame < offsets[utterance + 1])
+
+
+def valid_frame_ranges(utterances: list[Utterance], offsets: np.ndarray, chunk: Chunk) -> tuple[tuple[int, int], ...]:
+    """The frames of validation utterances inside a chunk, as [start, stop) ranges relative to its start."""
+    ranges = []
+    for i in overlapping_utterances(offsets, chunk.start, chunk.stop):
+        if utterances[i].split == "valid":
+            low, high = max(chunk.start, int(offsets[i])), min(chunk.stop, int(offsets[i + 1]))
+            ranges.append((low - chunk.start, high - chunk.start))
+    return tuple(ranges)

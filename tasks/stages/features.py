@@ -30,7 +30,7 @@ from infra.digest import digest_bytes, digest_digests, digest_json
 from infra.parts import run_parts
 from infra.store import EmptyArray, Stage, StageRecord, create_zarr_group
 from model.frames import SAMPLE_RATE
-from tasks.artifacts import load_manifest
+from tasks.artifacts import load_manifest, weights_digest
 from tasks.audio import load_audio_16k
 from tasks.chunks import Chunk, UtteranceSpan, chunk_grid, frame_offsets, utterance_spans
 from tasks.feature_sources import FeatureSource, MfccSource, layer_source
@@ -135,7 +135,8 @@ def feature_source(context: StageContext) -> FeatureSource:
     if features.kind == "mfcc":
         return MfccSource()
     trained = context.upstream("features", "model")
-    return layer_source(context.store, context.layout, context.iteration - 1, trained, features.layer)
+    previous = context.iteration - 1
+    return layer_source(context.store, context.layout, previous, trained, features.layer, context.config.weights_for_next(previous))
 
 
 def features_key_config(context: StageContext) -> dict[str, Any]:
@@ -145,7 +146,9 @@ def features_key_config(context: StageContext) -> dict[str, Any]:
 def features_key_inputs(context: StageContext) -> dict[str, str]:
     inputs = {"manifest": context.upstream("features", "manifest").output_digest}
     if context.settings.features.kind == "hubert":
-        inputs["model"] = context.upstream("features", "model").output_digest
+        previous = context.iteration - 1
+        trained = context.upstream("features", "model")
+        inputs["model"] = weights_digest(trained, context.config.weights_for_next(previous))
     return inputs
 
 
