@@ -26,6 +26,9 @@ def preflight(config: PretrainConfig) -> list[str]:
         problems.append(f"corpus.source: {config.corpus.source} does not exist")
     if config.corpus.alignments is not None and not path_exists(config.corpus.alignments, config.storage_options):
         problems.append(f"corpus.alignments: {config.corpus.alignments} does not exist")
+    valid = config.corpus.valid
+    if isinstance(valid, str) and not path_exists(valid, config.storage_options):
+        problems.append(f"corpus.valid: the listing of validation ids {valid} does not exist")
     return problems
 
 

@@ -95,8 +95,10 @@ def masked_prediction_evaluator(
                 loss, metrics = _forward(model, batch, device, settings)
                 masked = metrics["masked_frames"]
                 sums += torch.tensor([float(loss) * masked, metrics["masked_accuracy"] * masked, masked], dtype=torch.float64)
-        if world_size > 1:
-            dist.all_reduce(sums)
+        if world_size > 1:  # on the device: NCCL reduces CUDA tensors only
+            on_device = sums.to(device)
+            dist.all_reduce(on_device)
+            sums = on_device.cpu()
         model.train(was_training)
         loss_sum, correct, masked = sums.tolist()
         return {"valid_loss": loss_sum / max(masked, 1), "valid_masked_accuracy": correct / max(masked, 1)}

@@ -63,7 +63,10 @@ class CorpusConfig(_Section):
     @model_validator(mode="after")
     def _seed_only_with_a_fraction(self) -> CorpusConfig:
         if self.valid_seed != 0 and not isinstance(self.valid, float):
-            raise ValueError("valid_seed picks a fractional validation split; corpus.valid is not a fraction")
+            raise ValueError(
+                f"valid_seed is {self.valid_seed}, but it only picks a fractional validation split and corpus.valid "
+                f"is {self.valid!r}, not a fraction"
+            )
         return self
 
     @property

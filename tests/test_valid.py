@@ -4,6 +4,7 @@ iteration takes (best or final, cold or warm)."""
 
 from __future__ import annotations
 
+import io
 import random
 import shutil
 from pathlib import Path
@@ -11,12 +12,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import torch
+
+from infra.digest import digest_bytes
+from model.hubert import HUBERT_CONFIGS, LABEL_DEPENDENT, build_pretrain_model, frame_geometry
 from model.kmeans import nearest_centroids
-from tasks.artifacts import load_centroids, load_manifest
+from model.data import BatchStream
+from model.trainer import train
+from tasks.artifacts import load_centroids
 from tasks.config import ConfigError, PretrainConfig, load_config
 from tasks.manifest import Utterance, manifest_to_jsonl
-from tasks.splits import assign_splits, hash_fraction
-from tests.conftest import demo_config, run_chain
+from tasks.pipeline import STAGES
+from tasks.splits import assign_splits, hash_fraction, read_id_listing
+from tasks.stage import StageContext, run_stage
+from tasks.training import StoreCheckpoints, StoreUtteranceSource, initial_model, trainer_settings, validation_for
+from tests.conftest import Chain, demo_config, run_chain
 
 
 def valid_config(tmp_path: Path, corpus: Path, name: str, valid: float | str | None = 0.25, **kmeans: object) -> PretrainConfig:
@@ -26,6 +36,11 @@ def valid_config(tmp_path: Path, corpus: Path, name: str, valid: float | str | N
     if valid is not None:
         raw["corpus"]["valid"] = valid
     return PretrainConfig.model_validate(raw)
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
 
 
 def utterance(name: str) -> Utterance:
@@ -50,10 +65,16 @@ def test_a_fractional_split_does_not_depend_on_corpus_order_or_size() -> None:
     assert manifest_to_jsonl([corpus[0].model_copy(update={"split": "valid"})]).rstrip().endswith('"split":"valid"}')
 
 
+@pytest.fixture(scope="module")
+def split_chain(tmp_path_factory: pytest.TempPathFactory, demo_corpus: Path, client) -> Chain:
+    """Iteration 1 of the demo corpus up to labels, a quarter of it held out for validation."""
+    return run_chain(valid_config(tmp_path_factory.mktemp("valid"), demo_corpus, "split", k=16), client, "labels")
+
+
 def test_validation_utterances_are_held_out_of_kmeans_and_labelled_by_the_training_centroids(
-    tmp_path: Path, demo_corpus: Path, client
+    split_chain: Chain, tmp_path: Path, demo_corpus: Path, client
 ) -> None:
-    chain = run_chain(valid_config(tmp_path, demo_corpus, "split", k=16), client, "labels")
+    chain = split_chain
     utterances = chain.utterances
     valid = [u for u in utterances if u.split == "valid"]
     assert 0 < len(valid) < len(utterances) and chain.records["intake"].counts["valid_utterances"] == len(valid)
@@ -91,6 +112,158 @@ def test_a_listing_of_validation_ids_picks_them(tmp_path: Path) -> None:
     )
     split = assign_splits([utterance(name) for name in "abcd"], config.corpus, {})
     assert [u.split for u in split] == ["train", "valid", "valid", "train"]
+    assert read_id_listing(str(write(tmp_path / "valid.tsv", "/audio\nspk/d.wav\t16000\n"))) == {"d"}
+    assert read_id_listing(str(write(tmp_path / "valid.jsonl", '{"audio_filepath": "x/a.flac"}\n'))) == {"a"}
     listing.write_text("a\nb\nc\nd\n")
     with pytest.raises(ValueError, match="picks all 4 usable utterances: there is nothing left to train on"):
         assign_splits([utterance(name) for name in "abcd"], config.corpus, {})
+
+
+TINY = HUBERT_CONFIGS["tiny"]
+TRAIN = {"model": "tiny", "steps": 6, "max_batch_seconds": 6, "max_sample_seconds": 3, "checkpoint_every": 3,
+         "log_every": 1, "valid_every": 2}
+
+
+def two_iterations(chain: Chain, second_train: dict | None = None) -> PretrainConfig:
+    """The split chain's config with short training, and a second iteration on layer 2 of the first's model."""
+    raw = chain.config.model_dump(exclude_unset=True)
+    first = raw["iterations"][0]
+    first["train"] = TRAIN
+    second = {"features": {"kind": "hubert", "layer": 2}, "kmeans": {"k": 8}, "train": second_train or TRAIN}
+    raw["iterations"] = [first, second]
+    return PretrainConfig.model_validate(raw)
+
+
+def test_training_never_sees_validation_utterances_and_validation_resumes_exactly(split_chain: Chain) -> None:
+    store, layout, utterances = split_chain.store, split_chain.layout, split_chain.utterances
+    config = two_iterations(split_chain)
+    settings = config.iterations[0].train
+    source = StoreUtteranceSource(store, layout.labels_store(1), utterances)
+    trained_on = {utterances[source.rows[i]].id for batch in BatchStream(
+        source, source.geometry, frame_geometry(TINY), 6 * 16000, 3 * 16000, seed=0).buckets.epoch(0) for i in batch}
+    assert trained_on == {u.id for u in utterances if u.split == "train"}
+
+    def run(folder: str, validate: bool = True, on_log=None):
+        torch.manual_seed(0)
+        model = build_pretrain_model(TINY, num_classes=16)
+        torch.manual_seed(1)
+        stream = BatchStream(source, source.geometry, frame_geometry(TINY), 6 * 16000, 3 * 16000, seed=0)
+        validation = validation_for(store, layout, 1, utterances, settings, torch.device("cpu"), 0, 1) if validate else None
+        if validation is not None:
+            validation.on_best = None  # this test writes no weights into the run
+        history = train(model, stream, trainer_settings(settings), StoreCheckpoints(store, folder), torch.device("cpu"),
+                        on_log=on_log, validation=validation)
+        return history, None if validation is None else validation.curve
+
+    straight, curve = run("ckpt-straight")
+    assert [entry["step"] for entry in curve] == [2, 4, 6]
+    assert all(np.isfinite(entry["valid_loss"]) and 0 <= entry["valid_masked_accuracy"] <= 1 for entry in curve)
+    unvalidated, _ = run("ckpt-unvalidated", validate=False)  # validating leaves the training RNG streams alone
+    np.testing.assert_allclose([e["loss"] for e in unvalidated], [e["loss"] for e in straight], rtol=1e-6)
+
+    def crash_after_step_5(entry: dict) -> None:
+        if entry["step"] == 5:
+            raise KeyboardInterrupt("simulated stop after step 5")
+
+    with pytest.raises(KeyboardInterrupt):
+        run("ckpt-crashed", on_log=crash_after_step_5)
+    torch.manual_seed(12345)
+    resumed, resumed_curve = run("ckpt-crashed")
+    np.testing.assert_allclose([e["loss"] for e in resumed], [e["loss"] for e in straight], rtol=1e-5)
+    assert [e["step"] for e in resumed_curve] == [2, 4, 6]
+    np.testing.assert_allclose([e["valid_loss"] for e in resumed_curve], [e["valid_loss"] for e in curve], rtol=1e-5)
+
+
+def test_the_train_record_keeps_best_weights_and_the_next_iteration_reads_them(split_chain: Chain, client) -> None:
+    store, layout = split_chain.store, split_chain.layout
+    config = two_iterations(split_chain)
+    record = run_stage(STAGES["train"], StageContext(config, store, client, 1))
+    metrics = record.metrics
+    assert [row[0] for row in metrics["valid_curve"]] == [2, 4, 6] and metrics["final_step"] == 6
+    best = min(metrics["valid_curve"], key=lambda row: row[1])
+    assert metrics["best_step"] == best[0] and metrics["best_valid_loss"] == pytest.approx(best[1], abs=1e-5)
+    assert metrics["weights_digests"] == {
+        "final": digest_bytes(store.read_bytes(layout.final_model(1))),
+        "best": digest_bytes(store.read_bytes(layout.best_model(1))),
+    }
+    assert record.output_digest == metrics["weights_digests"]["final"]
+    assert record.inputs["manifest"] == split_chain.records["intake"].output_digest
+
+    features = run_stage(STAGES["features"], StageContext(config, store, client, 2))
+    assert features.inputs["model"] == metrics["weights_digests"]["best"] == features.config["source"]["model_digest"]
+    final_config = config.model_copy(update={"iterations": [
+        config.iterations[0].model_copy(update={"train": config.iterations[0].train.model_copy(update={"weights_for_next": "final"})}),
+        config.iterations[1],
+    ]})
+    assert run_stage(STAGES["train"], StageContext(final_config, store, client, 1)) == record  # not in train's key
+    assert STAGES["features"].key_inputs(StageContext(final_config, store, client, 2))["model"] == record.output_digest
+
+
+def test_a_warm_start_takes_the_previous_weights_except_the_label_dependent_ones(split_chain: Chain, client) -> None:
+    store, layout = split_chain.store, split_chain.layout
+    config = two_iterations(split_chain, {**TRAIN, "init": "warm"})
+    run_stage(STAGES["train"], StageContext(config, store, client, 1))
+    previous = torch.load(io.BytesIO(store.read_bytes(layout.best_model(1))), weights_only=False)["model"]
+    warm = initial_model(config, 2, num_classes=8, store=store).state_dict()
+    torch.manual_seed(config.iterations[1].train.seed)
+    cold = build_pretrain_model(TINY, num_classes=8).state_dict()
+    fresh = [name for name in warm if name.startswith(LABEL_DEPENDENT)]
+    assert fresh and "logit_generator.label_embeddings" in fresh
+    for name, value in warm.items():
+        expected = cold[name] if name.startswith(LABEL_DEPENDENT) else previous[name]
+        torch.testing.assert_close(value, expected, rtol=0, atol=0, msg=name)
+    assert not torch.equal(warm["wav2vec2.encoder.transformer.layers.0.attention.out_proj.weight"],
+                           cold["wav2vec2.encoder.transformer.layers.0.attention.out_proj.weight"])
+
+
+BASE_CONFIG = """\
+run: t
+store: ./runs
+corpus: {source: ./corpus, valid: 0.1}
+iterations:
+  - features: {kind: mfcc}
+    kmeans: {k: 8}
+    train: {model: tiny, steps: 10}
+  - features: {kind: hubert, layer: 2}
+    kmeans: {k: 8}
+    train: {model: tiny, steps: 12}
+"""
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "expected"),
+    [
+        ("valid: 0.1", "valid: 0.7", "corpus.valid: Value error, a validation fraction must be in (0, 0.5], got 0.7"),
+        ("valid: 0.1", "valid: 0.1, valid_seed: -1", "corpus.valid_seed: Input should be greater than or equal to 0"),
+        ("valid: 0.1", "valid: ids.txt, valid_seed: 3", "corpus: Value error, valid_seed is 3, but it only picks a fractional"),
+        ("steps: 10}\n  -", "steps: 10, valid_every: 0}\n  -", "iterations.0.train.valid_every: Input should be greater than or equal to 1"),
+        (", valid: 0.1", "", "iterations.0.train.valid_every: there is no validation split"),
+        ("steps: 10}\n  -", "steps: 10, weights_for_next: last}\n  -", "iterations.0.train.weights_for_next: Input should be 'best' or 'final'"),
+        (", valid: 0.1", "", "iterations.0.train.weights_for_next: 'best' is chosen by validation loss, and there is no validation split"),
+        ("steps: 10}\n  -", "steps: 10, init: warm}\n  -", "iterations.0.train.init: 'warm' starts from the previous iteration's weights"),
+        ("tiny, steps: 12}", "base, steps: 12, init: warm}", "iterations.1.train.init: 'warm' needs iteration 1 to train the same model 'base'; it trains 'tiny'"),
+        ("steps: 10}\n  -", "steps: 10, init: lukewarm}\n  -", "iterations.0.train.init: Input should be 'cold' or 'warm'"),
+    ],
+)
+def test_each_new_setting_is_checked_before_work_starts_naming_its_field(tmp_path: Path, old: str, new: str, expected: str) -> None:
+    text = BASE_CONFIG.replace(old, new, 1)
+    if "no validation split" in expected and "weights_for_next" in expected:
+        text = text.replace("steps: 10}\n  -", "steps: 10, weights_for_next: best}\n  -", 1)
+    if "no validation split" in expected and "valid_every" in expected:
+        text = text.replace("steps: 10}\n  -", "steps: 10, valid_every: 5}\n  -", 1)
+    assert text != BASE_CONFIG
+    path = tmp_path / "cfg.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert expected in str(caught.value), str(caught.value)
+
+
+def test_a_listing_path_is_relative_to_the_config_and_the_defaults_resolve(tmp_path: Path) -> None:
+    path = tmp_path / "cfg.yaml"
+    path.write_text(BASE_CONFIG.replace("valid: 0.1", "valid: lists/valid.txt"))
+    config = load_config(path)
+    assert config.corpus.valid == str(tmp_path / "lists" / "valid.txt")
+    assert config.weights_for_next(1) == "best" and config.iterations[0].train.init == "cold"
+    path.write_text(BASE_CONFIG.replace(", valid: 0.1", ""))
+    assert load_config(path).weights_for_next(1) == "final"
