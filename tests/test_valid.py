@@ -267,3 +267,16 @@ def test_a_listing_path_is_relative_to_the_config_and_the_defaults_resolve(tmp_p
     assert config.weights_for_next(1) == "best" and config.iterations[0].train.init == "cold"
     path.write_text(BASE_CONFIG.replace(", valid: 0.1", ""))
     assert load_config(path).weights_for_next(1) == "final"
+
+
+def test_a_warm_start_keys_on_the_weights_it_starts_from_and_a_cold_one_keeps_its_key(split_chain: Chain, client) -> None:
+    store = split_chain.store
+    cold = two_iterations(split_chain)
+    warm = two_iterations(split_chain, {**TRAIN, "init": "warm"})
+    trained = run_stage(STAGES["train"], StageContext(warm, store, client, 1))
+    for stage in ("features", "kmeans", "labels"):
+        run_stage(STAGES[stage], StageContext(warm, store, client, 2))
+    warm_context, cold_context = StageContext(warm, store, client, 2), StageContext(cold, store, client, 2)
+    assert STAGES["train"].key_inputs(warm_context)["init"] == trained.metrics["weights_digests"]["best"]
+    assert "init" not in STAGES["train"].key_inputs(cold_context)
+    assert STAGES["train"].key_config(warm_context)["init"] == "warm" and "init" not in STAGES["train"].key_config(cold_context)
