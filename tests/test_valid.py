@@ -14,7 +14,10 @@ import pytest
 
 import torch
 
+from flows.cli import preflight
+from flows.inspection import stage_status
 from infra.digest import digest_bytes
+from infra.store import read_record
 from model.hubert import HUBERT_CONFIGS, LABEL_DEPENDENT, build_pretrain_model, frame_geometry
 from model.kmeans import nearest_centroids
 from model.data import BatchStream
@@ -191,6 +194,8 @@ def test_the_train_record_keeps_best_weights_and_the_next_iteration_reads_them(s
 
     features = run_stage(STAGES["features"], StageContext(config, store, client, 2))
     assert features.inputs["model"] == metrics["weights_digests"]["best"] == features.config["source"]["model_digest"]
+    read = lambda stage, iteration: read_record(store, layout.stage_folder(stage, iteration), stage)  # noqa: E731
+    assert stage_status(store, layout, "features", 2, read).status == "done"  # `inspect`: best.pt's digest is not stale
     final_config = config.model_copy(update={"iterations": [
         config.iterations[0].model_copy(update={"train": config.iterations[0].train.model_copy(update={"weights_for_next": "final"})}),
         config.iterations[1],
@@ -265,6 +270,7 @@ def test_a_listing_path_is_relative_to_the_config_and_the_defaults_resolve(tmp_p
     config = load_config(path)
     assert config.corpus.valid == str(tmp_path / "lists" / "valid.txt")
     assert config.weights_for_next(1) == "best" and config.iterations[0].train.init == "cold"
+    assert f"corpus.valid: the listing of validation ids {tmp_path / 'lists' / 'valid.txt'} does not exist" in preflight(config)
     path.write_text(BASE_CONFIG.replace(", valid: 0.1", ""))
     assert load_config(path).weights_for_next(1) == "final"
 
