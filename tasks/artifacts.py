@@ -45,7 +45,7 @@ def weights_digest(train: StageRecord, weights: Weights) -> str:
     digests = train.metrics.get("weights_digests", {"final": train.output_digest})
     if weights not in digests:
         raise ValueError(
-            f"train@{train.scope} kept no {weights} weights (it had no validation split); "
+            f"the train record in {train.scope} lists no {weights} weights (it had no validation split); "
             f"it has {sorted(digests)}"
         )
     return digests[weights]

@@ -51,7 +51,7 @@ def train_key_inputs(context: StageContext) -> dict[str, str]:
 
 
 def validation_metrics(store: ArtifactStore, stage: Stage) -> dict[str, Any]:
-    """The validation curve, the best step and the digest of the best weights; empty without validation."""
+    """The validation curve and its best step, from the curve training wrote; empty without validation."""
     curve = store.read_json(stage.rel(VALID_LOG))
     if not curve:
         return {}
