@@ -34,6 +34,9 @@ def preflight(config: PretrainConfig) -> list[str]:
         ArtifactStore(config.store, config.storage_options).check_writable()
     except Exception as error:  # noqa: BLE001 - whatever the probe hits is the finding
         problems.append(f"store: {config.store} cannot be written: {type(error).__name__}: {error}")
+    valid = config.corpus.valid
+    if isinstance(valid, str) and (why := unreadable_because(valid, config.storage_options)):
+        problems.append(f"corpus.valid (the listing of validation ids): {why}")
     return problems
 
 

@@ -10,6 +10,7 @@ from pydantic import BaseModel
 from rich.table import Table
 
 from infra.store import ArtifactStore, StageRecord, open_run, parts_in_progress, read_record
+from tasks.artifacts import published_digests
 from tasks.layout import ITERATION_STAGES, STAGE_INPUTS, RunLayout, StageName, scope_iteration, upstream_iteration
 from tasks.verdict import iteration_verdict
 
@@ -69,7 +70,7 @@ def _is_stale(read: RecordReader, record: StageRecord) -> bool:
         if producer is None:
             continue
         upstream = read(producer.stage, upstream_iteration(producer, scope_iteration(record.scope)))
-        if upstream is None or upstream.output_digest != digest:
+        if upstream is None or digest not in published_digests(upstream):
             return True
     return False
 

@@ -91,18 +91,39 @@ class BucketBatches:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         jitter = torch.rand(len(self.lengths), generator=generator)
         order = sorted(range(len(self.lengths)), key=lambda i: (self.lengths[i], float(jitter[i])))
-        batches: list[list[int]] = []
-        current: list[int] = []
-        for index in order:
-            longest = max([self.lengths[i] for i in current] + [self.lengths[index]])
-            if current and longest * (len(current) + 1) > self.max_batch_samples:
-                batches.append(current)
-                current = []
-            current.append(index)
-        if current:
-            batches.append(current)
+        batches = pack(order, self.lengths, self.max_batch_samples)
         permutation = torch.randperm(len(batches), generator=generator).tolist()
         return [batches[i] for i in permutation]
+
+
+def pack(order: Sequence[int], lengths: Sequence[int], max_batch_samples: int) -> list[list[int]]:
+    """Consecutive runs of `order` whose longest length times their size fits `max_batch_samples`."""
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for index in order:
+        longest = max([lengths[i] for i in current] + [lengths[index]])
+        if current and longest * (len(current) + 1) > max_batch_samples:
+            batches.append(current)
+            current = []
+        current.append(index)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def labelled_waveform(
+    source: UtteranceSource,
+    index: int,
+    labels_geometry: FrameGeometry,
+    model_geometry: FrameGeometry,
+    prepare: Callable[[torch.Tensor], torch.Tensor] | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Utterance `index` as the model is fed it, with its labels on the model's frames."""
+    waveform, labels = source.load(index)
+    if prepare is not None:
+        waveform = prepare(waveform)
+    frames = model_geometry.num_frames(waveform.shape[0])
+    return waveform, map_labels(labels, labels_geometry, model_geometry, frames)
 
 
 def crop(
@@ -172,11 +193,7 @@ class BatchStream:
         self.epoch, self.position = state["epoch"], state["position"]
 
     def _piece(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        waveform, labels = self.source.load(index)
-        if self.prepare is not None:
-            waveform = self.prepare(waveform)
-        frames = self.model_geometry.num_frames(waveform.shape[0])
-        mapped = map_labels(labels, self.labels_geometry, self.model_geometry, frames)
+        waveform, mapped = labelled_waveform(self.source, index, self.labels_geometry, self.model_geometry, self.prepare)
         generator = torch.Generator().manual_seed(((self.seed * 1_000_003 + self.epoch) * 1_000_033 + index) % 2**63)
         return crop(waveform, mapped, self.max_sample_size, self.model_geometry, generator)
 
@@ -192,3 +209,42 @@ class BatchStream:
                 yield collate([self._piece(index) for index in mine], self.model_geometry)
             self.epoch += 1
             self.position = 0
+
+
+class FixedBatches:
+    """The batches of a held-out set, the same on every pass: for validation numbers that compare
+    across steps.
+
+    Utterances are sorted by length (ties by index) and packed like training batches, never
+    shuffled; each is cut to its first `max_sample_size` samples instead of a random crop. With
+    several ranks, rank r takes batches r, r + world_size, ... (a rank may get none).
+    """
+
+    def __init__(
+        self,
+        source: UtteranceSource,
+        labels_geometry: FrameGeometry,
+        model_geometry: FrameGeometry,
+        max_batch_samples: int,
+        max_sample_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        prepare: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
+        self.source = source
+        self.labels_geometry = labels_geometry
+        self.model_geometry = model_geometry
+        self.max_sample_size = max_sample_size
+        self.prepare = prepare
+        lengths = [min(source.samples(i), max_sample_size) for i in range(len(source))]
+        order = sorted(range(len(source)), key=lambda i: (lengths[i], i))
+        self.batches = pack(order, lengths, max_batch_samples)[rank::world_size]
+
+    def _piece(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        waveform, labels = labelled_waveform(self.source, index, self.labels_geometry, self.model_geometry, self.prepare)
+        piece = waveform[: self.max_sample_size]
+        return piece, labels[: self.model_geometry.num_frames(piece.shape[0])]
+
+    def __iter__(self) -> Iterator[Batch]:
+        for batch in self.batches:
+            yield collate([self._piece(index) for index in batch], self.model_geometry)

@@ -328,3 +328,24 @@ def hubert_loss(
         "feature_penalty": penalty_value,
     }
     return loss, metrics
+
+
+LABEL_DEPENDENT = ("logit_generator.",)
+"""Parameters tied to one iteration's labels: torchaudio's `LogitGenerator` holds the label
+embeddings (num_classes, final_dim) and the final projection into their space."""
+
+
+def warm_start(model: torchaudio.models.HuBERTPretrainModel, previous: dict[str, Tensor]) -> list[str]:
+    """Load an earlier model's state dict into `model`, except what depends on its labels.
+
+    Everything but `LABEL_DEPENDENT` parameters, and any parameter whose shape differs, is copied;
+    those keep `model`'s fresh initialisation. Returns the names left fresh.
+    """
+    own = model.state_dict()
+    taken = {
+        name: value
+        for name, value in previous.items()
+        if name in own and not name.startswith(LABEL_DEPENDENT) and tuple(value.shape) == tuple(own[name].shape)
+    }
+    model.load_state_dict(taken, strict=False)
+    return sorted(set(own) - set(taken))

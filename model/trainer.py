@@ -7,6 +7,12 @@ stopped after step N and resumed produces the same losses as one that never stop
 
 One process per device: under `torchrun`, each rank takes its share of every global batch and DDP
 averages the gradients; only rank 0 writes checkpoints.
+
+Validation (optional, `Validation`): every `every` steps and at the last, the model is evaluated
+on held-out batches in eval mode without gradients, with masks drawn from a fixed seed so the
+numbers compare across steps. The pass saves and restores every RNG state around itself, so a run
+with validation trains exactly as one without; its curve is kept in the checkpoints, so it
+survives a resume, and rank 0 hands each new lowest-loss model to `on_best`.
 """
 
 from __future__ import annotations
@@ -15,8 +21,8 @@ import contextlib
 import io
 import logging
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
@@ -51,6 +57,53 @@ class CheckpointStore(Protocol):
     def save(self, step: int, data: bytes) -> None:
         """Keep a checkpoint; must be atomic (a reader never sees a partial one)."""
         ...
+
+
+Evaluate = Callable[[torch.nn.Module], dict[str, float]]
+"""model -> {"valid_loss", "valid_masked_accuracy"}; called on every rank with the same weights."""
+
+
+@dataclass
+class Validation:
+    """What `train` validates with; `curve` is filled as it goes ({"step", "valid_loss",
+    "valid_masked_accuracy"} per pass, restored from the checkpoint on resume)."""
+
+    evaluate: Evaluate
+    every: int
+    on_best: Callable[[int, torch.nn.Module], None] | None = None  # rank 0: a new lowest validation loss
+    curve: list[dict[str, float]] = field(default_factory=list)
+
+    def best(self) -> dict[str, float] | None:
+        """The pass with the lowest validation loss (the earliest among equals)."""
+        return min(self.curve, key=lambda entry: entry["valid_loss"], default=None)
+
+
+def masked_prediction_evaluator(
+    batches: Iterable[Batch], device: torch.device, settings: TrainerSettings, mask_seed: int, world_size: int = 1
+) -> Evaluate:
+    """Loss (as trained: per masked frame, with the feature penalty) and masked accuracy over
+    `batches` (this rank's share), summed over ranks. Masks come from `mask_seed`: the same frames
+    are masked on every pass. The caller restores the RNG states it changes."""
+
+    def evaluate(model: torch.nn.Module) -> dict[str, float]:
+        was_training = model.training
+        model.eval()
+        torch.manual_seed(mask_seed)
+        sums = torch.zeros(3, dtype=torch.float64)
+        with torch.no_grad():
+            for batch in batches:
+                loss, metrics = _forward(model, batch, device, settings)
+                masked = metrics["masked_frames"]
+                sums += torch.tensor([float(loss) * masked, metrics["masked_accuracy"] * masked, masked], dtype=torch.float64)
+        if world_size > 1:  # on the device: NCCL reduces CUDA tensors only
+            on_device = sums.to(device)
+            dist.all_reduce(on_device)
+            sums = on_device.cpu()
+        model.train(was_training)
+        loss_sum, correct, masked = sums.tolist()
+        return {"valid_loss": loss_sum / max(masked, 1), "valid_masked_accuracy": correct / max(masked, 1)}
+
+    return evaluate
 
 
 def warmup_then_linear_decay(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
@@ -137,8 +190,10 @@ def train(
     on_log: Callable[[dict[str, float]], None] | None = None,
     rank: int = 0,
     world_size: int = 1,
+    validation: Validation | None = None,
 ) -> list[dict[str, float]]:
-    """Train until `settings.steps`, resuming from the latest checkpoint; returns the whole log."""
+    """Train until `settings.steps`, resuming from the latest checkpoint; returns the whole log
+    (and fills `validation.curve`)."""
     model.to(device)
     wrapped = DistributedDataParallel(model) if world_size > 1 else model
     optimizer = torch.optim.AdamW(
@@ -156,6 +211,8 @@ def train(
         stream.restore(state["stream"])
         _restore_rng_states(state["rng"][rank])
         step, history = state["step"], state["log"]
+        if validation is not None:
+            validation.curve[:] = state.get("valid_log", [])
         log.info("resuming training at step %d", step)
 
     batches = iter(stream)
@@ -183,12 +240,30 @@ def train(
             if on_log is not None and rank == 0:
                 on_log(entry)
             interval = _Interval()
+        if validation is not None and (step % validation.every == 0 or step == settings.steps):
+            _validate(model, validation, step, rank)
+            wrapped.train()
         if step % settings.checkpoint_every == 0 or step == settings.steps:
-            _checkpoint(model, optimizer, scheduler, stream, step, history, checkpoints, rank, world_size)
+            curve = None if validation is None else validation.curve
+            _checkpoint(model, optimizer, scheduler, stream, step, history, curve, checkpoints, rank, world_size)
     return history
 
 
-def _checkpoint(model, optimizer, scheduler, stream, step, history, checkpoints, rank, world_size) -> None:
+def _validate(model: torch.nn.Module, validation: Validation, step: int, rank: int) -> None:
+    """One validation pass, leaving every RNG state as it found it; a new best goes to `on_best`."""
+    best = validation.best()
+    states = _rng_states()
+    try:
+        entry = {"step": step, **validation.evaluate(model)}
+    finally:
+        _restore_rng_states(states)
+    validation.curve.append(entry)
+    log.info("validation at step %d: loss %.4f, masked acc %.3f", step, entry["valid_loss"], entry["valid_masked_accuracy"])
+    if validation.on_best is not None and rank == 0 and (best is None or entry["valid_loss"] < best["valid_loss"]):
+        validation.on_best(step, model)
+
+
+def _checkpoint(model, optimizer, scheduler, stream, step, history, curve, checkpoints, rank, world_size) -> None:
     """Rank 0 writes one checkpoint holding every rank's RNG states (masking differs per rank)."""
     rng_states: list[Any] = [None] * world_size
     if world_size > 1:
@@ -206,6 +281,7 @@ def _checkpoint(model, optimizer, scheduler, stream, step, history, checkpoints,
                 "rng": rng_states,
                 "step": step,
                 "log": history,
+                **({} if curve is None else {"valid_log": curve}),
             },
             buffer,
         )

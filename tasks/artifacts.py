@@ -18,7 +18,7 @@ from infra.store import ArtifactStore, StageRecord
 from model.frames import FrameGeometry
 from model.hubert import HUBERT_CONFIGS, HubertConfig
 from tasks.chunks import chunk_grid
-from tasks.layout import RunLayout
+from tasks.layout import RunLayout, Weights
 from tasks.manifest import Utterance, manifest_from_jsonl
 
 
@@ -52,6 +52,24 @@ def trained_architecture(train: StageRecord) -> HubertConfig:
     if recorded is not None:
         return HubertConfig.model_validate(recorded)
     return HUBERT_CONFIGS[train.config["model"]]
+
+
+def weights_digest(train: StageRecord, weights: Weights) -> str:
+    """The digest of a train record's best or final weights (`metrics.weights_digests`; for
+    records from before it, the final weights', which is the record's output digest)."""
+    digests = train.metrics.get("weights_digests", {"final": train.output_digest})
+    if weights not in digests:
+        raise ValueError(
+            f"the train record in {train.scope} lists no {weights} weights (it had no validation split); "
+            f"it has {sorted(digests)}"
+        )
+    return digests[weights]
+
+
+def published_digests(record: StageRecord) -> set[str]:
+    """Every digest a later stage may name as its input from this record: its output digest, and a
+    train record's weights (a consumer names the best or the final ones)."""
+    return {record.output_digest, *record.metrics.get("weights_digests", {}).values()}
 
 
 def stored_geometry(group: zarr.Group) -> FrameGeometry:

@@ -129,3 +129,13 @@ def plan_chunks(utterances: list[Utterance], offsets: np.ndarray, chunk_frames: 
         ChunkJob(chunk, utterance_spans(utterances, offsets, chunk.start, chunk.stop))
         for chunk in chunk_grid(int(offsets[-1]), chunk_frames)
     ]
+
+
+def valid_frame_ranges(utterances: list[Utterance], offsets: np.ndarray, chunk: Chunk) -> tuple[tuple[int, int], ...]:
+    """The frames of validation utterances inside a chunk, as [start, stop) ranges relative to its start."""
+    ranges = []
+    for i in overlapping_utterances(offsets, chunk.start, chunk.stop):
+        if utterances[i].split == "valid":
+            low, high = max(chunk.start, int(offsets[i])), min(chunk.stop, int(offsets[i + 1]))
+            ranges.append((low - chunk.start, high - chunk.start))
+    return tuple(ranges)

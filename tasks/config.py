@@ -36,12 +36,43 @@ class CorpusConfig(_Section):
     max_seconds: float | None = Field(
         default=None, gt=0.0, description="Longer files are rejected at intake; null keeps all."
     )
+    valid: float | str | None = Field(
+        default=None,
+        description="The validation split, held out of k-means fitting and training (its utterances still "
+        "get labels, from the training centroids): a fraction in (0, 0.5] of the utterances, chosen by a "
+        "seeded hash of each utterance id (the same ids whatever the corpus order or size), or a listing "
+        "of validation ids: a text file with one id per line, or a fairseq .tsv / NeMo .jsonl whose file "
+        "names give the ids. Null: no validation split.",
+    )
+    valid_seed: int = Field(default=0, ge=0, description="Seed of the hash that picks a fractional validation split.")
 
     @model_validator(mode="after")
     def _max_above_min(self) -> CorpusConfig:
         if self.max_seconds is not None and self.max_seconds <= self.min_seconds:
             raise ValueError(f"max_seconds ({self.max_seconds}) must exceed min_seconds ({self.min_seconds})")
         return self
+
+    @field_validator("valid")
+    @classmethod
+    def _valid_is_a_fraction_or_a_listing(cls, valid: float | str | None) -> float | str | None:
+        if isinstance(valid, float) and not 0.0 < valid <= 0.5:
+            raise ValueError(f"a validation fraction must be in (0, 0.5], got {valid}")
+        if isinstance(valid, str) and not valid.strip():
+            raise ValueError("give a fraction in (0, 0.5] or the path of a listing of validation ids")
+        return valid
+
+    @model_validator(mode="after")
+    def _seed_only_with_a_fraction(self) -> CorpusConfig:
+        if self.valid_seed != 0 and not isinstance(self.valid, float):
+            raise ValueError(
+                f"valid_seed is {self.valid_seed}, but it only picks a fractional validation split and corpus.valid "
+                f"is {self.valid!r}, not a fraction"
+            )
+        return self
+
+    @property
+    def has_valid_split(self) -> bool:
+        return self.valid is not None
 
 
 class DaskConfig(_Section):
@@ -143,6 +174,25 @@ class TrainConfig(_Section):
     unmasked_weight: float = Field(default=0.0, ge=0, description="Loss weight of unmasked frames.")
     checkpoint_every: int = Field(default=1000, ge=1, description="Steps between checkpoints.")
     log_every: int = Field(default=100, ge=1, description="Steps between log lines.")
+    valid_every: int | None = Field(
+        default=None,
+        ge=1,
+        description="Steps between validation passes (loss and masked accuracy on the validation split, "
+        "with fixed crops and masks), and at the last step; null: every checkpoint_every steps. Needs "
+        "corpus.valid.",
+    )
+    weights_for_next: Literal["best", "final"] | None = Field(
+        default=None,
+        description="Which weights the next iteration takes features (and a warm start) from: best (lowest "
+        "validation loss; needs corpus.valid) or final (the weights after the last step); null: best when "
+        "there is a validation split, final otherwise.",
+    )
+    init: Literal["cold", "warm"] = Field(
+        default="cold",
+        description="cold: fresh weights, as the paper; warm: start from the previous iteration's weights "
+        "(those it chose for the next iteration), except the label embeddings and final projection, which "
+        "depend on the labels. Warm needs the previous iteration to train the same model.",
+    )
     seed: int = Field(default=0, ge=0)
     nproc: int = Field(default=1, ge=1, description="Training processes per machine (one per GPU) under torchrun.")
     nnodes: int = Field(
@@ -253,11 +303,50 @@ class PretrainConfig(_Section):
     @model_validator(mode="after")
     def _auto_layers_need_a_profile(self) -> PretrainConfig:
         for number, iteration in enumerate(self.iterations[1:], start=1):
-            if iteration.features.layer == "auto" and not self.iterations[number - 1].train.profile.enabled:
+            previous = self.iterations[number - 1].train
+            if iteration.features.layer == "auto" and previous is not None and not previous.profile.enabled:
                 raise ValueError(
                     f"iterations.{number}.features.layer 'auto' needs iterations.{number - 1}.train.profile.enabled"
                 )
         return self
+
+    @model_validator(mode="after")
+    def _validation_settings_need_a_split(self) -> PretrainConfig:
+        if self.corpus.has_valid_split:
+            return self
+        for number, iteration in enumerate(self.iterations):
+            if iteration.train is None:
+                continue
+            if iteration.train.valid_every is not None:
+                raise ValueError(f"iterations.{number}.train.valid_every: there is no validation split to validate on (set corpus.valid)")
+            if iteration.train.weights_for_next == "best":
+                raise ValueError(
+                    f"iterations.{number}.train.weights_for_next: 'best' is chosen by validation loss, and there "
+                    "is no validation split (set corpus.valid, or choose 'final')"
+                )
+        return self
+
+    @model_validator(mode="after")
+    def _warm_start_needs_the_same_model_before(self) -> PretrainConfig:
+        for number, iteration in enumerate(self.iterations):
+            if iteration.train is None or iteration.train.init != "warm":
+                continue
+            if number == 0:
+                raise ValueError("iterations.0.train.init: 'warm' starts from the previous iteration's weights, and iteration 1 has none")
+            previous = None if self.iterations[number - 1].train is None else self.iterations[number - 1].train.model
+            if previous != iteration.train.model:
+                raise ValueError(
+                    f"iterations.{number}.train.init: 'warm' needs iteration {number} to train the same model "
+                    f"{iteration.train.model!r}; it trains {previous!r}"
+                )
+        return self
+
+    def weights_for_next(self, iteration: int) -> Literal["best", "final"]:
+        """Which of iteration `iteration`'s weights feed the next iteration (train.weights_for_next resolved)."""
+        chosen = self.iterations[iteration - 1].train.weights_for_next
+        if chosen is not None:
+            return chosen
+        return "best" if self.corpus.has_valid_split else "final"
 
     @model_validator(mode="after")
     def _several_training_machines_need_a_cluster(self) -> PretrainConfig:
@@ -276,6 +365,8 @@ class PretrainConfig(_Section):
 
         problems = []
         for index, (previous, iteration) in enumerate(zip(self.iterations, self.iterations[1:]), start=1):
+            if previous.train is None:
+                continue  # refused with its own field path: only the last iteration may leave train out
             layer, preset = iteration.features.layer, previous.train.model
             layers = HUBERT_CONFIGS[preset].encoder_num_layers
             if iteration.features.kind == "hubert" and isinstance(layer, int) and layer > layers:
@@ -316,7 +407,7 @@ def _resolve_relative_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
         resolved["store"] = resolve(resolved["store"])
     corpus = resolved.get("corpus")
     if isinstance(corpus, dict):
-        resolved["corpus"] = {**corpus, **{k: resolve(corpus[k]) for k in ("source", "alignments") if k in corpus}}
+        resolved["corpus"] = {**corpus, **{k: resolve(corpus[k]) for k in ("source", "alignments", "valid") if k in corpus}}
     dask = resolved.get("dask")
     if isinstance(dask, dict) and dask.get("scheduler_file"):
         resolved["dask"] = {**dask, "scheduler_file": resolve(dask["scheduler_file"])}

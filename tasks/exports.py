@@ -29,7 +29,7 @@ from model.frames import SAMPLE_RATE
 from model.hf_convert import hf_layer_index, save_hf_pretrained, torchaudio_encoder_kwargs
 from model.hubert import HubertConfig, frame_geometry
 from tasks.artifacts import load_centroids, load_manifest
-from tasks.layout import BUNDLE, RunLayout, WeightsName
+from tasks.layout import BUNDLE, RunLayout, Weights
 from tasks.manifest import Utterance
 
 BUNDLE_FORMAT = "hubert-pipeline-bundle"
@@ -182,7 +182,7 @@ class ExportSummary:
         return self.manifest["quantizer"] is not None
 
 
-def _saved_weights(store: ArtifactStore, layout: RunLayout, iteration: int, weights: WeightsName) -> tuple[StageRecord, bytes, str]:
+def _saved_weights(store: ArtifactStore, layout: RunLayout, iteration: int, weights: Weights) -> tuple[StageRecord, bytes, str]:
     """The train record, the checkpoint's bytes and its path; ExportError when either is absent."""
     train = read_record(store, layout.scope(iteration), "train")
     if train is None:
@@ -202,7 +202,7 @@ def _jsonable(value: Any) -> Any:
 
 
 def export_model(
-    store: ArtifactStore, layout: RunLayout, iteration: int, out_dir: Path, weights: WeightsName = "final"
+    store: ArtifactStore, layout: RunLayout, iteration: int, out_dir: Path, weights: Weights = "final"
 ) -> ExportSummary:
     """Write iteration `iteration`'s encoder (and its quantizer, if the run fitted one) as a bundle in `out_dir`."""
     train, data, relpath = _saved_weights(store, layout, iteration, weights)

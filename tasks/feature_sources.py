@@ -21,10 +21,10 @@ from model.frames import FrameGeometry
 from model.hubert import HubertConfig, build_pretrain_model, frame_geometry
 from model.layer_features import extract_layer_features_batch
 from model.mfcc import MFCC_DIM, MFCC_GEOMETRY, mfcc_with_deltas
-from tasks.artifacts import trained_architecture
+from tasks.artifacts import trained_architecture, weights_digest
 from tasks.audio import load_audio_16k, read_bytes
 from tasks.chunks import ChunkJob, check_finite
-from tasks.layout import RunLayout
+from tasks.layout import RunLayout, Weights
 
 
 class FeatureSource(Protocol):
@@ -161,7 +161,7 @@ _ENCODERS: dict[str, tuple[torch.nn.Module, HubertConfig]] = {}
 
 
 def load_encoder(store: ArtifactStore, relpath: str) -> tuple[torch.nn.Module, HubertConfig]:
-    """The encoder (`.wav2vec2`, in eval mode) of a saved final model, and its architecture."""
+    """The encoder (`.wav2vec2`, in eval mode) of saved weights (final or best), and its architecture."""
     saved = torch.load(io.BytesIO(store.read_bytes(relpath)), map_location="cpu", weights_only=False)
     architecture = HubertConfig.model_validate(saved["config"])
     model = build_pretrain_model(architecture, num_classes=saved["num_classes"])
@@ -169,8 +169,11 @@ def load_encoder(store: ArtifactStore, relpath: str) -> tuple[torch.nn.Module, H
     return model.wav2vec2.eval(), architecture
 
 
-def layer_source(store: ArtifactStore, layout: RunLayout, iteration: int, trained: StageRecord, layer: int) -> HubertLayerSource:
-    """Layer `layer` of the model iteration `iteration` trained, described from its train record alone."""
+def layer_source(
+    store: ArtifactStore, layout: RunLayout, iteration: int, trained: StageRecord, layer: int, weights: Weights = "final"
+) -> HubertLayerSource:
+    """Layer `layer` of the model iteration `iteration` trained (its best or final weights),
+    described from its train record alone."""
     architecture = trained_architecture(trained)
     if layer > architecture.encoder_num_layers:
         raise ValueError(
@@ -178,7 +181,7 @@ def layer_source(store: ArtifactStore, layout: RunLayout, iteration: int, traine
             f"{architecture.encoder_num_layers} layers"
         )
     return HubertLayerSource(
-        store=store, model_relpath=layout.final_model(iteration), model_digest=trained.output_digest,
+        store=store, model_relpath=layout.weights(iteration, weights), model_digest=weights_digest(trained, weights),
         layer=layer, architecture=architecture,
     )
 

@@ -6,7 +6,8 @@
     <run>/iter-N/features.zarr                    + features.commit.json
     <run>/iter-N/kmeans/centroids.npy, report.json     + kmeans.commit.json
     <run>/iter-N/labels.zarr                      + labels.commit.json
-    <run>/iter-N/model/checkpoints/, final.pt, best.pt, architecture.json, train_log.json   + train.commit.json
+    <run>/iter-N/model/checkpoints/, final.pt, best.pt, architecture.json, train_log.json, valid_log.json
+                                                  + train.commit.json
     <run>/iter-N/report.json, report.md, plots/
 
 Stages, `inspect`, `diff`, the report and the exports ask this module for paths; nothing else
@@ -19,6 +20,9 @@ from __future__ import annotations
 import posixpath
 from dataclasses import dataclass
 from typing import Literal
+
+Weights = Literal["best", "final"]
+"""Which checkpoint of a train stage: its final weights, or its best by validation loss."""
 
 StageName = Literal["intake", "features", "kmeans", "labels", "train"]
 STAGE_ORDER: tuple[StageName, ...] = ("intake", "features", "kmeans", "labels", "train")
@@ -39,14 +43,12 @@ MODEL_DIR = "model"
 CHECKPOINTS = "model/checkpoints"
 FINAL_MODEL = "model/final.pt"
 BEST_MODEL = "model/best.pt"
+VALID_LOG = "model/valid_log.json"
 MODEL_ARCHITECTURE = "model/architecture.json"
 TRAIN_LOG = "model/train_log.json"
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 PLOTS = "plots"
-
-WeightsName = Literal["final", "best"]
-"""Which checkpoint of a train stage: its final weights, or its best by validation loss."""
 
 
 @dataclass(frozen=True)
@@ -80,16 +82,20 @@ class Upstream:
 STAGE_INPUTS: dict[StageName, dict[str, Upstream]] = {
     "intake": {},
     "features": {"manifest": Upstream("intake", None), "model": Upstream("train", 1)},
-    "kmeans": {"features": Upstream("features", 0)},
+    "kmeans": {"features": Upstream("features", 0), "manifest": Upstream("intake", None)},
     "labels": {
         "features": Upstream("features", 0),
         "centroids": Upstream("kmeans", 0),
         "previous_labels": Upstream("labels", 1),
+        "manifest": Upstream("intake", None),
     },
-    "train": {"labels": Upstream("labels", 0)},
+    "train": {"labels": Upstream("labels", 0), "manifest": Upstream("intake", None), "init": Upstream("train", 1)},
 }
 """Each stage's inputs, by the names its record's `inputs` use. A stage may also take inputs from
-outside the run (the corpus source, alignments), which are not listed here."""
+outside the run (the corpus source, alignments), which are not listed here. Some are taken only
+when a setting asks for them: `manifest` after intake only with a validation split (it says which
+utterances are held out), `init` only for a warm start, and a `model` or `init` names the weights
+the train record lists under `metrics.weights_digests` that the config chose."""
 
 
 def scope_name(iteration: int | None) -> str:
@@ -166,11 +172,15 @@ class RunLayout:
         return self.path(iteration, FINAL_MODEL)
 
     def best_model(self, iteration: int) -> str:
+        """The weights with the lowest validation loss (only with a validation split)."""
         return self.path(iteration, BEST_MODEL)
 
-    def weights(self, iteration: int, which: WeightsName) -> str:
-        """The final or the best checkpoint of an iteration's model."""
-        return self.final_model(iteration) if which == "final" else self.best_model(iteration)
+    def weights(self, iteration: int, which: Weights) -> str:
+        """best.pt or final.pt of an iteration's model."""
+        return self.best_model(iteration) if which == "best" else self.final_model(iteration)
+
+    def valid_log(self, iteration: int) -> str:
+        return self.path(iteration, VALID_LOG)
 
     def model_architecture(self, iteration: int) -> str:
         return self.path(iteration, MODEL_ARCHITECTURE)

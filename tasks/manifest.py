@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import posixpath
-from typing import Any
+from typing import Any, Literal
 
 import fsspec
 from pydantic import BaseModel, ConfigDict
@@ -52,6 +52,7 @@ class Utterance(BaseModel):
     sample_rate: int
     channels: int
     speaker: str | None = None
+    split: Literal["train", "valid"] = "train"
 
     @property
     def seconds(self) -> float:
@@ -67,7 +68,7 @@ def utterance_id(path: str) -> str:
     return posixpath.splitext(posixpath.basename(path.rstrip("/")))[0]
 
 
-def _read_lines(path: str, storage_options: dict[str, Any] | None) -> list[str]:
+def read_lines(path: str, storage_options: dict[str, Any] | None) -> list[str]:
     try:
         with fsspec.open(path, "rt", encoding="utf-8", **(storage_options or {})) as handle:
             return handle.read().splitlines()
@@ -76,7 +77,7 @@ def _read_lines(path: str, storage_options: dict[str, Any] | None) -> list[str]:
 
 
 def read_fairseq_tsv(path: str, storage_options: dict[str, Any] | None = None) -> list[Candidate]:
-    lines = _read_lines(path, storage_options)
+    lines = read_lines(path, storage_options)
     if not lines or not lines[0].strip():
         raise ManifestError(f"{path}: line 1 must be the audio root folder")
     root = join_path(parent_of(path), lines[0].strip())
@@ -101,7 +102,7 @@ def read_fairseq_tsv(path: str, storage_options: dict[str, Any] | None = None) -
 def read_nemo_jsonl(path: str, storage_options: dict[str, Any] | None = None) -> list[Candidate]:
     folder = parent_of(path)
     candidates = []
-    for number, line in enumerate(_read_lines(path, storage_options), start=1):
+    for number, line in enumerate(read_lines(path, storage_options), start=1):
         if not line.strip():
             continue
         try:
@@ -153,7 +154,11 @@ def check_unique_ids(candidates: list[Candidate]) -> None:
 
 
 def manifest_to_jsonl(utterances: list[Utterance]) -> str:
-    return "".join(utterance.model_dump_json() + "\n" for utterance in utterances)
+    """One JSON object per line; `split` only where it is "valid", so manifests without a split read as before."""
+    return "".join(
+        utterance.model_dump_json(exclude={"split"} if utterance.split == "train" else None) + "\n"
+        for utterance in utterances
+    )
 
 
 def manifest_from_jsonl(text: str) -> list[Utterance]:

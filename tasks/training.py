@@ -3,6 +3,11 @@
 This is what a torchrun rank runs (tasks/train_worker.py), and what the train stage runs itself
 with one process: it imports no Prefect and no stage. Checkpoints are files in the iteration's
 model folder; the newest two are kept.
+
+Training reads the manifest's training utterances only. With a validation split, every rank
+validates on its share of the validation utterances (model/trainer.py) and rank 0 writes each new
+lowest-loss model to the best weights' file as it is found (a resumed run replays the steps
+after its checkpoint exactly, so it writes the same weights again), and the curve beside them.
 """
 
 from __future__ import annotations
@@ -12,15 +17,16 @@ import io
 import logging
 import posixpath
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
 
 from infra.store import ArtifactStore
-from model.data import BatchStream, check_label_counts
+from model.data import BatchStream, FixedBatches, check_label_counts
 from model.frames import SAMPLE_RATE
-from model.hubert import HUBERT_CONFIGS, build_pretrain_model, frame_geometry, prepare_waveform
-from model.trainer import TrainerSettings, train
+from model.hubert import HUBERT_CONFIGS, HubertConfig, build_pretrain_model, frame_geometry, prepare_waveform, warm_start
+from model.trainer import TrainerSettings, Validation, masked_prediction_evaluator, train
 from tasks.artifacts import load_manifest, stored_geometry
 from tasks.audio import load_audio_16k
 from tasks.config import PretrainConfig, TrainConfig
@@ -33,12 +39,18 @@ CHECKPOINTS_KEPT = 2
 
 
 class StoreUtteranceSource:
-    """Training utterances: audio through the manifest, labels from `labels.zarr`."""
+    """The utterances of one split: audio through the manifest, labels from `labels.zarr`.
 
-    def __init__(self, store: ArtifactStore, labels_relpath: str, utterances: list[Utterance]) -> None:
+    `utterances` is the whole manifest (the labels' offsets follow it); the source's indices count
+    the utterances of `split` only ("train" is every utterance of a corpus without a split)."""
+
+    def __init__(
+        self, store: ArtifactStore, labels_relpath: str, utterances: list[Utterance], split: Literal["train", "valid"] = "train"
+    ) -> None:
         self.store = store
         self.labels_relpath = labels_relpath
         self.utterances = utterances
+        self.rows = [row for row, utterance in enumerate(utterances) if utterance.split == split]
         group = store.open_zarr(labels_relpath, mode="r")
         self.offsets = group["offsets"][:]
         self.geometry = stored_geometry(group)
@@ -46,17 +58,17 @@ class StoreUtteranceSource:
         self._labels = None
 
     def __len__(self) -> int:
-        return len(self.utterances)
+        return len(self.rows)
 
     def samples(self, index: int) -> int:
-        return self.utterances[index].samples_16k
+        return self.utterances[self.rows[index]].samples_16k
 
     def load(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self._labels is None:
             self._labels = self.store.open_zarr(self.labels_relpath, mode="r")["labels"]
-        utterance = self.utterances[index]
-        labels = self._labels[self.offsets[index] : self.offsets[index + 1]].astype(np.int64)
-        return load_audio_16k(utterance.path, self.store.storage_options), torch.from_numpy(labels)
+        row = self.rows[index]
+        labels = self._labels[self.offsets[row] : self.offsets[row + 1]].astype(np.int64)
+        return load_audio_16k(self.utterances[row].path, self.store.storage_options), torch.from_numpy(labels)
 
     def check(self) -> None:
         """Refuse utterances whose labels do not fit their audio, naming them."""
@@ -106,16 +118,69 @@ def trainer_settings(settings: TrainConfig) -> TrainerSettings:
     )
 
 
+def initial_model(config: PretrainConfig, iteration: int, num_classes: int, store: ArtifactStore) -> torch.nn.Module:
+    """The model training starts from: fresh (seeded by `train.seed`), or with `train.init: warm`
+    the previous iteration's chosen weights except the label-dependent parts (model/hubert.py)."""
+    settings = config.iterations[iteration - 1].train
+    torch.manual_seed(settings.seed)
+    model = build_pretrain_model(HUBERT_CONFIGS[settings.model], num_classes=num_classes)
+    if settings.init == "warm":
+        previous = RunLayout(config.run).weights(iteration - 1, config.weights_for_next(iteration - 1))
+        saved = torch.load(io.BytesIO(store.read_bytes(previous)), map_location="cpu", weights_only=False)
+        fresh = warm_start(model, saved["model"])
+        log.info("train@%d: warm start from %s; freshly initialised: %s", iteration, store.url(previous), ", ".join(fresh))
+    return model
+
+
+def saved_weights(model: torch.nn.Module, settings: TrainConfig, architecture: HubertConfig, num_classes: int) -> bytes:
+    """The final and the best weights' file: the weights and what architecture they fill (the train record says
+    which step each is from)."""
+    buffer = io.BytesIO()
+    torch.save(
+        {"model": model.state_dict(), "architecture": settings.model, "config": architecture.model_dump(), "num_classes": num_classes},
+        buffer,
+    )
+    return buffer.getvalue()
+
+
+def validation_for(
+    store: ArtifactStore, layout: RunLayout, iteration: int, utterances: list[Utterance], settings: TrainConfig,
+    device: torch.device, rank: int, world_size: int,
+) -> Validation | None:
+    """Validation on the manifest's validation utterances (None without any), keeping the best weights on rank 0."""
+    source = StoreUtteranceSource(store, layout.labels_store(iteration), utterances, split="valid")
+    if len(source) == 0:
+        return None
+    source.check()
+    architecture = HUBERT_CONFIGS[settings.model]
+    batches = FixedBatches(
+        source,
+        labels_geometry=source.geometry,
+        model_geometry=frame_geometry(architecture),
+        max_batch_samples=int(settings.max_batch_seconds * SAMPLE_RATE),
+        max_sample_size=int(settings.max_sample_seconds * SAMPLE_RATE),
+        rank=rank,
+        world_size=world_size,
+        prepare=functools.partial(prepare_waveform, architecture),
+    )
+
+    def keep_best(step: int, model: torch.nn.Module) -> None:
+        store.write_bytes(layout.best_model(iteration), saved_weights(model, settings, architecture, source.k))
+
+    evaluate = masked_prediction_evaluator(batches, device, trainer_settings(settings), mask_seed=settings.seed, world_size=world_size)
+    return Validation(evaluate=evaluate, every=settings.valid_every or settings.checkpoint_every, on_best=keep_best)
+
+
 def train_rank(config: PretrainConfig, iteration: int, rank: int = 0, world_size: int = 1) -> list[dict[str, float]]:
     """Train this rank's share; the same code runs alone or under torchrun."""
     settings = config.iterations[iteration - 1].train
     store = ArtifactStore(config.store, config.storage_options)
     layout = RunLayout(config.run)
-    source = StoreUtteranceSource(store, layout.labels_store(iteration), load_manifest(store, layout))
+    utterances = load_manifest(store, layout)
+    source = StoreUtteranceSource(store, layout.labels_store(iteration), utterances)
     source.check()
     architecture = HUBERT_CONFIGS[settings.model]
-    torch.manual_seed(settings.seed)
-    model = build_pretrain_model(architecture, num_classes=source.k)
+    model = initial_model(config, iteration, source.k, store)
     torch.manual_seed(settings.seed * 1000 + rank + 1)
     stream = BatchStream(
         source,
@@ -129,6 +194,7 @@ def train_rank(config: PretrainConfig, iteration: int, rank: int = 0, world_size
         prepare=functools.partial(prepare_waveform, architecture),
     )
     device = torch.device(f"cuda:{rank % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu")
+    validation = validation_for(store, layout, iteration, utterances, settings, device, rank, world_size)
 
     def report(entry: dict[str, float]) -> None:
         log.info(
@@ -139,18 +205,15 @@ def train_rank(config: PretrainConfig, iteration: int, rank: int = 0, world_size
 
     history = train(
         model, stream, trainer_settings(settings), StoreCheckpoints(store, layout.checkpoints(iteration)),
-        device, on_log=report, rank=rank, world_size=world_size,
+        device, on_log=report, rank=rank, world_size=world_size, validation=validation,
     )
     if rank == 0:
-        buffer = io.BytesIO()
-        torch.save(
-            {"model": model.state_dict(), "architecture": settings.model, "config": architecture.model_dump(), "num_classes": source.k},
-            buffer,
-        )
-        store.write_bytes(layout.final_model(iteration), buffer.getvalue())
+        store.write_bytes(layout.final_model(iteration), saved_weights(model, settings, architecture, source.k))
         store.write_json(
             layout.model_architecture(iteration),
             {"preset": settings.model, "architecture": architecture.model_dump(mode="json"), "num_classes": source.k},
         )
         store.write_json(layout.train_log(iteration), history)
+        if validation is not None:
+            store.write_json(layout.valid_log(iteration), validation.curve)
     return history

@@ -29,7 +29,7 @@ from infra.digest import digest_array, digest_bytes, digest_digests, digest_json
 from infra.parts import run_parts
 from infra.store import EmptyArray, Stage, StageRecord, create_zarr_group
 from model.frames import SAMPLE_RATE
-from tasks.artifacts import load_manifest, stored_chunk_digests
+from tasks.artifacts import load_manifest, stored_chunk_digests, weights_digest
 from tasks.chunks import ChunkJob, frame_offsets, plan_chunks
 from tasks.feature_sources import FeatureSource, MfccSource, compute_chunk, layer_source
 from tasks.layout import FEATURES_STORE
@@ -113,7 +113,8 @@ def feature_source(context: StageContext) -> FeatureSource:
         return MfccSource()
     trained = context.upstream("features", "model")
     layer, _ = chosen_layer(context)
-    return layer_source(context.store, context.layout, context.iteration - 1, trained, layer)
+    previous = context.iteration - 1
+    return layer_source(context.store, context.layout, previous, trained, layer, context.config.weights_for_next(previous))
 
 
 def features_key_config(context: StageContext) -> dict[str, Any]:
@@ -123,7 +124,9 @@ def features_key_config(context: StageContext) -> dict[str, Any]:
 def features_key_inputs(context: StageContext) -> dict[str, str]:
     inputs = {"manifest": context.upstream("features", "manifest").output_digest}
     if context.settings.features.kind == "hubert":
-        inputs["model"] = context.upstream("features", "model").output_digest
+        previous = context.iteration - 1
+        trained = context.upstream("features", "model")
+        inputs["model"] = weights_digest(trained, context.config.weights_for_next(previous))
     return inputs
 
 

@@ -15,20 +15,32 @@ from typing import Any
 from infra.digest import digest_bytes
 from infra.paths import fingerprint_source
 from infra.store import Stage, StageRecord
+from tasks.audio import read_bytes
 from tasks.layout import INTAKE_REPORT, MANIFEST
 from tasks.manifest import AUDIO_SUFFIXES, ManifestError, check_unique_ids, list_candidates, manifest_to_jsonl
 from tasks.probing import probe_candidates
+from tasks.splits import assign_splits
 from tasks.stage import CommittedStage, StageContext, StageResult, StageSpec
 
 log = logging.getLogger(__name__)
 
 
 def intake_key_config(context: StageContext) -> dict[str, Any]:
-    return context.config.corpus.model_dump(include={"source", "min_seconds", "max_seconds"})
+    """The validation split enters the key only when there is one, so runs without keep their keys."""
+    corpus = context.config.corpus
+    split = {"valid", "valid_seed"} if corpus.has_valid_split else set()
+    return corpus.model_dump(include={"source", "min_seconds", "max_seconds", *split})
 
 
 def intake_key_inputs(context: StageContext) -> dict[str, str]:
-    return {"source": fingerprint_source(context.config.corpus.source, AUDIO_SUFFIXES, context.config.storage_options)}
+    corpus, storage_options = context.config.corpus, context.config.storage_options
+    inputs = {"source": fingerprint_source(corpus.source, AUDIO_SUFFIXES, storage_options)}
+    if isinstance(corpus.valid, str):
+        try:
+            inputs["valid"] = digest_bytes(read_bytes(corpus.valid, storage_options))
+        except FileNotFoundError as error:
+            raise ManifestError(f"corpus.valid: the listing of validation ids {corpus.valid} does not exist") from error
+    return inputs
 
 
 def intake(context: StageContext, stage: Stage) -> StageResult:
@@ -53,12 +65,14 @@ def intake(context: StageContext, stage: Stage) -> StageResult:
             f"no usable audio in {config.corpus.source}: all {len(rejections)} files rejected "
             f"(see {store.url(stage.rel(INTAKE_REPORT))})"
         )
+    utterances = assign_splits(utterances, config.corpus, config.storage_options)
     manifest_text = manifest_to_jsonl(utterances)
     store.write_text(stage.rel(MANIFEST), manifest_text)
     return StageResult(
         output_digest=digest_bytes(manifest_text.encode()),
         counts={
             "utterances": len(utterances),
+            "valid_utterances": sum(utterance.split == "valid" for utterance in utterances),
             "rejected": len(rejections),
             "hours": round(sum(utterance.seconds for utterance in utterances) / 3600, 4),
             "speakers": len({u.speaker for u in utterances if u.speaker is not None}),
@@ -74,7 +88,8 @@ def verify_intake(committed: CommittedStage) -> str:
 
 def intake_summary(record: StageRecord) -> str:
     counts = record.counts
-    return f"{counts['utterances']} utterances, {counts['hours']:.2f} h, {counts['rejected']} rejected"
+    valid = f" ({counts['valid_utterances']} for validation)" if counts.get("valid_utterances") else ""
+    return f"{counts['utterances']} utterances{valid}, {counts['hours']:.2f} h, {counts['rejected']} rejected"
 
 
 INTAKE = StageSpec(

@@ -25,10 +25,12 @@ from distributed import Client, Future, wait
 from infra.digest import digest_array
 from infra.store import Stage, StageRecord
 from model.kmeans import LloydResult, initial_centroids, lloyd, lloyd_partial
-from tasks.chunks import Chunk, chunk_grid
+from tasks.artifacts import load_manifest
+from tasks.chunks import Chunk, chunk_grid, valid_frame_ranges
 from tasks.config import KMeansConfig
 from tasks.layout import CENTROIDS, FEATURES_STORE, FIT_REPORT, KMEANS_DIR
 from tasks.artifacts import read_npy
+from tasks.splits import split_inputs
 from tasks.stage import CommittedStage, StageContext, StageResult, StageSpec
 
 log = logging.getLogger(__name__)
@@ -36,14 +38,23 @@ log = logging.getLogger(__name__)
 INIT_FRAMES_PER_CLUSTER = 256
 
 
-def sample_block(block: Chunk, features: zarr.Array, fraction: float, seed: int) -> np.ndarray:
-    """The block's frames kept for fitting: each with probability `fraction`, seeded by block index.
+def sample_block(
+    block: Chunk, held_out: tuple[tuple[int, int], ...], features: zarr.Array, fraction: float, seed: int
+) -> np.ndarray:
+    """The block's frames kept for fitting: each with probability `fraction`, seeded by block index,
+    never one of the `held_out` ranges (validation utterances' frames, relative to the block).
 
-    `features` is the array as the driver opened it (no metadata requests per task)."""
+    The draws are made for every frame of the block, held out or not, so a split only removes
+    frames from the sample a run without one takes. `features` is the array as the driver opened
+    it (no metadata requests per task)."""
     rows = features[block.start : block.stop]
-    if fraction >= 1.0:
+    if fraction >= 1.0 and not held_out:
         return rows
-    keep = np.random.default_rng([seed, block.index]).random(rows.shape[0]) < fraction
+    keep = np.ones(rows.shape[0], dtype=bool)
+    if fraction < 1.0:
+        keep = np.random.default_rng([seed, block.index]).random(rows.shape[0]) < fraction
+    for start, stop in held_out:
+        keep[start:stop] = False
     return rows[keep]
 
 
@@ -76,14 +87,22 @@ def dask_lloyd_step(client: Client, blocks: list[Future]):
     return step
 
 
-def fit_kmeans(client: Client, features: zarr.Array, settings: KMeansConfig) -> KMeansFit:
-    """k-means++ on a small gathered sample, then Lloyd on the distributed fitting sample."""
-    total_frames = features.shape[0]
+def fit_kmeans(
+    client: Client, features: zarr.Array, settings: KMeansConfig, held_out: list[tuple[tuple[int, int], ...]] | None = None
+) -> KMeansFit:
+    """k-means++ on a small gathered sample, then Lloyd on the distributed fitting sample.
+
+    `held_out`: per block of the grid, the frame ranges never to fit on (the validation split's);
+    `max_frames` caps the frames fitted on out of the others."""
+    blocks = chunk_grid(features.shape[0], features.chunks[0])
+    held_out = held_out or [() for _ in blocks]
+    fitting_frames = features.shape[0] - sum(stop - start for ranges in held_out for start, stop in ranges)
     fraction = settings.sample_fraction
     if settings.max_frames is not None:
-        fraction = min(fraction, settings.max_frames / total_frames)
-    blocks = chunk_grid(total_frames, features.chunks[0])
-    sampled = client.map(sample_block, blocks, features=features, fraction=fraction, seed=settings.seed, pure=False)
+        fraction = min(fraction, settings.max_frames / fitting_frames)
+    sampled = client.map(
+        sample_block, blocks, held_out, features=features, fraction=fraction, seed=settings.seed, pure=False
+    )
     wait(sampled)
     moments = client.gather(client.map(block_moments, sampled, pure=False))
     frames = sum(count for count, _, _ in moments)
@@ -110,15 +129,24 @@ def kmeans_key_config(context: StageContext) -> dict[str, Any]:
 
 
 def kmeans_key_inputs(context: StageContext) -> dict[str, str]:
-    return {"features": context.upstream("kmeans", "features").output_digest}
+    return {"features": context.upstream("kmeans", "features").output_digest, **split_inputs(context, "kmeans")}
+
+
+def held_out_frames(context: StageContext, group: zarr.Group) -> list[tuple[tuple[int, int], ...]]:
+    """Per block of the features' chunk grid, the frame ranges of validation utterances in it."""
+    utterances = load_manifest(context.store, context.layout)
+    offsets, features = group["offsets"][:], group["features"]
+    return [valid_frame_ranges(utterances, offsets, block) for block in chunk_grid(features.shape[0], features.chunks[0])]
 
 
 def kmeans(context: StageContext, stage: Stage) -> StageResult:
-    """Fit the centroids and write them with the fit report."""
+    """Fit the centroids on the training utterances' frames and write them with the fit report."""
     settings = context.settings.kmeans
-    array = context.store.open_zarr(stage.rel(FEATURES_STORE), mode="r")["features"]
+    group = context.store.open_zarr(stage.rel(FEATURES_STORE), mode="r")
+    array = group["features"]
+    held_out = held_out_frames(context, group) if context.config.corpus.has_valid_split else None
     clock = time.perf_counter()
-    fit = fit_kmeans(context.client, array, settings)
+    fit = fit_kmeans(context.client, array, settings, held_out)
     seconds = time.perf_counter() - clock
     result = fit.lloyd
 

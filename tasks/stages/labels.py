@@ -33,6 +33,7 @@ from tasks.artifacts import load_centroids, load_manifest, stored_chunk_digests,
 from tasks.chunks import UtteranceSpan, check_finite, chunk_grid, inside_an_utterance, utterance_spans
 from tasks.layout import FEATURES_STORE, LABELS_STORE
 from tasks.manifest import Utterance
+from tasks.splits import split_inputs
 from tasks.stage import CommittedStage, StageContext, StageResult, StageSpec
 
 log = logging.getLogger(__name__)
@@ -250,7 +251,7 @@ def labels_key_inputs(context: StageContext) -> dict[str, str]:
     alignments = context.config.corpus.alignments
     if alignments is not None:
         inputs["alignments"] = fingerprint_source(alignments, ALIGNMENT_SUFFIXES, context.config.storage_options)
-    return inputs
+    return {**inputs, **split_inputs(context, "labels")}
 
 
 def labels(context: StageContext, stage: Stage) -> StageResult:
@@ -295,6 +296,8 @@ def labels(context: StageContext, stage: Stage) -> StageResult:
     tally.runs -= runs_continuing_across_chunks(jobs, parts, offsets)
 
     check_frame_counts(utterances, features_group, labels_group)
+    frames = np.diff(offsets)
+    valid_frames = int(sum(int(count) for utterance, count in zip(utterances, frames) if utterance.split == "valid"))
     measures = {"labels": label_measures(tally), "quality": phone_measures(tally)}
     agreement = label_agreement(tally)
     return StageResult(
@@ -303,6 +306,7 @@ def labels(context: StageContext, stage: Stage) -> StageResult:
         ),
         counts={
             "frames": int(total), "utterances": len(utterances), "k": k, "chunks": chunks,
+            "train_frames": int(total) - valid_frames, "valid_frames": valid_frames,
             "chunks_resumed": sum(len(job.chunk_starts) for job in jobs if job.part in done),
         },
         metrics={

@@ -1,0 +1,288 @@
+"""The validation split: chosen stably at intake, held out of k-means and training, labelled
+with the training centroids; validation during training, best.pt, and the weights the next
+iteration takes (best or final, cold or warm)."""
+
+from __future__ import annotations
+
+import io
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import torch
+
+from flows.cli import preflight
+from flows.inspection import stage_status
+from infra.digest import digest_bytes
+from infra.store import read_record
+from model.hubert import HUBERT_CONFIGS, LABEL_DEPENDENT, build_pretrain_model, frame_geometry
+from model.kmeans import nearest_centroids
+from model.data import BatchStream
+from model.trainer import train
+from tasks.artifacts import load_centroids
+from tasks.config import ConfigError, PretrainConfig, load_config
+from tasks.manifest import Utterance, manifest_to_jsonl
+from tasks.pipeline import STAGES
+from tasks.splits import assign_splits, hash_fraction, read_id_listing
+from tasks.stage import StageContext, run_stage
+from tasks.training import StoreCheckpoints, StoreUtteranceSource, initial_model, trainer_settings, validation_for
+from tests.conftest import Chain, demo_config, run_chain
+
+
+def valid_config(tmp_path: Path, corpus: Path, name: str, valid: float | str | None = 0.25, **kmeans: object) -> PretrainConfig:
+    """The demo corpus in one features chunk (one k-means block), so runs over different corpora sample alike."""
+    raw = demo_config(tmp_path, corpus, name, **kmeans).model_dump(exclude_unset=True)
+    raw["iterations"][0]["features"]["chunk_frames"] = 16384
+    if valid is not None:
+        raw["corpus"]["valid"] = valid
+    return PretrainConfig.model_validate(raw)
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def utterance(name: str) -> Utterance:
+    return Utterance(id=name, path=f"/x/{name}.wav", samples=16000, sample_rate=16000, channels=1)
+
+
+def test_a_fractional_split_does_not_depend_on_corpus_order_or_size() -> None:
+    corpus = [utterance(f"spk{i % 7}-{i:04d}") for i in range(400)]
+    config = PretrainConfig.model_validate(
+        {"run": "t", "store": "/tmp/x", "corpus": {"source": "/x", "valid": 0.1}, "iterations": [
+            {"features": {"kind": "mfcc"}, "kmeans": {"k": 4}, "train": {"model": "tiny"}}]}
+    )
+    chosen = {u.id for u in assign_splits(corpus[:200], config.corpus, {}) if u.split == "valid"}
+    shuffled = random.Random(1).sample(corpus, len(corpus))  # reordered, and twice the size
+    chosen_again = {u.id for u in assign_splits(shuffled, config.corpus, {}) if u.split == "valid"}
+    assert chosen == chosen_again & {u.id for u in corpus[:200]}
+    assert 8 <= len(chosen) <= 35  # about 10% of 200
+    assert chosen == {u.id for u in corpus[:200] if hash_fraction(u.id, 0) < 0.1}
+    assert chosen != {u.id for u in corpus[:200] if hash_fraction(u.id, 1) < 0.1}  # the seed matters
+    # manifests without a split read byte for byte as before the split existed
+    assert '"split"' not in manifest_to_jsonl(corpus[:3])
+    assert manifest_to_jsonl([corpus[0].model_copy(update={"split": "valid"})]).rstrip().endswith('"split":"valid"}')
+
+
+@pytest.fixture(scope="module")
+def split_chain(tmp_path_factory: pytest.TempPathFactory, demo_corpus: Path, client) -> Chain:
+    """Iteration 1 of the demo corpus up to labels, a quarter of it held out for validation."""
+    return run_chain(valid_config(tmp_path_factory.mktemp("valid"), demo_corpus, "split", k=16), client, "labels")
+
+
+def test_validation_utterances_are_held_out_of_kmeans_and_labelled_by_the_training_centroids(
+    split_chain: Chain, tmp_path: Path, demo_corpus: Path, client
+) -> None:
+    chain = split_chain
+    utterances = chain.utterances
+    valid = [u for u in utterances if u.split == "valid"]
+    assert 0 < len(valid) < len(utterances) and chain.records["intake"].counts["valid_utterances"] == len(valid)
+
+    # the same corpus without its validation utterances, and no split: the same centroids
+    train_only = tmp_path / "train-only"
+    (train_only / "wav").mkdir(parents=True)
+    shutil.copytree(demo_corpus / "align", train_only / "align")
+    for u in utterances:
+        if u.split == "train":
+            shutil.copy(u.path, train_only / "wav" / Path(u.path).name)
+    alone = run_chain(valid_config(tmp_path, train_only, "alone", valid=None, k=16), client, "kmeans")
+    np.testing.assert_array_equal(load_centroids(chain.store, chain.layout, 1), load_centroids(alone.store, alone.layout, 1))
+    assert chain.records["kmeans"].counts["frames_fitted"] == alone.records["kmeans"].counts["frames_fitted"]
+
+    # validation frames still get labels, from those centroids
+    labels = chain.records["labels"]
+    group = chain.store.open_zarr("t/iter-1/labels.zarr", "r")
+    features = chain.store.open_zarr("t/iter-1/features.zarr", "r")
+    offsets = group["offsets"][:]
+    index = [u.id for u in utterances].index(valid[0].id)
+    rows = features["features"][offsets[index] : offsets[index + 1]]
+    expected = nearest_centroids(rows, load_centroids(chain.store, chain.layout, 1))[0].numpy()
+    np.testing.assert_array_equal(group["labels"][offsets[index] : offsets[index + 1]], expected)
+    valid_frames = sum(int(offsets[i + 1] - offsets[i]) for i, u in enumerate(utterances) if u.split == "valid")
+    assert labels.counts["valid_frames"] == valid_frames and labels.counts["train_frames"] == labels.counts["frames"] - valid_frames
+
+
+def test_a_listing_of_validation_ids_picks_them(tmp_path: Path) -> None:
+    listing = tmp_path / "valid.txt"
+    listing.write_text("b\n\nc\nnot-in-corpus\n")
+    config = PretrainConfig.model_validate(
+        {"run": "t", "store": "/tmp/x", "corpus": {"source": "/x", "valid": str(listing)}, "iterations": [
+            {"features": {"kind": "mfcc"}, "kmeans": {"k": 4}, "train": {"model": "tiny"}}]}
+    )
+    split = assign_splits([utterance(name) for name in "abcd"], config.corpus, {})
+    assert [u.split for u in split] == ["train", "valid", "valid", "train"]
+    assert read_id_listing(str(write(tmp_path / "valid.tsv", "/audio\nspk/d.wav\t16000\n"))) == {"d"}
+    assert read_id_listing(str(write(tmp_path / "valid.jsonl", '{"audio_filepath": "x/a.flac"}\n'))) == {"a"}
+    listing.write_text("a\nb\nc\nd\n")
+    with pytest.raises(ValueError, match="picks all 4 usable utterances: there is nothing left to train on"):
+        assign_splits([utterance(name) for name in "abcd"], config.corpus, {})
+
+
+TINY = HUBERT_CONFIGS["tiny"]
+TRAIN = {"model": "tiny", "steps": 6, "max_batch_seconds": 6, "max_sample_seconds": 3, "checkpoint_every": 3,
+         "log_every": 1, "valid_every": 2}
+
+
+def two_iterations(chain: Chain, second_train: dict | None = None) -> PretrainConfig:
+    """The split chain's config with short training, and a second iteration on layer 2 of the first's model."""
+    raw = chain.config.model_dump(exclude_unset=True)
+    first = raw["iterations"][0]
+    first["train"] = TRAIN
+    second = {"features": {"kind": "hubert", "layer": 2}, "kmeans": {"k": 8}, "train": second_train or TRAIN}
+    raw["iterations"] = [first, second]
+    return PretrainConfig.model_validate(raw)
+
+
+def test_training_never_sees_validation_utterances_and_validation_resumes_exactly(split_chain: Chain) -> None:
+    store, layout, utterances = split_chain.store, split_chain.layout, split_chain.utterances
+    config = two_iterations(split_chain)
+    settings = config.iterations[0].train
+    source = StoreUtteranceSource(store, layout.labels_store(1), utterances)
+    trained_on = {utterances[source.rows[i]].id for batch in BatchStream(
+        source, source.geometry, frame_geometry(TINY), 6 * 16000, 3 * 16000, seed=0).buckets.epoch(0) for i in batch}
+    assert trained_on == {u.id for u in utterances if u.split == "train"}
+
+    def run(folder: str, validate: bool = True, on_log=None):
+        torch.manual_seed(0)
+        model = build_pretrain_model(TINY, num_classes=16)
+        torch.manual_seed(1)
+        stream = BatchStream(source, source.geometry, frame_geometry(TINY), 6 * 16000, 3 * 16000, seed=0)
+        validation = validation_for(store, layout, 1, utterances, settings, torch.device("cpu"), 0, 1) if validate else None
+        if validation is not None:
+            validation.on_best = None  # this test writes no weights into the run
+        history = train(model, stream, trainer_settings(settings), StoreCheckpoints(store, folder), torch.device("cpu"),
+                        on_log=on_log, validation=validation)
+        return history, None if validation is None else validation.curve
+
+    straight, curve = run("ckpt-straight")
+    assert [entry["step"] for entry in curve] == [2, 4, 6]
+    assert all(np.isfinite(entry["valid_loss"]) and 0 <= entry["valid_masked_accuracy"] <= 1 for entry in curve)
+    unvalidated, _ = run("ckpt-unvalidated", validate=False)  # validating leaves the training RNG streams alone
+    np.testing.assert_allclose([e["loss"] for e in unvalidated], [e["loss"] for e in straight], rtol=1e-6)
+
+    def crash_after_step_5(entry: dict) -> None:
+        if entry["step"] == 5:
+            raise KeyboardInterrupt("simulated stop after step 5")
+
+    with pytest.raises(KeyboardInterrupt):
+        run("ckpt-crashed", on_log=crash_after_step_5)
+    torch.manual_seed(12345)
+    resumed, resumed_curve = run("ckpt-crashed")
+    np.testing.assert_allclose([e["loss"] for e in resumed], [e["loss"] for e in straight], rtol=1e-5)
+    assert [e["step"] for e in resumed_curve] == [2, 4, 6]
+    np.testing.assert_allclose([e["valid_loss"] for e in resumed_curve], [e["valid_loss"] for e in curve], rtol=1e-5)
+
+
+def test_the_train_record_keeps_best_weights_and_the_next_iteration_reads_them(split_chain: Chain, client) -> None:
+    store, layout = split_chain.store, split_chain.layout
+    config = two_iterations(split_chain)
+    record = run_stage(STAGES["train"], StageContext(config, store, client, 1))
+    metrics = record.metrics
+    assert [row[0] for row in metrics["valid_curve"]] == [2, 4, 6] and metrics["final_step"] == 6
+    best = min(metrics["valid_curve"], key=lambda row: row[1])
+    assert metrics["best_step"] == best[0] and metrics["best_valid_loss"] == pytest.approx(best[1], abs=1e-5)
+    assert metrics["weights_digests"] == {
+        "final": digest_bytes(store.read_bytes(layout.final_model(1))),
+        "best": digest_bytes(store.read_bytes(layout.best_model(1))),
+    }
+    assert record.output_digest == metrics["weights_digests"]["final"]
+    assert record.inputs["manifest"] == split_chain.records["intake"].output_digest
+
+    features = run_stage(STAGES["features"], StageContext(config, store, client, 2))
+    assert features.inputs["model"] == metrics["weights_digests"]["best"] == features.config["source"]["model_digest"]
+    read = lambda stage, iteration: read_record(store, layout.stage_folder(stage, iteration), stage)  # noqa: E731
+    assert stage_status(store, layout, "features", 2, read).status == "done"  # `inspect`: best.pt's digest is not stale
+    final_config = config.model_copy(update={"iterations": [
+        config.iterations[0].model_copy(update={"train": config.iterations[0].train.model_copy(update={"weights_for_next": "final"})}),
+        config.iterations[1],
+    ]})
+    assert run_stage(STAGES["train"], StageContext(final_config, store, client, 1)) == record  # not in train's key
+    assert STAGES["features"].key_inputs(StageContext(final_config, store, client, 2))["model"] == record.output_digest
+
+
+def test_a_warm_start_takes_the_previous_weights_except_the_label_dependent_ones(split_chain: Chain, client) -> None:
+    store, layout = split_chain.store, split_chain.layout
+    config = two_iterations(split_chain, {**TRAIN, "init": "warm"})
+    run_stage(STAGES["train"], StageContext(config, store, client, 1))
+    previous = torch.load(io.BytesIO(store.read_bytes(layout.best_model(1))), weights_only=False)["model"]
+    warm = initial_model(config, 2, num_classes=8, store=store).state_dict()
+    torch.manual_seed(config.iterations[1].train.seed)
+    cold = build_pretrain_model(TINY, num_classes=8).state_dict()
+    fresh = [name for name in warm if name.startswith(LABEL_DEPENDENT)]
+    assert fresh and "logit_generator.label_embeddings" in fresh
+    for name, value in warm.items():
+        expected = cold[name] if name.startswith(LABEL_DEPENDENT) else previous[name]
+        torch.testing.assert_close(value, expected, rtol=0, atol=0, msg=name)
+    assert not torch.equal(warm["wav2vec2.encoder.transformer.layers.0.attention.out_proj.weight"],
+                           cold["wav2vec2.encoder.transformer.layers.0.attention.out_proj.weight"])
+
+
+BASE_CONFIG = """\
+run: t
+store: ./runs
+corpus: {source: ./corpus, valid: 0.1}
+iterations:
+  - features: {kind: mfcc}
+    kmeans: {k: 8}
+    train: {model: tiny, steps: 10}
+  - features: {kind: hubert, layer: 2}
+    kmeans: {k: 8}
+    train: {model: tiny, steps: 12}
+"""
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "expected"),
+    [
+        ("valid: 0.1", "valid: 0.7", "corpus.valid: Value error, a validation fraction must be in (0, 0.5], got 0.7"),
+        ("valid: 0.1", "valid: 0.1, valid_seed: -1", "corpus.valid_seed: Input should be greater than or equal to 0"),
+        ("valid: 0.1", "valid: ids.txt, valid_seed: 3", "corpus: Value error, valid_seed is 3, but it only picks a fractional"),
+        ("steps: 10}\n  -", "steps: 10, valid_every: 0}\n  -", "iterations.0.train.valid_every: Input should be greater than or equal to 1"),
+        (", valid: 0.1", "", "iterations.0.train.valid_every: there is no validation split"),
+        ("steps: 10}\n  -", "steps: 10, weights_for_next: last}\n  -", "iterations.0.train.weights_for_next: Input should be 'best' or 'final'"),
+        (", valid: 0.1", "", "iterations.0.train.weights_for_next: 'best' is chosen by validation loss, and there is no validation split"),
+        ("steps: 10}\n  -", "steps: 10, init: warm}\n  -", "iterations.0.train.init: 'warm' starts from the previous iteration's weights"),
+        ("tiny, steps: 12}", "base, steps: 12, init: warm}", "iterations.1.train.init: 'warm' needs iteration 1 to train the same model 'base'; it trains 'tiny'"),
+        ("steps: 10}\n  -", "steps: 10, init: lukewarm}\n  -", "iterations.0.train.init: Input should be 'cold' or 'warm'"),
+    ],
+)
+def test_each_new_setting_is_checked_before_work_starts_naming_its_field(tmp_path: Path, old: str, new: str, expected: str) -> None:
+    text = BASE_CONFIG.replace(old, new, 1)
+    if "no validation split" in expected and "weights_for_next" in expected:
+        text = text.replace("steps: 10}\n  -", "steps: 10, weights_for_next: best}\n  -", 1)
+    if "no validation split" in expected and "valid_every" in expected:
+        text = text.replace("steps: 10}\n  -", "steps: 10, valid_every: 5}\n  -", 1)
+    assert text != BASE_CONFIG
+    path = tmp_path / "cfg.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert expected in str(caught.value), str(caught.value)
+
+
+def test_a_listing_path_is_relative_to_the_config_and_the_defaults_resolve(tmp_path: Path) -> None:
+    path = tmp_path / "cfg.yaml"
+    path.write_text(BASE_CONFIG.replace("valid: 0.1", "valid: lists/valid.txt"))
+    config = load_config(path)
+    assert config.corpus.valid == str(tmp_path / "lists" / "valid.txt")
+    assert config.weights_for_next(1) == "best" and config.iterations[0].train.init == "cold"
+    assert f"corpus.valid: the listing of validation ids {tmp_path / 'lists' / 'valid.txt'} does not exist" in preflight(config)
+    path.write_text(BASE_CONFIG.replace(", valid: 0.1", ""))
+    assert load_config(path).weights_for_next(1) == "final"
+
+
+def test_a_warm_start_keys_on_the_weights_it_starts_from_and_a_cold_one_keeps_its_key(split_chain: Chain, client) -> None:
+    store = split_chain.store
+    cold = two_iterations(split_chain)
+    warm = two_iterations(split_chain, {**TRAIN, "init": "warm"})
+    trained = run_stage(STAGES["train"], StageContext(warm, store, client, 1))
+    for stage in ("features", "kmeans", "labels"):
+        run_stage(STAGES[stage], StageContext(warm, store, client, 2))
+    warm_context, cold_context = StageContext(warm, store, client, 2), StageContext(cold, store, client, 2)
+    assert STAGES["train"].key_inputs(warm_context)["init"] == trained.metrics["weights_digests"]["best"]
+    assert "init" not in STAGES["train"].key_inputs(cold_context)
+    assert STAGES["train"].key_config(warm_context)["init"] == "warm" and "init" not in STAGES["train"].key_config(cold_context)
