@@ -29,6 +29,7 @@ from model.frames import SAMPLE_RATE
 from model.hf_convert import hf_layer_index, save_hf_pretrained, torchaudio_encoder_kwargs
 from model.hubert import HubertConfig, frame_geometry
 from tasks.artifacts import load_centroids, load_manifest
+from tasks.artifacts import weights_digest as recorded_weights_digest
 from tasks.layout import BUNDLE, RunLayout, Weights
 from tasks.manifest import Utterance
 
@@ -191,7 +192,11 @@ def _saved_weights(store: ArtifactStore, layout: RunLayout, iteration: int, weig
     if not store.exists(relpath):
         raise ExportError(f"--weights {weights}: {store.url(relpath)} does not exist (iteration {iteration} kept no {weights} checkpoint)")
     data = store.read_bytes(relpath)
-    if weights == "final" and digest_bytes(data) != train.output_digest:
+    try:
+        recorded = recorded_weights_digest(train, weights)
+    except ValueError as error:
+        raise ExportError(str(error)) from error
+    if digest_bytes(data) != recorded:
         raise ExportError(f"{store.url(relpath)} is not what train@{iteration} committed (its digest differs from the record's)")
     return train, data, relpath
 
