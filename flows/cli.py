@@ -22,21 +22,26 @@ EXIT_BUSY = 3
 
 def preflight(config: PretrainConfig) -> list[str]:
     """Problems that would only surface mid-run, found in seconds before anything starts: a corpus
-    source or alignments folder that is absent or refuses our credentials, a store that cannot be
-    written (a probe object is written and deleted)."""
+    source, alignments folder or validation listing that is absent or refuses our credentials, then
+    (only if those are fine, so that a refused run writes nothing) a store that cannot be written
+    (a probe object is written and deleted)."""
     from infra.store import ArtifactStore
 
     problems = []
-    for field, path in (("corpus.source", config.corpus.source), ("corpus.alignments", config.corpus.alignments)):
+    inputs = (
+        ("corpus.source", config.corpus.source),
+        ("corpus.alignments", config.corpus.alignments),
+        ("corpus.valid (the listing of validation ids)", config.corpus.valid if isinstance(config.corpus.valid, str) else None),
+    )
+    for field, path in inputs:
         if path is not None and (why := unreadable_because(path, config.storage_options)):
             problems.append(f"{field}: {why}")
+    if problems:
+        return problems
     try:
         ArtifactStore(config.store, config.storage_options).check_writable()
     except Exception as error:  # noqa: BLE001 - whatever the probe hits is the finding
         problems.append(f"store: {config.store} cannot be written: {type(error).__name__}: {error}")
-    valid = config.corpus.valid
-    if isinstance(valid, str) and (why := unreadable_because(valid, config.storage_options)):
-        problems.append(f"corpus.valid (the listing of validation ids): {why}")
     return problems
 
 

@@ -3,7 +3,8 @@
 The lease is one small JSON object naming its holder (host, pid, user, flow run id, since when)
 and when it was last renewed. Its holder renews it every `ttl_seconds / 4` from a background
 thread; a lease not renewed for `ttl_seconds` belonged to a holder that died (SIGKILL, a lost
-machine) and is taken over, with a log line saying so. Every change is conditional on the version
+machine) and is taken over, with a log line saying so; a holder on this machine whose process is
+gone is taken over at once (a killed run re-run on the same machine need not wait out the TTL). Every change is conditional on the version
 read (infra/store.py): creating needs the name free, renewing, taking over and releasing need the
 object unchanged since it was read, so of two runs that race only one wins.
 
@@ -58,6 +59,20 @@ class LeaseHolder(BaseModel):
 
     def expired(self, now: datetime) -> bool:
         return now > self.renewed_at + timedelta(seconds=self.ttl_seconds)
+
+    def gone(self) -> bool:
+        """A holder on this machine whose process no longer exists (SIGKILLed, crashed): its lease
+        need not wait out the TTL. A process on another machine cannot be checked from here, and a
+        pid taken again by another process counts as alive (the TTL then decides)."""
+        if self.host != socket.gethostname():
+            return False
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
 
     def describe(self) -> str:
         flow_run = f", Prefect flow run {self.flow_run_id}" if self.flow_run_id else ""
@@ -118,7 +133,7 @@ class RunLease:
                 continue
             data, version = current
             holder = LeaseHolder.model_validate(json.loads(data))
-            if holder.expired(utc_now()):
+            if holder.expired(utc_now()) or holder.gone():
                 if self._try_take_over(holder, version):
                     return
                 continue
@@ -154,10 +169,8 @@ class RunLease:
             self.store.replace_if(self.relpath, _encode(holder), version)
         except VersionMismatch:
             return False
-        log.warning(
-            "took over the run's lease from %s: not renewed for over %g s (lease %s)",
-            stale.describe(), stale.ttl_seconds, self.url,
-        )
+        reason = "its process is gone" if stale.gone() else f"not renewed for over {stale.ttl_seconds:g} s"
+        log.warning("took over the run's lease from %s: %s (lease %s)", stale.describe(), reason, self.url)
         return self._confirm(holder)
 
     def _confirm(self, holder: LeaseHolder) -> bool:
