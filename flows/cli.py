@@ -55,7 +55,7 @@ def command_run(args: argparse.Namespace) -> int:
         print(f"invalid configuration in {args.config}:\n  " + "\n  ".join(problems), file=sys.stderr)
         return EXIT_USAGE
     # Our modules' log lines belong in Prefect's run logs too; must be set before Prefect loads.
-    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "tasks,infra,flows")
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "tasks,infra,flows,model")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # The temporary server's 20 s default is too short on a busy machine (the run then fails before it starts).
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
@@ -340,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     # Dask reads its logging config when first imported, in this process and in its workers.
     os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for package in ("tasks", "infra", "flows"):
+    for package in ("tasks", "infra", "flows", "model"):
         logging.getLogger(package).setLevel(logging.INFO)
     return args.handler(args)
 
