@@ -1,27 +1,31 @@
 """Two `hubert-pipeline run`s of one run at once (CLI processes): one works, one refuses naming it;
-a SIGKILLed holder's lease is taken over after it expires, and the store ends as a single run's."""
+a SIGKILLed holder's lease is taken over, and the store ends as a single run's; on a local folder
+and on SeaweedFS."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import time
+import uuid
 from pathlib import Path
 
 import pytest
 
 from infra.store import ArtifactStore, read_record
 from tasks.layout import STAGE_ORDER, RunLayout
-from tests.conftest import CLI, cli_env, run_cli
+from tests.conftest import CLI, RUNS_BUCKET, cli_env, run_cli
 
 STAGES = STAGE_ORDER[:4]  # through labels
 
 
-def write_run_config(path: Path, source: Path, store: Path, ttl: float) -> Path:
+def write_run_config(path: Path, source: Path, store: Path | str, ttl: float, storage_options: dict | None = None) -> Path:
     path.write_text(
         f"""run: t
 store: {store}
+storage_options: {json.dumps(storage_options or {})}
 corpus: {{source: {source}}}
 dask: {{n_workers: 2}}
 lease: {{ttl_seconds: {ttl}}}
@@ -50,8 +54,8 @@ def wait_for(path: Path, process: subprocess.Popen, timeout: float = 120) -> Non
         time.sleep(0.2)
 
 
-def output_digests(store_root: Path) -> dict[str, str]:
-    store, layout = ArtifactStore(str(store_root)), RunLayout("t")
+def output_digests(store_root: Path | str, storage_options: dict | None = None) -> dict[str, str]:
+    store, layout = ArtifactStore(str(store_root), storage_options), RunLayout("t")
     return {stage: read_record(store, layout.stage_folder(stage, 1), stage).output_digest for stage in STAGES}
 
 
@@ -81,3 +85,31 @@ def test_one_writer_at_a_time_and_a_killed_writer_is_taken_over(tmp_path: Path, 
     assert "took over the run's lease from pid" in heir.stderr and f"pid {doomed.pid} on " in heir.stderr
     assert not (second_store / "t" / "lease.json").exists()
     assert output_digests(second_store) == output_digests(first_store)
+
+
+@pytest.mark.slow
+def test_one_writer_at_a_time_on_s3(tmp_path: Path, demo_corpus: Path, s3) -> None:
+    """The same on SeaweedFS: the lease is a conditional PUT there; the refused run names the
+    holder, a SIGKILLed holder is taken over, and both stores equal a local single run's."""
+    options = s3.storage_options()
+    root = f"s3://{RUNS_BUCKET}/concurrent-{uuid.uuid4().hex[:8]}"
+    store = ArtifactStore(root, options)
+    config = write_run_config(tmp_path / "s3.yaml", demo_corpus / "wav", root, ttl=60, storage_options=options)
+    holder = start_run(tmp_path, config)
+    deadline = time.monotonic() + 120
+    while not store.exists(RunLayout("t").lease):
+        assert holder.poll() is None, holder.stdout.read()
+        assert time.monotonic() < deadline, "the holder never took the lease"
+        time.sleep(0.5)
+    refused = run_cli(tmp_path, "run", str(config), "--until", "labels", check=False)
+    assert refused.returncode == 3 and f"pid {holder.pid} on " in refused.stderr, refused.stderr[-3000:]
+    os.killpg(holder.pid, signal.SIGKILL)
+    holder.wait()
+    assert store.exists(RunLayout("t").lease)  # left behind by the killed holder
+    heir = run_cli(tmp_path, "run", str(config), "--until", "labels")
+    assert "took over the run's lease from pid" in heir.stderr and f"pid {holder.pid} on " in heir.stderr
+    assert not store.exists(RunLayout("t").lease)
+
+    local = write_run_config(tmp_path / "local.yaml", demo_corpus / "wav", tmp_path / "local", ttl=60)
+    run_cli(tmp_path, "run", str(local), "--until", "labels")
+    assert output_digests(root, options) == output_digests(tmp_path / "local")

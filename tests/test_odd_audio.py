@@ -77,7 +77,7 @@ def test_an_odd_corpus_runs_through_labels_with_the_bad_files_named(tmp_path: Pa
 
 
 def test_check_finite_names_the_utterances_of_the_bad_rows() -> None:
-    spans = tuple(UtteranceSpan(f"u{i}", f"/c/u{i}.wav", 1600, offset, 10) for i, offset in enumerate((0, 10, 20)))
+    spans = tuple(UtteranceSpan(i, f"u{i}", f"/c/u{i}.wav", 1600, offset, 10) for i, offset in enumerate((0, 10, 20)))
     block = np.zeros((20, 3), dtype=np.float32)
     check_finite(block, 10, spans[1:], "features of chunk-000001")
     block[[2, 15]] = [np.inf, 0, 0], [0, np.nan, 0]
