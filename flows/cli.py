@@ -22,9 +22,8 @@ EXIT_BUSY = 3
 
 def preflight(config: PretrainConfig) -> list[str]:
     """Problems that would only surface mid-run, found in seconds before anything starts: a corpus
-    source, alignments folder or validation listing that is absent or refuses our credentials, then
-    (only if those are fine, so that a refused run writes nothing) a store that cannot be written
-    (a probe object is written and deleted)."""
+    source, alignments folder or validation listing that is absent or refuses our credentials, and
+    a store that cannot be written (probed without leaving anything: `ArtifactStore.check_writable`)."""
     from infra.store import ArtifactStore
 
     problems = []
@@ -36,8 +35,6 @@ def preflight(config: PretrainConfig) -> list[str]:
     for field, path in inputs:
         if path is not None and (why := unreadable_because(path, config.storage_options)):
             problems.append(f"{field}: {why}")
-    if problems:
-        return problems
     try:
         ArtifactStore(config.store, config.storage_options).check_writable()
     except Exception as error:  # noqa: BLE001 - whatever the probe hits is the finding

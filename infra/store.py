@@ -256,8 +256,18 @@ class ArtifactStore:
         return {"Bucket": bucket, "Key": key}
 
     def check_writable(self) -> None:
-        """Write and delete a small probe object at the root; raises OSError (or a credentials
-        error) saying why the store cannot be written."""
+        """Raise OSError (or a credentials error) saying why the store cannot be written, leaving
+        nothing behind: an object store gets a small probe object written and deleted; a local
+        root must be, or be creatable inside, a folder this process may write."""
+        if self.is_local:
+            existing = self.root
+            while not os.path.exists(existing):
+                existing = os.path.dirname(existing)
+            if not os.path.isdir(existing):
+                raise NotADirectoryError(f"{existing} is not a folder")
+            if not os.access(existing, os.W_OK | os.X_OK):
+                raise PermissionError(f"{existing} is not writable by this process")
+            return
         probe = f"_write-probe-{uuid.uuid4().hex}"
         self.write_bytes(probe, b"probe\n")
         self.fs.rm(self.path(probe))
