@@ -30,11 +30,12 @@ def preflight(config: PretrainConfig) -> list[str]:
     inputs = (
         ("corpus.source", config.corpus.source),
         ("corpus.alignments", config.corpus.alignments),
-        ("corpus.valid (the listing of validation ids)", config.corpus.valid if isinstance(config.corpus.valid, str) else None),
+        ("corpus.valid", config.corpus.valid if isinstance(config.corpus.valid, str) else None),
     )
     for field, path in inputs:
         if path is not None and (why := unreadable_because(path, config.storage_options)):
-            problems.append(f"{field}: {why}")
+            what = "the listing of validation ids " if field == "corpus.valid" else ""
+            problems.append(f"{field}: {what}{why}")
     try:
         ArtifactStore(config.store, config.storage_options).check_writable()
     except Exception as error:  # noqa: BLE001 - whatever the probe hits is the finding

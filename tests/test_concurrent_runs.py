@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import posixpath
 import signal
 import subprocess
 import time
@@ -87,29 +88,45 @@ def test_one_writer_at_a_time_and_a_killed_writer_is_taken_over(tmp_path: Path, 
     assert output_digests(second_store) == output_digests(first_store)
 
 
+def wait_for_object(store: ArtifactStore, relpath: str, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not store.list_names(relpath):
+        assert process.poll() is None, process.stdout.read()
+        assert time.monotonic() < deadline, f"{store.url(relpath)} never appeared"
+        time.sleep(0.3)
+
+
 @pytest.mark.slow
 def test_one_writer_at_a_time_on_s3(tmp_path: Path, demo_corpus: Path, s3) -> None:
-    """The same on SeaweedFS: the lease is a conditional PUT there; the refused run names the
-    holder, a SIGKILLed holder is taken over, and both stores equal a local single run's."""
+    """The same on SeaweedFS, where the lease is a conditional PUT: the refused run names the
+    holder, a SIGKILLed holder is taken over, and the store equals a local single run's."""
     options = s3.storage_options()
     root = f"s3://{RUNS_BUCKET}/concurrent-{uuid.uuid4().hex[:8]}"
-    store = ArtifactStore(root, options)
+    store, layout = ArtifactStore(root, options), RunLayout("t")
     config = write_run_config(tmp_path / "s3.yaml", demo_corpus / "wav", root, ttl=60, storage_options=options)
     holder = start_run(tmp_path, config)
-    deadline = time.monotonic() + 120
-    while not store.exists(RunLayout("t").lease):
-        assert holder.poll() is None, holder.stdout.read()
-        assert time.monotonic() < deadline, "the holder never took the lease"
-        time.sleep(0.5)
+    wait_for_object(store, layout.run, holder)  # the lease is the run's first object
     refused = run_cli(tmp_path, "run", str(config), "--until", "labels", check=False)
     assert refused.returncode == 3 and f"pid {holder.pid} on " in refused.stderr, refused.stderr[-3000:]
-    os.killpg(holder.pid, signal.SIGKILL)
-    holder.wait()
-    assert store.exists(RunLayout("t").lease)  # left behind by the killed holder
-    heir = run_cli(tmp_path, "run", str(config), "--until", "labels")
-    assert "took over the run's lease from pid" in heir.stderr and f"pid {holder.pid} on " in heir.stderr
-    assert not store.exists(RunLayout("t").lease)
+    output, _ = holder.communicate(timeout=300)
+    assert holder.returncode == 0, output[-3000:]
+    store.fs.invalidate_cache()  # s3fs answers `exists` from the listing wait_for_object made
+    assert not store.exists(layout.lease)
+
+    doomed_root = f"{root}-doomed"
+    doomed_config = write_run_config(tmp_path / "doomed.yaml", demo_corpus / "wav", doomed_root, ttl=60, storage_options=options)
+    doomed_store = ArtifactStore(doomed_root, options)
+    doomed = start_run(tmp_path, doomed_config)
+    wait_for_object(doomed_store, posixpath.join(layout.scope(1), "_progress", "features"), doomed)
+    os.killpg(doomed.pid, signal.SIGKILL)
+    doomed.wait()
+    doomed_store.fs.invalidate_cache()
+    assert doomed_store.exists(layout.lease)  # left behind by the killed holder
+    heir = run_cli(tmp_path, "run", str(doomed_config), "--until", "labels")
+    assert "took over the run's lease from pid" in heir.stderr and f"pid {doomed.pid} on " in heir.stderr
+    doomed_store.fs.invalidate_cache()
+    assert not doomed_store.exists(layout.lease)
 
     local = write_run_config(tmp_path / "local.yaml", demo_corpus / "wav", tmp_path / "local", ttl=60)
     run_cli(tmp_path, "run", str(local), "--until", "labels")
-    assert output_digests(root, options) == output_digests(tmp_path / "local")
+    assert output_digests(root, options) == output_digests(doomed_root, options) == output_digests(tmp_path / "local")

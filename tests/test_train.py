@@ -138,9 +138,8 @@ def test_torchrun_with_two_cpu_processes_trains_and_checkpoints_once(labelled_st
     config = config.model_copy(update={"iterations": [
         config.iterations[0].model_copy(update={"train": config.iterations[0].train.model_copy(update={"nproc": 2, "steps": 4, "checkpoint_every": 2, "log_every": 2})})
     ]})
-    run = config.run
     # a separate copy of iteration 1 so the module's trained model is left alone
-    store.fs.copy(store.path(run), store.path("ddp"), recursive=True)
+    store.fs.copy(store.path(config.run), store.path("ddp"), recursive=True)
     config = config.model_copy(update={"run": "ddp"})
     store.remove("ddp/iter-1/train.commit.json")
     store.remove("ddp/iter-1/model")
