@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 
 
 def two_iteration_config(path: Path, corpus: Path, store: Path) -> Path:
-    train = "{model: tiny, steps: 12, learning_rate: 0.002, max_batch_seconds: 4, max_sample_seconds: 2, checkpoint_every: 3, log_every: 3}"
+    train = "{model: tiny, steps: 12, learning_rate: 0.002, max_batch_seconds: 4, max_sample_seconds: 2, checkpoint_every: 3, log_every: 3, profile: {enabled: false}}"
     path.write_text(
         f"""run: r
 store: {store}

@@ -499,7 +499,7 @@ def test_training_on_two_machines_through_dask_equals_two_processes_on_one(
 
 def two_iteration_yaml(run: str, store: str, corpus: str, dask: str, storage_options: dict) -> str:
     """Two iterations (MFCC, then layer 2 of tiny) with a few training steps each."""
-    train = "{model: tiny, steps: 6, max_batch_seconds: 4, max_sample_seconds: 2, checkpoint_every: 3, log_every: 3}"
+    train = "{model: tiny, steps: 6, max_batch_seconds: 4, max_sample_seconds: 2, checkpoint_every: 3, log_every: 3, profile: {enabled: false}}"
     return (
         f"run: {run}\nstore: {store}\nstorage_options: {json.dumps(storage_options)}\n"
         f"corpus: {{source: {corpus}/wav, alignments: {corpus}/align}}\ndask: {dask}\niterations:\n"

@@ -28,7 +28,7 @@ TINY = HUBERT_CONFIGS["tiny"]
 
 def labelled_config(tmp_path: Path, corpus: Path, name: str = "runs", **train: object) -> PretrainConfig:
     settings = {"model": "tiny", "steps": 400, "learning_rate": 5e-4, "max_batch_seconds": 6, "max_sample_seconds": 3,
-                "checkpoint_every": 100, "log_every": 50, **train}
+                "checkpoint_every": 100, "log_every": 50, "profile": {"enabled": False}, **train}
     return PretrainConfig.model_validate(
         {
             "run": "t",
