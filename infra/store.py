@@ -212,6 +212,12 @@ class ArtifactStore:
             raise
         return response["ETag"]
 
+    def _require_version(self, relpath: str, version: str) -> None:
+        """VersionMismatch unless the local object still has `version` (call under its folder's lock)."""
+        current = self.read_versioned(relpath)
+        if current is None or current[1] != version:
+            raise VersionMismatch(f"{self.url(relpath)} changed since it was read")
+
     def replace_if(self, relpath: str, data: bytes, version: str) -> str:
         """Overwrite the object only if it still has `version`; returns the new version.
 
@@ -219,9 +225,7 @@ class ArtifactStore:
         target = self.path(relpath)
         if self.is_local:
             with _folder_lock(posixpath.dirname(target)):
-                current = self.read_versioned(relpath)
-                if current is None or current[1] != version:
-                    raise VersionMismatch(f"{self.url(relpath)} changed since it was read")
+                self._require_version(relpath, version)
                 self.write_bytes(relpath, data)
             return digest_bytes(data)
         try:
@@ -237,9 +241,7 @@ class ArtifactStore:
         target = self.path(relpath)
         if self.is_local:
             with _folder_lock(posixpath.dirname(target)):
-                current = self.read_versioned(relpath)
-                if current is None or current[1] != version:
-                    raise VersionMismatch(f"{self.url(relpath)} changed since it was read")
+                self._require_version(relpath, version)
                 os.unlink(target)
             return
         try:

@@ -67,8 +67,27 @@ class MfccSource:
         return [mfcc_with_deltas(waveform) for waveform in waveforms_16k]
 
 
+class _ModelLayer:
+    """What a layer of a HuBERT encoder is as features, whatever holds the weights."""
+
+    layer: int
+    architecture: HubertConfig
+    kind: str
+
+    @property
+    def dim(self) -> int:
+        return self.architecture.encoder_embed_dim
+
+    @property
+    def geometry(self) -> FrameGeometry:
+        return frame_geometry(self.architecture)
+
+    def _layer_description(self) -> dict[str, Any]:
+        return {"kind": self.kind, "layer": self.layer, "dim": self.dim, **_geometry_description(self.geometry)}
+
+
 @dataclass(frozen=True)
-class HubertLayerSource:
+class HubertLayerSource(_ModelLayer):
     """Transformer layer `layer` of an earlier iteration's model, unmasked (50 frames/s for BASE).
 
     Workers load the model once per process (cached by its digest) and read it from the store, so
@@ -82,22 +101,8 @@ class HubertLayerSource:
     architecture: HubertConfig
     kind: str = "hubert"
 
-    @property
-    def dim(self) -> int:
-        return self.architecture.encoder_embed_dim
-
-    @property
-    def geometry(self) -> FrameGeometry:
-        return frame_geometry(self.architecture)
-
     def describe(self) -> dict[str, Any]:
-        return {
-            "kind": self.kind,
-            "layer": self.layer,
-            "dim": self.dim,
-            **_geometry_description(self.geometry),
-            "model_digest": self.model_digest,
-        }
+        return {**self._layer_description(), "model_digest": self.model_digest}
 
     def compute(self, waveforms_16k: list[torch.Tensor]) -> list[torch.Tensor]:
         if self.model_digest not in _ENCODERS:
@@ -109,7 +114,7 @@ class HubertLayerSource:
 
 
 @dataclass(frozen=True)
-class BundleLayerSource:
+class BundleLayerSource(_ModelLayer):
     """Layer `layer` of an exported encoder (`torchaudio_encoder.pt` of a bundle, tasks/exports.py).
 
     Built with `torchaudio.models.wav2vec2_model(**encoder_kwargs)`, so applying a bundle needs no
@@ -125,19 +130,8 @@ class BundleLayerSource:
     storage_options: dict[str, Any] = field(default_factory=dict)
     kind: str = "hubert"
 
-    @property
-    def dim(self) -> int:
-        return self.architecture.encoder_embed_dim
-
-    @property
-    def geometry(self) -> FrameGeometry:
-        return frame_geometry(self.architecture)
-
     def describe(self) -> dict[str, Any]:
-        return {
-            "kind": self.kind, "layer": self.layer, "dim": self.dim, **_geometry_description(self.geometry),
-            "encoder_digest": self.encoder_digest,
-        }
+        return {**self._layer_description(), "encoder_digest": self.encoder_digest}
 
     def compute(self, waveforms_16k: list[torch.Tensor]) -> list[torch.Tensor]:
         if self.encoder_digest not in _ENCODERS:
