@@ -17,7 +17,7 @@ import io
 import logging
 import posixpath
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -143,6 +143,18 @@ def saved_weights(model: torch.nn.Module, settings: TrainConfig, architecture: H
     return buffer.getvalue()
 
 
+def batch_shape(settings: TrainConfig, source: StoreUtteranceSource, architecture: HubertConfig) -> dict[str, Any]:
+    """How training and validation batches are cut: the label and model geometries, the audio per
+    batch and per utterance, and the model's waveform preparation."""
+    return {
+        "labels_geometry": source.geometry,
+        "model_geometry": frame_geometry(architecture),
+        "max_batch_samples": int(settings.max_batch_seconds * SAMPLE_RATE),
+        "max_sample_size": int(settings.max_sample_seconds * SAMPLE_RATE),
+        "prepare": functools.partial(prepare_waveform, architecture),
+    }
+
+
 def validation_for(
     store: ArtifactStore, layout: RunLayout, iteration: int, utterances: list[Utterance], settings: TrainConfig,
     device: torch.device, rank: int, world_size: int,
@@ -153,16 +165,7 @@ def validation_for(
         return None
     source.check()
     architecture = HUBERT_CONFIGS[settings.model]
-    batches = FixedBatches(
-        source,
-        labels_geometry=source.geometry,
-        model_geometry=frame_geometry(architecture),
-        max_batch_samples=int(settings.max_batch_seconds * SAMPLE_RATE),
-        max_sample_size=int(settings.max_sample_seconds * SAMPLE_RATE),
-        rank=rank,
-        world_size=world_size,
-        prepare=functools.partial(prepare_waveform, architecture),
-    )
+    batches = FixedBatches(source, **batch_shape(settings, source, architecture), rank=rank, world_size=world_size)
 
     def keep_best(step: int, model: torch.nn.Module) -> None:
         store.write_bytes(layout.best_model(iteration), saved_weights(model, settings, architecture, source.k))
@@ -183,15 +186,7 @@ def train_rank(config: PretrainConfig, iteration: int, rank: int = 0, world_size
     model = initial_model(config, iteration, source.k, store)
     torch.manual_seed(settings.seed * 1000 + rank + 1)
     stream = BatchStream(
-        source,
-        labels_geometry=source.geometry,
-        model_geometry=frame_geometry(architecture),
-        max_batch_samples=int(settings.max_batch_seconds * SAMPLE_RATE),
-        max_sample_size=int(settings.max_sample_seconds * SAMPLE_RATE),
-        seed=settings.seed,
-        rank=rank,
-        world_size=world_size,
-        prepare=functools.partial(prepare_waveform, architecture),
+        source, **batch_shape(settings, source, architecture), seed=settings.seed, rank=rank, world_size=world_size
     )
     device = torch.device(f"cuda:{rank % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu")
     validation = validation_for(store, layout, iteration, utterances, settings, device, rank, world_size)
