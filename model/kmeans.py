@@ -1,15 +1,22 @@
-"""k-means as plain numpy/torch: initialisation, one block's share of a Lloyd step, and the Lloyd loop.
+"""k-means as plain numpy/torch: initialisation, nearest centroids, one block's share of a Lloyd
+pass, and the Lloyd loop.
 
 The loop never sees the data: it is handed a `LloydStep` that returns every block's partial sums
 for given centroids, so the same loop runs over blocks in memory or on a Dask cluster (the
 k-means stage), and only k x dim arrays travel. Partials are added in block order, so a seed
 always gives the same centroids. A cluster left empty is re-seeded with the farthest frame seen,
 not left dead.
+
+The loop runs in phases (`LloydPhase`): first on every `stride`-th frame of the sample, which
+does most of the moving at a fraction of the cost, then on every frame. A phase ends when a pass
+lowers the inertia by less than its `tolerance` (a share of the inertia). Each pass measures the
+centroids it was given, so the centroids returned are the last ones measured, with their inertia
+and cluster sizes: no extra pass is spent to measure them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -17,38 +24,69 @@ import numpy as np
 import torch
 from sklearn.cluster import kmeans_plusplus
 
-RELATIVE_TOLERANCE = 1e-4
 FARTHEST_CANDIDATES = 16
+ROWS_PER_PRODUCT = 4096
+COARSE_FRAMES_PER_CLUSTER = 256
+MAX_COARSE_STRIDE = 16
+COARSE_TOLERANCE = 1e-3
+FINE_TOLERANCE = 1e-4
 
-LloydStep = Callable[[np.ndarray], list[dict[str, Any]]]
-"""centroids (k, dim) -> every block's `lloyd_partial`, in block order."""
+LloydStep = Callable[[np.ndarray, int], list[dict[str, Any]]]
+"""(centroids (k, dim), stride) -> every block's `lloyd_partial` over every stride-th row, in block order."""
 
 
 def nearest_centroids(rows: np.ndarray, centroids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """Index of and squared distance to the nearest centroid, for each row of (frames, dim)."""
-    x = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32))
+    """Index of and squared distance to the nearest centroid, for each row of (frames, dim).
+
+    Rows and centroids are first moved by the centroids' mean (distances do not change), which
+    keeps |x|^2 + |c|^2 - 2 x.c from cancelling away float32's digits on features far from the
+    origin (MFCC's c0). Rows go through in blocks so the (block, k) products stay in cache.
+    """
     c = torch.from_numpy(np.ascontiguousarray(centroids, dtype=np.float32))
-    distances = (x * x).sum(dim=1, keepdim=True) - 2 * x @ c.T + (c * c).sum(dim=1)
-    best, labels = distances.min(dim=1)
-    return labels, best.clamp_min_(0)
+    x = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32))
+    centre = c.mean(dim=0)
+    c = c - centre
+    c_norms = (c * c).sum(dim=1)
+    labels = torch.empty(x.shape[0], dtype=torch.int64)
+    distances = torch.empty(x.shape[0], dtype=torch.float32)
+    for start in range(0, x.shape[0], ROWS_PER_PRODUCT):
+        block = x[start : start + ROWS_PER_PRODUCT] - centre
+        products = torch.addmm(c_norms, block, c.T, alpha=-2.0)
+        best, nearest = products.min(dim=1)
+        labels[start : start + block.shape[0]] = nearest
+        distances[start : start + block.shape[0]] = best + (block * block).sum(dim=1)
+    return labels, distances.clamp_min_(0)
 
 
-def lloyd_partial(rows: np.ndarray, centroids: np.ndarray, index: int) -> dict[str, Any]:
-    """One block's share of a Lloyd step: per-cluster sums and counts, inertia, farthest frames."""
+def lloyd_partial(rows: np.ndarray, centroids: np.ndarray, index: int, stride: int = 1) -> dict[str, Any]:
+    """One block's share of a Lloyd pass over its every `stride`-th row: per-cluster sums and
+    counts, inertia, farthest frames."""
     torch.set_num_threads(1)
+    rows = rows[::stride]
     k, dim = centroids.shape
     labels, distances = nearest_centroids(rows, centroids)
     sums = torch.zeros((k, dim), dtype=torch.float64).index_add_(0, labels, torch.from_numpy(rows).double())
     counts = torch.bincount(labels, minlength=k)
-    far = torch.argsort(distances, descending=True, stable=True)[:FARTHEST_CANDIDATES]
+    far = _farthest(distances.numpy(), FARTHEST_CANDIDATES)
     return {
         "index": index,
         "sums": sums.numpy(),
         "counts": counts.numpy(),
         "inertia": float(distances.double().sum()),
-        "far_distances": distances[far].numpy(),
-        "far_rows": rows[far.numpy()],
+        "far_distances": distances.numpy()[far],
+        "far_rows": rows[far],
     }
+
+
+def _farthest(distances: np.ndarray, count: int) -> np.ndarray:
+    """Indices of the `count` largest distances, largest first (ties: lower index first)."""
+    if distances.shape[0] > count:
+        candidates = np.argpartition(-distances, count - 1)[:count]
+        threshold = distances[candidates].min()
+        candidates = np.flatnonzero(distances >= threshold)
+    else:
+        candidates = np.arange(distances.shape[0])
+    return candidates[np.argsort(-distances[candidates], kind="stable")][:count]
 
 
 def reduce_partials(partials: list[dict[str, Any]], centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray, float, int]:
@@ -79,6 +117,24 @@ def initial_centroids(sample: np.ndarray, k: int, method: Literal["k-means++", "
 
 
 @dataclass(frozen=True)
+class LloydPhase:
+    """Passes over every `stride`-th frame until one lowers the inertia by less than `tolerance` of it."""
+
+    stride: int
+    tolerance: float
+
+
+def lloyd_schedule(frames: int, k: int) -> tuple[LloydPhase, ...]:
+    """A coarse phase on a strided subsample of at least COARSE_FRAMES_PER_CLUSTER frames a cluster
+    (when the sample is large enough for one), then a fine phase on every frame."""
+    stride = 1
+    while stride < MAX_COARSE_STRIDE and frames // (2 * stride) >= COARSE_FRAMES_PER_CLUSTER * k:
+        stride *= 2
+    fine = LloydPhase(stride=1, tolerance=FINE_TOLERANCE)
+    return (LloydPhase(stride=stride, tolerance=COARSE_TOLERANCE), fine) if stride > 1 else (fine,)
+
+
+@dataclass(frozen=True)
 class LloydResult:
     centroids: np.ndarray
     inertia: float
@@ -86,27 +142,36 @@ class LloydResult:
     converged: bool
     cluster_sizes: list[int]
     reseeded: int
+    passes: tuple[int, ...] = ()
 
 
-def lloyd(step: LloydStep, centroids: np.ndarray, max_iter: int, variance: float) -> LloydResult:
-    """Lloyd iterations until the centroids move less than RELATIVE_TOLERANCE x the data's variance
-    (summed over clusters) with no cluster empty, or `max_iter`; then one more step measures them."""
-    converged, reseeded, iterations = False, 0, 0
-    for iterations in range(1, max_iter + 1):
-        updated, _, _, empty = reduce_partials(step(centroids), centroids)
-        reseeded += empty
-        shift = float(np.square(updated.astype(np.float64) - centroids).sum())
-        centroids = updated
-        if empty == 0 and shift <= RELATIVE_TOLERANCE * variance:
-            converged = True
-            break
-    final = step(centroids)
-    counts = np.sum([p["counts"] for p in final], axis=0)
+def lloyd(step: LloydStep, centroids: np.ndarray, max_iter: int, schedule: Sequence[LloydPhase]) -> LloydResult:
+    """Lloyd passes, phase by phase (at most `max_iter` a phase); the last phase must have stride 1.
+
+    Returns the last centroids measured on every frame, their inertia and cluster sizes;
+    `iterations` counts the full passes, `passes` every phase's."""
+    if schedule[-1].stride != 1:
+        raise ValueError("the last Lloyd phase must pass over every frame (stride 1)")
+    reseeded, passes, converged = 0, [], False
+    for phase in schedule:
+        previous, converged = None, False
+        for count in range(1, max_iter + 1):
+            partials = step(centroids, phase.stride)
+            updated, counts, inertia, empty = reduce_partials(partials, centroids)
+            if previous is not None and empty == 0 and previous - inertia < phase.tolerance * inertia:
+                converged = True
+                break
+            if count == max_iter:
+                break
+            reseeded += empty
+            centroids, previous = updated, inertia
+        passes.append(count)
     return LloydResult(
         centroids=centroids,
-        inertia=float(sum(p["inertia"] for p in final)),
-        iterations=iterations,
+        inertia=inertia,
+        iterations=passes[-1],
         converged=converged,
         cluster_sizes=[int(c) for c in counts],
         reseeded=reseeded,
+        passes=tuple(passes),
     )

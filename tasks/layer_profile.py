@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from distributed import Client
 
-from model.kmeans import initial_centroids, lloyd, lloyd_partial, nearest_centroids
+from model.kmeans import initial_centroids, lloyd, lloyd_partial, lloyd_schedule, nearest_centroids
 from model.probes import speaker_probe_accuracy
 from model.quality import LabelTally, frame_segments, phone_measures
 from tasks.alignments import alignment_path, read_alignment
@@ -56,8 +56,11 @@ def measure_source(source: FeatureSource, sample: ProfileSample) -> dict[str, An
     rows = np.concatenate(features)
     k = min(sample.k, rows.shape[0])
     centroids = initial_centroids(rows, k, "k-means++", sample.seed)
-    variance = float(rows.astype(np.float64).var(axis=0).mean())
-    fit = lloyd(lambda c: [lloyd_partial(rows, c, 0)], centroids, LLOYD_ITERATIONS, variance)
+
+    def step(current: np.ndarray, stride: int) -> list[dict[str, Any]]:
+        return [lloyd_partial(rows, current, 0, stride)]
+
+    fit = lloyd(step, centroids, LLOYD_ITERATIONS, lloyd_schedule(rows.shape[0], k))
     labels = nearest_centroids(rows, fit.centroids)[0].numpy()
     tally = LabelTally(k)
     start = 0

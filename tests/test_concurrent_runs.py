@@ -47,6 +47,16 @@ def start_run(tmp_path: Path, config: Path) -> subprocess.Popen:
     )
 
 
+def refused_while_paused(tmp_path: Path, config: Path, holder: subprocess.Popen) -> subprocess.CompletedProcess:
+    """A second `run` of the same run while the holder is stopped (SIGSTOP, well within its
+    lease's TTL): on a small corpus the holder could otherwise finish before the second starts."""
+    os.killpg(holder.pid, signal.SIGSTOP)
+    try:
+        return run_cli(tmp_path, "run", str(config), "--until", "labels", check=False)
+    finally:
+        os.killpg(holder.pid, signal.SIGCONT)
+
+
 def wait_for(path: Path, process: subprocess.Popen, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while not path.exists():
@@ -67,7 +77,7 @@ def test_one_writer_at_a_time_and_a_killed_writer_is_taken_over(tmp_path: Path, 
     config = write_run_config(tmp_path / "a.yaml", source, first_store, ttl=60)
     holder = start_run(tmp_path, config)
     wait_for(first_store / "t" / "lease.json", holder)
-    refused = run_cli(tmp_path, "run", str(config), "--until", "labels", check=False)
+    refused = refused_while_paused(tmp_path, config, holder)
     assert refused.returncode == 3, refused.stderr[-3000:]
     assert "run refused: the run is being written by another process: pid" in refused.stderr
     assert f"pid {holder.pid} on " in refused.stderr
@@ -106,7 +116,7 @@ def test_one_writer_at_a_time_on_s3(tmp_path: Path, demo_corpus: Path, s3) -> No
     config = write_run_config(tmp_path / "s3.yaml", demo_corpus / "wav", root, ttl=60, storage_options=options)
     holder = start_run(tmp_path, config)
     wait_for_object(store, layout.run, holder)  # the lease is the run's first object
-    refused = run_cli(tmp_path, "run", str(config), "--until", "labels", check=False)
+    refused = refused_while_paused(tmp_path, config, holder)
     assert refused.returncode == 3 and f"pid {holder.pid} on " in refused.stderr, refused.stderr[-3000:]
     output, _ = holder.communicate(timeout=300)
     assert holder.returncode == 0, output[-3000:]

@@ -1,9 +1,10 @@
 from pathlib import Path
 
 import numpy as np
+import pytest
 from sklearn.cluster import MiniBatchKMeans
 
-from model.kmeans import reduce_partials
+from model.kmeans import initial_centroids, lloyd, lloyd_partial, lloyd_schedule, nearest_centroids, reduce_partials
 from tasks.artifacts import load_centroids
 from tasks.layout import RunLayout
 from tests.conftest import demo_config, run_chain
@@ -54,3 +55,35 @@ def test_empty_clusters_are_reseeded_with_the_farthest_frames() -> None:
     np.testing.assert_array_equal(updated[0], [0.5, 0.5])
     np.testing.assert_array_equal(updated[1], [9.0, 9.0])
     np.testing.assert_array_equal(updated[2], [9.0, 9.0])
+
+
+def test_lloyd_fits_a_subsample_first_and_returns_the_centroids_it_measured() -> None:
+    rng = np.random.default_rng(0)
+    centres = rng.normal(scale=10.0, size=(16, 8))
+    rows = (centres[rng.integers(0, 16, 40_000)] + rng.normal(size=(40_000, 8))).astype(np.float32)
+    blocks = [rows[start : start + 4096] for start in range(0, len(rows), 4096)]
+    strides: list[int] = []
+
+    def step(centroids: np.ndarray, stride: int) -> list[dict]:
+        strides.append(stride)
+        return [lloyd_partial(block, centroids, index, stride) for index, block in enumerate(blocks)]
+
+    schedule = lloyd_schedule(len(rows), 16)
+    assert [phase.stride for phase in schedule] == [8, 1]  # 5000 frames >= 256 a cluster
+    result = lloyd(step, initial_centroids(rows[:4096], 16, "k-means++", 0), 100, schedule)
+    assert strides[0] == 8 and strides[-1] == 1 and result.passes == (strides.count(8), strides.count(1))
+    assert result.converged and sum(result.cluster_sizes) == len(rows)
+    labels, distances = nearest_centroids(rows, result.centroids)
+    assert result.inertia == pytest.approx(float(distances.double().sum()), rel=1e-5)
+    assert np.bincount(labels.numpy(), minlength=16).tolist() == result.cluster_sizes
+    assert result.inertia / len(rows) < 1.1 * 8  # the mixture's noise: 8 dims of unit variance
+
+
+def test_nearest_centroids_keeps_float32_digits_far_from_the_origin() -> None:
+    rng = np.random.default_rng(1)
+    centroids = (1e4 + rng.normal(size=(8, 4))).astype(np.float32)
+    rows = (centroids[rng.integers(0, 8, 5000)] + 0.01 * rng.normal(size=(5000, 4))).astype(np.float32)
+    labels, distances = nearest_centroids(rows, centroids)
+    exact = ((rows[:, None, :].astype(np.float64) - centroids[None].astype(np.float64)) ** 2).sum(-1)
+    np.testing.assert_array_equal(labels.numpy(), exact.argmin(1))
+    np.testing.assert_allclose(distances.numpy(), exact.min(1), rtol=1e-3, atol=1e-6)

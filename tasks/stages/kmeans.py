@@ -2,9 +2,10 @@
 
 The fitting sample never meets in one process: each chunk of features is sampled on a worker
 (seeded by the chunk's index, so the sample does not depend on the cluster) and stays there. Only
-an initialisation sample of at most `INIT_FRAMES_PER_CLUSTER * k` frames comes to the driver for
-k-means++. Lloyd iterations then run where the data is: each block returns per-cluster sums and
-counts (a k x dim array) and the driver averages them.
+an initialisation sample of about `init_sample_frames(k, dim)` frames comes to the driver for
+k-means++. Lloyd passes then run where the data is (model/kmeans.py: a coarse phase on every
+n-th sampled frame, then every frame): one task per worker a pass returns its blocks' per-cluster
+sums and counts (k x dim arrays) and the driver adds them in block order.
 
 Why not dask-ml's KMeans: with scikit-learn 1.9 its `k-means||` init found 47 candidates for
 k=100 and ended at about 5x the inertia, and its `init='k-means++'` crashes.
@@ -15,16 +16,17 @@ from __future__ import annotations
 import io
 import logging
 import time
+from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import zarr
-from distributed import Client, Future, wait
+from distributed import Client, Future
 
 from infra.digest import digest_array
 from infra.store import Stage, StageRecord
-from model.kmeans import LloydResult, initial_centroids, lloyd, lloyd_partial
+from model.kmeans import LloydResult, LloydStep, initial_centroids, lloyd, lloyd_partial, lloyd_schedule
 from tasks.artifacts import load_manifest
 from tasks.chunks import Chunk, chunk_grid, valid_frame_ranges
 from tasks.config import KMeansConfig
@@ -36,6 +38,15 @@ from tasks.stage import CommittedStage, StageContext, StageResult, StageSpec
 log = logging.getLogger(__name__)
 
 INIT_FRAMES_PER_CLUSTER = 256
+INIT_SAMPLE_VALUES = 2**24
+"""The init sample's cap in values (64 MB of float32): greedy k-means++ costs frames x dim x k x
+log k, which at 768 dims and k=500 would outweigh the whole Lloyd fit; Lloyd corrects a coarser start."""
+MIN_INIT_FRAMES_PER_CLUSTER = 16
+
+
+def init_sample_frames(k: int, dim: int) -> int:
+    """Frames for the k-means++ sample: 256 a cluster, fewer at high dimension (never under 16 a cluster)."""
+    return max(MIN_INIT_FRAMES_PER_CLUSTER * k, min(INIT_FRAMES_PER_CLUSTER * k, INIT_SAMPLE_VALUES // dim))
 
 
 def sample_block(
@@ -58,15 +69,15 @@ def sample_block(
     return rows[keep]
 
 
-def block_moments(rows: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
-    """Count, sum and sum of squares per dimension (float64), for the data's variance."""
-    as64 = rows.astype(np.float64)
-    return rows.shape[0], as64.sum(axis=0), np.square(as64).sum(axis=0)
-
-
 def init_rows(rows: np.ndarray, index: int, fraction: float, seed: int) -> np.ndarray:
     keep = np.random.default_rng([seed, index, 1]).random(rows.shape[0]) < fraction
     return rows[keep]
+
+
+def lloyd_partials(blocks: list[np.ndarray], indices: list[int], centroids: np.ndarray, stride: int) -> list[dict[str, Any]]:
+    """One Dask task: the Lloyd partials of the sampled blocks one worker holds (one task a worker
+    a pass, not one a block: a pass over 500k MFCC frames costs less than 30 block tasks' overhead)."""
+    return [lloyd_partial(block, centroids, index, stride) for block, index in zip(blocks, indices)]
 
 
 @dataclass(frozen=True)
@@ -75,14 +86,26 @@ class KMeansFit:
     frames: int
 
 
-def dask_lloyd_step(client: Client, blocks: list[Future]):
-    """A `LloydStep` over sampled blocks held by Dask workers."""
+def dask_lloyd_step(client: Client, blocks: list[Future]) -> LloydStep:
+    """A `LloydStep` over sampled blocks held by Dask workers: one task per worker, on its blocks."""
 
-    def step(centroids: np.ndarray) -> list[dict[str, Any]]:
+    def step(centroids: np.ndarray, stride: int) -> list[dict[str, Any]]:
         # A task, not a scatter: if the worker holding it dies, Dask makes it again from the graph.
         shared = client.submit(np.array, centroids, pure=False)
-        futures = [client.submit(lloyd_partial, block, shared, index, pure=False) for index, block in enumerate(blocks)]
-        return sorted(client.gather(futures), key=lambda partial: partial["index"])
+        holders = client.who_has(blocks)
+        by_worker: dict[str | None, list[int]] = defaultdict(list)
+        for index, block in enumerate(blocks):
+            held_by = holders.get(block.key) or [None]
+            by_worker[held_by[0]].append(index)
+        futures = [
+            client.submit(
+                lloyd_partials, [blocks[i] for i in indices], indices, shared, stride,
+                workers=None if worker is None else [worker], allow_other_workers=True, pure=False,
+            )
+            for worker, indices in by_worker.items()
+        ]
+        partials = [partial for batch in client.gather(futures) for partial in batch]
+        return sorted(partials, key=lambda partial: partial["index"])
 
     return step
 
@@ -103,23 +126,23 @@ def fit_kmeans(
     sampled = client.map(
         sample_block, blocks, held_out, features=features, fraction=fraction, seed=settings.seed, pure=False
     )
-    wait(sampled)
-    moments = client.gather(client.map(block_moments, sampled, pure=False))
-    frames = sum(count for count, _, _ in moments)
+    frames = sum(client.gather(client.map(len, sampled, pure=False)))
     if frames < settings.k:
         raise ValueError(f"k-means: only {frames} frames sampled for k={settings.k}; raise sample_fraction or max_frames")
-    mean = sum(total for _, total, _ in moments) / frames
-    variance = float((sum(squares for _, _, squares in moments) / frames - mean**2).mean())
 
-    init_fraction = min(1.0, INIT_FRAMES_PER_CLUSTER * settings.k / frames)
+    init_fraction = min(1.0, init_sample_frames(settings.k, features.shape[1]) / frames)
     init_sample = np.concatenate(
         client.gather(
             client.map(init_rows, sampled, range(len(blocks)), fraction=init_fraction, seed=settings.seed, pure=False)
         )
     )
     centroids = initial_centroids(init_sample, settings.k, settings.init, settings.seed)
-    log.info("k-means: k=%d on %d frames (%d blocks), init on %d", settings.k, frames, len(blocks), len(init_sample))
-    result = lloyd(dask_lloyd_step(client, sampled), centroids, settings.max_iter, variance)
+    schedule = lloyd_schedule(frames, settings.k)
+    log.info(
+        "k-means: k=%d on %d frames (%d blocks), init on %d, Lloyd phases %s",
+        settings.k, frames, len(blocks), len(init_sample), ", ".join(f"1/{phase.stride}" for phase in schedule),
+    )
+    result = lloyd(dask_lloyd_step(client, sampled), centroids, settings.max_iter, schedule)
     client.cancel(sampled)
     return KMeansFit(lloyd=result, frames=frames)
 
@@ -160,6 +183,7 @@ def kmeans(context: StageContext, stage: Stage) -> StageResult:
             "frames_fitted": fit.frames,
             "frames_total": int(array.shape[0]),
             "iterations": result.iterations,
+            "passes_per_phase": list(result.passes),
             "converged": result.converged,
             "inertia": result.inertia,
             "inertia_per_frame": result.inertia / fit.frames,
@@ -199,7 +223,7 @@ def kmeans_summary(record: StageRecord) -> str:
 
 KMEANS = StageSpec(
     name="kmeans",
-    version=1,
+    version=2,
     outputs=(KMEANS_DIR,),
     key_config=kmeans_key_config,
     key_inputs=kmeans_key_inputs,

@@ -1,0 +1,136 @@
+"""Label throughput against the float32 matmul roofline, and a label worker's memory at 1x and 4x the frames.
+
+    .venv/bin/python bench/labels.py [--frames 1000000] [--dim 768] [--k 500] [--workers 2]
+                                     [--rss-multiple 4] [--out bench-out]
+
+Writes `--frames` x `--dim` float32 features (seeded Gaussian rows: the values do not change the
+arithmetic) to a Zarr array on local disk, chunked as the feature stage chunks them, and labels
+them with the label stage's own task (`write_label_chunk` through `run_parts`: read a run of
+chunks, check they are finite, nearest centroid, write int16 labels, tally, mark the part) on a
+Dask LocalCluster of `--workers` single-threaded workers. Jobs carry no utterance spans, so the
+tally is the label counts only (the run and phone tallies are per utterance and small).
+
+Prints frames/s of the labelling, and the roofline: the float32 matmul throughput of the same
+workers measured in the same run (each worker multiplying (4096 x dim) by (dim x k) at once, as
+`nearest_centroids` does), divided by the 2*dim*k flops a frame costs; the share of it reached
+(target: at least 70%). Then the same labelling on `--rss-multiple` times the frames on a fresh
+cluster, and each worker's peak RSS in both runs (target: equal within 10%: memory follows the
+chunk, not the corpus). Run it alone on the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import zarr
+
+from infra.cluster import dask_client
+from infra.parts import run_parts
+from infra.store import ArtifactStore, Stage
+from model.frames import FrameGeometry
+from model.kmeans import ROWS_PER_PRODUCT
+from tasks.stages.features import choose_chunk_frames
+from tasks.stages.labels import LabelJob, Measuring, chunks_per_task, write_label_chunk
+from tasks.chunks import chunk_grid
+
+MATMUL_SECONDS = 3.0
+
+
+def write_features(path: Path, frames: int, dim: int) -> zarr.Array:
+    chunk = choose_chunk_frames(frames, dim)
+    array = zarr.create_array(str(path), shape=(frames, dim), chunks=(chunk, dim), dtype="float32", compressors=None, overwrite=True)
+    rng = np.random.default_rng(0)
+    for start in range(0, frames, chunk):
+        stop = min(start + chunk, frames)
+        array[start:stop] = rng.standard_normal((stop - start, dim), dtype=np.float32)
+    return array
+
+
+def matmul_flops(dim: int, k: int, seconds: float = MATMUL_SECONDS) -> float:
+    """float32 flop/s of one thread multiplying (ROWS_PER_PRODUCT x dim) by (dim x k), for `seconds`."""
+    torch.set_num_threads(1)
+    rows, centroids = torch.randn(ROWS_PER_PRODUCT, dim), torch.randn(k, dim)
+    for _ in range(3):
+        rows @ centroids.T
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        rows @ centroids.T
+        count += 1
+    return 2.0 * ROWS_PER_PRODUCT * dim * k * count / (time.perf_counter() - start)
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def label_all(client, store: ArtifactStore, features: zarr.Array, k: int, folder: str) -> float:
+    """Label every frame with the label stage's task; returns the wall seconds."""
+    frames, chunk = features.shape[0], features.chunks[0]
+    labels = zarr.create_array(
+        store.path(f"{folder}/labels.zarr"), shape=(frames,), chunks=(chunk,), dtype="int16", overwrite=True
+    )
+    grid = chunk_grid(frames, chunk)
+    per_task = chunks_per_task(len(grid), len(client.scheduler_info(n_workers=-1)["workers"]))
+    jobs = [
+        LabelJob(tuple(c.start for c in grid[i : i + per_task]), i, grid[i : i + per_task][-1].stop, ())
+        for i in range(0, len(grid), per_task)
+    ]
+    stage = Stage(store, folder, "labels", version=1, config={}, inputs={})
+    centroids = np.random.default_rng(1).standard_normal((k, features.shape[1]), dtype=np.float32)
+    shared = client.submit(np.array, centroids, pure=False)
+    measuring = Measuring(k, FrameGeometry(hop=320, window=400), None, {})
+    start = time.perf_counter()
+    run_parts(client, stage, jobs, write_label_chunk, "labels", {}, centroids=shared, measuring=measuring, features=features, labels=labels)
+    return time.perf_counter() - start
+
+
+def measured_run(out: Path, frames: int, dim: int, k: int, workers: int) -> tuple[float, float, list[float]]:
+    """(label seconds, roofline flop/s of the workers together, each worker's peak RSS in MiB)
+    for `frames` frames on a fresh cluster."""
+    folder = out / f"labels-bench-{frames}"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    features = write_features(folder / "features.zarr", frames, dim)
+    store = ArtifactStore(str(folder))
+    with dask_client(n_workers=workers) as client:
+        client.run(matmul_flops, dim, k, 0.5)  # warm up torch on every worker
+        roofline = sum(client.run(matmul_flops, dim, k).values())
+        seconds = label_all(client, store, features, k, "run")
+        rss = list(client.run(peak_rss_mib).values())
+    shutil.rmtree(folder, ignore_errors=True)
+    return seconds, roofline, rss
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--frames", type=int, default=1_000_000)
+    parser.add_argument("--dim", type=int, default=768)
+    parser.add_argument("--k", type=int, default=500)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--rss-multiple", type=int, default=4)
+    parser.add_argument("--out", type=Path, default=Path("bench-out"))
+    args = parser.parse_args()
+    flops_per_frame = 2 * args.dim * args.k
+    seconds, roofline, rss = measured_run(args.out, args.frames, args.dim, args.k, args.workers)
+    rate, roofline_rate = args.frames / seconds, roofline / flops_per_frame
+    print(f"{args.frames} x {args.dim} float32 frames, k={args.k}, {args.workers} single-threaded Dask workers")
+    print(f"  roofline: float32 matmul {roofline / 1e9:.1f} GFLOP/s over the workers = {roofline_rate:,.0f} frames/s")
+    print(f"  label stage task: {seconds:.1f} s = {rate:,.0f} frames/s = {rate / roofline_rate:.1%} of the roofline (target >= 70%)")
+    big = args.frames * args.rss_multiple
+    big_seconds, _, big_rss = measured_run(args.out, big, args.dim, args.k, args.workers)
+    print(f"  peak worker RSS, {args.frames} frames: {', '.join(f'{m:.0f}' for m in rss)} MiB")
+    print(
+        f"  peak worker RSS, {big} frames ({args.rss_multiple}x): {', '.join(f'{m:.0f}' for m in big_rss)} MiB "
+        f"({big / big_seconds:,.0f} frames/s)"
+    )
+    print(f"  ratio of the largest peaks: {max(big_rss) / max(rss):.3f}x (target within 10%)")
+
+
+if __name__ == "__main__":
+    main()

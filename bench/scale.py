@@ -1,0 +1,176 @@
+"""The scaling curve: intake -> features -> k-means -> labels on 1x, 4x and 16x an hour of audio.
+
+    .venv/bin/python bench/scale.py [--hours 1] [--scales 1 4 16] [--workers 2] [--k 100]
+                                    [--sample-fraction 0.1] [--out bench-out]
+
+The corpus is `--hours` of synthesized speech (devtools/demo_corpus.py), repeated under new
+utterance ids (symbolic links named `r<copy>-<id>.wav`) up to each scale: the audio is real and
+every stage does the full work, but the disk holds one copy. Each scale runs iteration 1 (MFCC,
+k-means at `--k` on `--sample-fraction` of the frames, as the paper fits on a sample) into a fresh
+local store on a fresh Dask LocalCluster of `--workers` single-threaded workers.
+
+Per stage it prints the wall time, the peak RSS of the driver (this process) and of each worker
+while the stage ran (sampled every 50 ms with psutil), and the store bytes the stage wrote; then
+the ratios to 1x per audio hour (target: time linear within 15%, memory flat within 20%); then
+extrapolates the per-hour cost measured at the largest scale to LibriSpeech-960 and Libri-Light
+60k hours on 8, 64 and 512 workers, assuming the work divides evenly over workers (it does for
+features and labels, one task per chunk; k-means' per-pass cost divides, its round trips do
+not). Run it alone on the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+from devtools.demo_corpus import cached_demo_corpus
+from infra.cluster import dask_client
+from infra.store import ArtifactStore
+from tasks.artifacts import load_manifest
+from tasks.config import PretrainConfig
+from tasks.layout import RunLayout, stage_iteration
+from tasks.pipeline import STAGES
+from tasks.preflight import check_kmeans_frames
+from tasks.stage import StageContext, run_stage
+
+STAGE_NAMES = ("intake", "features", "kmeans", "labels")
+EXTRAPOLATED = {"LibriSpeech-960": 960, "Libri-Light 60k": 60_000}
+WORKER_COUNTS = (8, 64, 512)
+
+
+class PeakRss:
+    """The largest RSS each watched process reached while the sampler ran (MiB)."""
+
+    def __init__(self, pids: dict[str, int], interval: float = 0.05) -> None:
+        self.processes = {name: psutil.Process(pid) for name, pid in pids.items()}
+        self.peaks = dict.fromkeys(pids, 0.0)
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            for name, process in self.processes.items():
+                try:
+                    self.peaks[name] = max(self.peaks[name], process.memory_info().rss / 2**20)
+                except psutil.NoSuchProcess:
+                    pass
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> PeakRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def repeated_corpus(wav_folder: Path, copies: int, folder: Path) -> Path:
+    """A folder of `copies` links to every file of `wav_folder`, each copy under new ids."""
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    sources = sorted(wav_folder.glob("*.wav"))
+    for copy in range(copies):
+        for source in sources:
+            (folder / f"r{copy:03d}-{source.name}").symlink_to(source.resolve())
+    return folder
+
+
+def folder_bytes(path: Path) -> int:
+    return sum(file.stat().st_size for file in path.rglob("*") if file.is_file()) if path.exists() else 0
+
+
+def run_scale(corpus: Path, store_root: Path, workers: int, k: int, sample_fraction: float) -> dict[str, dict]:
+    """Per stage: wall seconds, driver and worker peak RSS (MiB), store bytes written."""
+    config = PretrainConfig.model_validate(
+        {
+            "run": "scale",
+            "store": str(store_root),
+            "corpus": {"source": str(corpus)},
+            "iterations": [
+                {"features": {"kind": "mfcc"}, "kmeans": {"k": k, "sample_fraction": sample_fraction}, "train": {"model": "tiny"}}
+            ],
+        }
+    )
+    store, layout = ArtifactStore(config.store), RunLayout(config.run)
+    results = {}
+    with dask_client(n_workers=workers) as client:
+        pids = {"driver": os.getpid(), **{f"worker {i}": pid for i, pid in enumerate(client.run(os.getpid).values())}}
+        for name in STAGE_NAMES:
+            before = folder_bytes(store_root)
+            with PeakRss(pids) as peaks:
+                start = time.perf_counter()
+                record = run_stage(STAGES[name], StageContext(config, store, client, stage_iteration(name, 1)))
+                seconds = time.perf_counter() - start
+            if name == "intake":
+                check_kmeans_frames(config, load_manifest(store, layout))
+            results[name] = {"seconds": seconds, "rss": peaks.peaks, "bytes": folder_bytes(store_root) - before, "record": record}
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--hours", type=float, default=1.0)
+    parser.add_argument("--scales", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--k", type=int, default=100)
+    parser.add_argument("--sample-fraction", type=float, default=0.1)
+    parser.add_argument("--out", type=Path, default=Path("bench-out"))
+    args = parser.parse_args()
+    args.out.mkdir(exist_ok=True)
+    wav_folder = cached_demo_corpus(args.out, args.hours * 60)
+    rows = {}
+    for scale in args.scales:
+        corpus = repeated_corpus(wav_folder, scale, args.out / "scale-corpus")
+        store_root = args.out / "scale-store"
+        shutil.rmtree(store_root, ignore_errors=True)
+        rows[scale] = run_scale(corpus, store_root, args.workers, args.k, args.sample_fraction)
+        shutil.rmtree(store_root, ignore_errors=True)
+        audio_hours = rows[scale]["features"]["record"].counts["audio_hours"]
+        rows[scale]["audio_hours"] = audio_hours
+        print(f"\n{scale}x: {audio_hours:.2f} h of audio, {rows[scale]['features']['record'].counts['frames']} frames")
+        print(f"  {'stage':<10}{'wall s':>9}{'s/audio h':>11}{'driver MiB':>12}{'workers MiB':>16}{'store MB':>10}")
+        for name in STAGE_NAMES:
+            row = rows[scale][name]
+            worker_peaks = [value for key, value in row["rss"].items() if key != "driver"]
+            print(
+                f"  {name:<10}{row['seconds']:>9.1f}{row['seconds'] / audio_hours:>11.1f}{row['rss']['driver']:>12.0f}"
+                f"{'/'.join(f'{peak:.0f}' for peak in worker_peaks):>16}{row['bytes'] / 1e6:>10.1f}"
+            )
+    shutil.rmtree(args.out / "scale-corpus", ignore_errors=True)
+    base, largest = args.scales[0], args.scales[-1]
+    print(f"\nratios to {base}x, per audio hour (time: target within 15% of 1.0; memory: within 20%)")
+    print(f"  {'stage':<10}" + "".join(f"{f'{s}x time':>10}{f'{s}x drv':>9}{f'{s}x wrk':>9}" for s in args.scales[1:]))
+    for name in STAGE_NAMES:
+        cells = []
+        for scale in args.scales[1:]:
+            mine, first = rows[scale], rows[base]
+            per_hour = (mine[name]["seconds"] / mine["audio_hours"]) / (first[name]["seconds"] / first["audio_hours"])
+            driver = mine[name]["rss"]["driver"] / first[name]["rss"]["driver"]
+            worker = max(v for key, v in mine[name]["rss"].items() if key != "driver") / max(
+                v for key, v in first[name]["rss"].items() if key != "driver"
+            )
+            cells.append(f"{per_hour:>10.2f}{driver:>9.2f}{worker:>9.2f}")
+        print(f"  {name:<10}" + "".join(cells))
+    per_hour = {name: rows[largest][name]["seconds"] / rows[largest]["audio_hours"] for name in STAGE_NAMES}
+    print(f"\nextrapolated from {largest}x on {args.workers} workers (seconds per audio hour x hours x {args.workers} / N workers)")
+    print(f"  {'corpus':<18}{'workers':>8}" + "".join(f"{name:>11}" for name in STAGE_NAMES) + f"{'total':>11}")
+    for corpus_name, hours in EXTRAPOLATED.items():
+        for count in WORKER_COUNTS:
+            hours_per_stage = [per_hour[name] * hours * args.workers / count / 3600 for name in STAGE_NAMES]
+            print(
+                f"  {corpus_name:<18}{count:>8}" + "".join(f"{h:>10.2f}h" for h in hours_per_stage)
+                + f"{sum(hours_per_stage):>10.2f}h"
+            )
+
+
+if __name__ == "__main__":
+    main()
