@@ -5,6 +5,9 @@ them in the artifact store). A checkpoint holds everything the next step depends
 optimizer, scheduler, the batch stream's position, every RNG state and the log so far, so a run
 stopped after step N and resumed produces the same losses as one that never stopped.
 
+The stream reads batches ahead on its own threads (model/data.py); each log entry says what share
+of the interval's time the loop still waited for them (`data_wait_share`).
+
 One process per device: under `torchrun`, each rank takes its share of every global batch and DDP
 averages the gradients; only rank 0 writes checkpoints.
 
@@ -21,7 +24,7 @@ import contextlib
 import io
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -134,10 +137,11 @@ class _Interval:
     """Sums over the steps of one log interval, reduced across ranks when it is written."""
 
     def __init__(self) -> None:
-        self.values = torch.zeros(6, dtype=torch.float64)
+        self.values = torch.zeros(7, dtype=torch.float64)
         self.started = time.perf_counter()
 
-    def add(self, loss: float, metrics: dict[str, float], audio_seconds: float) -> None:
+    def add(self, loss: float, metrics: dict[str, float], audio_seconds: float, waited: float) -> None:
+        """One micro-batch; `waited`: seconds the loop spent waiting for it."""
         masked, unmasked = metrics["masked_frames"], metrics["unmasked_frames"]
         self.values += torch.tensor(
             [
@@ -147,6 +151,7 @@ class _Interval:
                 masked,
                 unmasked,
                 audio_seconds,
+                waited,
             ],
             dtype=torch.float64,
         )
@@ -155,7 +160,7 @@ class _Interval:
         values = self.values.clone()
         if world_size > 1:
             dist.all_reduce(values)
-        loss, masked_correct, unmasked_correct, masked, unmasked, audio = values.tolist()
+        loss, masked_correct, unmasked_correct, masked, unmasked, audio, waited = values.tolist()
         seconds = time.perf_counter() - self.started
         return {
             "step": step,
@@ -164,6 +169,7 @@ class _Interval:
             "unmasked_accuracy": unmasked_correct / max(unmasked, 1),
             "learning_rate": learning_rate,
             "audio_seconds_per_second": audio / seconds if seconds > 0 else 0.0,
+            "data_wait_share": waited / (seconds * world_size) if seconds > 0 else 0.0,
         }
 
 
@@ -215,38 +221,48 @@ def train(
             validation.curve[:] = state.get("valid_log", [])
         log.info("resuming training at step %d", step)
 
-    batches = iter(stream)
-    interval = _Interval()
-    wrapped.train()
-    while step < settings.steps:
-        for micro in range(settings.accumulation):
-            batch = next(batches)
-            last = micro == settings.accumulation - 1
-            sync = contextlib.nullcontext() if last or world_size == 1 else wrapped.no_sync()
-            with sync:
-                loss, metrics = _forward(wrapped, batch, device, settings)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"non-finite loss at step {step + 1}; the last checkpoint is intact")
-                (loss / settings.accumulation).backward()
-            interval.add(float(loss.detach()), metrics, batch.audio_seconds)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), settings.clip_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        if step % settings.log_every == 0 or step == settings.steps:
-            entry = interval.summary(step, scheduler.get_last_lr()[0], world_size)
-            history.append(entry)
-            if on_log is not None and rank == 0:
-                on_log(entry)
-            interval = _Interval()
-        if validation is not None and (step % validation.every == 0 or step == settings.steps):
-            _validate(model, validation, step, rank)
-            wrapped.train()
-        if step % settings.checkpoint_every == 0 or step == settings.steps:
-            curve = None if validation is None else validation.curve
-            _checkpoint(model, optimizer, scheduler, stream, step, history, curve, checkpoints, rank, world_size)
+    with contextlib.closing(iter(stream)) as batches:  # closing stops the stream's loader threads
+        interval = _Interval()
+        wrapped.train()
+        while step < settings.steps:
+            _accumulate_gradients(wrapped, batches, settings, device, step, world_size, interval)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), settings.clip_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            if step % settings.log_every == 0 or step == settings.steps:
+                entry = interval.summary(step, scheduler.get_last_lr()[0], world_size)
+                history.append(entry)
+                if on_log is not None and rank == 0:
+                    on_log(entry)
+                interval = _Interval()
+            if validation is not None and (step % validation.every == 0 or step == settings.steps):
+                _validate(model, validation, step, rank)
+                wrapped.train()
+            if step % settings.checkpoint_every == 0 or step == settings.steps:
+                curve = None if validation is None else validation.curve
+                _checkpoint(model, optimizer, scheduler, stream, step, history, curve, checkpoints, rank, world_size)
     return history
+
+
+def _accumulate_gradients(
+    wrapped: torch.nn.Module, batches: Iterator[Batch], settings: TrainerSettings, device: torch.device, step: int,
+    world_size: int, interval: _Interval,
+) -> None:
+    """Forward and backward of one step's micro-batches (DDP syncs on the last), timing the waits for data."""
+    for micro in range(settings.accumulation):
+        asked = time.perf_counter()
+        batch = next(batches)
+        waited = time.perf_counter() - asked
+        last = micro == settings.accumulation - 1
+        sync = contextlib.nullcontext() if last or world_size == 1 else wrapped.no_sync()
+        with sync:
+            loss, metrics = _forward(wrapped, batch, device, settings)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite loss at step {step + 1}; the last checkpoint is intact")
+            (loss / settings.accumulation).backward()
+        interval.add(float(loss.detach()), metrics, batch.audio_seconds, waited)
 
 
 def _validate(model: torch.nn.Module, validation: Validation, step: int, rank: int) -> None:

@@ -206,6 +206,12 @@ class TrainConfig(_Section):
         default=29400, ge=1, le=65535, description="Port of torchrun's c10d rendezvous on the first training machine."
     )
     bf16: bool = Field(default=True, description="bf16 autocast on GPU (ignored on CPU).")
+    prefetch_batches: int = Field(
+        default=2,
+        ge=0,
+        description="Batches read and cropped ahead of the step on background threads, so steps do not wait "
+        "for storage (0: each batch is read in the step). Changes no number trained.",
+    )
     profile: LayerProfileConfig = Field(
         default_factory=LayerProfileConfig, description="The layer profile measured after training."
     )

@@ -17,13 +17,13 @@ import io
 import logging
 import posixpath
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import torch
 
 from infra.store import ArtifactStore
-from model.data import BatchStream, FixedBatches, check_label_counts
+from model.data import BatchShape, BatchStream, FixedBatches, check_label_counts
 from model.frames import SAMPLE_RATE
 from model.hubert import HUBERT_CONFIGS, HubertConfig, build_pretrain_model, frame_geometry, prepare_waveform, warm_start
 from model.trainer import TrainerSettings, Validation, masked_prediction_evaluator, train
@@ -69,6 +69,10 @@ class StoreUtteranceSource:
         row = self.rows[index]
         labels = self._labels[self.offsets[row] : self.offsets[row + 1]].astype(np.int64)
         return load_audio_16k(self.utterances[row].path, self.store.storage_options), torch.from_numpy(labels)
+
+    def name(self, index: int) -> str:
+        utterance = self.utterances[self.rows[index]]
+        return f"{utterance.id} ({utterance.path})"
 
     def check(self) -> None:
         """Refuse utterances whose labels do not fit their audio, naming them."""
@@ -143,16 +147,16 @@ def saved_weights(model: torch.nn.Module, settings: TrainConfig, architecture: H
     return buffer.getvalue()
 
 
-def batch_shape(settings: TrainConfig, source: StoreUtteranceSource, architecture: HubertConfig) -> dict[str, Any]:
+def batch_shape(settings: TrainConfig, source: StoreUtteranceSource, architecture: HubertConfig) -> BatchShape:
     """How training and validation batches are cut: the label and model geometries, the audio per
     batch and per utterance, and the model's waveform preparation."""
-    return {
-        "labels_geometry": source.geometry,
-        "model_geometry": frame_geometry(architecture),
-        "max_batch_samples": int(settings.max_batch_seconds * SAMPLE_RATE),
-        "max_sample_size": int(settings.max_sample_seconds * SAMPLE_RATE),
-        "prepare": functools.partial(prepare_waveform, architecture),
-    }
+    return BatchShape(
+        labels_geometry=source.geometry,
+        model_geometry=frame_geometry(architecture),
+        max_batch_samples=int(settings.max_batch_seconds * SAMPLE_RATE),
+        max_sample_size=int(settings.max_sample_seconds * SAMPLE_RATE),
+        prepare=functools.partial(prepare_waveform, architecture),
+    )
 
 
 def validation_for(
@@ -165,7 +169,9 @@ def validation_for(
         return None
     source.check()
     architecture = HUBERT_CONFIGS[settings.model]
-    batches = FixedBatches(source, **batch_shape(settings, source, architecture), rank=rank, world_size=world_size)
+    batches = FixedBatches(
+        source, batch_shape(settings, source, architecture), rank=rank, world_size=world_size, prefetch=settings.prefetch_batches
+    )
 
     def keep_best(step: int, model: torch.nn.Module) -> None:
         store.write_bytes(layout.best_model(iteration), saved_weights(model, settings, architecture, source.k))
@@ -186,16 +192,17 @@ def train_rank(config: PretrainConfig, iteration: int, rank: int = 0, world_size
     model = initial_model(config, iteration, source.k, store)
     torch.manual_seed(settings.seed * 1000 + rank + 1)
     stream = BatchStream(
-        source, **batch_shape(settings, source, architecture), seed=settings.seed, rank=rank, world_size=world_size
+        source, batch_shape(settings, source, architecture), seed=settings.seed, rank=rank, world_size=world_size,
+        prefetch=settings.prefetch_batches,
     )
     device = torch.device(f"cuda:{rank % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu")
     validation = validation_for(store, layout, iteration, utterances, settings, device, rank, world_size)
 
     def report(entry: dict[str, float]) -> None:
         log.info(
-            "train@%d step %d: loss %.4f, masked acc %.3f, lr %.2e, %.1f audio-s/s",
+            "train@%d step %d: loss %.4f, masked acc %.3f, lr %.2e, %.1f audio-s/s, %.1f%% waiting for data",
             iteration, entry["step"], entry["loss"], entry["masked_accuracy"], entry["learning_rate"],
-            entry["audio_seconds_per_second"],
+            entry["audio_seconds_per_second"], 100 * entry["data_wait_share"],
         )
 
     history = train(

@@ -533,7 +533,7 @@ def test_the_two_iteration_pipeline_on_s3_and_an_external_scheduler_matches_a_lo
         status = json.loads(result.stdout)
         for iteration in status["iterations"]:
             for stage in ("features", "kmeans", "labels", "train"):
-                for volatile in ("seconds", "finished_at", "bytes", "audio_seconds_per_second", "chunks_resumed"):
+                for volatile in ("seconds", "finished_at", "bytes", "audio_seconds_per_second", "data_wait_share", "chunks_resumed"):
                     iteration[stage].pop(volatile, None)
         return status["iterations"]
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import posixpath
+import re
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +12,7 @@ import pytest
 import torch
 
 from infra.store import ArtifactStore
-from model.data import BatchStream, LabelCountMismatch, check_label_counts, map_labels
+from model.data import BatchShape, BatchStream, LabelCountMismatch, UtteranceLoadError, check_label_counts, map_labels
 from model.frames import FrameGeometry
 from model.hubert import HUBERT_CONFIGS, build_pretrain_model, hop, receptive_field
 from model.trainer import train
@@ -54,13 +56,25 @@ def run(stage: str, config: PretrainConfig, store: ArtifactStore, iteration: int
     return run_stage(STAGES[stage], StageContext(config, store, client, iteration))
 
 
-def stream_for(store: ArtifactStore, seed: int = 0) -> tuple[BatchStream, StoreUtteranceSource]:
-    source = StoreUtteranceSource(store, "t/iter-1/labels.zarr", load_manifest(store, RunLayout("t")))
-    stream = BatchStream(
-        source, source.geometry, FrameGeometry(hop(TINY), receptive_field(TINY)),
-        max_batch_samples=6 * 16000, max_sample_size=3 * 16000, seed=seed,
-    )
-    return stream, source
+def stream_for(store: ArtifactStore, seed: int = 0, prefetch: int = 2, utterances=None) -> tuple[BatchStream, StoreUtteranceSource]:
+    source = StoreUtteranceSource(store, "t/iter-1/labels.zarr", utterances or load_manifest(store, RunLayout("t")))
+    shape = BatchShape(source.geometry, FrameGeometry(hop(TINY), receptive_field(TINY)), 6 * 16000, 3 * 16000)
+    return BatchStream(source, shape, seed=seed, prefetch=prefetch), source
+
+
+def fresh_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = build_pretrain_model(TINY, num_classes=16)
+    torch.manual_seed(1)
+    return model
+
+
+def loader_threads_left() -> list[str]:
+    """The stream's loader threads still running once those that were stopped have finished their piece."""
+    threads = [thread for thread in threading.enumerate() if thread.name.startswith("batch-loader")]
+    for thread in threads:
+        thread.join(timeout=30)
+    return [thread.name for thread in threads if thread.is_alive()]
 
 
 def test_100hz_labels_land_on_50hz_frames_and_misfits_are_named() -> None:
@@ -83,17 +97,25 @@ def test_batches_hold_at_most_the_configured_audio_and_cover_the_corpus(labelled
     assert stream.buckets.epoch(0) == batches and stream.buckets.epoch(1) != batches
 
 
+def test_prefetched_batches_equal_batches_read_in_the_step_across_epochs(labelled_store) -> None:
+    _, store, _ = labelled_store
+    read_in_step, prefetched = stream_for(store, prefetch=0)[0], stream_for(store, prefetch=3)[0]
+    per_epoch = len(read_in_step.buckets.epoch(0))
+    for _, one, other in zip(range(per_epoch + 3), read_in_step, prefetched):
+        assert read_in_step.state() == prefetched.state()  # the batches handed out, not those read ahead
+        for field in ("waveforms", "lengths", "labels"):
+            assert torch.equal(getattr(one, field), getattr(other, field)), field
+    assert prefetched.state() == {"epoch": 1, "position": 3}
+
+
 def test_a_resumed_run_gives_the_uninterrupted_loss_curve(labelled_store, tmp_path: Path) -> None:
+    """Prefetching (2 batches ahead when interrupted, 3 when resumed) trains exactly as reading in the step."""
     _, store, _ = labelled_store
     settings = trainer_settings(labelled_config(tmp_path, Path("."), steps=8, checkpoint_every=4, log_every=1).iterations[0].train)
 
-    def fresh_model():
-        torch.manual_seed(0)
-        model = build_pretrain_model(TINY, num_classes=16)
-        torch.manual_seed(1)
-        return model
-
-    straight = train(fresh_model(), stream_for(store)[0], settings, StoreCheckpoints(store, "ckpt-a"), torch.device("cpu"))
+    straight_model = fresh_model()
+    straight = train(straight_model, stream_for(store, prefetch=0)[0], settings, StoreCheckpoints(store, "ckpt-a"),
+                     torch.device("cpu"))
 
     def crash_after_step_6(entry: dict) -> None:
         if entry["step"] == 6:
@@ -103,10 +125,33 @@ def test_a_resumed_run_gives_the_uninterrupted_loss_curve(labelled_store, tmp_pa
     with pytest.raises(KeyboardInterrupt):
         train(fresh_model(), stream_for(store)[0], settings, checkpoints, torch.device("cpu"), on_log=crash_after_step_6)
     torch.manual_seed(12345)  # a resumed process starts from whatever RNG state: the checkpoint restores it
-    resumed = train(fresh_model(), stream_for(store)[0], settings, checkpoints, torch.device("cpu"))
+    resumed_model = fresh_model()
+    resumed = train(resumed_model, stream_for(store, prefetch=3)[0], settings, checkpoints, torch.device("cpu"))
     assert [entry["step"] for entry in resumed] == list(range(1, 9))
     np.testing.assert_allclose([e["loss"] for e in resumed], [e["loss"] for e in straight], rtol=1e-5)
     np.testing.assert_allclose([e["masked_accuracy"] for e in resumed], [e["masked_accuracy"] for e in straight], rtol=1e-5)
+    straight_weights, resumed_weights = straight_model.state_dict(), resumed_model.state_dict()
+    for name, weight in straight_weights.items():
+        torch.testing.assert_close(resumed_weights[name], weight, rtol=1e-5, atol=1e-6, msg=name)
+    assert all(0 <= entry["data_wait_share"] < 1 for entry in resumed)
+    assert loader_threads_left() == []
+
+
+def test_an_utterance_that_fails_to_load_in_the_background_is_named(labelled_store, tmp_path: Path) -> None:
+    _, store, _ = labelled_store
+    utterances = load_manifest(store, RunLayout("t"))
+    stream, source = stream_for(store)
+    second_batch = stream.buckets.epoch(0)[1]
+    broken = utterances[source.rows[second_batch[0]]]
+    (tmp_path / "broken.wav").write_bytes(b"RIFF" + bytes(200))
+    utterances[source.rows[second_batch[0]]] = broken.model_copy(update={"path": str(tmp_path / "broken.wav")})
+    settings = trainer_settings(labelled_config(tmp_path, Path("."), steps=4, checkpoint_every=4, log_every=1).iterations[0].train)
+    steps_done = []
+    with pytest.raises(UtteranceLoadError, match=re.escape(f"{broken.id} ({tmp_path / 'broken.wav'}): AudioError: unreadable")):
+        train(fresh_model(), stream_for(store, utterances=utterances)[0], settings, StoreCheckpoints(store, "ckpt-broken"),
+              torch.device("cpu"), on_log=lambda entry: steps_done.append(entry["step"]))
+    assert steps_done == [1]  # raised when its batch was due, after the first step had trained
+    assert loader_threads_left() == []
 
 
 def test_tiny_learns_and_its_layers_feed_the_next_iteration(labelled_store, client) -> None:

@@ -20,7 +20,7 @@ from infra.digest import digest_bytes
 from infra.store import read_record
 from model.hubert import HUBERT_CONFIGS, LABEL_DEPENDENT, build_pretrain_model, frame_geometry
 from model.kmeans import nearest_centroids
-from model.data import BatchStream
+from model.data import BatchShape, BatchStream
 from model.trainer import train
 from tasks.artifacts import load_centroids
 from tasks.config import ConfigError, PretrainConfig, load_config
@@ -142,15 +142,15 @@ def test_training_never_sees_validation_utterances_and_validation_resumes_exactl
     config = two_iterations(split_chain)
     settings = config.iterations[0].train
     source = StoreUtteranceSource(store, layout.labels_store(1), utterances)
-    trained_on = {utterances[source.rows[i]].id for batch in BatchStream(
-        source, source.geometry, frame_geometry(TINY), 6 * 16000, 3 * 16000, seed=0).buckets.epoch(0) for i in batch}
+    shape = BatchShape(source.geometry, frame_geometry(TINY), 6 * 16000, 3 * 16000)
+    trained_on = {utterances[source.rows[i]].id for batch in BatchStream(source, shape, seed=0).buckets.epoch(0) for i in batch}
     assert trained_on == {u.id for u in utterances if u.split == "train"}
 
     def run(folder: str, validate: bool = True, on_log=None):
         torch.manual_seed(0)
         model = build_pretrain_model(TINY, num_classes=16)
         torch.manual_seed(1)
-        stream = BatchStream(source, source.geometry, frame_geometry(TINY), 6 * 16000, 3 * 16000, seed=0)
+        stream = BatchStream(source, shape, seed=0)
         validation = validation_for(store, layout, 1, utterances, settings, torch.device("cpu"), 0, 1) if validate else None
         if validation is not None:
             validation.on_best = None  # this test writes no weights into the run

@@ -38,12 +38,12 @@ log = logging.getLogger(__name__)
 
 def train_key_config(context: StageContext) -> dict[str, Any]:
     """The key leaves out what cannot change the weights (logging, validation, the rendezvous port,
-    which weights the next iteration takes), and `nnodes` while it is 1 and `init` while it is
-    cold, so records made before they existed stay valid."""
+    which weights the next iteration takes, how far data is read ahead), and `nnodes` while it is 1
+    and `init` while it is cold, so records made before they existed stay valid."""
     settings = context.settings.train
     defaults = {"nnodes": 1, "init": "cold", "profile": LayerProfileConfig()}
     at_default = [name for name, default in defaults.items() if getattr(settings, name) == default]
-    return settings.model_dump(exclude={"log_every", "valid_every", "weights_for_next", "rdzv_port", *at_default})
+    return settings.model_dump(exclude={"log_every", "valid_every", "weights_for_next", "rdzv_port", "prefetch_batches", *at_default})
 
 
 def check_quality_gate(context: StageContext) -> None:
@@ -129,6 +129,7 @@ def train_model(context: StageContext, stage: Stage) -> StageResult:
             "unmasked_accuracy": last["unmasked_accuracy"],
             "chance_accuracy": 1 / k,
             "audio_seconds_per_second": last["audio_seconds_per_second"],
+            "data_wait_share": last.get("data_wait_share"),  # None: a log resumed from before it was measured
             "loss_curve": [[entry["step"], round(entry["loss"], 5)] for entry in history],
             "architecture": architecture.model_dump(mode="json"),
             "final_step": settings.steps,
