@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
@@ -14,11 +13,8 @@ from flows.inspection import inspect_run
 from flows.pretrain import write_run_info
 from infra.store import ArtifactStore
 from model.data import map_labels
-from model.hubert import HUBERT_CONFIGS, build_pretrain_model
-from tasks.artifacts import load_manifest, stored_geometry
+from tasks.artifacts import stored_geometry
 from tasks.config import PretrainConfig
-from tasks.feature_sources import HubertLayerSource
-from tasks.layer_profile import layer_profile
 from tasks.layout import RunLayout
 from tasks.pipeline import run_through
 from tasks.verdict import QualityGateFailed
@@ -113,37 +109,3 @@ def test_new_settings_are_checked_before_work(tmp_path: Path, demo_corpus: Path,
     raw.update(change)
     with pytest.raises(ValueError, match=path):
         PretrainConfig.model_validate(raw)
-
-
-def test_training_makes_the_layers_cluster_clearly_better_than_untrained(tmp_path: Path, demo_corpus: Path, client) -> None:
-    """The demo's recipe (unmasked frames weighted too) must teach the layers something: the best
-    layer's PNMI of the trained model clearly above the same architecture's untrained."""
-    recipe = {"model": "tiny", "steps": 150, "learning_rate": 1e-3, "unmasked_weight": 1.0, "max_batch_seconds": 8,
-              "max_sample_seconds": 4, "checkpoint_every": 150, "log_every": 50, "profile": {"utterances": 40, "k": 50}}
-    config = PretrainConfig.model_validate(
-        {
-            "run": "t",
-            "store": str(tmp_path / "runs"),
-            "corpus": {"source": str(demo_corpus / "manifest.jsonl"), "alignments": str(demo_corpus / "align")},
-            "iterations": [{"features": {"kind": "mfcc"}, "kmeans": {"k": 50}, "train": recipe}],
-        }
-    )
-    store = ArtifactStore(config.store)
-    trained = run_through(config, store, client, "train")[("train", 1)].metrics["layer_profile"]
-
-    untrained_weights = RunLayout("t").path(1, "untrained.pt")
-    torch.manual_seed(0)
-    model = build_pretrain_model(HUBERT_CONFIGS["tiny"], num_classes=50)
-    buffer = io.BytesIO()
-    torch.save({"model": model.state_dict(), "config": HUBERT_CONFIGS["tiny"].model_dump(), "num_classes": 50}, buffer)
-    store.write_bytes(untrained_weights, buffer.getvalue())
-    layers = [
-        HubertLayerSource(store, untrained_weights, "untrained", layer, HUBERT_CONFIGS["tiny"]) for layer in range(1, 7)
-    ]
-    untrained = layer_profile(
-        client, layers, load_manifest(store, RunLayout("t")), config.iterations[0].train.profile,
-        config.corpus.alignments, {},
-    )
-    best = {name: max(row["pnmi"] for row in profile["layers"]) for name, profile in (("trained", trained), ("untrained", untrained))}
-    assert trained["mfcc"]["pnmi"] == pytest.approx(untrained["mfcc"]["pnmi"])  # the same sample, the same reference
-    assert best["trained"] > best["untrained"] + 0.05, best
