@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
+import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -71,16 +76,71 @@ def objects_under(store: ArtifactStore, relpath: str) -> list[str]:
     return sorted(path for path, info in found.items() if info["type"] != "directory")
 
 
-def cli_env(tmp_path: Path) -> dict[str, str]:
-    """A fresh Prefect home per test: the store, not Prefect's database, must carry all state."""
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+_PREFECT_SERVER: dict[str, str] = {}
+
+
+def prefect_api_url() -> str:
+    """The API of the session's one real Prefect server, started at first use, stopped at exit.
+
+    Every `run` in the tests talks to it: a temporary server per CLI process costs seconds a run,
+    and the flows keep no state in Prefect (the store carries it all: each test still gets a fresh
+    Prefect home). `make demo` and one CLI test keep exercising the temporary server."""
+    if "url" not in _PREFECT_SERVER:
+        home = Path(tempfile.mkdtemp(prefix="prefect-server-"))
+        port = free_port()
+        env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
+        env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+        log = (home / "server.log").open("w")
+        server = subprocess.Popen(
+            [str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+            env=env, stdout=log, stderr=subprocess.STDOUT,
+        )
+        url = f"http://127.0.0.1:{port}/api"
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    server.kill()
+                    raise RuntimeError(f"Prefect server did not start:\n{(home / 'server.log').read_text()[-3000:]}") from None
+                time.sleep(0.5)
+
+        def stop() -> None:
+            server.terminate()
+            try:
+                server.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                server.kill()
+            shutil.rmtree(home, ignore_errors=True)
+
+        atexit.register(stop)
+        _PREFECT_SERVER["url"] = url
+    return _PREFECT_SERVER["url"]
+
+
+def cli_env(tmp_path: Path, temporary_server: bool = False) -> dict[str, str]:
+    """A fresh Prefect home per test, and the session's Prefect server (or, with
+    `temporary_server`, none: the CLI then starts its own, as `make demo` does)."""
     env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
     env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
+    if not temporary_server:
+        env["PREFECT_API_URL"] = prefect_api_url()
     return env
 
 
-def run_cli(tmp_path: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+def run_cli(tmp_path: Path, *args: str, check: bool = True, temporary_server: bool = False) -> subprocess.CompletedProcess:
     """`hubert-pipeline ARGS` in a subprocess; raises with its output when it fails (unless check=False)."""
-    result = subprocess.run([*CLI, *args], env=cli_env(tmp_path), capture_output=True, text=True, timeout=300)
+    env = cli_env(tmp_path, temporary_server)
+    result = subprocess.run([*CLI, *args], env=env, capture_output=True, text=True, timeout=300)
     if check and result.returncode != 0:
         raise AssertionError(f"exit {result.returncode}\n--- stdout\n{result.stdout}\n--- stderr\n{result.stderr[-5000:]}")
     return result

@@ -16,10 +16,12 @@ from infra.store import ArtifactStore
 from tests.conftest import CLI, cli_env, inspect_json, run_cli, write_config
 
 pytestmark = pytest.mark.slow
+
+
 def test_run_until_features_then_a_second_run_skips_everything(tmp_path: Path, salted_corpus: Path) -> None:
     config = write_config(tmp_path / "cfg.yaml", salted_corpus, tmp_path / "runs")
-    first = run_cli(tmp_path, "run", str(config), "--until", "features")
-    assert "features" in first.stdout and "done" in first.stdout
+    first = run_cli(tmp_path, "run", str(config), "--until", "features", temporary_server=True)
+    assert "features" in first.stdout and "done" in first.stdout and "Starting temporary server" in first.stderr
     status = inspect_json(tmp_path, tmp_path / "runs" / "t")
     assert status["intake"]["status"] == "done" and status["intake"]["rejected"] == 4
     features = status["iterations"][0]["features"]
@@ -30,6 +32,7 @@ def test_run_until_features_then_a_second_run_skips_everything(tmp_path: Path, s
     before = {path: path.read_bytes() for path in records}
     second = run_cli(tmp_path, "run", str(config), "--until", "features")
     assert "intake: committed earlier" in second.stderr and "features@1: committed earlier" in second.stderr
+    assert "Starting temporary server" not in second.stderr  # the session's server (tests/conftest.py)
     assert {path: path.read_bytes() for path in records} == before
 
 
