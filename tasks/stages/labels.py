@@ -179,7 +179,7 @@ def write_label_chunk(
 
     A label costs little to compute, so on object storage a task per chunk would spend most of its
     time waiting on requests; a task takes several chunks, which zarr reads and writes
-    concurrently, and writes one marker. The arrays come opened by the driver (no metadata
+    concurrently, and writes one marker (unless it computes their features: then one chunk). The arrays come opened by the driver (no metadata
     requests per task). The returned info carries the part's tally for the driver to fold in; the
     marker keeps the rest, including the part's first and last label, which join runs of one
     label across part edges.
