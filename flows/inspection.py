@@ -134,7 +134,9 @@ def _key_metric(status: StageStatus) -> str:
     if status.stage == "intake" and counts:
         return f"{counts['utterances']} utts, {counts['hours']:.2f} h, {counts['rejected']} rej."
     if status.stage == "features" and counts:
-        return f"{counts['frames']} x {counts['dim']} @ {metrics.get('frame_rate', 0):g}/s"
+        kept = f" of {counts['corpus_frames']}" if "corpus_frames" in counts else ""
+        dtype = "" if metrics.get("dtype", "float32") == "float32" else f" {metrics['dtype']}"
+        return f"{counts['frames']}{kept} x {counts['dim']}{dtype} @ {metrics.get('frame_rate', 0):g}/s"
     if status.stage == "kmeans" and "inertia_per_frame" in metrics:
         return f"k={counts['k']}, inertia/fr {metrics['inertia_per_frame']:.4g}"
     if status.stage == "labels" and counts:

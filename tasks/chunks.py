@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
@@ -103,6 +104,22 @@ def inside_an_utterance(offsets: np.ndarray, frame: int) -> bool:
     return bool(offsets[utterance] < frame < offsets[utterance + 1])
 
 
+class FramesJob(Protocol):
+    """A task's frames [start, stop) of the concatenation, the utterances overlapping them, and its part's name."""
+
+    @property
+    def start(self) -> int: ...
+
+    @property
+    def stop(self) -> int: ...
+
+    @property
+    def utterances(self) -> tuple[UtteranceSpan, ...]: ...
+
+    @property
+    def part(self) -> str: ...
+
+
 @dataclass(frozen=True)
 class ChunkJob:
     """One chunk of the grid and the utterances whose frames overlap it."""
@@ -121,6 +138,11 @@ class ChunkJob:
     @property
     def part(self) -> str:
         return f"chunk-{self.chunk.index:06d}"
+
+
+def chunk_job(chunk: Chunk, spans: tuple[UtteranceSpan, ...]) -> ChunkJob:
+    """The job of one chunk, given spans that include every utterance overlapping it."""
+    return ChunkJob(chunk, tuple(span for span in spans if span.offset < chunk.stop and span.offset + span.frames > chunk.start))
 
 
 def plan_chunks(utterances: list[Utterance], offsets: np.ndarray, chunk_frames: int) -> list[ChunkJob]:

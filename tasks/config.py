@@ -111,6 +111,10 @@ class LeaseConfig(_Section):
     )
 
 
+STORAGE_FIELDS = ("keep", "dtype")
+"""FeaturesConfig fields added after runs existed: left out of the stage key at their defaults."""
+
+
 class FeaturesConfig(_Section):
     kind: Literal["mfcc", "hubert"] = Field(
         description="mfcc: 39-dim Kaldi MFCC + deltas at 100 frames/s (iteration 1); "
@@ -127,6 +131,21 @@ class FeaturesConfig(_Section):
         description="Frames per Zarr chunk, which is also the unit one Dask task writes and resumes; "
         "null picks one from the corpus size.",
     )
+    keep: Literal["all", "sample"] = Field(
+        default="all",
+        description="all: the features store holds every utterance's frames. sample: it holds only the "
+        "training utterances k-means fits on (about kmeans.sample_fraction of the training frames, capped "
+        "by kmeans.max_frames, chosen whole by a seeded hash of their ids, seed kmeans.seed), and the label "
+        "stage computes every utterance's features again on the fly and writes only labels: the labels "
+        "equal those of 'all'. It needs a sample smaller than the corpus (sample_fraction below 1 or a "
+        "max_frames): a sample of everything would store every training frame and compute it twice.",
+    )
+    dtype: Literal["float32", "float16"] = Field(
+        default="float32",
+        description="The features store's values: float16 halves its bytes; k-means and labels compute in "
+        "float32 from them. The label stage measures on a fixed sample of chunks how many frames keep their "
+        "label against float32 features (metrics.float16_agreement of its record) and warns below 99%.",
+    )
 
     @model_validator(mode="after")
     def _layer_matches_kind(self) -> FeaturesConfig:
@@ -135,6 +154,15 @@ class FeaturesConfig(_Section):
         if self.kind == "mfcc" and self.layer is not None:
             raise ValueError("kind 'mfcc' takes no layer")
         return self
+
+    def key_dump(self) -> dict[str, Any]:
+        """The section as the feature stage's key takes it: the storage settings only where they are
+        not their defaults, so that configs from before they existed keep their keys."""
+        dumped = self.model_dump()
+        for name in STORAGE_FIELDS:
+            if dumped[name] == type(self).model_fields[name].default:
+                del dumped[name]
+        return dumped
 
 
 class KMeansConfig(_Section):
@@ -241,6 +269,17 @@ class IterationConfig(_Section):
         description="Training of this iteration's model. Only the last iteration may leave it out: it then "
         "runs features, k-means and labels on the previous model, which ends a run with that model's units.",
     )
+
+    @model_validator(mode="after")
+    def _a_kept_sample_is_smaller_than_the_corpus(self) -> IterationConfig:
+        kmeans = self.kmeans
+        if self.features.keep == "sample" and kmeans.sample_fraction >= 1.0 and kmeans.max_frames is None:
+            raise ValueError(
+                "features.keep 'sample' stores only the frames k-means fits on, and kmeans.sample_fraction 1.0 "
+                "with no max_frames fits on every training frame: lower sample_fraction (the paper: 0.1), set "
+                "max_frames, or keep 'all'"
+            )
+        return self
 
 
 class PretrainConfig(_Section):

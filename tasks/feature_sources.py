@@ -23,7 +23,7 @@ from model.layer_features import extract_layer_features_batch
 from model.mfcc import MFCC_DIM, MFCC_GEOMETRY, mfcc_with_deltas
 from tasks.artifacts import trained_architecture, weights_digest
 from tasks.audio import load_audio_16k, read_bytes
-from tasks.chunks import ChunkJob, check_finite
+from tasks.chunks import FramesJob, check_finite
 from tasks.layout import RunLayout, Weights
 
 
@@ -180,8 +180,8 @@ def layer_source(
     )
 
 
-def compute_chunk(job: ChunkJob, source: FeatureSource, storage_options: dict[str, Any]) -> np.ndarray:
-    """The (stop - start, dim) block of features for one chunk."""
+def compute_chunk(job: FramesJob, source: FeatureSource, storage_options: dict[str, Any]) -> np.ndarray:
+    """The (stop - start, dim) float32 block of features for one job's frames (a chunk, or a run of them)."""
     waveforms = [load_audio_16k(span.path, storage_options) for span in job.utterances]
     for span, waveform in zip(job.utterances, waveforms):
         if waveform.shape[0] != span.samples_16k:

@@ -149,13 +149,20 @@ def summary_rows(records: dict[str, StageRecord]) -> list[dict[str, Any]]:
 def _headline(stage: str, record: StageRecord) -> str:
     counts, metrics = record.counts, record.metrics
     if stage == "features":
-        return f"{counts['frames']} frames x {counts['dim']}, {counts['audio_hours']} h"
+        if "corpus_frames" in counts:
+            return (
+                f"{counts['frames']} of {counts['corpus_frames']} frames (the k-means sample) x {counts['dim']} "
+                f"{metrics['dtype']}, {counts['audio_hours']} of {counts['corpus_audio_hours']} h"
+            )
+        return f"{counts['frames']} frames x {counts['dim']} {metrics.get('dtype', 'float32')}, {counts['audio_hours']} h"
     if stage == "kmeans":
         return f"k={counts['k']}, inertia/frame {metrics['inertia_per_frame']:.4g}, {counts['iterations']} iterations"
     if stage == "labels":
         quality = metrics.get("quality")
         phones = f", PNMI {quality['pnmi']:.3f}, phone purity {quality['phone_purity']:.3f}, cluster purity {quality['cluster_purity']:.3f}" if quality else ""
-        return f"{counts['frames']} labels @ {metrics['label_rate']:g}/s, {metrics['used_clusters']} clusters used{phones}"
+        float16 = metrics.get("float16_agreement")
+        kept = f", float16 features keep {100 * float16['share']:.2f}% of labels" if float16 else ""
+        return f"{counts['frames']} labels @ {metrics['label_rate']:g}/s, {metrics['used_clusters']} clusters used{phones}{kept}"
     if stage == "train":
         return (
             f"{counts['steps']} steps, loss {metrics['first_loss']:.3f} -> {metrics['final_loss']:.3f}, "

@@ -1,8 +1,11 @@
-"""Stage: frame features of every utterance into one Zarr store, computed on Dask.
+"""Stage: frame features of every utterance (or of the k-means sample) into one Zarr store, on Dask.
 
-`features.zarr` holds `features` [total_frames, dim] float32 (utterances concatenated in manifest
-order), `offsets` [n_utts + 1] int64 and `utt_ids` [n_utts]; its attributes record the feature
-kind, dim, frame rate and chunking.
+`features.zarr` holds `features` [frames, dim] (float32, or float16 with `features.dtype`; the
+utterances concatenated in manifest order), `offsets` [n_utts + 1] int64 and `utt_ids` [n_utts];
+its attributes record the feature kind, dim, frame rate, chunking, dtype and what it keeps. With
+`features.keep: sample` it holds only the training utterances k-means fits on
+(tasks/feature_store.py chooses them), with their own offsets and `utt_indices`, their places in
+the manifest; the label stage computes the others' features when it labels them.
 
 Frame counts follow from sample counts, so the whole layout is known before any audio is read.
 Each Dask task owns one Zarr chunk of frames: it computes every utterance overlapping the chunk
@@ -29,36 +32,27 @@ from infra.digest import digest_array, digest_bytes, digest_digests, digest_json
 from infra.parts import run_parts
 from infra.store import EmptyArray, Stage, StageRecord, create_zarr_group
 from model.frames import SAMPLE_RATE
-from tasks.artifacts import load_manifest, stored_chunk_digests, weights_digest
+from tasks.artifacts import load_manifest, stored_chunk_digests
 from tasks.chunks import ChunkJob, frame_offsets, plan_chunks
-from tasks.feature_sources import FeatureSource, MfccSource, compute_chunk, layer_source
+from tasks.feature_sources import FeatureSource, compute_chunk
+from tasks.feature_store import as_stored, chosen_layer, feature_source, grid_chunk_frames, kmeans_sample, model_input
 from tasks.layout import FEATURES_STORE
 from tasks.manifest import Utterance
 from tasks.stage import CommittedStage, StageContext, StageResult, StageSpec
 
 log = logging.getLogger(__name__)
 
-MAX_CHUNK_TASKS = 4096
-MIN_CHUNK_FRAMES = 16384
-MAX_CHUNK_BYTES = 256 * 2**20
 
-
-def choose_chunk_frames(total_frames: int, dim: int) -> int:
-    """A power of two: at least MIN_CHUNK_FRAMES, few enough chunks for Dask, small enough for memory."""
-    wanted = max(MIN_CHUNK_FRAMES, -(-total_frames // MAX_CHUNK_TASKS))
-    frames = 1 << (wanted - 1).bit_length()
-    ceiling = 1 << (MAX_CHUNK_BYTES // (4 * dim)).bit_length() - 1
-    return max(256, min(frames, ceiling))
-
-
-def write_feature_chunk(job: ChunkJob, source: FeatureSource, stage: Stage, features: zarr.Array) -> dict[str, Any]:
-    """One Dask task: compute, write one whole Zarr chunk, then mark it done.
+def write_feature_chunk(
+    job: ChunkJob, source: FeatureSource, dtype: str, stage: Stage, features: zarr.Array
+) -> dict[str, Any]:
+    """One Dask task: compute, write one whole Zarr chunk (as `dtype`), then mark it done.
 
     `features` is the array as the driver opened it: tasks write without fetching its metadata
     again (two requests per task saved on object storage).
     """
     torch.set_num_threads(1)
-    block = compute_chunk(job, source, stage.store.storage_options)
+    block = as_stored(compute_chunk(job, source, stage.store.storage_options), dtype, job)
     features[job.start : job.stop] = block
     info = {
         "part": job.part,
@@ -70,125 +64,137 @@ def write_feature_chunk(job: ChunkJob, source: FeatureSource, stage: Stage, feat
 
 
 def _create_store(
-    stage: Stage, source: FeatureSource, utterances: list[Utterance], offsets: np.ndarray, chunk_frames: int
+    stage: Stage, source: FeatureSource, stored: list[Utterance], indices: np.ndarray | None, offsets: np.ndarray,
+    chunk_frames: int, dtype: str,
 ) -> None:
+    """The store, its arrays empty but `offsets`, `utt_ids` and (for a sample) `utt_indices`."""
+    whole = {"offsets": offsets, "utt_ids": np.array([utterance.id for utterance in stored])}
+    if indices is not None:
+        whole["utt_indices"] = indices
     create_zarr_group(
         stage.store,
         stage.rel(FEATURES_STORE),
-        attributes={**source.describe(), "sample_rate": SAMPLE_RATE, "chunk_frames": chunk_frames, "stage_key": stage.key},
+        attributes={
+            **source.describe(), "sample_rate": SAMPLE_RATE, "chunk_frames": chunk_frames, "stage_key": stage.key,
+            "dtype": dtype, "keep": "all" if indices is None else "sample",
+        },
         # Uncompressed: zstd saved ~12% on MFCC and cost a fifth of the stage's time.
         empty={
             "features": EmptyArray(
-                shape=(int(offsets[-1]), source.dim), chunks=(chunk_frames, source.dim), dtype="float32", compressors=None
+                shape=(int(offsets[-1]), source.dim), chunks=(chunk_frames, source.dim), dtype=dtype, compressors=None
             )
         },
-        whole={"offsets": offsets, "utt_ids": np.array([utterance.id for utterance in utterances])},
+        whole=whole,
     )
-
-
-def chosen_layer(context: StageContext) -> tuple[int, str]:
-    """The layer to take (`features.layer`, or with 'auto' the best by PNMI in the previous
-    iteration's layer profile) and why."""
-    layer = context.settings.features.layer
-    previous = context.iteration - 1
-    if layer != "auto":
-        return layer, "features.layer"
-    profile = context.upstream("features", "model").metrics.get("layer_profile")
-    if not profile or profile.get("best_layer") is None:
-        raise ValueError(
-            f"features@{context.iteration}: layer 'auto' needs iteration {previous}'s layer profile with PNMI, and its "
-            f"train record has none (trained before profiles existed, or without alignments): name a layer, or "
-            f"re-run with --force train@{previous}"
-        )
-    best = next(row for row in profile["layers"] if row["layer"] == profile["best_layer"])
-    return best["layer"], (
-        f"highest PNMI ({best['pnmi']:.4f} at k={profile['k']} on {profile['utterances']} utterances) "
-        f"in iteration {previous}'s layer profile"
-    )
-
-
-def feature_source(context: StageContext) -> FeatureSource:
-    """MFCC, or a layer of the previous iteration's trained model."""
-    if context.settings.features.kind == "mfcc":
-        return MfccSource()
-    trained = context.upstream("features", "model")
-    layer, _ = chosen_layer(context)
-    previous = context.iteration - 1
-    return layer_source(context.store, context.layout, previous, trained, layer, context.config.weights_for_next(previous))
 
 
 def features_key_config(context: StageContext) -> dict[str, Any]:
-    return {**context.settings.features.model_dump(), "source": feature_source(context).describe()}
+    """The features section (its storage settings where not defaults) and the source; with `keep:
+    sample` also the k-means settings that choose the sample."""
+    settings = context.settings.features
+    config = {**settings.key_dump(), "source": feature_source(context).describe()}
+    if settings.keep == "sample":
+        kmeans = context.settings.kmeans
+        config["sample"] = {"sample_fraction": kmeans.sample_fraction, "max_frames": kmeans.max_frames, "seed": kmeans.seed}
+    return config
 
 
 def features_key_inputs(context: StageContext) -> dict[str, str]:
-    inputs = {"manifest": context.upstream("features", "manifest").output_digest}
-    if context.settings.features.kind == "hubert":
-        previous = context.iteration - 1
-        trained = context.upstream("features", "model")
-        inputs["model"] = weights_digest(trained, context.config.weights_for_next(previous))
-    return inputs
+    return {"manifest": context.upstream("features", "manifest").output_digest, **model_input(context)}
 
 
 def features(context: StageContext, stage: Stage) -> StageResult:
-    """Compute every utterance's features into `features.zarr`, one Dask task per chunk (resuming
-    from the chunks an interrupted run finished)."""
+    """Compute the features of every utterance (or of the k-means sample) into `features.zarr`, one
+    Dask task per chunk (resuming from the chunks an interrupted run finished)."""
     label = f"features@{context.iteration}"
+    settings = context.settings.features
     source = feature_source(context)
     utterances = load_manifest(context.store, context.layout)
-    offsets = frame_offsets(utterances, source.geometry.num_frames)
-    chunk_frames = context.settings.features.chunk_frames or choose_chunk_frames(int(offsets[-1]), source.dim)
-    jobs = plan_chunks(utterances, offsets, chunk_frames)
+    indices = None
+    if settings.keep == "sample":
+        indices = np.array(
+            kmeans_sample(utterances, frame_offsets(utterances, source.geometry.num_frames), context.settings.kmeans),
+            dtype=np.int64,
+        )
+    stored = utterances if indices is None else [utterances[index] for index in indices]
+    offsets = frame_offsets(stored, source.geometry.num_frames)
+    chunk_frames = grid_chunk_frames(settings, int(offsets[-1]), source.dim)
+    jobs = plan_chunks(stored, offsets, chunk_frames)
     done = stage.done_parts()
     if not done:
-        _create_store(stage, source, utterances, offsets, chunk_frames)
+        _create_store(stage, source, stored, indices, offsets, chunk_frames, settings.dtype)
     choice = None if source.kind == "mfcc" else chosen_layer(context)
     if choice is not None:
         log.info("%s: layer %d (%s)", label, *choice)
-    log.info("%s: %s, %d frames in %d chunk(s) of %d", label, source.kind, int(offsets[-1]), len(jobs), chunk_frames)
+    kept = "" if indices is None else f" of the k-means sample ({len(stored)} of {len(utterances)} utterances)"
+    log.info(
+        "%s: %s as %s, %d frames%s in %d chunk(s) of %d",
+        label, source.kind, settings.dtype, int(offsets[-1]), kept, len(jobs), chunk_frames,
+    )
     clock = time.perf_counter()
     array = context.store.open_zarr(stage.rel(FEATURES_STORE), mode="r+")["features"]
-    parts = run_parts(context.client, stage, jobs, write_feature_chunk, label, done, source=source, features=array)
+    parts = run_parts(
+        context.client, stage, jobs, write_feature_chunk, label, done, source=source, dtype=settings.dtype, features=array
+    )
     compute_seconds = time.perf_counter() - clock
-    audio_seconds = sum(utterance.samples_16k for utterance in utterances) / SAMPLE_RATE
+    audio_seconds = sum(utterance.samples_16k for utterance in stored) / SAMPLE_RATE
     computed_audio_seconds = sum(parts[job.part]["audio_seconds"] for job in jobs if job.part not in done)
     return StageResult(
         output_digest=features_digest(
-            [parts[job.part]["digest"] for job in jobs], offsets, [utterance.id for utterance in utterances]
+            [parts[job.part]["digest"] for job in jobs], offsets, [utterance.id for utterance in stored], indices
         ),
         counts={
-            "utterances": len(utterances),
+            "utterances": len(stored),
             "frames": int(offsets[-1]),
             "dim": source.dim,
             "chunks": len(jobs),
             "chunks_resumed": len(done),
             "audio_hours": round(audio_seconds / 3600, 4),
+            **({} if indices is None else corpus_counts(utterances, source)),
         },
         metrics={
             "frame_rate": source.geometry.frame_rate,
+            "keep": settings.keep,
+            "dtype": settings.dtype,
             "audio_seconds_per_second": round(computed_audio_seconds / compute_seconds, 2) if len(done) < len(jobs) else None,
             **({} if choice is None else {"layer": choice[0], "layer_choice": choice[1]}),
         },
     )
 
 
-def features_digest(chunk_digests: list[str], offsets: np.ndarray, utt_ids: list[str]) -> str:
-    """The stage's output digest: its chunks' digests in grid order, the offsets and the ids."""
-    return digest_json(
-        {"features": digest_digests(chunk_digests), "offsets": digest_bytes(offsets.tobytes()), "utt_ids": utt_ids}
-    )
+def corpus_counts(utterances: list[Utterance], source: FeatureSource) -> dict[str, int | float]:
+    """What the whole corpus has, beside what a sample store holds."""
+    return {
+        "corpus_utterances": len(utterances),
+        "corpus_frames": int(sum(source.geometry.num_frames(utterance.samples_16k) for utterance in utterances)),
+        "corpus_audio_hours": round(sum(utterance.samples_16k for utterance in utterances) / SAMPLE_RATE / 3600, 4),
+    }
+
+
+def features_digest(
+    chunk_digests: list[str], offsets: np.ndarray, utt_ids: list[str], indices: np.ndarray | None = None
+) -> str:
+    """The stage's output digest: its chunks' digests in grid order, the offsets and the ids (and
+    for a sample store, the utterances' manifest indices)."""
+    digested = {"features": digest_digests(chunk_digests), "offsets": digest_bytes(offsets.tobytes()), "utt_ids": utt_ids}
+    if indices is not None:
+        digested["utt_indices"] = digest_bytes(indices.astype(np.int64).tobytes())
+    return digest_json(digested)
 
 
 def verify_features(committed: CommittedStage) -> str:
     """The output digest recomputed from every stored chunk."""
     group = committed.store.open_zarr(committed.rel(FEATURES_STORE), mode="r")
+    indices = group["utt_indices"][:] if "utt_indices" in group else None
     return features_digest(
-        stored_chunk_digests(group["features"]), group["offsets"][:], [str(name) for name in group["utt_ids"][:]]
+        stored_chunk_digests(group["features"]), group["offsets"][:], [str(name) for name in group["utt_ids"][:]], indices
     )
 
 
 def features_summary(record: StageRecord) -> str:
-    return f"{record.counts['frames']} frames x {record.counts['dim']}"
+    counts = record.counts
+    kept = f" of {counts['corpus_frames']} (the k-means sample)" if "corpus_frames" in counts else ""
+    return f"{counts['frames']} frames{kept} x {counts['dim']}, {record.metrics.get('dtype', 'float32')}"
 
 
 FEATURES = StageSpec(

@@ -30,6 +30,7 @@ from model.kmeans import LloydResult, LloydStep, initial_centroids, lloyd, lloyd
 from tasks.artifacts import load_manifest
 from tasks.chunks import Chunk, chunk_grid, valid_frame_ranges
 from tasks.config import KMeansConfig
+from tasks.feature_store import stored_indices, stored_keep
 from tasks.layout import CENTROIDS, FEATURES_STORE, FIT_REPORT, KMEANS_DIR
 from tasks.artifacts import read_npy
 from tasks.splits import split_inputs
@@ -57,8 +58,8 @@ def sample_block(
 
     The draws are made for every frame of the block, held out or not, so a split only removes
     frames from the sample a run without one takes. `features` is the array as the driver opened
-    it (no metadata requests per task)."""
-    rows = features[block.start : block.stop]
+    it (no metadata requests per task); float16 rows come back as float32."""
+    rows = features[block.start : block.stop].astype(np.float32, copy=False)
     if fraction >= 1.0 and not held_out:
         return rows
     keep = np.ones(rows.shape[0], dtype=bool)
@@ -157,9 +158,18 @@ def kmeans_key_inputs(context: StageContext) -> dict[str, str]:
 
 def held_out_frames(context: StageContext, group: zarr.Group) -> list[tuple[tuple[int, int], ...]]:
     """Per block of the features' chunk grid, the frame ranges of validation utterances in it."""
-    utterances = load_manifest(context.store, context.layout)
+    manifest = load_manifest(context.store, context.layout)
+    utterances = [manifest[index] for index in stored_indices(group)]
     offsets, features = group["offsets"][:], group["features"]
     return [valid_frame_ranges(utterances, offsets, block) for block in chunk_grid(features.shape[0], features.chunks[0])]
+
+
+def fitting_settings(settings: KMeansConfig, group: zarr.Group) -> KMeansConfig:
+    """The settings to fit with: as configured, or for a store of the k-means sample (`features.keep:
+    sample`) every frame it holds, which the feature stage chose with these settings already."""
+    if stored_keep(group) == "sample":
+        return settings.model_copy(update={"sample_fraction": 1.0, "max_frames": None})
+    return settings
 
 
 def kmeans(context: StageContext, stage: Stage) -> StageResult:
@@ -169,7 +179,7 @@ def kmeans(context: StageContext, stage: Stage) -> StageResult:
     array = group["features"]
     held_out = held_out_frames(context, group) if context.config.corpus.has_valid_split else None
     clock = time.perf_counter()
-    fit = fit_kmeans(context.client, array, settings, held_out)
+    fit = fit_kmeans(context.client, array, fitting_settings(settings, group), held_out)
     seconds = time.perf_counter() - clock
     result = fit.lloyd
 
@@ -182,6 +192,7 @@ def kmeans(context: StageContext, stage: Stage) -> StageResult:
             **settings.model_dump(),
             "frames_fitted": fit.frames,
             "frames_total": int(array.shape[0]),
+            "features_keep": stored_keep(group),
             "iterations": result.iterations,
             "passes_per_phase": list(result.passes),
             "converged": result.converged,

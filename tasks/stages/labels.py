@@ -1,9 +1,17 @@
 """Stage: every feature frame gets its nearest centroid's id, written to `labels.zarr` on Dask.
 
-`labels.zarr` holds `labels` [total_frames] int16, and the features store's `offsets` and `utt_ids`,
-chunked like the features: each Dask task reads one features chunk and writes the same rows of
-labels, so writers own whole chunks and the stage resumes per chunk like the feature stage. Its
-attributes record the label rate and frame geometry, taken from the features store.
+`labels.zarr` holds `labels` [total_frames] int16 of every utterance, with their `offsets` and
+`utt_ids`, chunked like the features of every utterance: each Dask task takes some chunks' features
+and writes the same rows of labels, so writers own whole chunks and the stage resumes per chunk
+like the feature stage. Its attributes record the label rate and frame geometry, taken from the
+features store.
+
+Where the features come from is the features store's to say (tasks/feature_store.py): with `keep:
+all` the tasks read them; with `keep: sample` the store holds only the k-means sample, and each
+task computes its chunk's features from the iteration's source, as the feature stage would have,
+rounded to the store's dtype, so the labels are those `keep: all` gives. With float16 features,
+the labels of a fixed sample of chunks are compared with those of float32 features (computed
+again where the store was read): `metrics.float16_agreement`, with a warning below 99%.
 
 Before committing, the stage checks that labels, features and the manifest agree on every
 utterance's frame count and names any that do not. Then it measures the labels (model/quality.py)
@@ -20,7 +28,7 @@ import numpy as np
 import torch
 import zarr
 
-from infra.digest import digest_array, digest_digests, digest_json
+from infra.digest import digest_array, digest_bytes, digest_digests, digest_json
 from infra.parts import gather_parts, run_parts
 from infra.paths import fingerprint_source
 from infra.store import EmptyArray, Stage, StageRecord, create_zarr_group
@@ -30,7 +38,11 @@ from model.kmeans import nearest_centroids
 from model.quality import LabelTally, frame_segments, label_agreement, label_measures, phone_measures
 from tasks.alignments import ALIGNMENT_SUFFIXES, alignment_path, read_alignment
 from tasks.artifacts import load_centroids, load_manifest, stored_chunk_digests, stored_geometry
-from tasks.chunks import UtteranceSpan, check_finite, chunk_grid, inside_an_utterance, utterance_spans
+from tasks.chunks import (
+    Chunk, UtteranceSpan, check_finite, chunk_grid, chunk_job, frame_offsets, inside_an_utterance, utterance_spans,
+)
+from tasks.feature_sources import FeatureSource, compute_chunk
+from tasks.feature_store import as_stored, feature_source, grid_chunk_frames, stored_indices, stored_keep
 from tasks.layout import FEATURES_STORE, LABELS_STORE
 from tasks.manifest import Utterance
 from tasks.splits import split_inputs
@@ -40,6 +52,9 @@ log = logging.getLogger(__name__)
 
 MAX_CHUNKS_PER_TASK = 8
 TASKS_PER_WORKER = 4
+FLOAT16_CHECK_FRAMES = 65536
+"""Frames (whole chunks, at least one) whose labels from float16 features are compared with float32's."""
+FLOAT16_MIN_AGREEMENT = 0.99
 
 
 class FrameCountMismatch(ValueError):
@@ -63,10 +78,66 @@ class LabelJob:
     def part(self) -> str:
         return f"chunks-{self.first_chunk:06d}-{self.first_chunk + len(self.chunk_starts) - 1:06d}"
 
+    def chunks(self) -> list[Chunk]:
+        """The job's chunks of the grid."""
+        edges = [*self.chunk_starts, self.stop]
+        return [Chunk(self.first_chunk + n, a, b) for n, (a, b) in enumerate(zip(edges, edges[1:]))]
+
     def chunk_digests(self, labels: np.ndarray) -> list[str]:
         """One digest per chunk, so the stage's digest does not depend on how chunks were grouped."""
-        edges = [*self.chunk_starts, self.stop]
-        return [digest_array(labels[a - self.start : b - self.start]) for a, b in zip(edges, edges[1:])]
+        return [digest_array(labels[chunk.start - self.start : chunk.stop - self.start]) for chunk in self.chunks()]
+
+
+@dataclass(frozen=True)
+class LabelFeatures:
+    """Where a label task takes its features, as the features store holds them (`dtype`): read from
+    `stored`, or with None (`keep: sample`) computed from `source`. With float16, the grid's
+    `checked` chunks are labelled from float32 features too, computed again where they were read."""
+
+    dtype: str
+    source: FeatureSource | None
+    storage_options: dict[str, Any]
+    stored: zarr.Array | None = None
+    checked: frozenset[int] = frozenset()
+
+    def read(self, job: LabelJob) -> tuple[np.ndarray, np.ndarray | None]:
+        """The job's features in the store's dtype, and their float32 values where they were computed."""
+        if self.stored is not None:
+            rows = self.stored[job.start : job.stop]
+            check_finite(rows, job.start, job.utterances, f"features read for labels {job.part}")
+            return rows, None
+        computed = compute_chunk(job, self.source, self.storage_options)
+        return as_stored(computed, self.dtype, job), computed
+
+    def float16_check(
+        self, job: LabelJob, labels: np.ndarray, computed: np.ndarray | None, centroids: np.ndarray
+    ) -> dict[str, int] | None:
+        """In the job's checked chunks: how many frames, and how many of them float32 features give
+        the label the stored float16 ones gave. None for float32 features."""
+        if self.dtype == "float32":
+            return None
+        frames = agreeing = 0
+        for chunk in job.chunks():
+            if chunk.index not in self.checked:
+                continue
+            low, high = chunk.start - job.start, chunk.stop - job.start
+            exact = computed[low:high] if computed is not None else compute_chunk(
+                chunk_job(chunk, job.utterances), self.source, self.storage_options
+            )
+            agreeing += int(np.count_nonzero(nearest_labels(exact, centroids) == labels[low:high]))
+            frames += high - low
+        return {"frames": frames, "agreeing": agreeing}
+
+
+def float16_checked_chunks(grid: list[Chunk]) -> frozenset[int]:
+    """Evenly spaced chunks of the grid, whole, as many as FLOAT16_CHECK_FRAMES holds (at least one)."""
+    count = max(1, min(len(grid), FLOAT16_CHECK_FRAMES // max(grid[0].stop - grid[0].start, 1)))
+    return frozenset(int(index) for index in np.linspace(0, len(grid) - 1, count).round())
+
+
+def nearest_labels(rows: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    """Each row's nearest centroid as int16, computed in float32 whatever the rows' dtype."""
+    return nearest_centroids(rows, centroids)[0].numpy().astype(np.int16)
 
 
 @dataclass(frozen=True)
@@ -102,21 +173,20 @@ class Measuring:
 
 
 def write_label_chunk(
-    job: LabelJob, stage: Stage, centroids: np.ndarray, features: zarr.Array, labels: zarr.Array, measuring: Measuring
+    job: LabelJob, stage: Stage, centroids: np.ndarray, features: LabelFeatures, labels: zarr.Array, measuring: Measuring
 ) -> dict[str, Any]:
-    """One Dask task: label some features chunks, write the same rows of labels, tally them, mark it done.
+    """One Dask task: label some chunks' features, write the same rows of labels, tally them, mark it done.
 
     A label costs little to compute, so on object storage a task per chunk would spend most of its
     time waiting on requests; a task takes several chunks, which zarr reads and writes
-    concurrently, and writes one marker. The arrays come opened by the driver (no metadata
+    concurrently, and writes one marker (unless it computes their features: then one chunk). The arrays come opened by the driver (no metadata
     requests per task). The returned info carries the part's tally for the driver to fold in; the
     marker keeps the rest, including the part's first and last label, which join runs of one
     label across part edges.
     """
     torch.set_num_threads(1)
-    rows = features[job.start : job.stop]
-    check_finite(rows, job.start, job.utterances, f"features read for labels {job.part}")
-    chunk = nearest_centroids(rows, centroids)[0].numpy().astype(np.int16)
+    rows, computed = features.read(job)
+    chunk = nearest_labels(rows, centroids)
     tally = tally_labels(job, chunk, measuring)
     labels[job.start : job.stop] = chunk
     info = {
@@ -125,6 +195,8 @@ def write_label_chunk(
         "first_label": int(chunk[0]),
         "last_label": int(chunk[-1]),
     }
+    if (check := features.float16_check(job, chunk, computed, centroids)) is not None:
+        info["float16_check"] = check
     stage.mark_part(job.part, info)
     return {**info, "tally": tally}
 
@@ -132,13 +204,13 @@ def write_label_chunk(
 def _create_store(
     stage: Stage,
     attributes: dict[str, Any],
-    features: zarr.Array,
+    chunk_frames: int,
     offsets: np.ndarray,
     ids: np.ndarray,
     k: int,
     centroids_digest: str,
 ) -> None:
-    """`labels.zarr`, chunked like the features, with their offsets, ids and frame geometry."""
+    """`labels.zarr`, chunked like the features of every utterance, with their offsets, ids and frame geometry."""
     create_zarr_group(
         stage.store,
         stage.rel(LABELS_STORE),
@@ -148,31 +220,42 @@ def _create_store(
             "window_samples": attributes["window_samples"],
             "hop_samples": attributes["hop_samples"],
             "sample_rate": attributes["sample_rate"],
-            "features": {key: attributes[key] for key in ("kind", "dim", "frame_rate")},
+            "features": {
+                **{key: attributes[key] for key in ("kind", "dim", "frame_rate")},
+                "keep": attributes.get("keep", "all"), "dtype": attributes.get("dtype", "float32"),
+            },
             "centroids_digest": centroids_digest,
             "stage_key": stage.key,
         },
-        empty={"labels": EmptyArray(shape=(features.shape[0],), chunks=(features.chunks[0],), dtype="int16")},
+        empty={"labels": EmptyArray(shape=(int(offsets[-1]),), chunks=(chunk_frames,), dtype="int16")},
         whole={"offsets": offsets, "utt_ids": ids},
     )
 
 
 def check_frame_counts(utterances: list[Utterance], features: zarr.Group, labels: zarr.Group) -> None:
-    """Raise FrameCountMismatch naming every utterance whose frame counts disagree."""
+    """Raise FrameCountMismatch naming every utterance whose frame counts disagree.
+
+    The labels cover every utterance; the features those they hold (all, or the k-means sample)."""
     geometry = stored_geometry(features)
-    feature_counts = np.diff(features["offsets"][:])
-    label_counts = np.diff(labels["offsets"][:])
-    ids = list(features["utt_ids"][:])
+    wanted = [geometry.num_frames(utterance.samples_16k) for utterance in utterances]
+    indices = stored_indices(features).tolist()
+    in_features = dict(zip(indices, np.diff(features["offsets"][:]).tolist()))
+    label_counts = np.diff(labels["offsets"][:]).tolist()
     problems = []
-    if ids != [u.id for u in utterances] or list(labels["utt_ids"][:]) != ids:
+    stored_ids = [utterances[index].id for index in indices if 0 <= index < len(utterances)]
+    if list(features["utt_ids"][:]) != stored_ids or list(labels["utt_ids"][:]) != [u.id for u in utterances]:
         problems.append("utterance ids or their order differ between manifest, features and labels")
     else:
-        for utterance, in_features, in_labels in zip(utterances, feature_counts, label_counts):
-            wanted = geometry.num_frames(utterance.samples_16k)
-            if not wanted == in_features == in_labels:
-                problems.append(f"{utterance.id}: audio gives {wanted}, features {in_features}, labels {in_labels}")
-    if labels["labels"].shape[0] != features["features"].shape[0]:
-        problems.append(f"labels hold {labels['labels'].shape[0]} frames, features {features['features'].shape[0]}")
+        for index, (utterance, in_labels) in enumerate(zip(utterances, label_counts)):
+            in_store = in_features.get(index, wanted[index])
+            if not wanted[index] == in_store == in_labels:
+                problems.append(
+                    f"{utterance.id}: audio gives {wanted[index]}, features {in_features.get(index, '(not stored)')}, labels {in_labels}"
+                )
+    if labels["labels"].shape[0] != sum(wanted):
+        problems.append(f"labels hold {labels['labels'].shape[0]} frames, the audio gives {sum(wanted)}")
+    if features["features"].shape[0] != sum(in_features.values()):
+        problems.append(f"features hold {features['features'].shape[0]} frames, their offsets {sum(in_features.values())}")
     if problems:
         listed = "\n  ".join(problems[:20])
         more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
@@ -238,7 +321,12 @@ def plan_label_jobs(utterances: list[Utterance], offsets: np.ndarray, chunk_fram
 
 
 def labels_key_config(context: StageContext) -> dict[str, Any]:
-    return {"alignments": context.config.corpus.alignments}
+    """The alignments; with `keep: sample` also what determines the features computed on the fly:
+    the feature stage's key config (its source, with the model's digest, and its dtype)."""
+    config: dict[str, Any] = {"alignments": context.config.corpus.alignments}
+    if context.settings.features.keep == "sample":
+        config["features"] = context.upstream("labels", "features").config
+    return config
 
 
 def labels_key_inputs(context: StageContext) -> dict[str, str]:
@@ -251,7 +339,58 @@ def labels_key_inputs(context: StageContext) -> dict[str, str]:
     alignments = context.config.corpus.alignments
     if alignments is not None:
         inputs["alignments"] = fingerprint_source(alignments, ALIGNMENT_SUFFIXES, context.config.storage_options)
+    if context.settings.features.keep == "sample":  # the audio whose features are computed on the fly
+        inputs["manifest"] = context.upstream("labels", "manifest").output_digest
     return {**inputs, **split_inputs(context, "labels")}
+
+
+@dataclass(frozen=True)
+class FrameLayout:
+    """Every utterance's frames as the labels lay them out: offsets, ids and chunk size of the grid."""
+
+    offsets: np.ndarray
+    ids: np.ndarray
+    chunk_frames: int
+    digest: str  # what the labels' digest takes for offsets and ids
+
+
+def frame_layout(context: StageContext, features: zarr.Group, features_digest: str) -> FrameLayout:
+    """A store of every utterance lends its layout (and its digest covers it); for a store of the
+    k-means sample, the layout `keep: all` would have is made from the manifest."""
+    if stored_keep(features) == "all":
+        return FrameLayout(features["offsets"][:], features["utt_ids"][:], int(features["features"].chunks[0]), features_digest)
+    utterances = load_manifest(context.store, context.layout)
+    offsets = frame_offsets(utterances, stored_geometry(features).num_frames)
+    ids = np.array([utterance.id for utterance in utterances])
+    chunk_frames = grid_chunk_frames(context.settings.features, int(offsets[-1]), int(features.attrs["dim"]))
+    return FrameLayout(offsets, ids, chunk_frames, layout_digest(offsets, ids))
+
+
+def label_features(context: StageContext, features: zarr.Group, grid: list[Chunk]) -> LabelFeatures:
+    """How the label tasks get their features from this features store."""
+    dtype, keep = str(features.attrs.get("dtype", "float32")), stored_keep(features)
+    needs_source = keep == "sample" or dtype != "float32"
+    return LabelFeatures(
+        dtype=dtype,
+        source=feature_source(context) if needs_source else None,
+        storage_options=context.store.storage_options,
+        stored=features["features"] if keep == "all" else None,
+        checked=float16_checked_chunks(grid) if dtype == "float16" else frozenset(),
+    )
+
+
+def float16_agreement(label: str, checks: list[dict[str, int]]) -> dict[str, Any] | None:
+    """The share of checked frames whose label float32 features keep; warned about below 99%."""
+    if not checks:
+        return None
+    frames = sum(check["frames"] for check in checks)
+    share = sum(check["agreeing"] for check in checks) / max(frames, 1)
+    if share < FLOAT16_MIN_AGREEMENT:
+        log.warning(
+            "%s: float16 features give the float32 label on only %.2f%% of %d checked frames (below %.0f%%): "
+            "consider features.dtype float32", label, 100 * share, frames, 100 * FLOAT16_MIN_AGREEMENT,
+        )
+    return {"share": round(share, 6), "frames": frames, "minimum": FLOAT16_MIN_AGREEMENT}
 
 
 def labels(context: StageContext, stage: Stage) -> StageResult:
@@ -263,15 +402,22 @@ def labels(context: StageContext, stage: Stage) -> StageResult:
     utterances = load_manifest(store, context.layout)
     k = int(kmeans_record.counts["k"])
     features_group = store.open_zarr(stage.rel(FEATURES_STORE), mode="r")
-    features_array, offsets, ids = features_group["features"], features_group["offsets"][:], features_group["utt_ids"][:]
-    total, chunk_frames = features_array.shape[0], features_array.chunks[0]
-    chunks = -(-total // chunk_frames)
+    layout = frame_layout(context, features_group, features_record.output_digest)
+    offsets, total = layout.offsets, int(layout.offsets[-1])
+    grid = chunk_grid(total, layout.chunk_frames)
     done = stage.done_parts()
     if not done:
-        _create_store(stage, features_group.attrs.asdict(), features_array, offsets, ids, k, kmeans_record.output_digest)
+        _create_store(
+            stage, features_group.attrs.asdict(), layout.chunk_frames, offsets, layout.ids, k, kmeans_record.output_digest
+        )
     labels_group = store.open_zarr(stage.rel(LABELS_STORE), mode="r+")
+    features = label_features(context, features_group, grid)
+    # Computing features costs far more than labelling them: then a task takes one chunk, as in the feature stage.
     workers = len(client.scheduler_info(n_workers=-1)["workers"])
-    jobs = plan_label_jobs(utterances, offsets, chunk_frames, chunks_per_task(chunks, workers))
+    per_task = chunks_per_task(len(grid), workers) if features.stored is not None else 1
+    jobs = plan_label_jobs(utterances, offsets, layout.chunk_frames, per_task)
+    if features.stored is None:
+        log.info("%s: features of %d utterances computed on the fly (features.keep: sample)", label, len(utterances))
     previous = previous_labels(context) if iteration > 1 else None
     measuring = Measuring(
         k, stored_geometry(features_group), context.config.corpus.alignments, store.storage_options, previous
@@ -285,13 +431,14 @@ def labels(context: StageContext, stage: Stage) -> StageResult:
 
     # Loaded by a task, not scattered: if the worker holding it dies, Dask loads it again.
     shared = client.submit(load_centroids, store, context.layout, iteration, pure=False)
-    arrays = {"features": features_array, "labels": labels_group["labels"]}
+    labels_array = labels_group["labels"]
     parts = run_parts(
-        client, stage, jobs, write_label_chunk, label, done, on_result=fold, centroids=shared, measuring=measuring, **arrays
+        client, stage, jobs, write_label_chunk, label, done, on_result=fold,
+        centroids=shared, features=features, labels=labels_array, measuring=measuring,
     )
     resumed = [job for job in jobs if job.part in done]
     if resumed:
-        futures = client.map(tally_written_part, resumed, labels=arrays["labels"], measuring=measuring, pure=False)
+        futures = client.map(tally_written_part, resumed, labels=labels_array, measuring=measuring, pure=False)
         gather_parts(futures, f"{label} (tallying resumed parts)", tally.merge)
     tally.runs -= runs_continuing_across_chunks(jobs, parts, offsets)
 
@@ -300,13 +447,12 @@ def labels(context: StageContext, stage: Stage) -> StageResult:
     valid_frames = int(sum(int(count) for utterance, count in zip(utterances, frames) if utterance.split == "valid"))
     measures = {"labels": label_measures(tally), "quality": phone_measures(tally)}
     agreement = label_agreement(tally)
+    float16 = float16_agreement(label, [parts[job.part]["float16_check"] for job in jobs if "float16_check" in parts[job.part]])
     return StageResult(
-        output_digest=labels_digest(
-            [digest for job in jobs for digest in parts[job.part]["digests"]], features_record.output_digest
-        ),
+        output_digest=labels_digest([digest for job in jobs for digest in parts[job.part]["digests"]], layout.digest),
         counts={
-            "frames": int(total), "utterances": len(utterances), "k": k, "chunks": chunks,
-            "train_frames": int(total) - valid_frames, "valid_frames": valid_frames,
+            "frames": total, "utterances": len(utterances), "k": k, "chunks": len(grid),
+            "train_frames": total - valid_frames, "valid_frames": valid_frames,
             "chunks_resumed": sum(len(job.chunk_starts) for job in jobs if job.part in done),
         },
         metrics={
@@ -314,6 +460,7 @@ def labels(context: StageContext, stage: Stage) -> StageResult:
             **{key: value for key, value in measures["labels"].items() if key != "frames"},
             "quality": measures["quality"],
             **({} if agreement is None else {"agreement": {"previous_iteration": iteration - 1, **agreement}}),
+            **({} if float16 is None else {"float16_agreement": float16}),
         },
     )
 
@@ -324,22 +471,33 @@ def previous_labels(context: StageContext) -> PreviousLabels:
     return PreviousLabels(group["labels"], group["offsets"][:], stored_geometry(group), int(group.attrs["k"]))
 
 
-def labels_digest(chunk_digests: list[str], features_digest: str) -> str:
-    """The stage's output digest: its chunks' digests in grid order, and the features' digest
-    (whose offsets and ids the labels store copies)."""
-    return digest_json({"labels": digest_digests(chunk_digests), "offsets": features_digest})
+def labels_digest(chunk_digests: list[str], layout: str) -> str:
+    """The stage's output digest: its chunks' digests in grid order, and a digest of the offsets and
+    ids: the features' digest where the features store holds every utterance (the labels store
+    copies its offsets and ids), else `layout_digest`."""
+    return digest_json({"labels": digest_digests(chunk_digests), "offsets": layout})
+
+
+def layout_digest(offsets: np.ndarray, ids: np.ndarray) -> str:
+    """The digest of every utterance's offsets and ids, for labels whose features store holds a sample."""
+    return digest_json({"offsets": digest_bytes(offsets.astype(np.int64).tobytes()), "utt_ids": [str(i) for i in ids]})
 
 
 def verify_labels(committed: CommittedStage) -> str:
     """The output digest recomputed from every stored chunk."""
-    array = committed.store.open_zarr(committed.rel(LABELS_STORE), mode="r")["labels"]
-    return labels_digest(stored_chunk_digests(array), committed.record.inputs["features"])
+    group = committed.store.open_zarr(committed.rel(LABELS_STORE), mode="r")
+    layout = committed.record.inputs["features"]
+    if group.attrs["features"].get("keep", "all") == "sample":
+        layout = layout_digest(group["offsets"][:], group["utt_ids"][:])
+    return labels_digest(stored_chunk_digests(group["labels"]), layout)
 
 
 def labels_summary(record: StageRecord) -> str:
     quality = record.metrics.get("quality")
     phones = f", PNMI {quality['pnmi']:.3f}, phone purity {quality['phone_purity']:.3f}" if quality else ""
-    return f"{record.counts['frames']} frames, {record.metrics['used_clusters']} clusters used{phones}"
+    float16 = record.metrics.get("float16_agreement")
+    kept = f", float16 features keep {100 * float16['share']:.2f}% of labels" if float16 else ""
+    return f"{record.counts['frames']} frames, {record.metrics['used_clusters']} clusters used{phones}{kept}"
 
 
 LABELS = StageSpec(
