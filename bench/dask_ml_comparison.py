@@ -51,7 +51,7 @@ from model.kmeans import FINE_TOLERANCE, LloydPhase, initial_centroids, lloyd, l
 from tasks.config import PretrainConfig
 from tasks.layout import RunLayout
 from tasks.pipeline import run_through
-from tasks.stages.features import choose_chunk_frames
+from tasks.feature_store import choose_chunk_frames
 from tasks.stages.kmeans import INIT_FRAMES_PER_CLUSTER, dask_lloyd_step
 
 SUGGESTED_FRAMES_768 = 200_000

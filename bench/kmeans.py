@@ -37,7 +37,7 @@ from infra.store import ArtifactStore
 from tasks.config import KMeansConfig, PretrainConfig
 from tasks.layout import RunLayout
 from tasks.pipeline import run_through
-from tasks.stages.features import choose_chunk_frames
+from tasks.feature_store import choose_chunk_frames
 from tasks.stages.kmeans import fit_kmeans
 
 

@@ -35,8 +35,8 @@ from infra.parts import run_parts
 from infra.store import ArtifactStore, Stage
 from model.frames import FrameGeometry
 from model.kmeans import ROWS_PER_PRODUCT
-from tasks.stages.features import choose_chunk_frames
-from tasks.stages.labels import LabelJob, Measuring, chunks_per_task, write_label_chunk
+from tasks.feature_store import choose_chunk_frames
+from tasks.stages.labels import LabelFeatures, LabelJob, Measuring, chunks_per_task, write_label_chunk
 from tasks.chunks import chunk_grid
 
 MATMUL_SECONDS = 3.0
@@ -76,7 +76,8 @@ def label_all(client, store: ArtifactStore, features: zarr.Array, k: int, folder
         store.path(f"{folder}/labels.zarr"), shape=(frames,), chunks=(chunk,), dtype="int16", overwrite=True
     )
     grid = chunk_grid(frames, chunk)
-    per_task = chunks_per_task(len(grid), len(client.scheduler_info(n_workers=-1)["workers"]))
+    workers = len(client.scheduler_info(n_workers=-1)["workers"])
+    per_task = chunks_per_task(len(grid), workers, chunk * features.shape[1] * features.dtype.itemsize)
     jobs = [
         LabelJob(tuple(c.start for c in grid[i : i + per_task]), i, grid[i : i + per_task][-1].stop, ())
         for i in range(0, len(grid), per_task)
@@ -86,7 +87,8 @@ def label_all(client, store: ArtifactStore, features: zarr.Array, k: int, folder
     shared = client.submit(np.array, centroids, pure=False)
     measuring = Measuring(k, FrameGeometry(hop=320, window=400), None, {})
     start = time.perf_counter()
-    run_parts(client, stage, jobs, write_label_chunk, "labels", {}, centroids=shared, measuring=measuring, features=features, labels=labels)
+    run_parts(client, stage, jobs, write_label_chunk, "labels", {}, centroids=shared, measuring=measuring,
+              features=LabelFeatures("float32", None, {}, stored=features), labels=labels)
     return time.perf_counter() - start
 
 

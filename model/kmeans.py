@@ -35,8 +35,12 @@ LloydStep = Callable[[np.ndarray, int], list[dict[str, Any]]]
 """(centroids (k, dim), stride) -> every block's `lloyd_partial` over every stride-th row, in block order."""
 
 
-def nearest_centroids(rows: np.ndarray, centroids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """Index of and squared distance to the nearest centroid, for each row of (frames, dim).
+def nearest_centroids(
+    rows: np.ndarray, centroids: np.ndarray, distances: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Index of the nearest centroid for each row of (frames, dim), and the squared distance to it
+    (with `distances=False`, in its place |c|^2 - 2 x.c of the centred x and c: non-finite where
+    the distance is, a pass over the rows cheaper, and all the label stage needs).
 
     Rows and centroids are first moved by the centroids' mean (distances do not change), which
     keeps |x|^2 + |c|^2 - 2 x.c from cancelling away float32's digits on features far from the
@@ -48,14 +52,14 @@ def nearest_centroids(rows: np.ndarray, centroids: np.ndarray) -> tuple[torch.Te
     c = c - centre
     c_norms = (c * c).sum(dim=1)
     labels = torch.empty(x.shape[0], dtype=torch.int64)
-    distances = torch.empty(x.shape[0], dtype=torch.float32)
+    best = torch.empty(x.shape[0], dtype=torch.float32)
     for start in range(0, x.shape[0], ROWS_PER_PRODUCT):
         block = x[start : start + ROWS_PER_PRODUCT] - centre
-        products = torch.addmm(c_norms, block, c.T, alpha=-2.0)
-        best, nearest = products.min(dim=1)
-        labels[start : start + block.shape[0]] = nearest
-        distances[start : start + block.shape[0]] = best + (block * block).sum(dim=1)
-    return labels, distances.clamp_min_(0)
+        stop = start + block.shape[0]
+        torch.min(torch.addmm(c_norms, block, c.T, alpha=-2.0), dim=1, out=(best[start:stop], labels[start:stop]))
+        if distances:
+            best[start:stop] += (block * block).sum(dim=1)
+    return labels, best.clamp_min_(0) if distances else best
 
 
 def lloyd_partial(rows: np.ndarray, centroids: np.ndarray, index: int, stride: int = 1) -> dict[str, Any]:

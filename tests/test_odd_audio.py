@@ -11,6 +11,7 @@ import soundfile
 from infra.parts import PartsFailed
 from infra.store import forget_stage
 from tasks.chunks import NonFiniteValues, UtteranceSpan, check_finite
+from tasks.stages.labels import LabelJob, checked_nearest_labels
 from tasks.config import load_config
 from tests.conftest import read_real, resample, run_chain, write_config
 
@@ -83,3 +84,13 @@ def test_check_finite_names_the_utterances_of_the_bad_rows() -> None:
     block[[2, 15]] = [np.inf, 0, 0], [0, np.nan, 0]
     with pytest.raises(NonFiniteValues, match=r"chunk-000001: 2 frame\(s\) with NaN or Inf values, of utterance\(s\) u1 \(/c/u1.wav\), u2 \(/c/u2.wav\)"):
         check_finite(block, 10, spans[1:], "features of chunk-000001")
+
+
+def test_the_label_stage_refuses_stored_features_with_nan_naming_the_utterance() -> None:
+    spans = (UtteranceSpan(0, "u0", "/c/u0.wav", 16000, 0, 10), UtteranceSpan(1, "u1", "/c/u1.wav", 16000, 10, 10))
+    job = LabelJob((0,), 0, 20, spans)
+    rows = np.random.default_rng(0).standard_normal((20, 4)).astype(np.float32)
+    assert checked_nearest_labels(rows, rows[:3].copy(), job).tolist()[:3] == [0, 1, 2]
+    rows[13, 2] = np.nan
+    with pytest.raises(NonFiniteValues, match=r"1 frame\(s\) with NaN or Inf values, of utterance\(s\) u1 \(/c/u1.wav\)"):
+        checked_nearest_labels(rows, rows[:3].copy(), job)

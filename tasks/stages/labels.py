@@ -39,7 +39,7 @@ from model.quality import LabelTally, frame_segments, label_agreement, label_mea
 from tasks.alignments import ALIGNMENT_SUFFIXES, alignment_path, read_alignment
 from tasks.artifacts import load_centroids, load_manifest, stored_chunk_digests, stored_geometry
 from tasks.chunks import (
-    Chunk, UtteranceSpan, check_finite, chunk_grid, chunk_job, frame_offsets, inside_an_utterance, utterance_spans,
+    Chunk, NonFiniteValues, UtteranceSpan, check_finite, chunk_grid, chunk_job, frame_offsets, inside_an_utterance, utterance_spans,
 )
 from tasks.feature_sources import FeatureSource, compute_chunk
 from tasks.feature_store import as_stored, feature_source, grid_chunk_frames, stored_indices, stored_keep
@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 
 MAX_CHUNKS_PER_TASK = 8
 TASKS_PER_WORKER = 4
+TASK_BYTES = 64 * 2**20
 FLOAT16_CHECK_FRAMES = 65536
 """Frames (whole chunks, at least one) whose labels from float16 features are compared with float32's."""
 FLOAT16_MIN_AGREEMENT = 0.99
@@ -103,9 +104,7 @@ class LabelFeatures:
     def read(self, job: LabelJob) -> tuple[np.ndarray, np.ndarray | None]:
         """The job's features in the store's dtype, and their float32 values where they were computed."""
         if self.stored is not None:
-            rows = self.stored[job.start : job.stop]
-            check_finite(rows, job.start, job.utterances, f"features read for labels {job.part}")
-            return rows, None
+            return self.stored[job.start : job.stop], None
         computed = compute_chunk(job, self.source, self.storage_options)
         return as_stored(computed, self.dtype, job), computed
 
@@ -138,6 +137,18 @@ def float16_checked_chunks(grid: list[Chunk]) -> frozenset[int]:
 def nearest_labels(rows: np.ndarray, centroids: np.ndarray) -> np.ndarray:
     """Each row's nearest centroid as int16, computed in float32 whatever the rows' dtype."""
     return nearest_centroids(rows, centroids)[0].numpy().astype(np.int16)
+
+
+def checked_nearest_labels(rows: np.ndarray, centroids: np.ndarray, job: LabelJob) -> np.ndarray:
+    """`nearest_labels`, refusing rows with NaN or Inf (named by utterance). A non-finite value
+    makes its row's products with the centroids non-finite, so those are checked, not every value
+    (a pass over the features less); a finite row whose products overflow float32 is refused too."""
+    labels, products = nearest_centroids(rows, centroids, distances=False)
+    if not bool(torch.isfinite(products).all()):
+        what = f"features read for labels {job.part}"
+        check_finite(rows, job.start, job.utterances, what)
+        raise NonFiniteValues(f"{what}: products with the centroids overflow float32")
+    return labels.numpy().astype(np.int16)
 
 
 @dataclass(frozen=True)
@@ -186,7 +197,7 @@ def write_label_chunk(
     """
     torch.set_num_threads(1)
     rows, computed = features.read(job)
-    chunk = nearest_labels(rows, centroids)
+    chunk = checked_nearest_labels(rows, centroids, job)
     tally = tally_labels(job, chunk, measuring)
     labels[job.start : job.stop] = chunk
     info = {
@@ -304,9 +315,11 @@ def runs_continuing_across_chunks(jobs: list[LabelJob], edges: dict[str, dict[st
     )
 
 
-def chunks_per_task(chunks: int, workers: int) -> int:
-    """Enough tasks to keep every worker busy and balanced, as few as that allows, at most 8 chunks each."""
-    return max(1, min(MAX_CHUNKS_PER_TASK, chunks // (TASKS_PER_WORKER * max(workers, 1))))
+def chunks_per_task(chunks: int, workers: int, chunk_bytes: int = 0) -> int:
+    """Enough tasks to keep every worker busy and balanced, as few as that allows, at most 8 chunks
+    and about TASK_BYTES of features each (768-dim chunks are each a second of matmul: one a task)."""
+    by_bytes = TASK_BYTES // chunk_bytes if chunk_bytes else MAX_CHUNKS_PER_TASK
+    return max(1, min(MAX_CHUNKS_PER_TASK, by_bytes, chunks // (TASKS_PER_WORKER * max(workers, 1))))
 
 
 def plan_label_jobs(utterances: list[Utterance], offsets: np.ndarray, chunk_frames: int, per_task: int) -> list[LabelJob]:
@@ -414,7 +427,10 @@ def labels(context: StageContext, stage: Stage) -> StageResult:
     features = label_features(context, features_group, grid)
     # Computing features costs far more than labelling them: then a task takes one chunk, as in the feature stage.
     workers = len(client.scheduler_info(n_workers=-1)["workers"])
-    per_task = chunks_per_task(len(grid), workers) if features.stored is not None else 1
+    per_task = 1
+    if features.stored is not None:
+        stored = features.stored
+        per_task = chunks_per_task(len(grid), workers, stored.chunks[0] * stored.shape[1] * stored.dtype.itemsize)
     jobs = plan_label_jobs(utterances, offsets, layout.chunk_frames, per_task)
     if features.stored is None:
         log.info("%s: features of %d utterances computed on the fly (features.keep: sample)", label, len(utterances))
