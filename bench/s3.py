@@ -22,10 +22,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import psutil
-
 from devtools.demo_corpus import cached_demo_corpus
-from devtools.seaweed import seaweed_s3
+from devtools.seaweed import S3Server, seaweed_s3
 from infra.cluster import dask_client
 from infra.store import ArtifactStore
 from tasks.config import PretrainConfig
@@ -36,25 +34,18 @@ BUCKET = "bench"
 TIMED = ("features", "labels")
 
 
-def cpu_seconds(process: psutil.Process | None) -> float:
-    """User + system CPU time of a process and its children so far (0 without a process)."""
-    if process is None:
-        return 0.0
-    total = 0.0
-    for member in [process, *process.children(recursive=True)]:
-        times = member.cpu_times()
-        total += times.user + times.system
-    return total
+def cpu_seconds(server: S3Server | None) -> float:
+    return 0.0 if server is None else server.cpu_seconds()
 
 
-def measured(call: Callable[[], object], server: psutil.Process | None) -> tuple[object, float, float]:
-    """The call's result, its wall seconds, and the server's CPU seconds meanwhile."""
+def measured(call: Callable[[], object], server: S3Server | None) -> tuple[object, float, float]:
+    """The call's result, its wall seconds, and the server's CPU seconds meanwhile (0 without a server)."""
     cpu, start = cpu_seconds(server), time.perf_counter()
     result = call()
     return result, time.perf_counter() - start, cpu_seconds(server) - cpu
 
 
-def timed_stages(config: PretrainConfig, client, server: psutil.Process | None = None) -> tuple[dict, dict, dict]:
+def timed_stages(config: PretrainConfig, client, server: S3Server | None = None) -> tuple[dict, dict, dict]:
     """Wall seconds and server CPU seconds of the feature and label stage calls of one fresh run, and its size."""
     store = ArtifactStore(config.store, config.storage_options)
     intake = run_through(config, store, client, "intake")[("intake", None)]
@@ -101,7 +92,7 @@ def main() -> None:
             for repeat in range(args.repeats):
                 for kind, (root, options) in stores.items():
                     config = bench_config(f"bench-{kind}-{repeat}", root, wav_folder, options)
-                    server = psutil.Process(s3.pid) if kind == "s3" else None
+                    server = s3 if kind == "s3" else None
                     seconds, cpu, size = timed_stages(config, client, server)
                     for stage in TIMED:
                         if seconds[stage] < best[kind, stage] and kind == "s3":

@@ -268,6 +268,17 @@ class S3Server:
     def running(self) -> bool:
         return self._process is not None and self._process.poll() is None
 
+    def cpu_seconds(self) -> float:
+        """User + system CPU time the server's process (and its children) has used so far; 0 when not running.
+
+        For benchmarks on machines where the server shares the cores with what it serves."""
+        import psutil
+
+        if not self.running:
+            return 0.0
+        process = psutil.Process(self.pid)
+        return sum(sum(member.cpu_times()[:2]) for member in [process, *process.children(recursive=True)])
+
     def command(self) -> list[str]:
         ports = self.ports
         command = [

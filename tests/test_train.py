@@ -166,6 +166,9 @@ def test_tiny_learns_its_layers_beat_untrained_ones_and_feed_the_next_iteration(
     assert metrics["masked_accuracy"] > 2 * metrics["chance_accuracy"]
     assert store.exists("t/iter-1/model/final.pt") and len(store.list_names("t/iter-1/model/checkpoints")) <= 2
     assert run("train", config, store, 1, client) == record
+    assert 0 <= metrics["data_wait_share"] < 1
+    iterations = [it.model_copy(update={"train": it.train.model_copy(update={"prefetch_batches": 0})}) for it in config.iterations]
+    assert run("train", config.model_copy(update={"iterations": iterations}), store, 1, client) == record  # not in the key
 
     # The layers must have learnt something: the best layer's PNMI clearly above the same
     # architecture's untrained, measured on the same sample against the same MFCC reference.
