@@ -130,7 +130,7 @@ def test_purity_and_pnmi_on_a_known_joint_distribution() -> None:
 def test_how_chunks_are_grouped_into_tasks_changes_nothing(tmp_path: Path, demo_corpus: Path, client, monkeypatch) -> None:
     """Each task labels a run of chunks; the stage's bytes, digest and measures must not depend on how many."""
     one_store, _, one = labelled(tmp_path, demo_corpus, client, "one")
-    monkeypatch.setattr(tasks.stages.labels, "chunks_per_task", lambda chunks, workers: 3)
+    monkeypatch.setattr(tasks.stages.labels, "chunks_per_task", lambda *_: 3)
     grouped_store, _, grouped = labelled(tmp_path, demo_corpus, client, "grouped")
     assert one.counts["chunks"] > 3  # so some tasks hold several chunks and some edges fall inside tasks
     assert grouped.output_digest == one.output_digest and grouped.metrics == one.metrics
