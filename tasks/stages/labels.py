@@ -188,10 +188,11 @@ def write_label_chunk(
 ) -> dict[str, Any]:
     """One Dask task: label some chunks' features, write the same rows of labels, tally them, mark it done.
 
-    A label costs little to compute, so on object storage a task per chunk would spend most of its
-    time waiting on requests; a task takes several chunks, which zarr reads and writes
-    concurrently, and writes one marker (unless it computes their features: then one chunk). The arrays come opened by the driver (no metadata
-    requests per task). The returned info carries the part's tally for the driver to fold in; the
+    A label of MFCC costs little to compute, so on object storage a task per chunk would spend
+    most of its time waiting on requests; a task takes several chunks (up to TASK_BYTES of
+    features: `chunks_per_task`), which zarr reads and writes concurrently, and writes one marker.
+    A task that computes its features takes one chunk. The arrays come opened by the driver (no
+    metadata requests per task). The returned info carries the part's tally for the driver to fold in; the
     marker keeps the rest, including the part's first and last label, which join runs of one
     label across part edges.
     """
