@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 # 128 KiB is mmapped and page-faulted afresh: MFCC extraction ran 2.2x slower in a worker than in
 # a plain process (bench/features.py). A fixed 16 MiB mmap threshold with a 16 MiB trim threshold
 # restores the speed and still hands freed memory back.
-WORKER_MALLOC_ENVIRON = {"MALLOC_TRIM_THRESHOLD_": 16 * 2**20, "MALLOC_MMAP_THRESHOLD_": 16 * 2**20}
+WORKER_MALLOC_ENVIRON = {"MALLOC_TRIM_THRESHOLD_": 64 * 2**20, "MALLOC_MMAP_THRESHOLD_": 64 * 2**20}
 
 
 @contextlib.contextmanager

@@ -35,6 +35,22 @@ def parent_of(path: str) -> str:
     return str(Path(path).resolve().parent)
 
 
+def whole_read_options(fs: fsspec.AbstractFileSystem) -> dict[str, Any]:
+    """Options for `fs.cat_file` (and an fsspec Zarr store's) that read an object in one request.
+
+    s3fs otherwise asks an object's size first (a HEAD), to split a big one into concurrent
+    ranges; the files read whole here (audio, JSON, Zarr chunks) are rarely big enough for that
+    to pay, and the HEAD was one request in two."""
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return {"max_concurrency": 1} if protocol in ("s3", "s3a") else {}
+
+
+def read_whole(path: str, storage_options: dict[str, Any] | None = None) -> bytes:
+    """A whole file, local or remote, in one request on object storage."""
+    fs, stripped = fsspec.core.url_to_fs(path, **(storage_options or {}))
+    return fs.cat_file(stripped, **whole_read_options(fs))
+
+
 def find_files(folder: str, suffixes: tuple[str, ...], storage_options: dict[str, Any] | None = None) -> list[str]:
     """Files under `folder` (recursively) whose names end with one of `suffixes` (any case), sorted.
 

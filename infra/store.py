@@ -36,7 +36,7 @@ from fsspec.implementations.local import LocalFileSystem
 from pydantic import BaseModel, Field
 
 from infra.digest import digest_bytes, digest_json
-from infra.paths import parent_of
+from infra.paths import parent_of, whole_read_options
 from infra.version import code_version
 
 log = logging.getLogger(__name__)
@@ -102,6 +102,7 @@ class ArtifactStore:
         self.root = path.rstrip("/")
         self.is_local = isinstance(self.fs, LocalFileSystem)
         self.root_url = self.root if self.is_local else f"{_protocol(self.fs)}://{self.root}"
+        self._whole_read_options = whole_read_options(self.fs)
 
     def __repr__(self) -> str:
         return f"ArtifactStore({self.root_url!r})"
@@ -120,8 +121,7 @@ class ArtifactStore:
     def read_json(self, relpath: str) -> Any | None:
         """The parsed JSON at relpath, or None if there is no such file."""
         try:
-            with self.fs.open(self.path(relpath), "rb") as handle:
-                return json.load(handle)
+            return json.loads(self.fs.cat_file(self.path(relpath), **self._whole_read_options))
         except FileNotFoundError:
             return None
 
@@ -150,12 +150,10 @@ class ArtifactStore:
         self.write_bytes(relpath, text.encode())
 
     def read_bytes(self, relpath: str) -> bytes:
-        with self.fs.open(self.path(relpath), "rb") as handle:
-            return handle.read()
+        return self.fs.cat_file(self.path(relpath))
 
     def read_text(self, relpath: str) -> str:
-        with self.fs.open(self.path(relpath), "rt") as handle:
-            return handle.read()
+        return self.read_bytes(relpath).decode()
 
     # -- conditional writes: what a lease needs (infra/lease.py) -----------------------------------
     #
@@ -321,7 +319,8 @@ class ArtifactStore:
         if self.is_local:
             return zarr.open_group(self.path(relpath), mode=mode, zarr_format=3, attributes=attributes)
         return zarr.open_group(
-            self.url(relpath), mode=mode, storage_options=self.storage_options, zarr_format=3, attributes=attributes
+            self.url(relpath), mode=mode, storage_options={**self._whole_read_options, **self.storage_options},
+            zarr_format=3, attributes=attributes,
         )
 
 
@@ -364,6 +363,14 @@ def create_zarr_group(
         for future in futures:
             future.result()
     return group
+
+
+def read_whole_arrays(group: zarr.Group, names: Iterable[str]) -> dict[str, np.ndarray]:
+    """Small arrays of a group, each read whole, concurrently: on object storage each is two
+    requests (its metadata, its one chunk), and one after another they were a stage's fixed cost."""
+    names = list(names)
+    with ThreadPoolExecutor(max_workers=len(names) or 1) as pool:
+        return dict(zip(names, pool.map(lambda name: group[name][:], names)))
 
 
 @contextlib.contextmanager

@@ -12,12 +12,12 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
-import fsspec
 import numpy as np
 import soundfile
 import torch
 import torchaudio.functional
 
+from infra.paths import read_whole
 from model.frames import SAMPLE_RATE
 
 
@@ -36,11 +36,6 @@ class AudioInfo:
     channels: int
     samples: int
     format: str
-
-
-def read_bytes(path: str, storage_options: dict[str, Any] | None = None) -> bytes:
-    with fsspec.open(path, "rb", **(storage_options or {})) as handle:
-        return handle.read()
 
 
 def _declared_wav_frames(data: bytes) -> int | None:
@@ -127,5 +122,5 @@ def to_mono_16k(samples: np.ndarray, sample_rate: int) -> torch.Tensor:
 
 def load_audio_16k(path: str, storage_options: dict[str, Any] | None = None) -> torch.Tensor:
     """A file as 1-D float32 mono 16 kHz tensor."""
-    samples, sample_rate = decode_audio(read_bytes(path, storage_options))
+    samples, sample_rate = decode_audio(read_whole(path, storage_options))
     return to_mono_16k(samples, sample_rate)

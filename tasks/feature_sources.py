@@ -16,13 +16,14 @@ import torch
 import torchaudio
 
 from infra.digest import digest_bytes
+from infra.paths import read_whole
 from infra.store import ArtifactStore, StageRecord
 from model.frames import FrameGeometry
 from model.hubert import HubertConfig, build_pretrain_model, frame_geometry
 from model.layer_features import extract_layer_features_batch
 from model.mfcc import MFCC_DIM, MFCC_GEOMETRY, mfcc_with_deltas
 from tasks.artifacts import trained_architecture, weights_digest
-from tasks.audio import load_audio_16k, read_bytes
+from tasks.audio import load_audio_16k
 from tasks.chunks import FramesJob, check_finite
 from tasks.layout import RunLayout, Weights
 
@@ -142,7 +143,7 @@ class BundleLayerSource(_ModelLayer):
             return extract_layer_features_batch(encoder, waveforms_16k, self.layer, architecture)
 
     def _load(self) -> torch.nn.Module:
-        data = read_bytes(self.encoder_path, self.storage_options)
+        data = read_whole(self.encoder_path, self.storage_options)
         if digest_bytes(data) != self.encoder_digest:
             raise ValueError(f"{self.encoder_path} changed: its digest is not the one the bundle records")
         encoder = torchaudio.models.wav2vec2_model(**self.encoder_kwargs)

@@ -14,7 +14,8 @@ from distributed import Client
 from pydantic import BaseModel
 
 from infra.parts import gather_parts
-from tasks.audio import AudioError, probe_audio, read_bytes
+from infra.paths import read_whole
+from tasks.audio import AudioError, probe_audio
 from tasks.config import CorpusConfig
 from tasks.manifest import Candidate, Utterance
 
@@ -54,7 +55,7 @@ def probe_candidate(
 ) -> Utterance | Rejection:
     """Probe one file; a problem with the file becomes a Rejection, a problem with the storage raises."""
     try:
-        info = probe_audio(read_bytes(candidate.path, storage_options))
+        info = probe_audio(read_whole(candidate.path, storage_options))
         utterance = Utterance(
             id=candidate.id,
             path=candidate.path,

@@ -13,9 +13,8 @@ from collections import Counter
 from typing import Any
 
 from infra.digest import digest_bytes
-from infra.paths import fingerprint_source
+from infra.paths import fingerprint_source, read_whole
 from infra.store import Stage, StageRecord
-from tasks.audio import read_bytes
 from tasks.layout import INTAKE_REPORT, MANIFEST
 from tasks.manifest import AUDIO_SUFFIXES, ManifestError, check_unique_ids, list_candidates, manifest_to_jsonl
 from tasks.probing import probe_candidates
@@ -37,7 +36,7 @@ def intake_key_inputs(context: StageContext) -> dict[str, str]:
     inputs = {"source": fingerprint_source(corpus.source, AUDIO_SUFFIXES, storage_options)}
     if isinstance(corpus.valid, str):
         try:
-            inputs["valid"] = digest_bytes(read_bytes(corpus.valid, storage_options))
+            inputs["valid"] = digest_bytes(read_whole(corpus.valid, storage_options))
         except FileNotFoundError as error:
             raise ManifestError(f"corpus.valid: the listing of validation ids {corpus.valid} does not exist") from error
     return inputs

@@ -31,7 +31,7 @@ import zarr
 from infra.digest import digest_array, digest_bytes, digest_digests, digest_json
 from infra.parts import gather_parts, run_parts
 from infra.paths import fingerprint_source
-from infra.store import EmptyArray, Stage, StageRecord, create_zarr_group
+from infra.store import EmptyArray, Stage, StageRecord, create_zarr_group, read_whole_arrays
 from model.frames import FrameGeometry
 from model.data import map_labels
 from model.kmeans import nearest_centroids
@@ -42,7 +42,7 @@ from tasks.chunks import (
     Chunk, NonFiniteValues, UtteranceSpan, check_finite, chunk_grid, chunk_job, frame_offsets, inside_an_utterance, utterance_spans,
 )
 from tasks.feature_sources import FeatureSource, compute_chunk
-from tasks.feature_store import as_stored, feature_source, grid_chunk_frames, stored_indices, stored_keep
+from tasks.feature_store import as_stored, feature_source, grid_chunk_frames, stored_keep
 from tasks.layout import FEATURES_STORE, LABELS_STORE
 from tasks.manifest import Utterance
 from tasks.splits import split_inputs
@@ -250,12 +250,14 @@ def check_frame_counts(utterances: list[Utterance], features: zarr.Group, labels
     The labels cover every utterance; the features those they hold (all, or the k-means sample)."""
     geometry = stored_geometry(features)
     wanted = [geometry.num_frames(utterance.samples_16k) for utterance in utterances]
-    indices = stored_indices(features).tolist()
-    in_features = dict(zip(indices, np.diff(features["offsets"][:]).tolist()))
-    label_counts = np.diff(labels["offsets"][:]).tolist()
+    held = read_whole_arrays(features, ["offsets", "utt_ids", *(["utt_indices"] if stored_keep(features) == "sample" else [])])
+    labelled = read_whole_arrays(labels, ["offsets", "utt_ids"])
+    indices = held["utt_indices"].tolist() if "utt_indices" in held else list(range(len(held["utt_ids"])))
+    in_features = dict(zip(indices, np.diff(held["offsets"]).tolist()))
+    label_counts = np.diff(labelled["offsets"]).tolist()
     problems = []
     stored_ids = [utterances[index].id for index in indices if 0 <= index < len(utterances)]
-    if list(features["utt_ids"][:]) != stored_ids or list(labels["utt_ids"][:]) != [u.id for u in utterances]:
+    if list(held["utt_ids"]) != stored_ids or list(labelled["utt_ids"]) != [u.id for u in utterances]:
         problems.append("utterance ids or their order differ between manifest, features and labels")
     else:
         for index, (utterance, in_labels) in enumerate(zip(utterances, label_counts)):
@@ -372,7 +374,8 @@ def frame_layout(context: StageContext, features: zarr.Group, features_digest: s
     """A store of every utterance lends its layout (and its digest covers it); for a store of the
     k-means sample, the layout `keep: all` would have is made from the manifest."""
     if stored_keep(features) == "all":
-        return FrameLayout(features["offsets"][:], features["utt_ids"][:], int(features["features"].chunks[0]), features_digest)
+        held = read_whole_arrays(features, ["offsets", "utt_ids"])
+        return FrameLayout(held["offsets"], held["utt_ids"], int(features["features"].chunks[0]), features_digest)
     utterances = load_manifest(context.store, context.layout)
     offsets = frame_offsets(utterances, stored_geometry(features).num_frames)
     ids = np.array([utterance.id for utterance in utterances])
