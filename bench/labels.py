@@ -13,7 +13,8 @@ tally is the label counts only (the run and phone tallies are per utterance and 
 Prints frames/s of the labelling, and the roofline: the float32 matmul throughput of the same
 workers measured in the same run (each worker multiplying (rows x dim) by (dim x k) at once, at
 the best of 1024 to 16384 rows), divided by the 2*dim*k flops a frame costs; the share of it reached
-(target: at least 70%). Then the same labelling on `--rss-multiple` times the frames on a fresh
+(target: at least 70%). The timer starts on workers that have loaded the label stage's code (as in a
+pipeline run, where earlier stages did) after the features' write-back is flushed. Then the same labelling on `--rss-multiple` times the frames on a fresh
 cluster, and each worker's peak RSS in both runs (target: equal within 10%: memory follows the
 chunk, not the corpus). Run it alone on the machine.
 """
