@@ -11,12 +11,13 @@ Dask LocalCluster of `--workers` single-threaded workers. Jobs carry no utteranc
 tally is the label counts only (the run and phone tallies are per utterance and small).
 
 Prints frames/s of the labelling, and the roofline: the float32 matmul throughput of the same
-workers measured in the same run (each worker multiplying (rows x dim) by (dim x k) at once, at
-the best of 1024 to 16384 rows), divided by the 2*dim*k flops a frame costs; the share of it reached
-(target: at least 70%). The timer starts on workers that have loaded the label stage's code (as in a
-pipeline run, where earlier stages did) after the features' write-back is flushed. Then the same labelling on `--rss-multiple` times the frames on a fresh
-cluster, and each worker's peak RSS in both runs (target: equal within 10%: memory follows the
-chunk, not the corpus). Run it alone on the machine.
+workers measured in the same run (each worker multiplying (rows x dim) by (dim x k) at once, for 3
+s at the best of 1024 to 16384 rows), divided by the 2*dim*k flops a frame costs; the share of it
+reached (target: at least 70%). The timer starts on workers that have loaded the label stage's code
+(as in a pipeline run, where earlier stages did) after the features' write-back is flushed. Then
+the same labelling on `--rss-multiple` times the frames on a fresh cluster, and each worker's peak
+RSS in both runs (target: equal within 10%: memory follows the chunk, not the corpus). Run it alone
+on the machine.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from tasks.feature_store import choose_chunk_frames
 from tasks.stages.labels import LabelFeatures, LabelJob, Measuring, chunks_per_task, write_label_chunk
 from tasks.chunks import chunk_grid
 
-MATMUL_SECONDS = 4.0
+MATMUL_SECONDS = 3.0
 ROOFLINE_ROWS = (1024, 2048, 4096, 16384)
 
 
@@ -56,21 +57,24 @@ def write_features(path: Path, frames: int, dim: int) -> zarr.Array:
 
 
 def matmul_flops(dim: int, k: int, seconds: float = MATMUL_SECONDS) -> float:
-    """float32 flop/s of one thread multiplying (rows x dim) by (dim x k), for `seconds`, at the
-    best of ROOFLINE_ROWS: the roofline is the machine's, not the blocking our labelling chose."""
+    """Sustained float32 flop/s of one thread multiplying (rows x dim) by (dim x k) for `seconds`,
+    at the best of ROOFLINE_ROWS (each tried for a fifth of that): the roofline is the machine's,
+    not the blocking our labelling chose, and not the luckiest second of a noisy one."""
     torch.set_num_threads(1)
     centroids = torch.randn(k, dim)
-    best = 0.0
-    for rows in ROOFLINE_ROWS:
+
+    def rate(rows: int, duration: float) -> float:
         block = torch.randn(rows, dim)
         for _ in range(3):
             block @ centroids.T
         count, start = 0, time.perf_counter()
-        while time.perf_counter() - start < seconds / len(ROOFLINE_ROWS):
+        while time.perf_counter() - start < duration:
             block @ centroids.T
             count += 1
-        best = max(best, 2.0 * rows * dim * k * count / (time.perf_counter() - start))
-    return best
+        return 2.0 * rows * dim * k * count / (time.perf_counter() - start)
+
+    best_rows = max(ROOFLINE_ROWS, key=lambda rows: rate(rows, seconds / 5))
+    return rate(best_rows, seconds)
 
 
 def peak_rss_mib() -> float:

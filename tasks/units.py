@@ -34,12 +34,11 @@ import zarr
 from infra.cluster import dask_client
 from infra.digest import digest_bytes, digest_digests, digest_json
 from infra.parts import run_parts
-from infra.paths import fingerprint_source, join_path
+from infra.paths import fingerprint_source, join_path, read_whole
 from infra.store import ArtifactStore, EmptyArray, Stage, create_zarr_group, utc_now
 from model.frames import SAMPLE_RATE
 from model.hubert import HubertConfig
 from model.kmeans import nearest_centroids
-from tasks.audio import read_bytes
 from tasks.chunks import ChunkJob, frame_offsets, plan_chunks
 from tasks.config import CorpusConfig
 from tasks.exports import BUNDLE_FORMAT
@@ -103,7 +102,7 @@ class Bundle:
 def _read_json(folder: str, relpath: str, storage_options: dict[str, Any], what: str) -> dict[str, Any]:
     path = join_path(folder, relpath)
     try:
-        return json.loads(read_bytes(path, storage_options))
+        return json.loads(read_whole(path, storage_options))
     except FileNotFoundError as error:
         raise BundleError(f"{folder} is not a complete bundle: no {relpath} ({what})") from error
     except json.JSONDecodeError as error:
@@ -112,7 +111,7 @@ def _read_json(folder: str, relpath: str, storage_options: dict[str, Any], what:
 
 def _read_file(folder: str, relpath: str, storage_options: dict[str, Any]) -> bytes:
     try:
-        return read_bytes(join_path(folder, relpath), storage_options)
+        return read_whole(join_path(folder, relpath), storage_options)
     except FileNotFoundError as error:
         raise BundleError(f"{folder} is not a complete bundle: no {relpath}") from error
 
