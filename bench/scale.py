@@ -9,18 +9,19 @@ every stage does the full work, but the disk holds one copy. Each scale runs ite
 k-means at `--k` on `--sample-fraction` of the frames, as the paper fits on a sample) into a fresh
 local store on a fresh Dask LocalCluster of `--workers` single-threaded workers.
 
-Per stage it prints the wall time, the peak RSS of the driver (this process) and of each worker
-while the stage ran (sampled every 50 ms with psutil), and the store bytes the stage wrote; then
-the ratios to 1x per audio hour (target: time linear within 15%, memory flat within 20%); then
-extrapolates the per-hour cost measured at the largest scale to LibriSpeech-960 and Libri-Light
-60k hours on 8, 64 and 512 workers, assuming the work divides evenly over workers (it does for
-features and labels, one task per chunk; k-means' per-pass cost divides, its round trips do
-not). Run it alone on the machine.
+Per stage it prints the wall time, the peak RSS of the driver (a fresh process per scale, as a run
+has its own) and of each worker while the stage ran (sampled every 50 ms with psutil), and the
+store bytes the stage wrote; then the ratios to 1x per audio hour (target: time linear within 15%,
+memory flat within 20%); then extrapolates the per-hour cost measured at the largest scale to
+LibriSpeech-960 and Libri-Light 60k hours on 8, 64 and 512 workers, assuming the work divides
+evenly over workers (it does for features and labels, one task per chunk; k-means' per-pass cost
+divides, its round trips do not). Run it alone on the machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import shutil
 import threading
@@ -116,6 +117,24 @@ def run_scale(corpus: Path, store_root: Path, workers: int, k: int, sample_fract
     return results
 
 
+def _run_scale_into(queue: multiprocessing.Queue, *arguments: object) -> None:
+    queue.put(run_scale(*arguments))
+
+
+def run_scale_in_own_process(*arguments: object) -> dict[str, dict]:
+    """`run_scale` in a fresh process: the driver's peak RSS is then this scale's alone, not the
+    high-water mark earlier scales left in this process (as each real run has a driver of its own)."""
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    process = context.Process(target=_run_scale_into, args=(queue, *arguments))
+    process.start()
+    results = queue.get()
+    process.join()
+    if process.exitcode != 0:
+        raise RuntimeError(f"the scale's process exited with {process.exitcode}")
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hours", type=float, default=1.0)
@@ -132,7 +151,7 @@ def main() -> None:
         corpus = repeated_corpus(wav_folder, scale, args.out / "scale-corpus")
         store_root = args.out / "scale-store"
         shutil.rmtree(store_root, ignore_errors=True)
-        rows[scale] = run_scale(corpus, store_root, args.workers, args.k, args.sample_fraction)
+        rows[scale] = run_scale_in_own_process(corpus, store_root, args.workers, args.k, args.sample_fraction)
         shutil.rmtree(store_root, ignore_errors=True)
         audio_hours = rows[scale]["features"]["record"].counts["audio_hours"]
         rows[scale]["audio_hours"] = audio_hours
