@@ -44,18 +44,21 @@ def nearest_centroids(
 
     Rows and centroids are first moved by the centroids' mean (distances do not change), which
     keeps |x|^2 + |c|^2 - 2 x.c from cancelling away float32's digits on features far from the
-    origin (MFCC's c0). Rows go through in blocks so the (block, k) products stay in cache.
+    origin (MFCC's c0). Rows go through in blocks so the (block, k) products stay in cache; each
+    block is centred into a new float32 array, so `rows` may be float16, and read-only (a view of a
+    store's bytes), and are never copied whole.
     """
     c = torch.from_numpy(np.ascontiguousarray(centroids, dtype=np.float32))
-    x = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32))
     centre = c.mean(dim=0)
     c = c - centre
     c_norms = (c * c).sum(dim=1)
-    labels = torch.empty(x.shape[0], dtype=torch.int64)
-    best = torch.empty(x.shape[0], dtype=torch.float32)
-    for start in range(0, x.shape[0], ROWS_PER_PRODUCT):
-        block = x[start : start + ROWS_PER_PRODUCT] - centre
-        stop = start + block.shape[0]
+    centre_values = centre.numpy()
+    frames = rows.shape[0]
+    labels = torch.empty(frames, dtype=torch.int64)
+    best = torch.empty(frames, dtype=torch.float32)
+    for start in range(0, frames, ROWS_PER_PRODUCT):
+        stop = min(start + ROWS_PER_PRODUCT, frames)
+        block = torch.from_numpy(np.subtract(rows[start:stop], centre_values, dtype=np.float32))
         torch.min(torch.addmm(c_norms, block, c.T, alpha=-2.0), dim=1, out=(best[start:stop], labels[start:stop]))
         if distances:
             best[start:stop] += (block * block).sum(dim=1)

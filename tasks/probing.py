@@ -7,7 +7,6 @@ stops a corpus; a problem with the storage itself raises.
 
 from __future__ import annotations
 
-import uuid
 from typing import Any
 
 from distributed import Client
@@ -87,12 +86,9 @@ def probe_candidates(
 ) -> tuple[list[Utterance], list[Rejection]]:
     """Every candidate probed on Dask, in batches: the usable ones and the rejected ones, in source order."""
     batches = [candidates[start : start + PROBE_BATCH] for start in range(0, len(candidates), PROBE_BATCH)]
-    attempt = uuid.uuid4().hex[:8]  # fresh keys: Dask would hand back a failed attempt's result
-    futures = client.map(
-        probe_batch, batches, corpus=corpus, storage_options=storage_options,
-        key=[f"probe-{attempt}-{index}" for index in range(len(batches))],
-    )
-    by_id = {result.id: result for batch in gather_parts(futures, description) for result in batch}
+    names = [f"probe-{index}" for index in range(len(batches))]
+    probed = gather_parts(client, probe_batch, batches, names, description, corpus=corpus, storage_options=storage_options)
+    by_id = {result.id: result for batch in probed for result in batch}
     results = [by_id[candidate.id] for candidate in candidates]
     return (
         [result for result in results if isinstance(result, Utterance)],

@@ -3,9 +3,10 @@
 import uuid
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from infra.store import ArtifactStore, Stage, utc_now
+from infra.store import ArtifactStore, Stage, read_row_chunks, utc_now
 from tests.conftest import RUNS_BUCKET, objects_under
 
 
@@ -75,3 +76,34 @@ def test_writes_are_whole_or_absent(tmp_path: Path) -> None:
     assert store.read_json("a/b.json") == {"x": 1}
     assert store.read_json("a/missing.json") is None
     assert [p.name for p in (tmp_path / "a").iterdir()] == ["b.json"]
+
+
+def row_chunked(store: ArtifactStore, dtype: str, compressors: object = None) -> tuple[object, np.ndarray]:
+    """A 2-D array of 100 rows in chunks of 32, and the values written to it."""
+    values = np.random.default_rng(0).standard_normal((100, 6)).astype(dtype)
+    group = store.open_zarr("rows.zarr", mode="w")
+    array = group.create_array("rows", shape=values.shape, chunks=(32, 6), dtype=dtype, compressors=compressors)
+    array[:] = values
+    return store.open_zarr("rows.zarr", mode="r")["rows"], values
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_raw_chunks_read_as_zarr_reads_them(store: ArtifactStore, dtype: str) -> None:
+    array, values = row_chunked(store, dtype)
+    for start, stop in [(0, 32), (32, 96), (64, 100), (96, 100), (0, 100)]:
+        rows = read_row_chunks(array, start, stop)
+        assert rows.dtype == values.dtype and np.array_equal(rows, values[start:stop]), (start, stop)
+    compressed, values = row_chunked(store, dtype, compressors="auto")
+    assert np.array_equal(read_row_chunks(compressed, 32, 100), values[32:])
+
+
+def test_a_missing_or_cut_raw_chunk_is_named_not_read_as_zeros(tmp_path: Path) -> None:
+    store = ArtifactStore(str(tmp_path))
+    array, _ = row_chunked(store, "float32")
+    chunk = tmp_path / "rows.zarr" / "rows" / "c" / "1" / "0"
+    chunk.write_bytes(chunk.read_bytes()[:-4])
+    with pytest.raises(ValueError, match=r"rows/c/1/0: 764 bytes, a chunk of this array holds 768"):
+        read_row_chunks(array, 32, 64)
+    chunk.unlink()
+    with pytest.raises(FileNotFoundError, match=r"rows/c/1/0: a chunk of rows 0-64 of 100 is missing"):
+        read_row_chunks(array, 0, 64)

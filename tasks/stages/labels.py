@@ -31,7 +31,7 @@ import zarr
 from infra.digest import digest_array, digest_bytes, digest_digests, digest_json
 from infra.parts import gather_parts, run_parts
 from infra.paths import fingerprint_source
-from infra.store import EmptyArray, Stage, StageRecord, create_zarr_group, read_whole_arrays
+from infra.store import EmptyArray, Stage, StageRecord, create_zarr_group, read_row_chunks, read_whole_arrays
 from model.frames import FrameGeometry
 from model.data import map_labels
 from model.kmeans import nearest_centroids
@@ -104,7 +104,7 @@ class LabelFeatures:
     def read(self, job: LabelJob) -> tuple[np.ndarray, np.ndarray | None]:
         """The job's features in the store's dtype, and their float32 values where they were computed."""
         if self.stored is not None:
-            return self.stored[job.start : job.stop], None
+            return read_row_chunks(self.stored, job.start, job.stop), None
         computed = compute_chunk(job, self.source, self.storage_options)
         return as_stored(computed, self.dtype, job), computed
 
@@ -458,8 +458,10 @@ def labels(context: StageContext, stage: Stage) -> StageResult:
     )
     resumed = [job for job in jobs if job.part in done]
     if resumed:
-        futures = client.map(tally_written_part, resumed, labels=labels_array, measuring=measuring, pure=False)
-        gather_parts(futures, f"{label} (tallying resumed parts)", tally.merge)
+        gather_parts(
+            client, tally_written_part, resumed, [f"tally-{job.part}" for job in resumed],
+            f"{label} (tallying resumed parts)", tally.merge, labels=labels_array, measuring=measuring,
+        )
     tally.runs -= runs_continuing_across_chunks(jobs, parts, offsets)
 
     check_frame_counts(utterances, features_group, labels_group)
