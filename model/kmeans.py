@@ -1,11 +1,15 @@
 """k-means as plain numpy/torch: initialisation, nearest centroids, one block's share of a Lloyd
 pass, and the Lloyd loop.
 
-The loop never sees the data: it is handed a `LloydStep` that returns every block's partial sums
-for given centroids, so the same loop runs over blocks in memory or on a Dask cluster (the
-k-means stage), and only k x dim arrays travel. Partials are added in block order, so a seed
-always gives the same centroids. A cluster left empty is re-seeded with the farthest frame seen,
-not left dead.
+The loop never sees the data: it is handed a `LloydStep` that returns partial sums covering every
+block for given centroids, so the same loop runs over blocks in memory or on a Dask cluster (the
+k-means stage), and only k x dim arrays travel. Partials merge (`merge_partials`) in any grouping
+and order to the same result: sums are carried in double-double (float64 pairs, about 106
+bits) and rounded once, the inertia is summed exactly and ties among the farthest frames go by
+block index. So a worker folds its blocks' partials into one before they travel (what reaches
+the driver is a k x dim array per worker, not per block), and a seed always gives the same
+centroids wherever Dask placed the blocks. A cluster left empty is re-seeded with the farthest
+frame seen, not left dead.
 
 The loop runs in phases (`LloydPhase`): first on every `stride`-th frame of the sample, which
 does most of the moving at a fraction of the cost, then on every frame. A phase ends when a pass
@@ -16,6 +20,7 @@ and cluster sizes: no extra pass is spent to measure them.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -32,7 +37,8 @@ COARSE_TOLERANCE = 1e-3
 FINE_TOLERANCE = 1e-4
 
 LloydStep = Callable[[np.ndarray, int], list[dict[str, Any]]]
-"""(centroids (k, dim), stride) -> every block's `lloyd_partial` over every stride-th row, in block order."""
+"""(centroids (k, dim), stride) -> `lloyd_partial`s over every stride-th row covering every block
+once, each a block's or several merged (`merge_partials`), in any order."""
 
 
 def nearest_centroids(
@@ -66,8 +72,9 @@ def nearest_centroids(
 
 
 def lloyd_partial(rows: np.ndarray, centroids: np.ndarray, index: int, stride: int = 1) -> dict[str, Any]:
-    """One block's share of a Lloyd pass over its every `stride`-th row: per-cluster sums and
-    counts, inertia, farthest frames."""
+    """One block's share of a Lloyd pass over its every `stride`-th row: per-cluster sums (a
+    double-double pair, `sums` + `sums_low`) and counts, the inertia, the farthest frames with
+    their (block index, rank) keys."""
     torch.set_num_threads(1)
     rows = rows[::stride]
     k, dim = centroids.shape
@@ -76,12 +83,42 @@ def lloyd_partial(rows: np.ndarray, centroids: np.ndarray, index: int, stride: i
     counts = torch.bincount(labels, minlength=k)
     far = _farthest(distances.numpy(), FARTHEST_CANDIDATES)
     return {
-        "index": index,
         "sums": sums.numpy(),
+        "sums_low": np.zeros((k, dim)),
         "counts": counts.numpy(),
-        "inertia": float(distances.double().sum()),
+        "inertias": [float(distances.double().sum())],
         "far_distances": distances.numpy()[far],
         "far_rows": rows[far],
+        "far_keys": np.stack([np.full(far.size, index), np.arange(far.size)], axis=1),
+    }
+
+
+def merge_partials(partials: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One partial from several (`lloyd_partial`s, or merged ones): the same whatever their order or
+    grouping. Sums add as double-double pairs (Knuth's two-sum, renormalised), whose one rounding
+    at the end (`reduce_partials`) is the same unless the exact sum lies within about 2^-100 of a
+    float64 rounding boundary; inertias are kept to be summed exactly; of the farthest frames the k
+    farthest are kept (ties by block index, then rank), as many as could be re-seeded."""
+    first, *rest = partials
+    high, low = first["sums"].copy(), first["sums_low"].copy()
+    for partial in rest:
+        total = high + partial["sums"]
+        back = total - high
+        error = (high - (total - back)) + (partial["sums"] - back)
+        low += partial["sums_low"] + error
+        high = total + low
+        low -= high - total
+    distances = np.concatenate([p["far_distances"] for p in partials])
+    keys = np.concatenate([p["far_keys"] for p in partials])
+    order = np.lexsort((keys[:, 1], keys[:, 0], -distances))[: high.shape[0]]
+    return {
+        "sums": high,
+        "sums_low": low,
+        "counts": np.sum([p["counts"] for p in partials], axis=0),
+        "inertias": [value for p in partials for value in p["inertias"]],
+        "far_distances": distances[order],
+        "far_rows": np.concatenate([p["far_rows"] for p in partials])[order],
+        "far_keys": keys[order],
     }
 
 
@@ -97,21 +134,18 @@ def _farthest(distances: np.ndarray, count: int) -> np.ndarray:
 
 
 def reduce_partials(partials: list[dict[str, Any]], centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray, float, int]:
-    """New centroids from the blocks' sums, their counts, the inertia, and how many clusters were
+    """New centroids from the partials' sums, their counts, the inertia, and how many clusters were
     empty (those take the farthest frames seen)."""
-    sums = np.sum([p["sums"] for p in partials], axis=0)
-    counts = np.sum([p["counts"] for p in partials], axis=0)
-    inertia = float(sum(p["inertia"] for p in partials))
+    merged = merge_partials(partials)
+    sums, counts = merged["sums"] + merged["sums_low"], merged["counts"]
     updated = centroids.astype(np.float64).copy()
     filled = counts > 0
     updated[filled] = sums[filled] / counts[filled, None]
     empty = np.flatnonzero(~filled)
     if empty.size:
-        distances = np.concatenate([p["far_distances"] for p in partials])
-        rows = np.concatenate([p["far_rows"] for p in partials])
-        order = np.argsort(-distances, kind="stable")[: empty.size]
-        updated[empty[: order.size]] = rows[order]
-    return updated.astype(np.float32), counts, inertia, int(empty.size)
+        rows = merged["far_rows"][: empty.size]
+        updated[empty[: rows.shape[0]]] = rows
+    return updated.astype(np.float32), counts, math.fsum(merged["inertias"]), int(empty.size)
 
 
 def initial_centroids(sample: np.ndarray, k: int, method: Literal["k-means++", "random"], seed: int) -> np.ndarray:

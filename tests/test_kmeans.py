@@ -1,10 +1,13 @@
+import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 from sklearn.cluster import MiniBatchKMeans
 
-from model.kmeans import initial_centroids, lloyd, lloyd_partial, lloyd_schedule, nearest_centroids, reduce_partials
+from model.kmeans import (
+    initial_centroids, lloyd, lloyd_partial, lloyd_schedule, merge_partials, nearest_centroids, reduce_partials,
+)
 from tasks.artifacts import load_centroids
 from tasks.layout import RunLayout
 from tests.conftest import demo_config, run_chain
@@ -45,16 +48,42 @@ def test_empty_clusters_are_reseeded_with_the_farthest_frames() -> None:
     rows = np.array([[0.0, 1.0], [1.0, 0.0], [9.0, 9.0]], dtype=np.float32)
     partial = {
         "sums": np.array([[1.0, 1.0], [0.0, 0.0], [9.0, 9.0]]),
+        "sums_low": np.zeros((3, 2)),
         "counts": np.array([2, 0, 1]),
-        "inertia": 3.0,
+        "inertias": [3.0],
         "far_distances": np.array([32.0, 1.0, 1.0], dtype=np.float32),
         "far_rows": rows[[2, 0, 1]],
+        "far_keys": np.array([[0, 0], [0, 1], [0, 2]]),
     }
     updated, counts, inertia, empty = reduce_partials([partial], centroids)
     assert empty == 1 and inertia == 3.0
     np.testing.assert_array_equal(updated[0], [0.5, 0.5])
     np.testing.assert_array_equal(updated[1], [9.0, 9.0])
     np.testing.assert_array_equal(updated[2], [9.0, 9.0])
+
+
+def test_partials_merge_to_the_same_centroids_in_any_grouping_and_order() -> None:
+    """What lets each worker fold its own blocks, wherever Dask put them: the result cannot depend on which."""
+    rng = np.random.default_rng(2)
+    # Values from 1e-6 to 1e6: their float64 sums are not exact, so the order of adding would show.
+    rows = (rng.normal(size=(60_000, 6)) * 10.0 ** rng.uniform(-6, 6, size=(60_000, 6))).astype(np.float32)
+    rows[rng.integers(0, 60_000, 500)] = rows[0]  # ties among the farthest frames
+    centroids = rows[rng.choice(60_000, 40, replace=False)].copy()
+    centroids[3] = 1e9  # a cluster left empty: re-seeded from the farthest frames
+    blocks = [lloyd_partial(rows[start : start + 1000], centroids, index) for index, start in enumerate(range(0, 60_000, 1000))]
+    expected = reduce_partials(blocks, centroids)
+    for seed in range(5):
+        shuffled = [blocks[i] for i in np.random.default_rng(seed).permutation(len(blocks))]
+        cuts = sorted(np.random.default_rng(seed).choice(np.arange(1, len(blocks)), 1 + seed, replace=False))
+        groups = [merge_partials(group) for group in np.split(np.array(shuffled, dtype=object), cuts)]
+        updated, counts, inertia, empty = reduce_partials(groups[::-1], centroids)
+        np.testing.assert_array_equal(updated, expected[0])
+        np.testing.assert_array_equal(counts, expected[1])
+        assert (inertia, empty) == expected[2:] and empty >= 1
+    merged = merge_partials(blocks)  # and its sums are the exact sums, rounded once
+    for cluster in np.flatnonzero(expected[1])[:5]:
+        exact = [math.fsum(block["sums"][cluster, d] for block in blocks) for d in range(6)]
+        np.testing.assert_array_equal(merged["sums"][cluster] + merged["sums_low"][cluster], exact)
 
 
 def test_lloyd_fits_a_subsample_first_and_returns_the_centroids_it_measured() -> None:

@@ -26,7 +26,7 @@ from distributed import Client, Future
 
 from infra.digest import digest_array
 from infra.store import Stage, StageRecord
-from model.kmeans import LloydResult, LloydStep, initial_centroids, lloyd, lloyd_partial, lloyd_schedule
+from model.kmeans import LloydResult, LloydStep, initial_centroids, lloyd, lloyd_partial, lloyd_schedule, merge_partials
 from tasks.artifacts import load_manifest
 from tasks.chunks import Chunk, chunk_grid, valid_frame_ranges
 from tasks.config import KMeansConfig
@@ -75,10 +75,11 @@ def init_rows(rows: np.ndarray, index: int, fraction: float, seed: int) -> np.nd
     return rows[keep]
 
 
-def lloyd_partials(blocks: list[np.ndarray], indices: list[int], centroids: np.ndarray, stride: int) -> list[dict[str, Any]]:
-    """One Dask task: the Lloyd partials of the sampled blocks one worker holds (one task a worker
-    a pass, not one a block: a pass over 500k MFCC frames costs less than 30 block tasks' overhead)."""
-    return [lloyd_partial(block, centroids, index, stride) for block, index in zip(blocks, indices)]
+def lloyd_partials(blocks: list[np.ndarray], indices: list[int], centroids: np.ndarray, stride: int) -> dict[str, Any]:
+    """One Dask task: the Lloyd partials of the sampled blocks one worker holds, merged into one
+    (one task a worker a pass, not one a block: a pass over 500k MFCC frames costs less than 30
+    block tasks' overhead; one k x dim partial a worker to the driver, not one a block)."""
+    return merge_partials([lloyd_partial(block, centroids, index, stride) for block, index in zip(blocks, indices)])
 
 
 @dataclass(frozen=True)
@@ -105,8 +106,7 @@ def dask_lloyd_step(client: Client, blocks: list[Future]) -> LloydStep:
             )
             for worker, indices in by_worker.items()
         ]
-        partials = [partial for batch in client.gather(futures) for partial in batch]
-        return sorted(partials, key=lambda partial: partial["index"])
+        return client.gather(futures)
 
     return step
 
@@ -234,7 +234,7 @@ def kmeans_summary(record: StageRecord) -> str:
 
 KMEANS = StageSpec(
     name="kmeans",
-    version=2,
+    version=3,
     outputs=(KMEANS_DIR,),
     key_config=kmeans_key_config,
     key_inputs=kmeans_key_inputs,
