@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import ctypes
+import ctypes.util
 import logging
 import os
+import time
 from collections.abc import Iterator
+from typing import Any
 
 import dask.config
-from distributed import Client, LocalCluster
+from distributed import Client, Future, LocalCluster
 
 log = logging.getLogger(__name__)
 
@@ -17,8 +22,11 @@ log = logging.getLogger(__name__)
 # 128 KiB is mmapped and page-faulted afresh: MFCC extraction ran 2.2x slower in a worker than in
 # a plain process (bench/features.py). Fixed thresholds restore the speed and still hand freed
 # memory back; at 64 MiB they cover a chunk of 16,384 768-dim float32 frames (48 MiB), whose read
-# took 105 ms at 16 MiB, 13 ms at 64 MiB (reading is then a tenth of labelling it).
-WORKER_MALLOC_ENVIRON = {"MALLOC_TRIM_THRESHOLD_": 64 * 2**20, "MALLOC_MMAP_THRESHOLD_": 64 * 2**20}
+# took 105 ms at 16 MiB, 13 ms at 64 MiB (reading is then a tenth of labelling it). Two malloc
+# arenas, not glibc's 8 a core: zarr's I/O threads each took an arena of their own, whose free
+# pages no trim could hand back, and a label worker's peak grew with the corpus (+140 MiB at 64
+# hours against +5 at one; +60 with two arenas).
+WORKER_MALLOC_ENVIRON = {"MALLOC_TRIM_THRESHOLD_": 64 * 2**20, "MALLOC_MMAP_THRESHOLD_": 64 * 2**20, "MALLOC_ARENA_MAX": 2}
 
 
 @contextlib.contextmanager
@@ -55,3 +63,32 @@ def dask_client(
         Client(cluster) as client,
     ):
         yield client
+
+
+def trim_memory() -> int:
+    """Hand the memory glibc holds free back to the OS (`malloc_trim`): 1 if it released some, 0
+    if not, -1 where there is no glibc. Freed arrays under the mmap threshold stay in the heap, in
+    the arena of the thread that allocated them, where another stage's tasks may not reuse them."""
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return -1
+    try:
+        return int(ctypes.CDLL(name).malloc_trim(0))
+    except AttributeError:
+        return -1
+
+
+def release_and_trim(client: Client, futures: list[Future], timeout: float = 10.0) -> None:
+    """Cancel `futures` and, on every worker once it has dropped their results (or after `timeout`
+    seconds), `trim_memory`: as Dask's documentation advises once a large working set (k-means'
+    sample) is dropped, which would otherwise stay in the workers' heaps through the next stages."""
+    client.cancel(futures)
+    client.run(_trim_once_dropped, [future.key for future in futures], timeout)
+
+
+async def _trim_once_dropped(keys: list[Any], timeout: float, dask_worker: Any = None) -> int:
+    """On a worker's event loop (asynchronous, so the scheduler's release of `keys` can land)."""
+    deadline = time.monotonic() + timeout
+    while any(key in dask_worker.data for key in keys) and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    return trim_memory()

@@ -24,6 +24,7 @@ import numpy as np
 import zarr
 from distributed import Client, Future
 
+from infra.cluster import release_and_trim
 from infra.digest import digest_array
 from infra.store import Stage, StageRecord
 from model.kmeans import LloydResult, LloydStep, initial_centroids, lloyd, lloyd_partial, lloyd_schedule, merge_partials
@@ -144,7 +145,7 @@ def fit_kmeans(
         settings.k, frames, len(blocks), len(init_sample), ", ".join(f"1/{phase.stride}" for phase in schedule),
     )
     result = lloyd(dask_lloyd_step(client, sampled), centroids, settings.max_iter, schedule)
-    client.cancel(sampled)
+    release_and_trim(client, sampled)
     return KMeansFit(lloyd=result, frames=frames)
 
 
