@@ -156,5 +156,6 @@ def run_parts(
     todo = [job for job in jobs if job.part not in done]
     if len(todo) < len(jobs):
         log.info("%s: %d of %d parts done before, resuming", description, len(jobs) - len(todo), len(jobs))
-    results = gather_parts(client, work, todo, [f"{stage.name}-{job.part}" for job in todo], description, on_result, stage=stage, **arguments)
+    names = [f"{stage.name}-{job.part}" for job in todo]
+    results = gather_parts(client, work, todo, names, description, on_result, stage=stage, **arguments)
     return {**done, **{info["part"]: info for info in results}}

@@ -72,9 +72,10 @@ def nearest_centroids(
 
 
 def lloyd_partial(rows: np.ndarray, centroids: np.ndarray, index: int, stride: int = 1) -> dict[str, Any]:
-    """One block's share of a Lloyd pass over its every `stride`-th row: per-cluster sums (a
-    double-double pair, `sums` + `sums_low`) and counts, the inertia, the farthest frames with
-    their (block index, rank) keys."""
+    """One block's share of a Lloyd pass over its every `stride`-th row: per-cluster sums and
+    counts, the inertia, the farthest frames with their (block index, rank) keys. (A merged
+    partial carries its sums as a double-double pair, `sums` + `sums_low`; a block's low part is
+    zero and left out.)"""
     torch.set_num_threads(1)
     rows = rows[::stride]
     k, dim = centroids.shape
@@ -84,7 +85,6 @@ def lloyd_partial(rows: np.ndarray, centroids: np.ndarray, index: int, stride: i
     far = _farthest(distances.numpy(), FARTHEST_CANDIDATES)
     return {
         "sums": sums.numpy(),
-        "sums_low": np.zeros((k, dim)),
         "counts": counts.numpy(),
         "inertias": [float(distances.double().sum())],
         "far_distances": distances.numpy()[far],
@@ -100,12 +100,13 @@ def merge_partials(partials: Sequence[dict[str, Any]]) -> dict[str, Any]:
     float64 rounding boundary; inertias are kept to be summed exactly; of the farthest frames the k
     farthest are kept (ties by block index, then rank), as many as could be re-seeded."""
     first, *rest = partials
-    high, low = first["sums"].copy(), first["sums_low"].copy()
+    high = first["sums"].copy()
+    low = first["sums_low"].copy() if "sums_low" in first else np.zeros_like(high)
     for partial in rest:
         total = high + partial["sums"]
         back = total - high
         error = (high - (total - back)) + (partial["sums"] - back)
-        low += partial["sums_low"] + error
+        low += partial["sums_low"] + error if "sums_low" in partial else error
         high = total + low
         low -= high - total
     distances = np.concatenate([p["far_distances"] for p in partials])
