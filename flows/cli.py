@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -343,5 +344,14 @@ def main(argv: list[str] | None = None) -> int:
     return args.handler(args)
 
 
+def console_main() -> None:
+    """The `hubert-pipeline` command: `main`, then exit with its code, the heap frozen first so
+    that the interpreter's exit skips collecting what torch, Prefect and Dask built at import
+    (half a second a command)."""
+    code = main()
+    gc.freeze()
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console_main()

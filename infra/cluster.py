@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import ctypes
 import ctypes.util
+import gc
 import logging
 import os
 import time
@@ -14,6 +15,7 @@ from typing import Any
 
 import dask.config
 from distributed import Client, Future, LocalCluster
+from distributed.diagnostics.plugin import WorkerPlugin
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +64,18 @@ def dask_client(
         ) as cluster,
         Client(cluster) as client,
     ):
+        client.register_plugin(FreezeHeapAtTeardown())
         yield client
+
+
+class FreezeHeapAtTeardown(WorkerPlugin):
+    """Freezes a closing worker's heap, so that its interpreter's exit skips the garbage
+    collection of everything torch and the rest created at import: with torch loaded that took
+    1.5 s of a two-worker LocalCluster's 1.9 s close (0.3 s frozen), paid at the end of every run.
+    Nothing the worker still holds needs collecting: the process is ending."""
+
+    def teardown(self, worker: Any) -> None:
+        gc.freeze()
 
 
 def trim_memory() -> int:

@@ -27,7 +27,6 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from sklearn.cluster import kmeans_plusplus
 
 FARTHEST_CANDIDATES = 16
 ROWS_PER_PRODUCT = 1024
@@ -152,6 +151,10 @@ def reduce_partials(partials: list[dict[str, Any]], centroids: np.ndarray) -> tu
 def initial_centroids(sample: np.ndarray, k: int, method: Literal["k-means++", "random"], seed: int) -> np.ndarray:
     """k starting centroids drawn from `sample` (frames, dim): k-means++ (scikit-learn's) or uniformly."""
     if method == "k-means++":
+        # Imported here: scikit-learn takes 1.8 s to import, and every worker imports this module
+        # for its Lloyd passes; only the driver seeds.
+        from sklearn.cluster import kmeans_plusplus
+
         centroids, _ = kmeans_plusplus(sample, k, random_state=seed)
     else:
         centroids = sample[np.random.default_rng(seed).choice(sample.shape[0], k, replace=False)]
