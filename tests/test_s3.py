@@ -58,6 +58,7 @@ K = 16
 # second, a hung one in about 7 s; with botocore's defaults (legacy mode, 5 attempts, 60 s
 # timeouts) a hung server took minutes per request.
 OUTAGE_CLIENT = {"retries": {"max_attempts": 1, "mode": "standard"}, "connect_timeout": 2, "read_timeout": 1}
+OUTAGE_RETRIES = 2  # s3fs's tries per request: a chunk read then fails after at most 4 (infra/s3.py)
 OUTAGE_LIMIT_SECONDS = 120
 
 
@@ -275,6 +276,14 @@ def worker_environ(client: Client, name: str) -> set[str | None]:
 # -- the store on S3 ---------------------------------------------------------------------------------
 
 
+def test_tries_per_request_are_a_storage_option(s3: S3Server) -> None:
+    """`retries` reaches s3fs (which takes no such option itself); nonsense is refused by name."""
+    assert ArtifactStore(f"s3://{RUNS_BUCKET}/tries", s3.storage_options(retries=2)).fs.retries == 2
+    assert ArtifactStore(f"s3://{RUNS_BUCKET}/tries", s3.storage_options()).fs.retries == 5  # s3fs's own
+    with pytest.raises(ValueError, match="storage_options.retries must be at least 1"):
+        ArtifactStore(f"s3://{RUNS_BUCKET}/tries", s3.storage_options(retries=0))
+
+
 def test_the_store_round_trips_on_s3(s3: S3Server) -> None:
     store = ArtifactStore(f"s3://{RUNS_BUCKET}/store-{uuid.uuid4().hex[:8]}", s3.storage_options())
     assert not store.is_local and store.root_url.startswith(f"s3://{RUNS_BUCKET}/store-")
@@ -412,7 +421,7 @@ def test_an_s3_outage_during_the_label_stage_fails_it_cleanly_and_a_rerun_finish
     s3: S3Server, s3_corpus: str, external_client: Client, reference: Outcome, tmp_path: Path, outage: str
 ) -> None:
     signal_number, error = OUTAGES[outage]
-    options = s3.storage_options(config_kwargs=OUTAGE_CLIENT)
+    options = s3.storage_options(config_kwargs=OUTAGE_CLIENT, retries=OUTAGE_RETRIES)
     run = f"outage-{outage}"
     config = pipeline_config(run, f"s3://{RUNS_BUCKET}/pipeline", s3_corpus, options)
     before = run_stages(config, external_client, last="kmeans")
