@@ -24,11 +24,14 @@ log = logging.getLogger(__name__)
 # 128 KiB is mmapped and page-faulted afresh: MFCC extraction ran 2.2x slower in a worker than in
 # a plain process (bench/features.py). Fixed thresholds restore the speed and still hand freed
 # memory back; at 64 MiB they cover a chunk of 16,384 768-dim float32 frames (48 MiB), whose read
-# took 105 ms at 16 MiB, 13 ms at 64 MiB (reading is then a tenth of labelling it). Two malloc
+# took 105 ms at 16 MiB, 13 ms at 64 MiB (reading is then a tenth of labelling it). Trimming
+# at 256 MiB: a label task's read briefly holds two chunks' worth, and at 64 MiB freeing them gave
+# the heap back, so every other read page-faulted a fresh 48 MiB (12,289 faults, 30-50 ms against
+# 5-14 ms; bench/labels.py spent 1-2.3 s of a worker's 8-10 s reading, 0.7-1.1 s now). Two malloc
 # arenas, not glibc's 8 a core: zarr's I/O threads each took an arena of their own, whose free
 # pages no trim could hand back, and a label worker's peak grew with the corpus (+140 MiB at 64
 # hours against +5 at one; +60 with two arenas).
-WORKER_MALLOC_ENVIRON = {"MALLOC_TRIM_THRESHOLD_": 64 * 2**20, "MALLOC_MMAP_THRESHOLD_": 64 * 2**20, "MALLOC_ARENA_MAX": 2}
+WORKER_MALLOC_ENVIRON = {"MALLOC_TRIM_THRESHOLD_": 256 * 2**20, "MALLOC_MMAP_THRESHOLD_": 64 * 2**20, "MALLOC_ARENA_MAX": 2}
 
 
 @contextlib.contextmanager
