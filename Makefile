@@ -6,11 +6,11 @@ DEMO_MINUTES ?= 10
 
 .PHONY: demo test bench clean
 
-# --no-compile: Python compiles a module when first imported; pip would compile all 18,000 files
-# of the environment up front (about a minute, most of them never imported).
 $(BIN)/hubert-pipeline: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade --quiet pip
+	# --no-compile: Python compiles a module when first imported; pip would compile all 18,000
+	# files of the environment up front (about a minute, most of them never imported).
 	$(BIN)/pip install --quiet --no-compile -e ".[dev]"
 	touch $@
 
