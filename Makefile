@@ -9,9 +9,7 @@ DEMO_MINUTES ?= 10
 $(BIN)/hubert-pipeline: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade --quiet pip
-	# --no-compile: Python compiles a module when first imported; pip would compile all 18,000
-	# files of the environment up front (about a minute, most of them never imported).
-	$(BIN)/pip install --quiet --no-compile -e ".[dev]"
+	$(BIN)/pip install --quiet -e ".[dev]"
 	touch $@
 
 demo-corpus: | $(BIN)/hubert-pipeline
