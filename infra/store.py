@@ -38,7 +38,7 @@ from fsspec.implementations.local import LocalFileSystem
 from zarr.codecs import BytesCodec
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync as zarr_sync
-from zarr.storage import StorePath
+from zarr.storage import LocalStore, StorePath
 from pydantic import BaseModel, Field
 
 from infra.digest import digest_bytes, digest_json
@@ -383,11 +383,14 @@ def read_row_chunks(array: zarr.Array, start: int, stop: int) -> np.ndarray:
     """Rows [start, stop) of a 2-D array chunked along its rows only; `start` on a chunk edge.
 
     Where the chunks are stored raw (the bytes codec alone, in this machine's byte order: as the
-    feature stage writes them), each chunk's bytes are fetched, concurrently, and a single chunk is
-    returned as a read-only view of them: zarr's read path copies every chunk once more into its
-    output, a tenth of a 768-dim label task's time. A missing chunk raises FileNotFoundError and a
-    chunk of the wrong size ValueError, where zarr would read fill values or fail without a name.
-    Other encodings take zarr's read path.
+    feature stage writes them), a single chunk is returned as a read-only view of its bytes: zarr's
+    read path copies every chunk once more into its output, a tenth of a 768-dim label task's time.
+    On a local folder the view maps the chunk's file (read from the page cache as the rows are
+    used, not copied into a fresh 48 MiB first; a file cut short while mapped kills the worker
+    with SIGBUS, and the next read names it); elsewhere the chunks' bytes are fetched,
+    concurrently. A missing chunk raises FileNotFoundError and a chunk of the wrong size
+    ValueError, where zarr would read fill values or fail without a name. Other encodings take
+    zarr's read path.
     """
     rows_per_chunk, width = array.chunks
     codecs = array.metadata.codecs
@@ -400,16 +403,28 @@ def read_row_chunks(array: zarr.Array, start: int, stop: int) -> np.ndarray:
         return array[start:stop]
     first, last = start // rows_per_chunk, -(-stop // rows_per_chunk)
     keys = [array.metadata.encode_chunk_key((index, 0)) for index in range(first, last)]
-    buffers = zarr_sync(_get_all([array.store_path / key for key in keys]))
+    shape = (rows_per_chunk, width)
     chunk_bytes = rows_per_chunk * width * array.dtype.itemsize
-    pieces = []
-    for key, buffer in zip(keys, buffers):
+
+    def checked(key: str, size: int | None) -> None:
         where = f"{array.store_path}/{key}"
-        if buffer is None:
+        if size is None:
             raise FileNotFoundError(f"{where}: a chunk of rows {start}-{stop} of {array.shape[0]} is missing")
-        if len(buffer) != chunk_bytes:
-            raise ValueError(f"{where}: {len(buffer)} bytes, a chunk of this array holds {chunk_bytes}")
-        pieces.append(buffer.as_numpy_array().view(array.dtype).reshape(rows_per_chunk, width))
+        if size != chunk_bytes:
+            raise ValueError(f"{where}: {size} bytes, a chunk of this array holds {chunk_bytes}")
+
+    store = array.store_path.store
+    if isinstance(store, LocalStore):
+        pieces = []
+        for key in keys:
+            path = os.path.join(str(store.root), array.store_path.path, key)
+            checked(key, os.path.getsize(path) if os.path.isfile(path) else None)
+            pieces.append(np.memmap(path, dtype=array.dtype, mode="r", shape=shape))
+    else:
+        buffers = zarr_sync(_get_all([array.store_path / key for key in keys]))
+        for key, buffer in zip(keys, buffers):
+            checked(key, None if buffer is None else len(buffer))
+        pieces = [buffer.as_numpy_array().view(array.dtype).reshape(shape) for buffer in buffers]
     if len(pieces) == 1:
         return pieces[0][: stop - start]
     return np.concatenate(pieces)[: stop - start]
