@@ -418,7 +418,11 @@ def read_row_chunks(array: zarr.Array, start: int, stop: int) -> np.ndarray:
         pieces = []
         for key in keys:
             path = os.path.join(str(store.root), array.store_path.path, key)
-            checked(key, os.path.getsize(path) if os.path.isfile(path) else None)
+            try:
+                size = os.stat(path).st_size
+            except FileNotFoundError:
+                size = None
+            checked(key, size)
             pieces.append(np.memmap(path, dtype=array.dtype, mode="r", shape=shape))
     else:
         buffers = zarr_sync(_get_all([array.store_path / key for key in keys]))

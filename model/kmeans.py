@@ -105,7 +105,8 @@ def merge_partials(partials: Sequence[dict[str, Any]]) -> dict[str, Any]:
         total = high + partial["sums"]
         back = total - high
         error = (high - (total - back)) + (partial["sums"] - back)
-        low += partial["sums_low"] + error if "sums_low" in partial else error
+        carried = (partial["sums_low"] + error) if "sums_low" in partial else error
+        low += carried
         high = total + low
         low -= high - total
     distances = np.concatenate([p["far_distances"] for p in partials])

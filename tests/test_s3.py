@@ -53,12 +53,13 @@ BIN = Path(sys.executable).parent
 CORPUS_URL = "s3://corpus/demo"
 CHUNK_FRAMES = 512  # about 12 chunks per stage on one minute of audio
 K = 16
-# The outage tests' botocore settings (s3fs `config_kwargs`): one attempt per s3fs try (s3fs
-# itself tries 5 times), short timeouts. A dead server then fails each task in well under a
-# second, a hung one in about 7 s; with botocore's defaults (legacy mode, 5 attempts, 60 s
-# timeouts) a hung server took minutes per request.
+# The outage tests' S3 settings: botocore's (s3fs `config_kwargs`) one attempt per s3fs try and
+# short timeouts, and 2 s3fs tries per request (`retries`), so that a chunk read makes at most 4
+# (infra/s3.py). A dead server then fails the stage in about a second, a hung one in about 6 s;
+# with the defaults (5 s3fs tries, a chunk read's 25, botocore's 60 s timeouts) a hung server took
+# minutes per request.
 OUTAGE_CLIENT = {"retries": {"max_attempts": 1, "mode": "standard"}, "connect_timeout": 2, "read_timeout": 1}
-OUTAGE_RETRIES = 2  # s3fs's tries per request: a chunk read then fails after at most 4 (infra/s3.py)
+OUTAGE_RETRIES = 2
 OUTAGE_LIMIT_SECONDS = 120
 
 
