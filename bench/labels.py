@@ -12,8 +12,9 @@ tally is the label counts only (the run and phone tallies are per utterance and 
 
 Prints frames/s of the labelling, and the roofline: the float32 matmul throughput of the same
 workers measured in the same run (each worker multiplying (rows x dim) by (dim x k) at once, for 3
-s at the best of 1024 to 16384 rows), divided by the 2*dim*k flops a frame costs; the share of it
-reached (target: at least 70%). The timer starts on workers that have loaded the label stage's code
+s with the better of torch's and numpy's matmul at the best of 1024 to 16384 rows; measured before
+and after the labelling, and the two averaged, since this machine's rate drifts), divided by the
+2*dim*k flops a frame costs; the share of it reached (target: at least 70%). The timer starts on workers that have loaded the label stage's code
 (as in a pipeline run, where earlier stages did) after the features' write-back is flushed. Then
 the same labelling on `--rss-multiple` times the frames on a fresh cluster, and each worker's peak
 RSS in both runs (target: equal within 10%: memory follows the chunk, not the corpus). Run it alone
@@ -33,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import zarr
+from threadpoolctl import threadpool_limits
 
 from infra.cluster import dask_client
 from infra.parts import run_parts
@@ -58,23 +60,30 @@ def write_features(path: Path, frames: int, dim: int) -> zarr.Array:
 
 def matmul_flops(dim: int, k: int, seconds: float = MATMUL_SECONDS) -> float:
     """Sustained float32 flop/s of one thread multiplying (rows x dim) by (dim x k) for `seconds`,
-    at the best of ROOFLINE_ROWS (each tried for a fifth of that): the roofline is the machine's,
-    not the blocking our labelling chose, and not the luckiest second of a noisy one."""
+    with the better of torch's matmul (MKL) and numpy's (OpenBLAS) at the best of ROOFLINE_ROWS
+    (each pairing tried for a tenth of that): the roofline is the machine's, not the library or
+    the blocking our labelling chose, and not the luckiest second of a noisy one."""
     torch.set_num_threads(1)
+    threadpool_limits(1, user_api="blas")
     centroids = torch.randn(k, dim)
+    by_library = {
+        "torch": lambda block: block @ centroids.T,
+        "numpy": lambda block, weights=np.ascontiguousarray(centroids.numpy().T): block.numpy() @ weights,
+    }
 
-    def rate(rows: int, duration: float) -> float:
-        block = torch.randn(rows, dim)
+    def rate(library: str, rows: int, duration: float) -> float:
+        block, multiply = torch.randn(rows, dim), by_library[library]
         for _ in range(3):
-            block @ centroids.T
+            multiply(block)
         count, start = 0, time.perf_counter()
         while time.perf_counter() - start < duration:
-            block @ centroids.T
+            multiply(block)
             count += 1
         return 2.0 * rows * dim * k * count / (time.perf_counter() - start)
 
-    best_rows = max(ROOFLINE_ROWS, key=lambda rows: rate(rows, seconds / 5))
-    return rate(best_rows, seconds)
+    pairings = [(library, rows) for library in by_library for rows in ROOFLINE_ROWS]
+    best = max(pairings, key=lambda pairing: rate(*pairing, seconds / 10))
+    return rate(*best, seconds)
 
 
 def peak_rss_mib() -> float:
@@ -104,9 +113,9 @@ def label_all(client, store: ArtifactStore, features: zarr.Array, k: int, folder
     return time.perf_counter() - start
 
 
-def measured_run(out: Path, frames: int, dim: int, k: int, workers: int) -> tuple[float, float, list[float]]:
-    """(label seconds, roofline flop/s of the workers together, each worker's peak RSS in MiB)
-    for `frames` frames on a fresh cluster."""
+def measured_run(out: Path, frames: int, dim: int, k: int, workers: int) -> tuple[float, list[float], list[float]]:
+    """(label seconds, roofline flop/s of the workers together before and after, each worker's
+    peak RSS in MiB) for `frames` frames on a fresh cluster."""
     folder = out / f"labels-bench-{frames}"
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
@@ -116,11 +125,12 @@ def measured_run(out: Path, frames: int, dim: int, k: int, workers: int) -> tupl
     with dask_client(n_workers=workers) as client:
         client.run(importlib.import_module, "tasks.stages.labels")  # as in a pipeline, where earlier stages loaded it
         client.run(matmul_flops, dim, k, 0.5)  # warm up torch on every worker
-        roofline = sum(client.run(matmul_flops, dim, k).values())
+        before = sum(client.run(matmul_flops, dim, k).values())
         seconds = label_all(client, store, features, k, "run")
         rss = list(client.run(peak_rss_mib).values())
+        after = sum(client.run(matmul_flops, dim, k).values())
     shutil.rmtree(folder, ignore_errors=True)
-    return seconds, roofline, rss
+    return seconds, [before, after], rss
 
 
 def main() -> None:
@@ -133,14 +143,18 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench-out"))
     args = parser.parse_args()
     flops_per_frame = 2 * args.dim * args.k
-    seconds, roofline, rss = measured_run(args.out, args.frames, args.dim, args.k, args.workers)
+    seconds, rooflines, rss = measured_run(args.out, args.frames, args.dim, args.k, args.workers)
+    roofline = sum(rooflines) / 2
     rate, roofline_rate = args.frames / seconds, roofline / flops_per_frame
     print(f"{args.frames} x {args.dim} float32 frames, k={args.k}, {args.workers} single-threaded Dask workers")
-    print(f"  roofline: float32 matmul {roofline / 1e9:.1f} GFLOP/s over the workers = {roofline_rate:,.0f} frames/s")
+    print(
+        f"  roofline: float32 matmul {roofline / 1e9:.1f} GFLOP/s over the workers "
+        f"({rooflines[0] / 1e9:.1f} before, {rooflines[1] / 1e9:.1f} after) = {roofline_rate:,.0f} frames/s"
+    )
     print(f"  label stage task: {seconds:.1f} s = {rate:,.0f} frames/s = {rate / roofline_rate:.1%} of the roofline (target >= 70%)")
     big = args.frames * args.rss_multiple
-    big_seconds, big_roofline, big_rss = measured_run(args.out, big, args.dim, args.k, args.workers)
-    big_rate = big / big_seconds
+    big_seconds, big_rooflines, big_rss = measured_run(args.out, big, args.dim, args.k, args.workers)
+    big_rate, big_roofline = big / big_seconds, sum(big_rooflines) / 2
     print(
         f"  the same on {big} frames ({args.rss_multiple}x, its own roofline): {big_rate:,.0f} frames/s = "
         f"{big_rate / (big_roofline / flops_per_frame):.1%} of the roofline (the start-up and last task spread over more)"
