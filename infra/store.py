@@ -498,6 +498,7 @@ class Stage:
         self.config = config
         self.inputs = inputs
         self.key = digest_json({"stage": name, "version": version, "config": config, "inputs": inputs})
+        self._record_seen: bool | None = None
 
     def rel(self, *parts: str) -> str:
         """Path relative to the store root of something in this stage's folder."""
@@ -520,6 +521,7 @@ class Stage:
         A record whose outputs lost objects since (a deleted Zarr chunk would read back as fill
         values) does not count: the problems are logged and the stage runs again."""
         record = self.read_record()
+        self._record_seen = record is not None
         if record is None or record.key != self.key:
             return None
         if problems := output_problems(self.store, self.folder, record):
@@ -531,11 +533,15 @@ class Stage:
         return record
 
     def prepare(self, outputs: Iterable[str]) -> None:
-        """Make the scope ready for (re)running this stage with this key."""
+        """Make the scope ready for (re)running this stage with this key.
+
+        After `committed()` (which read the record, if any) the record is not looked for again."""
         progress_key = self.store.read_json(posixpath.join(self.progress_path, "key.json"))
-        stale_record = self.store.exists(self.record_path)
+        stale_record = self.store.exists(self.record_path) if self._record_seen is None else self._record_seen
+        self._record_seen = None
         if stale_record or progress_key is None or progress_key.get("key") != self.key:
-            self.store.remove(self.record_path)
+            if stale_record:
+                self.store.remove(self.record_path)
             self.store.remove(self.progress_path)
             self._remove_outputs(list(outputs))
             self.store.write_json(posixpath.join(self.progress_path, "key.json"), {"key": self.key})

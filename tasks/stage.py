@@ -17,7 +17,7 @@ import functools
 import logging
 import posixpath
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from botocore.exceptions import ConnectionError as BotocoreConnectionError
@@ -48,9 +48,17 @@ class StageContext:
     client: Client | None = None
     iteration: int | None = None
     layout: RunLayout = field(init=False)
+    _upstream_records: dict[tuple[StageName, int | None], StageRecord] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.layout = RunLayout(self.config.run)
+        self._upstream_records = {}
+
+    def for_one_run(self) -> StageContext:
+        """The same context with nothing read yet: `run_stage` works on one of these per call, so
+        that an upstream record is read once per stage run (its key, then its work), and a rerun
+        reads it afresh."""
+        return replace(self)
 
     @property
     def settings(self) -> IterationConfig:
@@ -63,10 +71,13 @@ class StageContext:
         """The committed record of the stage that produces `input_name` for `stage` (tasks/layout.py)."""
         producer = STAGE_INPUTS[stage][input_name]
         iteration = upstream_iteration(producer, self.iteration)
+        if (record := self._upstream_records.get((producer.stage, iteration))) is not None:
+            return record
         record = read_record(self.store, self.layout.stage_folder(producer.stage, iteration), producer.stage)
         if record is None:
             where = producer.stage if iteration is None else f"{producer.stage}@{iteration}"
             raise MissingUpstream(f"{stage}@{self.iteration} reads {input_name} from {where}, which has not committed")
+        self._upstream_records[producer.stage, iteration] = record
         return record
 
 
@@ -133,6 +144,7 @@ def open_stage(spec: StageSpec, context: StageContext) -> Stage:
 
 def run_stage(spec: StageSpec, context: StageContext) -> StageRecord:
     """Run (or skip, or resume) one stage and return its committed record."""
+    context = context.for_one_run()
     label = stage_label(spec.name, context.iteration)
     stage = open_stage(spec, context)
     if (record := stage.committed()) is not None:

@@ -107,3 +107,23 @@ def test_a_missing_or_cut_raw_chunk_is_named_not_read_as_zeros(tmp_path: Path) -
     chunk.unlink()
     with pytest.raises(FileNotFoundError, match=r"rows/c/1/0: a chunk of rows 0-64 of 100 is missing"):
         read_row_chunks(array, 0, 64)
+
+
+def test_prepare_after_committed_does_not_look_for_the_record_again(store: ArtifactStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    stale = make_stage(store, 3)
+    stale.prepare(["thing.txt"])
+    write_output(store, stale, "three")
+    stale.commit(outputs=["thing.txt"], output_digest="d3", started_at=utc_now())
+    looked_for: list[str] = []
+    exists = store.exists
+    monkeypatch.setattr(store, "exists", lambda relpath: looked_for.append(relpath) or exists(relpath))
+
+    fresh = Stage(store, "run/iter-2", "thing", version=1, config={"k": 3}, inputs={})
+    assert fresh.committed() is None
+    fresh.prepare(["thing.txt"])
+    changed = make_stage(store, 4)
+    assert changed.committed() is None
+    changed.prepare(["thing.txt"])
+
+    assert fresh.record_path not in looked_for and changed.record_path not in looked_for
+    assert not store.exists(changed.record_path) and not store.exists(changed.rel("thing.txt"))
