@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ctypes
 import ctypes.util
 import gc
@@ -81,17 +82,20 @@ class FreezeHeapAtTeardown(WorkerPlugin):
         gc.freeze()
 
 
+@functools.cache
+def _glibc_malloc_trim() -> Any | None:
+    """glibc's `malloc_trim`, looked up once per process (`find_library` runs `ldconfig -p`); None
+    where the C library is not glibc."""
+    name = ctypes.util.find_library("c")
+    return None if name is None else getattr(ctypes.CDLL(name), "malloc_trim", None)
+
+
 def trim_memory() -> int:
     """Hand the memory glibc holds free back to the OS (`malloc_trim`): 1 if it released some, 0
     if not, -1 where there is no glibc. Freed arrays under the mmap threshold stay in the heap, in
     the arena of the thread that allocated them, where another stage's tasks may not reuse them."""
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return -1
-    try:
-        return int(ctypes.CDLL(name).malloc_trim(0))
-    except AttributeError:
-        return -1
+    malloc_trim = _glibc_malloc_trim()
+    return -1 if malloc_trim is None else int(malloc_trim(0))
 
 
 def release_and_trim(client: Client, futures: list[Future], timeout: float = 10.0) -> None:
