@@ -13,12 +13,12 @@ tally is the label counts only (the run and phone tallies are per utterance and 
 Prints frames/s of the labelling, and the roofline: the float32 matmul throughput of the same
 workers measured in the same run (each worker multiplying (rows x dim) by (dim x k) at once, for 3
 s with the better of torch's and numpy's matmul at the best of 1024 to 16384 rows; measured before
-and after the labelling, and the two averaged, since this machine's rate drifts), divided by the
-2*dim*k flops a frame costs; the share of it reached (target: at least 70%). The timer starts on workers that have loaded the label stage's code
-(as in a pipeline run, where earlier stages did) after the features' write-back is flushed. Then
-the same labelling on `--rss-multiple` times the frames on a fresh cluster, and each worker's peak
-RSS in both runs (target: equal within 10%: memory follows the chunk, not the corpus). Run it alone
-on the machine.
+and after the labelling and the two averaged, since this machine's rate drifts), divided by the
+2*dim*k flops a frame costs; the share of it reached (target: at least 70%). The timer starts on
+workers that have loaded the label stage's code (as in a pipeline run, where earlier stages did)
+after the features' write-back is flushed. Then the same labelling on `--rss-multiple` times the
+frames on a fresh cluster, and each worker's peak RSS in both runs (target: equal within 10%:
+memory follows the chunk, not the corpus). Run it alone on the machine.
 """
 
 from __future__ import annotations
@@ -34,7 +34,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import zarr
-from threadpoolctl import threadpool_limits
 
 from infra.cluster import dask_client
 from infra.parts import run_parts
@@ -62,13 +61,14 @@ def matmul_flops(dim: int, k: int, seconds: float = MATMUL_SECONDS) -> float:
     """Sustained float32 flop/s of one thread multiplying (rows x dim) by (dim x k) for `seconds`,
     with the better of torch's matmul (MKL) and numpy's (OpenBLAS) at the best of ROOFLINE_ROWS
     (each pairing tried for a tenth of that): the roofline is the machine's, not the library or
-    the blocking our labelling chose, and not the luckiest second of a noisy one."""
+    the blocking our labelling chose, and not the luckiest second of a noisy one. (Dask's nanny
+    starts workers with one BLAS thread; torch's is set here.)"""
     torch.set_num_threads(1)
-    threadpool_limits(1, user_api="blas")
     centroids = torch.randn(k, dim)
+    weights = np.ascontiguousarray(centroids.numpy().T)
     by_library = {
         "torch": lambda block: block @ centroids.T,
-        "numpy": lambda block, weights=np.ascontiguousarray(centroids.numpy().T): block.numpy() @ weights,
+        "numpy": lambda block: block.numpy() @ weights,
     }
 
     def rate(library: str, rows: int, duration: float) -> float:
