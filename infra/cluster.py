@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import ctypes
 import ctypes.util
+import functools
 import gc
 import logging
 import os

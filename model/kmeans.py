@@ -65,7 +65,7 @@ def nearest_centroids(
     c = c - centre
     c_norms = (c * c).sum(dim=1)
     centre_values = centre.numpy()
-    weights = np.ascontiguousarray(c.numpy().T * np.float32(-2.0))
+    weights = np.ascontiguousarray(c.numpy().T) * np.float32(-2.0)
     frames = rows.shape[0]
     labels = torch.empty(frames, dtype=torch.int64)
     best = torch.empty(frames, dtype=torch.float32)
