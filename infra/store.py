@@ -156,7 +156,8 @@ class ArtifactStore:
         self.write_bytes(relpath, text.encode())
 
     def read_bytes(self, relpath: str) -> bytes:
-        return self.fs.cat_file(self.path(relpath))
+        """A whole file, in one request on object storage (infra/paths.py's `whole_read_options`)."""
+        return self.fs.cat_file(self.path(relpath), **self._whole_read_options)
 
     def read_text(self, relpath: str) -> str:
         return self.read_bytes(relpath).decode()

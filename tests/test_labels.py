@@ -7,10 +7,10 @@ import tasks.stages.labels
 from infra.store import ArtifactStore
 from model.quality import LabelTally, PhoneSegments, frame_segments, phone_measures
 from tasks.alignments import read_alignment
-from tasks.artifacts import load_centroids
+from tasks.artifacts import load_centroids, stored_geometry
 from tasks.exports import export_fairseq_labels
 from tasks.layout import RunLayout
-from tasks.stages.labels import FrameCountMismatch, check_frame_counts
+from tasks.stages.labels import FrameCountMismatch, StoredFrames, check_frame_counts
 from tests.conftest import KillWorkerAtFirstTask, demo_config, run_chain
 
 
@@ -106,9 +106,14 @@ def test_mismatched_frame_counts_name_the_utterances(tmp_path: Path, demo_corpus
     shortened = [utterances[0].model_copy(update={"samples": utterances[0].samples - 800})] + utterances[1:]
     features = store.open_zarr("t/iter-1/features.zarr", "r")
     labels = store.open_zarr("t/iter-1/labels.zarr", "r")
+    held = StoredFrames.read(features, features["features"])
+    written = StoredFrames.read(labels, labels["labels"])
     with pytest.raises(FrameCountMismatch, match=utterances[0].id):
-        check_frame_counts(shortened, features, labels)
-    check_frame_counts(utterances, features, labels)
+        check_frame_counts(shortened, stored_geometry(features), held, written)
+    check_frame_counts(utterances, stored_geometry(features), held, written)
+    cut = StoredFrames(written.offsets, written.ids, written.rows - 1)
+    with pytest.raises(FrameCountMismatch, match=f"labels hold {written.rows - 1} frames"):
+        check_frame_counts(utterances, stored_geometry(features), held, cut)
 
 
 def test_purity_and_pnmi_on_a_known_joint_distribution() -> None:

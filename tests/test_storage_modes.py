@@ -17,13 +17,13 @@ from flows.pretrain import write_run_info
 from flows.verification import verify_run
 from infra.store import ArtifactStore
 from model.kmeans import nearest_centroids
-from tasks.artifacts import load_centroids
+from tasks.artifacts import load_centroids, stored_geometry
 from tasks.chunks import chunk_grid, frame_offsets
 from tasks.config import FeaturesConfig, PretrainConfig
 from tasks.feature_sources import MfccSource
 from tasks.layout import RunLayout
 from tasks.pipeline import run_through
-from tasks.stages.labels import FrameCountMismatch, LabelFeatures, check_frame_counts, plan_label_jobs
+from tasks.stages.labels import FrameCountMismatch, LabelFeatures, StoredFrames, check_frame_counts, plan_label_jobs
 from tests.conftest import Chain, run_chain
 
 LAYOUT = RunLayout("t")
@@ -125,10 +125,14 @@ def test_keep_sample_labels_equal_keep_all_labels_with_the_same_centroids(mfcc_p
     assert record.counts["frames"] == whole["features"].shape[0] and record.inputs["manifest"]
     assert record.config["features"]["source"]["recipe"] == "kaldi-mfcc13+d+dd"
     assert 0 < record.metrics["quality"]["pnmi"] < 1 and "float16_agreement" not in record.metrics
-    check_frame_counts(sample.utterances, sample.store.open_zarr(LAYOUT.features_store(1), "r"), labels)
+    features = sample.store.open_zarr(LAYOUT.features_store(1), "r")
+    held = StoredFrames.read(features, features["features"], with_indices=True)
+    labelled = StoredFrames.read(labels, labels["labels"])
+    assert held.indices is not None and len(held.indices) < len(sample.utterances)
+    check_frame_counts(sample.utterances, stored_geometry(features), held, labelled)
     shortened = [*sample.utterances[:-1], sample.utterances[-1].model_copy(update={"samples": sample.utterances[-1].samples - 800})]
     with pytest.raises(FrameCountMismatch, match=sample.utterances[-1].id):
-        check_frame_counts(shortened, sample.store.open_zarr(LAYOUT.features_store(1), "r"), labels)
+        check_frame_counts(shortened, stored_geometry(features), held, labelled)
 
 
 def test_features_computed_on_the_fly_are_rounded_as_the_store_would_hold_them(mfcc_pair) -> None:

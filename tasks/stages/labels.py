@@ -244,20 +244,37 @@ def _create_store(
     )
 
 
-def check_frame_counts(utterances: list[Utterance], features: zarr.Group, labels: zarr.Group) -> None:
+@dataclass(frozen=True)
+class StoredFrames:
+    """What a features or labels store says of its utterances' frames: their offsets and ids, the
+    manifest index of each (None: every utterance of the manifest, in order) and its rows."""
+
+    offsets: np.ndarray
+    ids: np.ndarray
+    rows: int
+    indices: np.ndarray | None = None
+
+    @classmethod
+    def read(cls, group: zarr.Group, rows: zarr.Array, with_indices: bool = False) -> StoredFrames:
+        """Read from the store, concurrently: offsets, ids and (`with_indices`, a `keep: sample`
+        features store) the manifest indices; the rows are those of `rows`, the group's array."""
+        held = read_whole_arrays(group, ["offsets", "utt_ids", *(["utt_indices"] if with_indices else [])])
+        return cls(held["offsets"], held["utt_ids"], int(rows.shape[0]), held.get("utt_indices"))
+
+
+def check_frame_counts(
+    utterances: list[Utterance], geometry: FrameGeometry, features: StoredFrames, labels: StoredFrames
+) -> None:
     """Raise FrameCountMismatch naming every utterance whose frame counts disagree.
 
     The labels cover every utterance; the features those they hold (all, or the k-means sample)."""
-    geometry = stored_geometry(features)
     wanted = [geometry.num_frames(utterance.samples_16k) for utterance in utterances]
-    held = read_whole_arrays(features, ["offsets", "utt_ids", *(["utt_indices"] if stored_keep(features) == "sample" else [])])
-    labelled = read_whole_arrays(labels, ["offsets", "utt_ids"])
-    indices = held["utt_indices"].tolist() if "utt_indices" in held else list(range(len(held["utt_ids"])))
-    in_features = dict(zip(indices, np.diff(held["offsets"]).tolist()))
-    label_counts = np.diff(labelled["offsets"]).tolist()
+    indices = features.indices.tolist() if features.indices is not None else list(range(len(features.ids)))
+    in_features = dict(zip(indices, np.diff(features.offsets).tolist()))
+    label_counts = np.diff(labels.offsets).tolist()
     problems = []
     stored_ids = [utterances[index].id for index in indices if 0 <= index < len(utterances)]
-    if list(held["utt_ids"]) != stored_ids or list(labelled["utt_ids"]) != [u.id for u in utterances]:
+    if list(features.ids) != stored_ids or list(labels.ids) != [u.id for u in utterances]:
         problems.append("utterance ids or their order differ between manifest, features and labels")
     else:
         for index, (utterance, in_labels) in enumerate(zip(utterances, label_counts)):
@@ -266,10 +283,10 @@ def check_frame_counts(utterances: list[Utterance], features: zarr.Group, labels
                 problems.append(
                     f"{utterance.id}: audio gives {wanted[index]}, features {in_features.get(index, '(not stored)')}, labels {in_labels}"
                 )
-    if labels["labels"].shape[0] != sum(wanted):
-        problems.append(f"labels hold {labels['labels'].shape[0]} frames, the audio gives {sum(wanted)}")
-    if features["features"].shape[0] != sum(in_features.values()):
-        problems.append(f"features hold {features['features'].shape[0]} frames, their offsets {sum(in_features.values())}")
+    if labels.rows != sum(wanted):
+        problems.append(f"labels hold {labels.rows} frames, the audio gives {sum(wanted)}")
+    if features.rows != sum(in_features.values()):
+        problems.append(f"features hold {features.rows} frames, their offsets {sum(in_features.values())}")
     if problems:
         listed = "\n  ".join(problems[:20])
         more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
@@ -370,12 +387,13 @@ class FrameLayout:
     digest: str  # what the labels' digest takes for offsets and ids
 
 
-def frame_layout(context: StageContext, features: zarr.Group, features_digest: str) -> FrameLayout:
+def frame_layout(
+    context: StageContext, features: zarr.Group, stored: zarr.Array, held: StoredFrames, features_digest: str
+) -> FrameLayout:
     """A store of every utterance lends its layout (and its digest covers it); for a store of the
     k-means sample, the layout `keep: all` would have is made from the manifest."""
-    if stored_keep(features) == "all":
-        held = read_whole_arrays(features, ["offsets", "utt_ids"])
-        return FrameLayout(held["offsets"], held["utt_ids"], int(features["features"].chunks[0]), features_digest)
+    if held.indices is None:
+        return FrameLayout(held.offsets, held.ids, int(stored.chunks[0]), features_digest)
     utterances = load_manifest(context.store, context.layout)
     offsets = frame_offsets(utterances, stored_geometry(features).num_frames)
     ids = np.array([utterance.id for utterance in utterances])
@@ -383,15 +401,15 @@ def frame_layout(context: StageContext, features: zarr.Group, features_digest: s
     return FrameLayout(offsets, ids, chunk_frames, layout_digest(offsets, ids))
 
 
-def label_features(context: StageContext, features: zarr.Group, grid: list[Chunk]) -> LabelFeatures:
-    """How the label tasks get their features from this features store."""
+def label_features(context: StageContext, features: zarr.Group, stored: zarr.Array, grid: list[Chunk]) -> LabelFeatures:
+    """How the label tasks get their features from this features store (`stored`: its array)."""
     dtype, keep = str(features.attrs.get("dtype", "float32")), stored_keep(features)
     needs_source = keep == "sample" or dtype != "float32"
     return LabelFeatures(
         dtype=dtype,
         source=feature_source(context) if needs_source else None,
         storage_options=context.store.storage_options,
-        stored=features["features"] if keep == "all" else None,
+        stored=stored if keep == "all" else None,
         checked=float16_checked_chunks(grid) if dtype == "float16" else frozenset(),
     )
 
@@ -419,7 +437,9 @@ def labels(context: StageContext, stage: Stage) -> StageResult:
     utterances = load_manifest(store, context.layout)
     k = int(kmeans_record.counts["k"])
     features_group = store.open_zarr(stage.rel(FEATURES_STORE), mode="r")
-    layout = frame_layout(context, features_group, features_record.output_digest)
+    features_array = features_group["features"]
+    held = StoredFrames.read(features_group, features_array, with_indices=stored_keep(features_group) == "sample")
+    layout = frame_layout(context, features_group, features_array, held, features_record.output_digest)
     offsets, total = layout.offsets, int(layout.offsets[-1])
     grid = chunk_grid(total, layout.chunk_frames)
     done = stage.done_parts()
@@ -428,7 +448,13 @@ def labels(context: StageContext, stage: Stage) -> StageResult:
             stage, features_group.attrs.asdict(), layout.chunk_frames, offsets, layout.ids, k, kmeans_record.output_digest
         )
     labels_group = store.open_zarr(stage.rel(LABELS_STORE), mode="r+")
-    features = label_features(context, features_group, grid)
+    labels_array = labels_group["labels"]
+    # A store this run created holds the layout's offsets and ids; one an earlier attempt created is read.
+    labelled = (
+        StoredFrames.read(labels_group, labels_array) if done
+        else StoredFrames(layout.offsets, layout.ids, int(labels_array.shape[0]))
+    )
+    features = label_features(context, features_group, features_array, grid)
     # Computing features costs far more than labelling them: then a task takes one chunk, as in the feature stage.
     workers = len(client.scheduler_info(n_workers=-1)["workers"])
     per_task = 1
@@ -451,7 +477,6 @@ def labels(context: StageContext, stage: Stage) -> StageResult:
 
     # Loaded by a task, not scattered: if the worker holding it dies, Dask loads it again.
     shared = client.submit(load_centroids, store, context.layout, iteration, pure=False)
-    labels_array = labels_group["labels"]
     parts = run_parts(
         client, stage, jobs, write_label_chunk, label, done, on_result=fold,
         centroids=shared, features=features, labels=labels_array, measuring=measuring,
@@ -464,7 +489,7 @@ def labels(context: StageContext, stage: Stage) -> StageResult:
         )
     tally.runs -= runs_continuing_across_chunks(jobs, parts, offsets)
 
-    check_frame_counts(utterances, features_group, labels_group)
+    check_frame_counts(utterances, measuring.geometry, held, labelled)
     frames = np.diff(offsets)
     valid_frames = int(sum(int(count) for utterance, count in zip(utterances, frames) if utterance.split == "valid"))
     measures = {"labels": label_measures(tally), "quality": phone_measures(tally)}
