@@ -95,7 +95,7 @@ def masked_prediction_evaluator(
         sums = torch.zeros(3, dtype=torch.float64)
         with torch.no_grad():
             for batch in batches:
-                loss, metrics = _forward(model, batch, device, settings)
+                loss, metrics = forward_loss(model, batch, device, settings)
                 masked = metrics["masked_frames"]
                 sums += torch.tensor([float(loss) * masked, metrics["masked_accuracy"] * masked, masked], dtype=torch.float64)
         if world_size > 1:  # on the device: NCCL reduces CUDA tensors only
@@ -173,7 +173,8 @@ class _Interval:
         }
 
 
-def _forward(model: torch.nn.Module, batch: Batch, device: torch.device, settings: TrainerSettings):
+def forward_loss(model: torch.nn.Module, batch: Batch, device: torch.device, settings: TrainerSettings):
+    """One micro-batch's loss and metrics, as a training step computes them (bf16 autocast on a GPU)."""
     autocast = (
         torch.autocast(device_type="cuda", dtype=torch.bfloat16)
         if settings.bf16 and device.type == "cuda"
@@ -258,7 +259,7 @@ def _accumulate_gradients(
         last = micro == settings.accumulation - 1
         sync = contextlib.nullcontext() if last or world_size == 1 else wrapped.no_sync()
         with sync:
-            loss, metrics = _forward(wrapped, batch, device, settings)
+            loss, metrics = forward_loss(wrapped, batch, device, settings)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite loss at step {step + 1}; the last checkpoint is intact")
             (loss / settings.accumulation).backward()
