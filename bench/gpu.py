@@ -3,8 +3,10 @@
     python3 bench/gpu.py [--device cuda] [--model base] [--steps 20] [--minutes 20] [--layer 9]
                          [--features-batch-seconds 160] [--peak-tflops P]
 
-Imports only `model/` (torch, torchaudio, numpy, pydantic), so it runs where the pipeline's other
-parts are not installed, e.g. a GPU machine with its own torch (carry pydantic's wheels there).
+Imports only `model/` and `bench/in_memory.py` (torch, torchaudio, numpy, pydantic), so it runs
+where the pipeline's other parts are not installed, e.g. a GPU machine with its own torch: from the
+repository root, `PYTHONPATH=. python3 bench/gpu.py`, with pydantic, pydantic-core, annotated-types
+and typing-inspection carried as wheels where that machine lacks them.
 The audio is noise and the labels random: the speed of a step does not depend on what is said.
 `--minutes` of utterances of 2-20 s (LibriSpeech-like lengths, a fixed seed) are made in memory.
 
@@ -41,58 +43,34 @@ from model.data import PREFETCH_BATCHES, BatchShape, BatchStream
 from model.frames import SAMPLE_RATE
 from model.hubert import HUBERT_CONFIGS, HubertConfig, build_pretrain_model, frame_geometry, prepare_waveform
 from model.layer_features import extract_layer_features_batch
-from model.trainer import TrainerSettings, forward_loss, train
+from model.trainer import TrainerSettings, bf16_autocast, forward_loss, train
+
+from in_memory import InMemoryUtterances, NoCheckpoints
 
 K = 500
 VENDOR_PEAK_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0, "L40S": 362.0}
 """Dense bf16 tensor-core peaks (SXM parts), by a name `torch.cuda.get_device_name` contains."""
 
 
-class NoiseSource:
-    """Utterances of noise with random labels at the model's frame rate, made once, in memory."""
-
-    def __init__(self, minutes: float, architecture: HubertConfig, seed: int = 0) -> None:
-        rng = np.random.default_rng(seed)
-        geometry = frame_geometry(architecture)
-        self.lengths, total = [], 0
-        while total < minutes * 60 * SAMPLE_RATE:
-            self.lengths.append(int(rng.uniform(2.0, 20.0) * SAMPLE_RATE))
-            total += self.lengths[-1]
-        generator = torch.Generator().manual_seed(seed)
-        self.items = [
-            (0.1 * torch.randn(samples, generator=generator),
-             torch.randint(K, (geometry.num_frames(samples),), generator=generator))
-            for samples in self.lengths
-        ]
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def samples(self, index: int) -> int:
-        return self.lengths[index]
-
-    def load(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.items[index]
-
-    def name(self, index: int) -> str:
-        return f"noise-{index:05d}"
-
-
-class NoCheckpoints:
-    def latest(self) -> bytes | None:
-        return None
-
-    def save(self, step: int, data: bytes) -> None:
-        pass
+def noise_utterances(minutes: float, architecture: HubertConfig, seed: int = 0) -> InMemoryUtterances:
+    """Utterances of 2-20 s of noise with random labels at the model's frame rate, made once, in memory."""
+    rng = np.random.default_rng(seed)
+    geometry = frame_geometry(architecture)
+    lengths: list[int] = []
+    while sum(lengths) < minutes * 60 * SAMPLE_RATE:
+        lengths.append(int(rng.uniform(2.0, 20.0) * SAMPLE_RATE))
+    generator = torch.Generator().manual_seed(seed)
+    items = [
+        (0.1 * torch.randn(samples, generator=generator),
+         torch.randint(K, (geometry.num_frames(samples),), generator=generator))
+        for samples in lengths
+    ]
+    return InMemoryUtterances(items, lengths, [f"noise-{index:05d}" for index in range(len(lengths))])
 
 
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    return torch.autocast(device_type="cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def counted_flops(work: Callable[[], object]) -> int:
@@ -131,7 +109,7 @@ def training_settings(steps: int) -> TrainerSettings:
     )
 
 
-def training_figures(source: NoiseSource, architecture: HubertConfig, steps: int, device: torch.device) -> dict[str, float]:
+def training_figures(source: InMemoryUtterances, architecture: HubertConfig, steps: int, device: torch.device) -> dict[str, float]:
     """The trainer's measured half: audio-s/s, seconds per step, data wait; and FLOPs per audio second."""
     shape = BatchShape(
         labels_geometry=frame_geometry(architecture), model_geometry=frame_geometry(architecture),
@@ -162,7 +140,7 @@ def training_figures(source: NoiseSource, architecture: HubertConfig, steps: int
     }
 
 
-def feature_groups(source: NoiseSource, seconds: float) -> list[list[int]]:
+def feature_groups(source: InMemoryUtterances, seconds: float) -> list[list[int]]:
     """Consecutive utterances, about `seconds` of audio a group."""
     groups, group, total = [], [], 0
     for index, samples in enumerate(source.lengths):
@@ -175,7 +153,7 @@ def feature_groups(source: NoiseSource, seconds: float) -> list[list[int]]:
 
 
 def feature_figures(
-    source: NoiseSource, architecture: HubertConfig, layer: int, group_seconds: float, device: torch.device
+    source: InMemoryUtterances, architecture: HubertConfig, layer: int, group_seconds: float, device: torch.device
 ) -> dict[str, float]:
     """Layer features of every utterance: audio-s/s after a warm-up group, and FLOPs per audio second."""
     torch.manual_seed(0)
@@ -184,7 +162,7 @@ def feature_figures(
 
     def extract(group: list[int], mode: Callable[[], contextlib.AbstractContextManager] = torch.inference_mode) -> None:
         waveforms = [source.items[index][0].to(device) for index in group]
-        with mode(), autocast(device):
+        with mode(), bf16_autocast(device):
             extract_layer_features_batch(encoder, waveforms, layer, architecture)
 
     extract(groups[0])
@@ -220,7 +198,7 @@ def main() -> None:
     architecture = HUBERT_CONFIGS[args.model]
     if not 1 <= args.layer <= architecture.encoder_num_layers:
         parser.error(f"--layer must be 1..{architecture.encoder_num_layers} for {args.model}")
-    source = NoiseSource(args.minutes, architecture)
+    source = noise_utterances(args.minutes, architecture)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} torch threads"
     precision = "bf16 autocast" if device.type == "cuda" else "float32"
     measured, vendor = measured_peak(device), vendor_peak(device, args.peak_tflops)

@@ -59,42 +59,19 @@ from tasks.layout import RunLayout
 from tasks.pipeline import run_through
 from tasks.training import StoreUtteranceSource, batch_shape, trainer_settings
 
+from in_memory import InMemoryUtterances, NoCheckpoints
+
 BUCKET = "bench"
 RUN = "bench-train"
 
 
-class MemorySource:
-    """Every utterance of `source` read once; `load` hands out the tensors already in memory."""
-
-    def __init__(self, source: StoreUtteranceSource) -> None:
-        self.items = [source.load(index) for index in range(len(source))]
-        self.lengths = [source.samples(index) for index in range(len(source))]
-        self.names = [source.name(index) for index in range(len(source))]
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def samples(self, index: int) -> int:
-        return self.lengths[index]
-
-    def load(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.items[index]
-
-    def name(self, index: int) -> str:
-        return self.names[index]
-
-
-class NoCheckpoints:
-    """A checkpoint store that starts empty and keeps only the newest checkpoint, in memory."""
-
-    def __init__(self) -> None:
-        self.newest: bytes | None = None
-
-    def latest(self) -> bytes | None:
-        return None
-
-    def save(self, step: int, data: bytes) -> None:
-        self.newest = data
+def read_into_memory(source: StoreUtteranceSource) -> InMemoryUtterances:
+    """Every utterance of `source` read once."""
+    indices = range(len(source))
+    return InMemoryUtterances(
+        [source.load(index) for index in indices], [source.samples(index) for index in indices],
+        [source.name(index) for index in indices],
+    )
 
 
 def labelled_store(wav_folder: Path, s3, train: TrainConfig) -> ArtifactStore:
@@ -138,7 +115,7 @@ def trainer_run(source, shape: BatchShape, architecture: HubertConfig, k: int, s
     return history[-1]
 
 
-def plain_loop(memory: MemorySource, shape: BatchShape, architecture: HubertConfig, k: int, settings: TrainerSettings,
+def plain_loop(memory: InMemoryUtterances, shape: BatchShape, architecture: HubertConfig, k: int, settings: TrainerSettings,
                device: torch.device) -> float:
     """Audio-seconds per second of the reference loop over the second half of `settings.steps`."""
     geometry = shape.model_geometry
@@ -221,7 +198,7 @@ def main() -> None:
         store = labelled_store(wav_folder, s3, train_config)
         on_s3 = StoreUtteranceSource(store, RunLayout(RUN).labels_store(1), load_manifest(store, RunLayout(RUN)))
         on_s3.check()
-        memory = MemorySource(on_s3)
+        memory = read_into_memory(on_s3)
         shape = batch_shape(train_config, on_s3, architecture)
         print(f"set-up (upload, labels on S3, reading into memory): {time.perf_counter() - started:.0f} s")
 

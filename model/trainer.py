@@ -173,14 +173,16 @@ class _Interval:
         }
 
 
+def bf16_autocast(device: torch.device, enabled: bool = True) -> contextlib.AbstractContextManager:
+    """bf16 autocast on a GPU (when `enabled`); on a CPU nothing: the step runs in float32."""
+    if enabled and device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 def forward_loss(model: torch.nn.Module, batch: Batch, device: torch.device, settings: TrainerSettings):
     """One micro-batch's loss and metrics, as a training step computes them (bf16 autocast on a GPU)."""
-    autocast = (
-        torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-        if settings.bf16 and device.type == "cuda"
-        else contextlib.nullcontext()
-    )
-    with autocast:
+    with bf16_autocast(device, settings.bf16):
         logit_m, logit_u, feature_penalty = model(
             batch.waveforms.to(device), batch.labels.to(device), batch.lengths.to(device)
         )
