@@ -1,13 +1,13 @@
 """Object-storage overhead: the feature and label stages on a local folder store and on S3 (SeaweedFS).
 
-    .venv/bin/python bench/s3.py [--minutes 120] [--repeats 3] [--out bench-out]
+    .venv/bin/python bench/s3.py [--minutes 120] [--repeats 3] [--workers 2] [--out bench-out]
 
 Prints the wall time (best of --repeats runs) of the feature stage and of the label stage writing
 into (a) a local folder store and (b) an `s3://` store on a SeaweedFS server on loopback
 (devtools/seaweed.py, started by this script), and the ratio S3/local per stage (target: at most
-1.5x). Same synthesized corpus, read from local disk in both cases, the same LocalCluster of 2
-workers for both stores, runs of the two interleaved. Only the stage calls are timed: intake and
-k-means (k=100, at most 10 Lloyd iterations) run between them untimed.
+1.5x). Same synthesized corpus, read from local disk in both cases, the same LocalCluster of
+--workers workers (one thread each) for both stores, runs of the two interleaved. Only the stage
+calls are timed: intake and k-means (k=100, at most 10 Lloyd iterations) run between them untimed.
 
 Also printed, for the same best runs: the CPU seconds the driver and the workers spent during each
 stage on each store, and those of the SeaweedFS server itself during the S3 stage. On a small
@@ -102,13 +102,14 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=120.0)
     parser.add_argument("--out", type=Path, default=Path("bench-out"))
     parser.add_argument("--repeats", type=int, default=3, help="best of this many runs of each (default 3)")
+    parser.add_argument("--workers", type=int, default=2, help="Dask workers, one thread each (default 2)")
     args = parser.parse_args()
     wav_folder = cached_demo_corpus(args.out, args.minutes)
     best = {(kind, stage): float("inf") for kind in ("local", "s3") for stage in TIMED}
     best_cpu: dict[tuple[str, str], dict[str, float]] = {}
     with tempfile.TemporaryDirectory(dir=args.out) as scratch_name:
         scratch = Path(scratch_name)
-        with seaweed_s3(scratch / "seaweed") as s3, dask_client(n_workers=2, threads_per_worker=1) as client:
+        with seaweed_s3(scratch / "seaweed") as s3, dask_client(n_workers=args.workers, threads_per_worker=1) as client:
             s3.create_bucket(BUCKET)
             stores = {
                 "local": (str(scratch / "store"), None),
@@ -124,7 +125,7 @@ def main() -> None:
                             best[kind, stage], best_cpu[kind, stage] = seconds[stage], cpu[stage]
     print(
         f"corpus: {args.minutes:g} min of synthesized speech ({size['utterances']} utterances, {size['frames']} frames "
-        f"in {size['chunks']} chunks), read from local disk; LocalCluster of 2 workers; "
+        f"in {size['chunks']} chunks), read from local disk; LocalCluster of {args.workers} worker(s); "
         f"best of {args.repeats} runs each"
     )
     print(f"{'stage':<10}{'local folder':>14}{'SeaweedFS S3':>14}{'S3/local':>11}")

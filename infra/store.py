@@ -35,6 +35,7 @@ import fsspec.asyn
 import numpy as np
 import zarr
 from fsspec.implementations.local import LocalFileSystem
+from s3fs import S3FileSystem
 from zarr.codecs import BytesCodec
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync as zarr_sync
@@ -281,11 +282,25 @@ class ArtifactStore:
         self.fs.invalidate_cache()
 
     def remove(self, relpath: str) -> None:
-        """Remove a file or a folder tree; a missing one is not an error."""
+        """Remove a file or a folder tree; a missing one is not an error.
+
+        On S3 one listing of the keys that start with the path finds both (s3fs's exists-then-rm
+        asked four times for a folder), and one request per thousand objects deletes them."""
         target = self.path(relpath)
-        if self.fs.exists(target):
+        if isinstance(self.fs, S3FileSystem):
+            parent, name = posixpath.split(target)
+            listed = self.fs.find(parent, prefix=name, withdirs=False)
+            doomed = [path for path in listed if path == target or path.startswith(target + "/")]
+            if doomed:
+                self.fs.rm(doomed)
+        elif self.fs.exists(target):
             self.fs.rm(target, recursive=True)
-            self.fs.invalidate_cache()
+        self.fs.invalidate_cache()
+
+    def remove_empty_folder(self, relpath: str) -> None:
+        """Remove a folder with nothing in it; object stores have no empty folders to remove."""
+        if self.is_local and self.exists(relpath) and not self.list_names(relpath):
+            self.remove(relpath)
 
     def list_names(self, relpath: str) -> list[str]:
         """Names directly under a folder; empty if it does not exist."""
@@ -347,9 +362,11 @@ def create_zarr_group(
     attributes: dict[str, Any],
     empty: dict[str, EmptyArray],
     whole: dict[str, np.ndarray],
+    replace: bool = True,
 ) -> None:
-    """A new group at relpath (replacing any): its attributes, empty arrays, and small arrays
-    written whole (one chunk each; strings as variable-length UTF-8).
+    """A new group at relpath (replacing any, unless `replace` is False: the caller knows there is
+    none): its attributes, empty arrays, and small arrays written whole (one chunk each; strings
+    as variable-length UTF-8).
 
     The group is built in memory and its objects written concurrently: created in place on object
     storage, zarr checked for existing nodes before each write, 25 requests one after another for
@@ -362,7 +379,8 @@ def create_zarr_group(
     for name, data in whole.items():
         dtype = str if data.dtype.kind in "UOT" else data.dtype
         group.create_array(name, shape=data.shape, chunks=data.shape, dtype=dtype)[:] = data
-    store.remove(relpath)
+    if replace:
+        store.remove(relpath)
 
     def write(item: tuple[str, Any]) -> None:
         key, buffer = item
@@ -471,7 +489,7 @@ class Stage:
     - `committed()` answers "is this work already done?": a record exists and its key matches.
     - `prepare(outputs)` clears whatever a different key left behind (the record first, so nothing
       looks finished while it is being removed) and keeps the finished parts of an interrupted run
-      with the same key.
+      with the same key; `fresh` says which it did.
     - Workers call `mark_part` after each part (e.g. a Zarr chunk) is fully written; `done_parts`
       lists them on resume.
     - `commit(record)` writes the record last, then drops the part markers.
@@ -500,6 +518,8 @@ class Stage:
         self.inputs = inputs
         self.key = digest_json({"stage": name, "version": version, "config": config, "inputs": inputs})
         self._record_seen: bool | None = None
+        self.fresh = False
+        """Whether `prepare` cleared the stage: no outputs, no finished parts are left from an earlier attempt."""
 
     def rel(self, *parts: str) -> str:
         """Path relative to the store root of something in this stage's folder."""
@@ -540,7 +560,8 @@ class Stage:
         progress_key = self.store.read_json(posixpath.join(self.progress_path, "key.json"))
         stale_record = self.store.exists(self.record_path) if self._record_seen is None else self._record_seen
         self._record_seen = None
-        if stale_record or progress_key is None or progress_key.get("key") != self.key:
+        self.fresh = stale_record or progress_key is None or progress_key.get("key") != self.key
+        if self.fresh:
             if stale_record:
                 self.store.remove(self.record_path)
             self.store.remove(self.progress_path)
@@ -555,7 +576,10 @@ class Stage:
         self.store.write_json(posixpath.join(self.progress_path, f"{part}.json"), info)
 
     def done_parts(self) -> dict[str, dict[str, Any]]:
-        """Markers of finished parts, by part name."""
+        """Markers of the parts an earlier attempt finished, by part name (none, not looked for,
+        where `prepare` cleared the stage)."""
+        if self.fresh:
+            return {}
         parts = {}
         for name in part_markers(self.store.list_names(self.progress_path)):
             info = self.store.read_json(posixpath.join(self.progress_path, name))
@@ -596,8 +620,7 @@ class Stage:
         )
         self.store.write_json(self.record_path, record.model_dump(mode="json"))
         self.store.remove(self.progress_path)
-        if not self.store.list_names(self.rel(PROGRESS)):
-            self.store.remove(self.rel(PROGRESS))
+        self.store.remove_empty_folder(self.rel(PROGRESS))
         return record
 
 

@@ -270,6 +270,7 @@ def _compute_units(bundle: Bundle, source: str, candidates: list, stage: Stage, 
             },
             empty={"units": EmptyArray(shape=(int(offsets[-1]),), chunks=(chunk_frames,), dtype="int16")},
             whole={"offsets": offsets, "utt_ids": np.array([utterance.id for utterance in utterances])},
+            replace=not stage.fresh,
         )
     jobs = plan_chunks(utterances, offsets, chunk_frames)
     array = store.open_zarr(UNITS_STORE, mode="r+")["units"]

@@ -66,8 +66,10 @@ def test_an_interrupted_stage_keeps_its_finished_parts_for_the_same_key_only(sto
 
     changed = make_stage(store, 5)
     changed.prepare(["thing.txt"])
+    assert changed.fresh and not resumed.fresh
     assert changed.done_parts() == {}
     assert not store.exists(changed.rel("thing.txt"))
+    assert [path.rsplit("/", 1)[-1] for path in objects_under(store, changed.progress_path)] == ["key.json"]
 
 
 def test_writes_are_whole_or_absent(tmp_path: Path) -> None:
@@ -76,6 +78,28 @@ def test_writes_are_whole_or_absent(tmp_path: Path) -> None:
     assert store.read_json("a/b.json") == {"x": 1}
     assert store.read_json("a/missing.json") is None
     assert [p.name for p in (tmp_path / "a").iterdir()] == ["b.json"]
+
+
+def test_remove_takes_a_file_or_a_folder_tree_and_nothing_that_only_shares_its_prefix(store: ArtifactStore) -> None:
+    for relpath in ("run/labels.zarr/zarr.json", "run/labels.zarr/labels/c/0", "run/labels.zarr.old", "run/labels.zarr2/x", "run/a.json"):
+        store.write_text(relpath, "x")
+    store.remove("run/labels.zarr")
+    store.remove("run/a.json")
+    store.remove("run/never-written")
+    assert sorted(store.list_objects("run")) == ["run/labels.zarr.old", "run/labels.zarr2/x"]
+
+
+def test_removing_a_folder_on_s3_is_one_listing_and_one_delete(s3, tmp_path: Path) -> None:
+    store = ArtifactStore(f"s3://{RUNS_BUCKET}/remove-{uuid.uuid4().hex[:8]}", s3.storage_options())
+    for index in range(3):
+        store.write_text(f"tree/{index}", "x")
+    sent: list[str] = []
+    store.fs.s3.meta.events.register("before-send.s3", lambda request, **_: sent.append(request.method))
+    store.remove("tree")
+    assert sent == ["GET", "POST"] and store.list_objects("tree") == {}
+    sent.clear()
+    store.remove("tree")
+    assert sent == ["GET"]
 
 
 def row_chunked(store: ArtifactStore, dtype: str, compressors: object = None) -> tuple[object, np.ndarray]:

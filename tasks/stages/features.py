@@ -85,6 +85,7 @@ def _create_store(
             )
         },
         whole=whole,
+        replace=not stage.fresh,
     )
 
 

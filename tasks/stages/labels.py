@@ -241,6 +241,7 @@ def _create_store(
         },
         empty={"labels": EmptyArray(shape=(int(offsets[-1]),), chunks=(chunk_frames,), dtype="int16")},
         whole={"offsets": offsets, "utt_ids": ids},
+        replace=not stage.fresh,
     )
 
 
