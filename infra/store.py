@@ -284,14 +284,11 @@ class ArtifactStore:
     def remove(self, relpath: str) -> None:
         """Remove a file or a folder tree; a missing one is not an error.
 
-        On S3 one listing of the keys that start with the path finds both (s3fs's exists-then-rm
-        asked four times for a folder), and one request per thousand objects deletes them."""
+        On S3 one listing finds what there is (`_found_under`; s3fs's exists-then-rm asked four
+        times for a folder), and one request per thousand objects deletes it."""
         target = self.path(relpath)
         if isinstance(self.fs, S3FileSystem):
-            parent, name = posixpath.split(target)
-            listed = self.fs.find(parent, prefix=name, withdirs=False)
-            doomed = [path for path in listed if path == target or path.startswith(target + "/")]
-            if doomed:
+            if doomed := list(self._found_under(target)):
                 self.fs.rm(doomed)
         elif self.fs.exists(target):
             self.fs.rm(target, recursive=True)
@@ -299,8 +296,23 @@ class ArtifactStore:
 
     def remove_empty_folder(self, relpath: str) -> None:
         """Remove a folder with nothing in it; object stores have no empty folders to remove."""
-        if self.is_local and self.exists(relpath) and not self.list_names(relpath):
+        if self.is_local and not self.list_names(relpath):
             self.remove(relpath)
+
+    def _found_under(self, target: str) -> dict[str, dict[str, Any]]:
+        """The file at `target` or the files under it, with fsspec's info on each, fresh from the store.
+
+        On S3 one listing of the keys that start with the path answers both (fsspec's `find` lists
+        the folder, then asks for the file with a HEAD and, when there is none, lists again)."""
+        self.fs.invalidate_cache()
+        if isinstance(self.fs, S3FileSystem):
+            parent, name = posixpath.split(target)
+            listed = self.fs.find(parent, prefix=name, withdirs=False, detail=True)
+            return {path: info for path, info in listed.items() if path == target or path.startswith(target + "/")}
+        try:
+            return self.fs.find(target, detail=True, withdirs=False)
+        except FileNotFoundError:
+            return {}
 
     def list_names(self, relpath: str) -> list[str]:
         """Names directly under a folder; empty if it does not exist."""
@@ -315,15 +327,9 @@ class ArtifactStore:
         """Objects at or under relpath (a file or a folder tree), by path relative to the store root, with their bytes.
 
         Fresh from the store (no listing cache); a local write in flight (`.tmp-`) is not an object."""
-        target = self.path(relpath)
-        self.fs.invalidate_cache()
-        try:
-            found = self.fs.find(target, detail=True, withdirs=False)
-        except FileNotFoundError:
-            return {}
         return {
             posixpath.relpath(path, self.root): int(info.get("size") or 0)
-            for path, info in found.items()
+            for path, info in self._found_under(self.path(relpath)).items()
             if info.get("type") != "directory" and ".tmp-" not in posixpath.basename(path)
         }
 
