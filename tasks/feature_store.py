@@ -28,20 +28,24 @@ from tasks.stage import StageContext
 MAX_CHUNK_TASKS = 4096
 MIN_CHUNK_FRAMES = 16384
 MIN_CHUNK_BYTES = 8 * 2**20
-"""Low-dimensional features (MFCC: 39 floats a frame) get larger chunks than MIN_CHUNK_FRAMES: each
+"""Low-dimensional features (MFCC: 39 floats a frame) get chunks of at least this many bytes: each
 chunk is one object-store GET or PUT, whose fixed cost (request signing and parsing here, a first
 byte's latency on a remote store) wants objects of several MB."""
+MIN_CHUNKS = 8
+"""MIN_CHUNK_BYTES yields to MIN_CHUNK_FRAMES where it would cut the corpus into fewer chunks than
+this: a corpus of minutes keeps a few tasks to spread over the workers."""
 MAX_CHUNK_BYTES = 256 * 2**20
 SAMPLE_SALT = "kmeans-sample"
 """Prefixed to an utterance id before hashing, so the k-means sample is not the validation split's hash."""
 
 
 def choose_chunk_frames(total_frames: int, dim: int) -> int:
-    """A power of two: at least MIN_CHUNK_FRAMES and MIN_CHUNK_BYTES, few enough chunks for Dask,
-    small enough for memory.
+    """A power of two (rounded up): at least MIN_CHUNK_FRAMES, and MIN_CHUNK_BYTES where the corpus
+    has MIN_CHUNKS such chunks; few enough chunks for Dask, small enough for memory.
 
     Sized for float32 whatever the stored dtype, so that the grid never depends on it."""
-    wanted = max(MIN_CHUNK_FRAMES, MIN_CHUNK_BYTES // (4 * dim), -(-total_frames // MAX_CHUNK_TASKS))
+    by_bytes = min(MIN_CHUNK_BYTES // (4 * dim), total_frames // MIN_CHUNKS)
+    wanted = max(MIN_CHUNK_FRAMES, by_bytes, -(-total_frames // MAX_CHUNK_TASKS))
     frames = 1 << (wanted - 1).bit_length()
     ceiling = 1 << (MAX_CHUNK_BYTES // (4 * dim)).bit_length() - 1
     return max(256, min(frames, ceiling))

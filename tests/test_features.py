@@ -14,6 +14,7 @@ from infra.store import ArtifactStore
 from tasks.artifacts import load_manifest
 from tasks.config import PretrainConfig, load_config
 from tasks.feature_sources import MfccSource
+from tasks.feature_store import MIN_CHUNK_BYTES, MIN_CHUNK_FRAMES, choose_chunk_frames
 from tasks.layout import RunLayout
 from tests.conftest import run_chain, write_config
 
@@ -71,6 +72,18 @@ def test_features_equal_kaldi_mfcc_computed_one_utterance_at_a_time(tmp_path: Pa
     assert worst_ours <= 1.5 * worst_torchaudio + 1e-5
     assert features.shape == (offsets[-1], 39) and features.dtype == np.float32
     assert dict(group.attrs)["frame_rate"] == 100.0 and dict(group.attrs)["chunk_frames"] == 256
+
+
+def test_default_chunks_are_object_store_sized_except_on_a_small_corpus() -> None:
+    hour_of_mfcc, librispeech_of_layer = 360_000, 173_000_000
+    for frames, dim in ((hour_of_mfcc, 39), (100 * hour_of_mfcc, 39), (10**6, 768), (librispeech_of_layer, 768)):
+        chunk = choose_chunk_frames(frames, dim)
+        assert chunk & (chunk - 1) == 0 and chunk >= MIN_CHUNK_FRAMES, (frames, dim)
+        assert chunk * dim * 4 >= MIN_CHUNK_BYTES, (frames, dim)
+        assert frames / chunk <= 4096, (frames, dim)
+    assert choose_chunk_frames(10**6, 768) == MIN_CHUNK_FRAMES
+    ten_minutes = 60_000
+    assert choose_chunk_frames(ten_minutes, 39) == MIN_CHUNK_FRAMES, "a demo-sized corpus keeps 4 tasks"
 
 
 def test_a_second_run_is_skipped(tmp_path: Path, salted_corpus: Path, client) -> None:
