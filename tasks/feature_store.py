@@ -44,10 +44,11 @@ def choose_chunk_frames(total_frames: int, dim: int) -> int:
     has MIN_CHUNKS such chunks; few enough chunks for Dask, small enough for memory.
 
     Sized for float32 whatever the stored dtype, so that the grid never depends on it."""
-    by_bytes = min(MIN_CHUNK_BYTES // (4 * dim), total_frames // MIN_CHUNKS)
+    frame_bytes = 4 * dim
+    by_bytes = min(MIN_CHUNK_BYTES // frame_bytes, total_frames // MIN_CHUNKS)
     wanted = max(MIN_CHUNK_FRAMES, by_bytes, -(-total_frames // MAX_CHUNK_TASKS))
     frames = 1 << (wanted - 1).bit_length()
-    ceiling = 1 << (MAX_CHUNK_BYTES // (4 * dim)).bit_length() - 1
+    ceiling = 1 << (MAX_CHUNK_BYTES // frame_bytes).bit_length() - 1
     return max(256, min(frames, ceiling))
 
 

@@ -14,7 +14,7 @@ from infra.store import ArtifactStore
 from tasks.artifacts import load_manifest
 from tasks.config import PretrainConfig, load_config
 from tasks.feature_sources import MfccSource
-from tasks.feature_store import MIN_CHUNK_BYTES, MIN_CHUNK_FRAMES, choose_chunk_frames
+from tasks.feature_store import MAX_CHUNK_TASKS, MIN_CHUNK_BYTES, MIN_CHUNK_FRAMES, choose_chunk_frames
 from tasks.layout import RunLayout
 from tests.conftest import run_chain, write_config
 
@@ -80,7 +80,7 @@ def test_default_chunks_are_object_store_sized_except_on_a_small_corpus() -> Non
         chunk = choose_chunk_frames(frames, dim)
         assert chunk & (chunk - 1) == 0 and chunk >= MIN_CHUNK_FRAMES, (frames, dim)
         assert chunk * dim * 4 >= MIN_CHUNK_BYTES, (frames, dim)
-        assert frames / chunk <= 4096, (frames, dim)
+        assert frames / chunk <= MAX_CHUNK_TASKS, (frames, dim)
     assert choose_chunk_frames(10**6, 768) == MIN_CHUNK_FRAMES
     ten_minutes = 60_000
     assert choose_chunk_frames(ten_minutes, 39) == MIN_CHUNK_FRAMES, "a demo-sized corpus keeps 4 tasks"
