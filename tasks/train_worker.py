@@ -2,12 +2,20 @@
 
 The train stage starts it; it reads the run config from the file the stage wrote and trains its
 rank with gloo (CPU) or NCCL (GPU).
+
+A rank that has trained ends with `os._exit`, after flushing its logs: everything it writes is
+written synchronously by then, and Python's interpreter finalization is where torch's native
+threads (gloo's, and the Python threads that ran torch ops to load batches) can abort the process
+("terminate called without an active exception", pytorch/pytorch#117762): a clean-clone CI run
+saw rank 1 of a finished two-process run die so, and torchrun then failed the stage.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
+import sys
 from pathlib import Path
 
 import torch
@@ -30,6 +38,15 @@ def main() -> None:
         train_rank(config, args.iteration, rank=dist.get_rank(), world_size=dist.get_world_size())
     finally:
         dist.destroy_process_group()
+    exit_without_finalization()
+
+
+def exit_without_finalization() -> None:
+    """Exit 0 now, skipping the interpreter's teardown (module docstring)."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
