@@ -6,8 +6,8 @@ rank with gloo (CPU) or NCCL (GPU).
 A rank that has trained ends with `os._exit`, after flushing its logs: everything it writes is
 written synchronously by then, and Python's interpreter finalization is where torch's native
 threads (gloo's, and the Python threads that ran torch ops to load batches) can abort the process
-("terminate called without an active exception", pytorch/pytorch#117762): a clean-clone CI run
-saw rank 1 of a finished two-process run die so, and torchrun then failed the stage.
+("terminate called without an active exception", pytorch/pytorch#117762), and torchrun would then
+fail a stage whose training had finished.
 """
 
 from __future__ import annotations
