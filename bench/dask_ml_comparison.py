@@ -49,9 +49,9 @@ from infra.cluster import dask_client
 from infra.store import ArtifactStore
 from model.kmeans import FINE_TOLERANCE, LloydPhase, initial_centroids, lloyd, lloyd_partial
 from tasks.config import PretrainConfig
+from tasks.feature_store import choose_chunk_frames
 from tasks.layout import RunLayout
 from tasks.pipeline import run_through
-from tasks.feature_store import choose_chunk_frames
 from tasks.stages.kmeans import INIT_FRAMES_PER_CLUSTER, dask_lloyd_step
 
 SUGGESTED_FRAMES_768 = 200_000
@@ -306,9 +306,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench-out"))
     args = parser.parse_args()
 
-    import sklearn
     import dask
     import distributed
+    import sklearn
 
     cores = sorted(os.sched_getaffinity(0))
     reduced = "" if args.frames768 >= SUGGESTED_FRAMES_768 else f" (reduced from the suggested {SUGGESTED_FRAMES_768})"

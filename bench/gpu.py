@@ -37,6 +37,7 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
+from in_memory import InMemoryUtterances, NoCheckpoints
 from torch.utils.flop_counter import FlopCounterMode
 
 from model.data import PREFETCH_BATCHES, BatchShape, BatchStream
@@ -44,8 +45,6 @@ from model.frames import SAMPLE_RATE
 from model.hubert import HUBERT_CONFIGS, HubertConfig, build_pretrain_model, frame_geometry, prepare_waveform
 from model.layer_features import extract_layer_features_batch
 from model.trainer import TrainerSettings, bf16_autocast, forward_loss, train
-
-from in_memory import InMemoryUtterances, NoCheckpoints
 
 K = 500
 VENDOR_PEAK_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0, "L40S": 362.0}

@@ -35,9 +35,9 @@ from devtools.demo_corpus import cached_demo_corpus
 from infra.cluster import dask_client
 from infra.store import ArtifactStore
 from tasks.config import KMeansConfig, PretrainConfig
+from tasks.feature_store import choose_chunk_frames
 from tasks.layout import RunLayout
 from tasks.pipeline import run_through
-from tasks.feature_store import choose_chunk_frames
 from tasks.stages.kmeans import fit_kmeans
 
 

@@ -35,7 +35,8 @@ import psutil
 from devtools.demo_corpus import cached_demo_corpus
 from devtools.seaweed import S3Server, seaweed_s3
 from infra.cluster import dask_client
-from infra.store import ArtifactStore, read_row_chunks
+from infra.store import ArtifactStore
+from infra.zarr_io import read_row_chunks
 from tasks.config import PretrainConfig
 from tasks.pipeline import STAGES, run_through
 from tasks.stage import StageContext, run_stage

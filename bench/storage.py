@@ -28,7 +28,8 @@ import numpy as np
 
 from devtools.demo_corpus import cached_demo_corpus
 from infra.cluster import dask_client
-from infra.store import ArtifactStore, StageRecord
+from infra.commit import StageRecord
+from infra.store import ArtifactStore
 from tasks.config import PretrainConfig
 from tasks.layout import FEATURES_STORE, LABELS_STORE
 from tasks.pipeline import run_through

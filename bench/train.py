@@ -43,6 +43,7 @@ from pathlib import Path
 
 import s3fs
 import torch
+from in_memory import InMemoryUtterances, NoCheckpoints
 from torch.nn.utils.rnn import pad_sequence
 
 from devtools.demo_corpus import cached_demo_corpus
@@ -58,8 +59,6 @@ from tasks.config import PretrainConfig, TrainConfig
 from tasks.layout import RunLayout
 from tasks.pipeline import run_through
 from tasks.training import StoreUtteranceSource, batch_shape, trainer_settings
-
-from in_memory import InMemoryUtterances, NoCheckpoints
 
 BUCKET = "bench"
 RUN = "bench-train"

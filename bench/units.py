@@ -36,8 +36,9 @@ import transformers
 
 from devtools.demo_corpus import cached_demo_corpus
 from infra.cluster import dask_client
+from infra.commit import Stage
 from infra.digest import digest_bytes
-from infra.store import ArtifactStore, Stage, utc_now
+from infra.store import ArtifactStore, utc_now
 from model.frames import SAMPLE_RATE
 from model.hubert import HUBERT_CONFIGS, HubertConfig, build_pretrain_model, prepare_waveform
 from model.kmeans import nearest_centroids

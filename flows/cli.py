@@ -94,8 +94,7 @@ def _console() -> Console:
 
 def _print_inspection(run_path: str, storage_options: dict | None = None) -> None:
     from flows.inspection import inspect_run, render_table
-
-    from infra.store import open_run
+    from infra.commit import open_run
     from tasks.layout import RunLayout
 
     console = _console()
@@ -174,7 +173,7 @@ def command_diff(args: argparse.Namespace) -> int:
 
 
 def command_export_labels(args: argparse.Namespace) -> int:
-    from infra.store import open_run, read_record
+    from infra.commit import open_run, read_record
     from tasks.exports import ExportError, export_fairseq_labels
     from tasks.layout import RunLayout
 
@@ -195,7 +194,7 @@ def command_export_labels(args: argparse.Namespace) -> int:
 
 
 def command_export(args: argparse.Namespace) -> int:
-    from infra.store import open_run
+    from infra.commit import open_run
     from tasks.exports import ExportError, export_model
     from tasks.layout import RunLayout
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from infra.store import StageRecord, open_run, read_record
+from infra.commit import StageRecord, open_run, read_record
 from tasks.layout import STAGE_ORDER, RunLayout, scope_name
 
 

@@ -9,7 +9,8 @@ from typing import Any
 from pydantic import BaseModel
 from rich.table import Table
 
-from infra.store import ArtifactStore, StageRecord, open_run, parts_in_progress, read_record
+from infra.commit import StageRecord, open_run, parts_in_progress, read_record
+from infra.store import ArtifactStore
 from tasks.artifacts import published_digests
 from tasks.layout import ITERATION_STAGES, STAGE_INPUTS, RunLayout, StageName, scope_iteration, upstream_iteration
 from tasks.verdict import iteration_verdict

@@ -18,13 +18,14 @@ from prefect.runtime import flow_run
 from pydantic import BaseModel, Field
 
 from infra.cluster import dask_client
+from infra.commit import forget_stage
 from infra.digest import digest_json
 from infra.lease import RunLease, check_lease
-from infra.store import ArtifactStore, current_user, forget_stage, utc_now
+from infra.store import ArtifactStore, current_user, utc_now
 from infra.version import code_version
+from tasks.artifacts import load_manifest
 from tasks.config import PretrainConfig, load_config
 from tasks.layout import ITERATION_STAGES, STAGE_ORDER, RunLayout, StageName, scope_name, stage_iteration
-from tasks.artifacts import load_manifest
 from tasks.pipeline import STAGES, iteration_stages
 from tasks.preflight import check_kmeans_frames
 from tasks.report import build_report, read_records, summary_rows

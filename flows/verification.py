@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from infra.store import ArtifactStore, StageRecord, open_run, output_problems, read_record
+from infra.commit import StageRecord, open_run, output_problems, read_record
+from infra.store import ArtifactStore
 from tasks.layout import ITERATION_STAGES, RunLayout, StageName
 from tasks.pipeline import STAGES
 from tasks.stage import CommittedStage, stage_label

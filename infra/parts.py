@@ -12,7 +12,7 @@ from typing import Any, Protocol
 from distributed import Client, Future, as_completed
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from infra.store import Stage
+from infra.commit import Stage
 
 log = logging.getLogger(__name__)
 

@@ -12,9 +12,9 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import zarr
 
+from infra.commit import StageRecord
 from infra.digest import digest_array
-
-from infra.store import ArtifactStore, StageRecord
+from infra.store import ArtifactStore
 from model.frames import FrameGeometry
 from model.hubert import HUBERT_CONFIGS, HubertConfig
 from tasks.chunks import chunk_grid

@@ -23,8 +23,9 @@ import numpy as np
 import torch
 import zarr
 
+from infra.commit import StageRecord, read_record
 from infra.digest import digest_bytes
-from infra.store import ArtifactStore, StageRecord, read_record
+from infra.store import ArtifactStore
 from model.frames import SAMPLE_RATE
 from model.hf_convert import hf_layer_index, save_hf_pretrained, torchaudio_encoder_kwargs
 from model.hubert import HubertConfig, frame_geometry

@@ -15,9 +15,10 @@ import numpy as np
 import torch
 import torchaudio
 
+from infra.commit import StageRecord
 from infra.digest import digest_bytes
 from infra.paths import read_whole
-from infra.store import ArtifactStore, StageRecord
+from infra.store import ArtifactStore
 from model.frames import FrameGeometry
 from model.hubert import HubertConfig, build_pretrain_model, frame_geometry
 from model.layer_features import extract_layer_features_batch

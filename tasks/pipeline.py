@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from distributed import Client
 
-from infra.store import ArtifactStore, StageRecord
-from tasks.config import PretrainConfig
+from infra.commit import StageRecord
+from infra.store import ArtifactStore
 from tasks.artifacts import load_manifest
+from tasks.config import PretrainConfig
 from tasks.layout import ITERATION_STAGES, STAGE_ORDER, RunLayout, StageName, stage_iteration
 from tasks.preflight import check_kmeans_frames
 from tasks.stage import StageContext, StageSpec, run_stage

@@ -14,7 +14,8 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-from infra.store import ArtifactStore, StageRecord, read_record
+from infra.commit import StageRecord, read_record
+from infra.store import ArtifactStore
 from tasks.layout import ITERATION_STAGES, RunLayout
 from tasks.verdict import iteration_verdict
 

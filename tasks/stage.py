@@ -25,8 +25,9 @@ from distributed import Client
 from prefect import Task, task
 from prefect.cache_policies import NONE
 
+from infra.commit import Stage, StageRecord, read_record
 from infra.parts import PartsFailed
-from infra.store import ArtifactStore, Stage, StageRecord, read_record, utc_now
+from infra.store import ArtifactStore, utc_now
 from tasks.config import ConfigError, IterationConfig, PretrainConfig
 from tasks.layout import STAGE_INPUTS, RunLayout, StageName, stage_iteration, upstream_iteration
 from tasks.manifest import ManifestError

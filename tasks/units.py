@@ -32,10 +32,12 @@ import torch
 import zarr
 
 from infra.cluster import dask_client
+from infra.commit import Stage
 from infra.digest import digest_bytes, digest_digests, digest_json
 from infra.parts import run_parts
 from infra.paths import fingerprint_source, join_path, read_whole
-from infra.store import ArtifactStore, EmptyArray, Stage, create_zarr_group, utc_now
+from infra.store import ArtifactStore, utc_now
+from infra.zarr_io import EmptyArray, create_zarr_group
 from model.frames import SAMPLE_RATE
 from model.hubert import HubertConfig
 from model.kmeans import nearest_centroids

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from infra.store import StageRecord
+from infra.commit import StageRecord
 
 Word = Literal["better", "worse", "unchanged", "unmeasured", "first iteration"]
 SAME_WITHIN = 1e-4

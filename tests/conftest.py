@@ -14,6 +14,7 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,14 +22,13 @@ import pytest
 import soundfile
 import torch
 import torchaudio.functional
-from dataclasses import dataclass
-
 from distributed import Client
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from devtools.seaweed import S3Server, find_weed, seaweed_s3
 from infra.cluster import dask_client
-from infra.store import ArtifactStore, StageRecord
+from infra.commit import StageRecord
+from infra.store import ArtifactStore
 from tasks.artifacts import load_manifest
 from tasks.config import PretrainConfig
 from tasks.layout import RunLayout, StageName

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from infra.store import ArtifactStore, read_record
+from infra.commit import read_record
+from infra.store import ArtifactStore
 from tasks.layout import STAGE_ORDER, RunLayout
 from tests.conftest import CLI, RUNS_BUCKET, cli_env, run_cli
 

@@ -10,14 +10,7 @@ import numpy as np
 import pytest
 import soundfile
 
-from devtools.demo_corpus import (
-    MAX_WORDS,
-    MIN_WORDS,
-    SPEAKERS,
-    DemoCorpusSummary,
-    make_sentence,
-    synthesize_demo_corpus,
-)
+from devtools.demo_corpus import MAX_WORDS, MIN_WORDS, SPEAKERS, DemoCorpusSummary, make_sentence, synthesize_demo_corpus
 from devtools.espeak import EspeakSynthesizer
 
 SAMPLE_RATE = 16_000

@@ -1,7 +1,8 @@
 from pathlib import Path
 
 from flows.diff import diff_runs
-from infra.store import ArtifactStore, Stage, utc_now
+from infra.commit import Stage
+from infra.store import ArtifactStore, utc_now
 
 
 def commit(root: Path, k: int, features_digest: str) -> None:

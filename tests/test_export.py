@@ -20,11 +20,12 @@ import pytest
 import torch
 import torchaudio
 
-from infra.digest import digest_bytes
 from flows.cli import main
 from flows.inspection import inspect_run
 from flows.pretrain import write_run_info
-from infra.store import ArtifactStore, Stage, utc_now
+from infra.commit import Stage
+from infra.digest import digest_bytes
+from infra.store import ArtifactStore, utc_now
 from model.hubert import HUBERT_CONFIGS, build_pretrain_model, frame_geometry
 from model.layer_features import extract_layer_features
 from tasks.audio import load_audio_16k

@@ -6,7 +6,13 @@ import pytest
 from sklearn.cluster import MiniBatchKMeans
 
 from model.kmeans import (
-    initial_centroids, lloyd, lloyd_partial, lloyd_schedule, merge_partials, nearest_centroids, reduce_partials,
+    initial_centroids,
+    lloyd,
+    lloyd_partial,
+    lloyd_schedule,
+    merge_partials,
+    nearest_centroids,
+    reduce_partials,
 )
 from tasks.artifacts import load_centroids
 from tasks.layout import RunLayout

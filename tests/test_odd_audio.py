@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import soundfile
 
+from infra.commit import forget_stage
 from infra.parts import PartsFailed
-from infra.store import forget_stage
 from tasks.chunks import NonFiniteValues, UtteranceSpan, check_finite
-from tasks.stages.labels import LabelJob, checked_nearest_labels
 from tasks.config import load_config
+from tasks.stages.labels import LabelJob, checked_nearest_labels
 from tests.conftest import read_real, resample, run_chain, write_config
 
 

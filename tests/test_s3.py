@@ -40,7 +40,7 @@ from tasks.layout import RunLayout
 from tasks.pipeline import STAGES
 from tasks.stage import StageContext, run_stage
 from tasks.torchrun import TRAIN_NODE_RESOURCE
-from tests.conftest import NO_WEED, RUNS_BUCKET, Chain, KillWorkerAtFirstTask, first_to_claim, objects_under, run_cli, run_chain
+from tests.conftest import NO_WEED, RUNS_BUCKET, Chain, KillWorkerAtFirstTask, first_to_claim, objects_under, run_chain, run_cli
 
 pytestmark = pytest.mark.skipif(find_weed() is None, reason=NO_WEED)
 

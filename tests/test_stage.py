@@ -2,7 +2,8 @@
 
 from pathlib import Path
 
-from infra.store import ArtifactStore, Stage, utc_now
+from infra.commit import Stage
+from infra.store import ArtifactStore, utc_now
 from tasks.config import PretrainConfig
 from tasks.stage import StageContext
 

@@ -9,7 +9,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-
 from rich.console import Console
 
 from flows.inspection import inspect_run, render_table

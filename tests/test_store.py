@@ -6,7 +6,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from infra.store import ArtifactStore, Stage, read_row_chunks, utc_now
+from infra.commit import Stage
+from infra.store import ArtifactStore, utc_now
+from infra.zarr_io import read_row_chunks
 from tests.conftest import RUNS_BUCKET, objects_under
 
 

@@ -11,16 +11,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 import torch
 
 from flows.cli import preflight
 from flows.inspection import stage_status
+from infra.commit import read_record
 from infra.digest import digest_bytes
-from infra.store import read_record
+from model.data import BatchShape, BatchStream
 from model.hubert import HUBERT_CONFIGS, LABEL_DEPENDENT, build_pretrain_model, frame_geometry
 from model.kmeans import nearest_centroids
-from model.data import BatchShape, BatchStream
 from model.trainer import train
 from tasks.artifacts import load_centroids
 from tasks.config import ConfigError, PretrainConfig, load_config

@@ -28,9 +28,10 @@ import numpy as np
 import torch
 import zarr
 
+from infra.commit import Stage, StageRecord
 from infra.digest import digest_array, digest_bytes, digest_digests, digest_json
 from infra.parts import run_parts
-from infra.store import EmptyArray, Stage, StageRecord, create_zarr_group
+from infra.zarr_io import EmptyArray, create_zarr_group
 from model.frames import SAMPLE_RATE
 from tasks.artifacts import load_manifest, stored_chunk_digests
 from tasks.chunks import ChunkJob, frame_offsets, plan_chunks

@@ -12,9 +12,9 @@ import logging
 from collections import Counter
 from typing import Any
 
+from infra.commit import Stage, StageRecord
 from infra.digest import digest_bytes
 from infra.paths import fingerprint_source, read_whole
-from infra.store import Stage, StageRecord
 from tasks.layout import INTAKE_REPORT, MANIFEST
 from tasks.manifest import AUDIO_SUFFIXES, ManifestError, check_unique_ids, list_candidates, manifest_to_jsonl
 from tasks.probing import probe_candidates

@@ -25,15 +25,14 @@ import zarr
 from distributed import Client, Future
 
 from infra.cluster import release_and_trim
+from infra.commit import Stage, StageRecord
 from infra.digest import digest_array
-from infra.store import Stage, StageRecord
 from model.kmeans import LloydResult, LloydStep, initial_centroids, lloyd, lloyd_partial, lloyd_schedule, merge_partials
-from tasks.artifacts import load_manifest
+from tasks.artifacts import load_manifest, read_npy
 from tasks.chunks import Chunk, chunk_grid, valid_frame_ranges
 from tasks.config import KMeansConfig
 from tasks.feature_store import stored_indices, stored_keep
 from tasks.layout import CENTROIDS, FEATURES_STORE, FIT_REPORT, KMEANS_DIR
-from tasks.artifacts import read_npy
 from tasks.splits import split_inputs
 from tasks.stage import CommittedStage, StageContext, StageResult, StageSpec
 

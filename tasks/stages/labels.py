@@ -28,18 +28,27 @@ import numpy as np
 import torch
 import zarr
 
+from infra.commit import Stage, StageRecord
 from infra.digest import digest_array, digest_bytes, digest_digests, digest_json
 from infra.parts import gather_parts, run_parts
 from infra.paths import fingerprint_source
-from infra.store import EmptyArray, Stage, StageRecord, create_zarr_group, read_row_chunks, read_whole_arrays
-from model.frames import FrameGeometry
+from infra.zarr_io import EmptyArray, create_zarr_group, read_row_chunks, read_whole_arrays
 from model.data import map_labels
+from model.frames import FrameGeometry
 from model.kmeans import nearest_centroids
 from model.quality import LabelTally, frame_segments, label_agreement, label_measures, phone_measures
 from tasks.alignments import ALIGNMENT_SUFFIXES, alignment_path, read_alignment
 from tasks.artifacts import load_centroids, load_manifest, stored_chunk_digests, stored_geometry
 from tasks.chunks import (
-    Chunk, NonFiniteValues, UtteranceSpan, check_finite, chunk_grid, chunk_job, frame_offsets, inside_an_utterance, utterance_spans,
+    Chunk,
+    NonFiniteValues,
+    UtteranceSpan,
+    check_finite,
+    chunk_grid,
+    chunk_job,
+    frame_offsets,
+    inside_an_utterance,
+    utterance_spans,
 )
 from tasks.feature_sources import FeatureSource, compute_chunk
 from tasks.feature_store import as_stored, feature_source, grid_chunk_frames, stored_keep

@@ -19,8 +19,9 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from infra.commit import Stage, StageRecord, read_record
 from infra.digest import digest_bytes
-from infra.store import ArtifactStore, Stage, StageRecord, read_record
+from infra.store import ArtifactStore
 from model.hubert import HUBERT_CONFIGS
 from tasks.artifacts import load_manifest, weights_digest
 from tasks.config import LayerProfileConfig

@@ -1,0 +1,293 @@
+"""The commit protocol inside a stage's folder of the artifact store:
+
+    <folder>/<stage>.commit.json          the stage's record, written last
+    <folder>/_progress/<stage>/           per-part markers of a stage still running
+
+A stage's record is written last and read first: its presence, with a key that matches and its
+outputs all there, is what "done" means.
+"""
+
+from __future__ import annotations
+
+import logging
+import posixpath
+import socket
+from collections.abc import Iterable
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from infra.digest import digest_json
+from infra.paths import parent_of
+from infra.store import ArtifactStore, current_user, utc_now
+from infra.version import code_version
+from infra.zarr_io import expected_zarr_objects
+
+log = logging.getLogger(__name__)
+
+
+LISTED_NAMES_AT_MOST = 64
+
+
+class OutputObjects(BaseModel):
+    """What one output of a stage held at commit: enough to tell later that something went missing."""
+
+    count: int = Field(description="Objects (files) under the output.")
+    bytes: int
+    names: list[str] | None = Field(
+        default=None, description=f"The objects' paths relative to the stage's folder, for outputs of at most {LISTED_NAMES_AT_MOST}."
+    )
+
+
+class StageRecord(BaseModel):
+    """What a stage committed. Written last, read first: its presence means the stage is done."""
+
+    stage: str
+    scope: str = Field(description="The name of the stage's folder in its run ('corpus', 'iter-1', ...).")
+    key: str = Field(description="Digest of everything the outputs depend on (config, inputs, stage version).")
+    config: dict[str, Any]
+    config_digest: str
+    inputs: dict[str, str] = Field(description="Upstream artifact name -> its output digest.")
+    outputs: list[str] = Field(description="Paths relative to the run folder.")
+    output_digest: str
+    counts: dict[str, int | float] = Field(default_factory=dict)
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    sizes: dict[str, int] = Field(default_factory=dict, description="Output bytes, by output path.")
+    objects: dict[str, OutputObjects] = Field(
+        default_factory=dict, description="Each output's objects at commit (records from before it have none)."
+    )
+    started_at: datetime
+    finished_at: datetime
+    seconds: float
+    code_version: str
+    host: str
+    user: str
+
+
+
+class Stage:
+    """The commit protocol of one stage in one folder of a run.
+
+    - `committed()` answers "is this work already done?": a record exists and its key matches.
+    - `prepare(outputs)` clears whatever a different key left behind (the record first, so nothing
+      looks finished while it is being removed) and keeps the finished parts of an interrupted run
+      with the same key; `fresh` says which it did.
+    - Workers call `mark_part` after each part (e.g. a Zarr chunk) is fully written; `done_parts`
+      lists them on resume.
+    - `commit(record)` writes the record last, then drops the part markers.
+    """
+
+    def __init__(
+        self,
+        store: ArtifactStore,
+        folder: str,
+        name: str,
+        *,
+        version: int,
+        config: dict[str, Any],
+        inputs: dict[str, str],
+    ) -> None:
+        """`version` is the stage's output-format version: bump it when a code change alters outputs.
+
+        The key digests the stage, its version, its config section and its inputs' digests. The
+        package version is recorded in every record but left out of the key, so that an unrelated
+        release does not throw away days of finished work.
+        """
+        self.store = store
+        self.folder = folder
+        self.name = name
+        self.config = config
+        self.inputs = inputs
+        self.key = digest_json({"stage": name, "version": version, "config": config, "inputs": inputs})
+        self._record_seen: bool | None = None
+        self.fresh = False
+        """Whether `prepare` cleared the stage: no outputs, no finished parts are left from an earlier attempt."""
+
+    def rel(self, *parts: str) -> str:
+        """Path relative to the store root of something in this stage's folder."""
+        return posixpath.join(self.folder, *parts)
+
+    @property
+    def record_path(self) -> str:
+        return record_path(self.folder, self.name)
+
+    @property
+    def progress_path(self) -> str:
+        return progress_path(self.folder, self.name)
+
+    def read_record(self) -> StageRecord | None:
+        return read_record(self.store, self.folder, self.name)
+
+    def committed(self) -> StageRecord | None:
+        """The record of this exact work with its outputs all there, or None if it has to run.
+
+        A record whose outputs lost objects since (a deleted Zarr chunk would read back as fill
+        values) does not count: the problems are logged and the stage runs again."""
+        record = self.read_record()
+        self._record_seen = record is not None
+        if record is None or record.key != self.key:
+            return None
+        if problems := output_problems(self.store, self.folder, record):
+            log.warning(
+                "%s: committed, but its outputs changed since: %s; running it again",
+                self.rel(self.name), "; ".join(problems[:5]),
+            )
+            return None
+        return record
+
+    def prepare(self, outputs: Iterable[str]) -> None:
+        """Make the scope ready for (re)running this stage with this key.
+
+        After `committed()` (which read the record, if any) the record is not looked for again."""
+        progress_key = self.store.read_json(posixpath.join(self.progress_path, "key.json"))
+        stale_record = self.store.exists(self.record_path) if self._record_seen is None else self._record_seen
+        self._record_seen = None
+        self.fresh = stale_record or progress_key is None or progress_key.get("key") != self.key
+        if self.fresh:
+            if stale_record:
+                self.store.remove(self.record_path)
+            self.store.remove(self.progress_path)
+            self._remove_outputs(list(outputs))
+            self.store.write_json(posixpath.join(self.progress_path, "key.json"), {"key": self.key})
+
+    def _remove_outputs(self, outputs: list[str]) -> None:
+        for output in outputs:
+            self.store.remove(self.rel(output))
+
+    def mark_part(self, part: str, info: dict[str, Any]) -> None:
+        self.store.write_json(posixpath.join(self.progress_path, f"{part}.json"), info)
+
+    def done_parts(self) -> dict[str, dict[str, Any]]:
+        """Markers of the parts an earlier attempt finished, by part name (none, not looked for,
+        where `prepare` cleared the stage)."""
+        if self.fresh:
+            return {}
+        parts = {}
+        for name in part_markers(self.store.list_names(self.progress_path)):
+            info = self.store.read_json(posixpath.join(self.progress_path, name))
+            if info is not None:
+                parts[name.removesuffix(".json")] = info
+        return parts
+
+    def commit(
+        self,
+        *,
+        outputs: list[str],
+        output_digest: str,
+        started_at: datetime,
+        counts: dict[str, float] | None = None,
+        metrics: dict[str, Any] | None = None,
+    ) -> StageRecord:
+        finished_at = utc_now()
+        objects = {output: describe_objects(self.store, self.folder, output) for output in outputs}
+        record = StageRecord(
+            stage=self.name,
+            scope=posixpath.basename(self.folder),
+            key=self.key,
+            config=self.config,
+            config_digest=digest_json(self.config),
+            inputs=self.inputs,
+            outputs=outputs,
+            output_digest=output_digest,
+            counts=counts or {},
+            metrics=metrics or {},
+            sizes={output: contents.bytes for output, contents in objects.items()},
+            objects=objects,
+            started_at=started_at,
+            finished_at=finished_at,
+            seconds=round((finished_at - started_at).total_seconds(), 3),
+            code_version=code_version(),
+            host=socket.gethostname(),
+            user=current_user(),
+        )
+        self.store.write_json(self.record_path, record.model_dump(mode="json"))
+        self.store.remove(self.progress_path)
+        self.store.remove_empty_folder(self.rel(PROGRESS))
+        return record
+
+
+
+PROGRESS = "_progress"
+
+
+def record_path(folder: str, name: str) -> str:
+    """Where a stage's record lives, relative to the store root."""
+    return posixpath.join(folder, f"{name}.commit.json")
+
+
+def progress_path(folder: str, name: str) -> str:
+    """The folder of a running stage's part markers."""
+    return posixpath.join(folder, PROGRESS, name)
+
+
+def read_record(store: ArtifactStore, folder: str, name: str) -> StageRecord | None:
+    """A stage's record whatever its key, or None if it has none."""
+    raw = store.read_json(record_path(folder, name))
+    return None if raw is None else StageRecord.model_validate(raw)
+
+
+def parts_in_progress(store: ArtifactStore, folder: str, name: str) -> int:
+    """How many parts of an uncommitted stage have finished (0 when none has started)."""
+    return len(part_markers(store.list_names(progress_path(folder, name))))
+
+
+def part_markers(names: list[str]) -> list[str]:
+    """The finished parts' marker files among a progress folder's names (not its key, nor a write in flight)."""
+    return [name for name in names if name.endswith(".json") and name != "key.json" and ".tmp-" not in name]
+
+
+def _objects_of(store: ArtifactStore, folder: str, output: str) -> dict[str, int]:
+    """An output's objects by path relative to the stage's folder."""
+    return {posixpath.relpath(name, folder): size for name, size in store.list_objects(posixpath.join(folder, output)).items()}
+
+
+def describe_objects(store: ArtifactStore, folder: str, output: str) -> OutputObjects:
+    found = _objects_of(store, folder, output)
+    names = sorted(found) if len(found) <= LISTED_NAMES_AT_MOST else None
+    return OutputObjects(count=len(found), bytes=sum(found.values()), names=names)
+
+
+
+def output_problems(store: ArtifactStore, folder: str, record: StageRecord, strict: bool = False) -> list[str]:
+    """What no longer matches the record among a stage's outputs: missing objects (named where
+    the record lists them or a Zarr group's metadata promises them) and changed byte totals.
+
+    `strict` also reports objects added since the commit. Cheap: one listing per output, and for
+    a Zarr output its group's metadata."""
+    problems = []
+    for output in record.outputs:
+        found = _objects_of(store, folder, output)
+        if not found:
+            problems.append(f"{output}: missing")
+            continue
+        recorded = record.objects.get(output)
+        expected = set(recorded.names or []) if recorded else set()
+        if posixpath.join(output, "zarr.json") in found:
+            expected |= {posixpath.join(output, name) for name in expected_zarr_objects(store, posixpath.join(folder, output))}
+        missing = sorted(expected - set(found))
+        if missing:
+            more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+            problems.append(f"{output}: {len(missing)} object(s) missing: {', '.join(missing[:5])}{more}")
+        elif recorded is not None and len(found) < recorded.count:
+            problems.append(f"{output}: {recorded.count - len(found)} of {recorded.count} objects missing")
+        elif recorded is not None and sum(found.values()) != recorded.bytes and (strict or len(found) == recorded.count):
+            problems.append(f"{output}: holds {sum(found.values())} bytes, the record says {recorded.bytes}")
+        elif strict and recorded is not None and len(found) > recorded.count:
+            problems.append(f"{output}: {len(found) - recorded.count} object(s) added since the commit")
+    return problems
+
+
+def open_run(run_path: str, storage_options: dict[str, Any] | None = None) -> tuple[ArtifactStore, str]:
+    """`<store root>/<run name>` (a folder or URL) -> the store and the run's name."""
+    trimmed = run_path.rstrip("/")
+    return ArtifactStore(parent_of(trimmed), storage_options), posixpath.basename(trimmed)
+
+
+def forget_stage(store: ArtifactStore, folder: str, name: str) -> bool:
+    """Remove a stage's record and progress so that it runs afresh; True if there was a record."""
+    record = record_path(folder, name)
+    existed = store.exists(record)
+    store.remove(record)
+    store.remove(progress_path(folder, name))
+    return existed
