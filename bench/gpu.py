@@ -42,8 +42,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from model.data import PREFETCH_BATCHES, BatchShape, BatchStream
 from model.frames import SAMPLE_RATE
-from model.hubert import HUBERT_CONFIGS, HubertConfig, build_pretrain_model, frame_geometry, prepare_waveform
+from model.hubert import build_pretrain_model, prepare_waveform
 from model.layer_features import extract_layer_features_batch
+from model.presets import HUBERT_CONFIGS, HubertConfig, frame_geometry
 from model.trainer import TrainerSettings, bf16_autocast, forward_loss, train
 
 K = 500

@@ -52,7 +52,8 @@ from infra.cluster import dask_client
 from infra.store import ArtifactStore
 from model.data import PREFETCH_BATCHES, BatchShape, BatchStream, BucketBatches, map_labels
 from model.frames import SAMPLE_RATE
-from model.hubert import HUBERT_CONFIGS, HubertConfig, build_pretrain_model, hubert_loss
+from model.hubert import build_pretrain_model, hubert_loss
+from model.presets import HUBERT_CONFIGS, HubertConfig
 from model.trainer import TrainerSettings, train, warmup_then_linear_decay
 from tasks.artifacts import load_manifest
 from tasks.config import PretrainConfig, TrainConfig

@@ -40,8 +40,9 @@ from infra.commit import Stage
 from infra.digest import digest_bytes
 from infra.store import ArtifactStore, utc_now
 from model.frames import SAMPLE_RATE
-from model.hubert import HUBERT_CONFIGS, HubertConfig, build_pretrain_model, prepare_waveform
+from model.hubert import build_pretrain_model, prepare_waveform
 from model.kmeans import nearest_centroids
+from model.presets import HUBERT_CONFIGS, HubertConfig
 from tasks.audio import load_audio_16k
 from tasks.config import PretrainConfig
 from tasks.exports import export_model

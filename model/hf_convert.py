@@ -69,7 +69,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from model.hubert import HubertConfig
+from model.presets import HubertConfig
 
 # transformers' HubertPositionalConvEmbedding uses torch's parametrization-based weight_norm when
 # torch has it (torch >= 2.1) and the old weight_g / weight_v hooks otherwise; mirror that choice.

@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchaudio.models import Wav2Vec2Model
 
-from model.hubert import HubertConfig, frame_geometry, hop, prepare_waveform, receptive_field
+from model.hubert import prepare_waveform
+from model.presets import HubertConfig, frame_geometry, hop, receptive_field
 
 DEFAULT_MAX_CHUNK_SAMPLES = 16_000 * 30
 DEFAULT_CONTEXT_SAMPLES = 16_000 * 2

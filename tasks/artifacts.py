@@ -16,7 +16,7 @@ from infra.commit import StageRecord
 from infra.digest import digest_array
 from infra.store import ArtifactStore
 from model.frames import FrameGeometry
-from model.hubert import HUBERT_CONFIGS, HubertConfig
+from model.presets import HUBERT_CONFIGS, HubertConfig
 from tasks.chunks import chunk_grid
 from tasks.layout import RunLayout, Weights
 from tasks.manifest import Utterance, manifest_from_jsonl

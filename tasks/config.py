@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from infra.lease import DEFAULT_TTL_SECONDS
 from infra.paths import is_remote_url
+from model.presets import HUBERT_CONFIGS
 
 
 class _Section(BaseModel):
@@ -407,8 +408,6 @@ class PretrainConfig(_Section):
     @model_validator(mode="after")
     def _layers_exist_in_the_previous_model(self) -> PretrainConfig:
         """A later iteration's layer must exist in the preset the iteration before trains: known now, not after hours."""
-        from model.hubert import HUBERT_CONFIGS  # torch: imported only once the rest of the config is valid
-
         problems = []
         for index, (previous, iteration) in enumerate(zip(self.iterations, self.iterations[1:]), start=1):
             if previous.train is None:

@@ -28,7 +28,7 @@ from infra.digest import digest_bytes
 from infra.store import ArtifactStore
 from model.frames import SAMPLE_RATE
 from model.hf_convert import hf_layer_index, save_hf_pretrained, torchaudio_encoder_kwargs
-from model.hubert import HubertConfig, frame_geometry
+from model.presets import HubertConfig, frame_geometry
 from tasks.artifacts import load_centroids, load_manifest
 from tasks.artifacts import weights_digest as recorded_weights_digest
 from tasks.layout import BUNDLE, RunLayout, Weights

@@ -20,9 +20,10 @@ from infra.digest import digest_bytes
 from infra.paths import read_whole
 from infra.store import ArtifactStore
 from model.frames import FrameGeometry
-from model.hubert import HubertConfig, build_pretrain_model, frame_geometry
+from model.hubert import build_pretrain_model
 from model.layer_features import extract_layer_features_batch
 from model.mfcc import MFCC_DIM, MFCC_GEOMETRY, mfcc_with_deltas
+from model.presets import HubertConfig, frame_geometry
 from tasks.artifacts import trained_architecture, weights_digest
 from tasks.audio import load_audio_16k
 from tasks.chunks import FramesJob, check_finite

@@ -9,8 +9,8 @@ utterances' sample counts and the frame geometry that iteration's features will 
 from __future__ import annotations
 
 from model.frames import FrameGeometry
-from model.hubert import HUBERT_CONFIGS, frame_geometry
 from model.mfcc import MFCC_GEOMETRY
+from model.presets import HUBERT_CONFIGS, frame_geometry
 from tasks.config import ConfigError, PretrainConfig
 from tasks.manifest import Utterance
 

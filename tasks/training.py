@@ -25,7 +25,8 @@ import torch
 from infra.store import ArtifactStore
 from model.data import BatchShape, BatchStream, FixedBatches, check_label_counts
 from model.frames import SAMPLE_RATE
-from model.hubert import HUBERT_CONFIGS, HubertConfig, build_pretrain_model, frame_geometry, prepare_waveform, warm_start
+from model.hubert import build_pretrain_model, prepare_waveform, warm_start
+from model.presets import HUBERT_CONFIGS, HubertConfig, frame_geometry
 from model.trainer import TrainerSettings, Validation, masked_prediction_evaluator, train
 from tasks.artifacts import load_manifest, stored_geometry
 from tasks.audio import load_audio_16k

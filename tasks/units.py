@@ -39,8 +39,8 @@ from infra.paths import fingerprint_source, join_path, read_whole
 from infra.store import ArtifactStore, utc_now
 from infra.zarr_io import EmptyArray, create_zarr_group
 from model.frames import SAMPLE_RATE
-from model.hubert import HubertConfig
 from model.kmeans import nearest_centroids
+from model.presets import HubertConfig
 from tasks.chunks import ChunkJob, frame_offsets, plan_chunks
 from tasks.config import CorpusConfig
 from tasks.exports import BUNDLE_FORMAT

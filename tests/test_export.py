@@ -26,8 +26,9 @@ from flows.pretrain import write_run_info
 from infra.commit import Stage
 from infra.digest import digest_bytes
 from infra.store import ArtifactStore, utc_now
-from model.hubert import HUBERT_CONFIGS, build_pretrain_model, frame_geometry
+from model.hubert import build_pretrain_model
 from model.layer_features import extract_layer_features
+from model.presets import HUBERT_CONFIGS, frame_geometry
 from tasks.audio import load_audio_16k
 from tasks.config import PretrainConfig
 from tasks.exports import export_model, fairseq_root

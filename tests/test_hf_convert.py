@@ -31,8 +31,9 @@ from model.hf_convert import (  # noqa: E402
     save_hf_pretrained,
     torchaudio_encoder_kwargs,
 )
-from model.hubert import HUBERT_CONFIGS, HubertConfig, build_pretrain_model, prepare_waveform  # noqa: E402
+from model.hubert import build_pretrain_model, prepare_waveform  # noqa: E402
 from model.layer_features import extract_layer_features  # noqa: E402
+from model.presets import HUBERT_CONFIGS, HubertConfig
 
 FSDD = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "fsdd-8k" / "wav"
 

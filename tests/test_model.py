@@ -8,18 +8,10 @@ import pytest
 import torch
 import torchaudio.models.wav2vec2.model
 
-from model.hubert import (
-    HUBERT_CONFIGS,
-    HubertConfig,
-    build_pretrain_model,
-    frame_geometry,
-    hop,
-    hubert_loss,
-    prepare_waveform,
-    receptive_field,
-)
+from model.hubert import build_pretrain_model, hubert_loss, prepare_waveform
 from model.layer_features import extract_layer_features, extract_layer_features_batch
 from model.mfcc import MFCC_GEOMETRY
+from model.presets import HUBERT_CONFIGS, HubertConfig, frame_geometry, hop, receptive_field
 
 TINY = HUBERT_CONFIGS["tiny"]
 BASE = HUBERT_CONFIGS["base"]

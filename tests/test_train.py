@@ -15,7 +15,8 @@ import torch
 from infra.store import ArtifactStore
 from model.data import BatchShape, BatchStream, LabelCountMismatch, UtteranceLoadError, check_label_counts, map_labels
 from model.frames import FrameGeometry
-from model.hubert import HUBERT_CONFIGS, build_pretrain_model, hop, receptive_field
+from model.hubert import build_pretrain_model
+from model.presets import HUBERT_CONFIGS, hop, receptive_field
 from model.trainer import train
 from tasks.artifacts import load_manifest
 from tasks.config import PretrainConfig

@@ -18,8 +18,9 @@ from flows.inspection import stage_status
 from infra.commit import read_record
 from infra.digest import digest_bytes
 from model.data import BatchShape, BatchStream
-from model.hubert import HUBERT_CONFIGS, LABEL_DEPENDENT, build_pretrain_model, frame_geometry
+from model.hubert import LABEL_DEPENDENT, build_pretrain_model
 from model.kmeans import nearest_centroids
+from model.presets import HUBERT_CONFIGS, frame_geometry
 from model.trainer import train
 from tasks.artifacts import load_centroids
 from tasks.config import ConfigError, PretrainConfig, load_config

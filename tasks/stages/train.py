@@ -22,7 +22,7 @@ from typing import Any
 from infra.commit import Stage, StageRecord, read_record
 from infra.digest import digest_bytes
 from infra.store import ArtifactStore
-from model.hubert import HUBERT_CONFIGS
+from model.presets import HUBERT_CONFIGS
 from tasks.artifacts import load_manifest, weights_digest
 from tasks.config import LayerProfileConfig
 from tasks.feature_sources import HubertLayerSource
