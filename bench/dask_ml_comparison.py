@@ -48,10 +48,10 @@ from devtools.demo_corpus import cached_demo_corpus
 from infra.cluster import dask_client
 from infra.store import ArtifactStore
 from model.kmeans import FINE_TOLERANCE, LloydPhase, initial_centroids, lloyd, lloyd_partial
-from tasks.config import PretrainConfig
-from tasks.feature_store import choose_chunk_frames
-from tasks.layout import RunLayout
-from tasks.pipeline import run_through
+from tasks.frames.store import choose_chunk_frames
+from tasks.run.config import PretrainConfig
+from tasks.run.layout import RunLayout
+from tasks.stages.catalog import run_plan
 from tasks.stages.kmeans import INIT_FRAMES_PER_CLUSTER, dask_lloyd_step
 
 SUGGESTED_FRAMES_768 = 200_000
@@ -339,7 +339,7 @@ def main() -> None:
         )
         store = ArtifactStore(config.store)
         start = time.perf_counter()
-        run_through(config, store, client, "features")
+        run_plan(config, store, client, "features")
         feature_seconds = time.perf_counter() - start
         zarr_features = store.open_zarr(RunLayout("bench").features_store(1), "r")["features"]
         mfcc = zarr_features[:]

@@ -25,11 +25,11 @@ import torchaudio.functional
 from devtools.demo_corpus import cached_demo_corpus
 from infra.cluster import dask_client
 from infra.store import ArtifactStore
-from tasks.artifacts import load_manifest
-from tasks.config import PretrainConfig
-from tasks.layout import RunLayout
-from tasks.pipeline import STAGES, run_through
-from tasks.stage import StageContext, run_stage
+from tasks.run.config import PretrainConfig
+from tasks.run.layout import RunLayout
+from tasks.run.records import load_manifest
+from tasks.run.stage import StageContext, run_stage
+from tasks.stages.catalog import STAGES, run_plan
 
 
 def reference_loop(wav_folder: Path, out_folder: Path) -> float:
@@ -64,7 +64,7 @@ def stage_throughput(wav_folder: Path, workers: int, scratch: Path, repeats: int
                 }
             )
             store = ArtifactStore(config.store)
-            run_through(config, store, client, "intake")
+            run_plan(config, store, client, "intake")
             utterances = load_manifest(store, RunLayout(config.run))
             start = time.perf_counter()
             run_stage(STAGES["features"], StageContext(config, store, client, 1))

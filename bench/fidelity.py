@@ -5,7 +5,7 @@
 On the synthesized demo corpus (phone alignments known), runs iteration 1 (intake, MFCC, k-means,
 labels, train) once per `--steps` value with the demo's training recipe, and prints the MFCC
 labels' PNMI, the layer profile of each trained model (every layer clustered at k on the same
-seeded sample, tasks/layer_profile.py) and the wall time of each training: the frontier of
+seeded sample, tasks/stages/profile.py) and the wall time of each training: the frontier of
 iteration-2 label quality against CPU (or GPU) minutes. On a GPU machine use `--model base`.
 """
 
@@ -19,9 +19,9 @@ from pathlib import Path
 from devtools.demo_corpus import cached_demo_corpus
 from infra.cluster import dask_client
 from infra.store import ArtifactStore
-from tasks.config import PretrainConfig
-from tasks.pipeline import STAGES, run_through
-from tasks.stage import StageContext, run_stage
+from tasks.run.config import PretrainConfig
+from tasks.run.stage import StageContext, run_stage
+from tasks.stages.catalog import STAGES, run_plan
 
 DEMO_RECIPE = {"learning_rate": 1e-3, "max_batch_seconds": 8, "max_sample_seconds": 4, "unmasked_weight": 1.0}
 
@@ -37,9 +37,10 @@ def fidelity_config(run: str, store: str, corpus: Path, k: int, model: str, step
                     "features": {"kind": "mfcc"},
                     "kmeans": {"k": k},
                     "train": {
-                        "model": model, "steps": steps, **DEMO_RECIPE, "checkpoint_every": max(steps // 4, 1),
-                        "log_every": max(steps // 10, 1), "profile": {"utterances": profile_utterances, "k": k},
+                        "model": model, "steps": steps, **DEMO_RECIPE, "io": {"checkpoint_every": max(steps // 4, 1)},
+                        "logging": {"log_every": max(steps // 10, 1)},
                     },
+                    "profile": {"utterances": profile_utterances, "k": k},
                 }
             ],
         }
@@ -61,18 +62,19 @@ def main() -> None:
         for steps in args.steps:
             config = fidelity_config(f"fidelity-{steps}", scratch, corpus, args.k, args.model, steps, args.profile_utterances)
             store = ArtifactStore(config.store)
-            labels = run_through(config, store, client, "labels")[("labels", 1)]
+            labels = run_plan(config, store, client, "labels")[("labels", 1)]
             start = time.perf_counter()
-            train = run_stage(STAGES["train"], StageContext(config, store, client, 1))
-            rows.append((steps, time.perf_counter() - start, labels, train))
+            run_stage(STAGES["train"], StageContext(config, store, client, 1))
+            profile = run_stage(STAGES["profile"], StageContext(config, store, client, 1))
+            rows.append((steps, time.perf_counter() - start, labels, profile))
     print(f"demo corpus: {args.minutes:g} min, model {args.model}, k={args.k}, recipe {DEMO_RECIPE}")
     first_labels = rows[0][2]
     print(f"MFCC labels (all frames): PNMI {first_labels.metrics['quality']['pnmi']:.3f}")
-    for steps, seconds, _, train in rows:
-        profile = train.metrics["layer_profile"]
+    for steps, seconds, _, measured in rows:
+        profile = measured.metrics
         layers = " ".join(f"L{row['layer']} {row['pnmi']:.3f}" for row in profile["layers"])
         print(
-            f"{steps:>6} steps  {seconds / 60:6.1f} min (train + profile)  masked acc {train.metrics['masked_accuracy']:.3f}  "
+            f"{steps:>6} steps  {seconds / 60:6.1f} min (train + profile)  "
             f"profile sample ({profile['utterances']} utts): MFCC {profile['mfcc']['pnmi']:.3f}  {layers}  "
             f"best L{profile['best_layer']}"
         )

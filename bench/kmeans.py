@@ -34,10 +34,11 @@ from sklearn.cluster import MiniBatchKMeans
 from devtools.demo_corpus import cached_demo_corpus
 from infra.cluster import dask_client
 from infra.store import ArtifactStore
-from tasks.config import KMeansConfig, PretrainConfig
-from tasks.feature_store import choose_chunk_frames
-from tasks.layout import RunLayout
-from tasks.pipeline import run_through
+from tasks.frames.store import choose_chunk_frames
+from tasks.run.config import PretrainConfig
+from tasks.run.layout import RunLayout
+from tasks.run.sections import KMeansConfig
+from tasks.stages.catalog import run_plan
 from tasks.stages.kmeans import fit_kmeans
 
 
@@ -64,7 +65,7 @@ def mfcc_features(out: Path, minutes: float, client) -> zarr.Array:
         }
     )
     store = ArtifactStore(config.store)
-    run_through(config, store, client, "features")
+    run_plan(config, store, client, "features")
     return store.open_zarr(RunLayout("bench").features_store(1), "r")["features"]
 
 

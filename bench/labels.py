@@ -43,9 +43,9 @@ from infra.commit import Stage
 from infra.parts import run_parts
 from infra.store import ArtifactStore
 from model.frames import FrameGeometry
-from tasks.chunks import chunk_grid
-from tasks.feature_store import choose_chunk_frames
-from tasks.stages.labels import LabelFeatures, LabelJob, Measuring, chunks_per_task, write_label_chunk
+from tasks.frames.chunks import chunk_grid
+from tasks.frames.store import choose_chunk_frames
+from tasks.stages.labels.stage import LabelFeatures, LabelJob, Measuring, chunks_per_task, write_label_chunk
 
 MATMUL_SECONDS = 3.0
 ROOFLINE_ROWS = (1024, 2048, 4096, 16384)

@@ -37,9 +37,9 @@ from devtools.seaweed import S3Server, seaweed_s3
 from infra.cluster import dask_client
 from infra.store import ArtifactStore
 from infra.zarr_io import read_row_chunks
-from tasks.config import PretrainConfig
-from tasks.pipeline import STAGES, run_through
-from tasks.stage import StageContext, run_stage
+from tasks.run.config import PretrainConfig
+from tasks.run.stage import StageContext, run_stage
+from tasks.stages.catalog import STAGES, run_plan
 
 BUCKET = "bench"
 TIMED = ("features", "labels")
@@ -125,7 +125,7 @@ def get_cost(server: S3Server, root: str, options: dict, small_reads: int = 64, 
 def timed_stages(config: PretrainConfig, client, server: S3Server | None = None) -> tuple[dict, dict, dict]:
     """Wall seconds and CPU seconds (by side) of the feature and label stage calls of one fresh run, and its size."""
     store = ArtifactStore(config.store, config.storage_options)
-    intake = run_through(config, store, client, "intake")[("intake", None)]
+    intake = run_plan(config, store, client, "intake")[("intake", None)]
     context = StageContext(config, store, client, 1)
     meter = CpuMeter(client, server)
     seconds, cpu = {}, {}

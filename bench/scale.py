@@ -33,12 +33,12 @@ import psutil
 from devtools.demo_corpus import cached_demo_corpus
 from infra.cluster import dask_client
 from infra.store import ArtifactStore
-from tasks.artifacts import load_manifest
-from tasks.config import PretrainConfig
-from tasks.layout import RunLayout, stage_iteration
-from tasks.pipeline import STAGES
-from tasks.preflight import check_kmeans_frames
-from tasks.stage import StageContext, run_stage
+from tasks.run.config import PretrainConfig
+from tasks.run.layout import RunLayout, stage_iteration
+from tasks.run.preflight import check_kmeans_frames
+from tasks.run.records import load_manifest
+from tasks.run.stage import StageContext, run_stage
+from tasks.stages.catalog import STAGES
 
 STAGE_NAMES = ("intake", "features", "kmeans", "labels")
 EXTRAPOLATED = {"LibriSpeech-960": 960, "Libri-Light 60k": 60_000}

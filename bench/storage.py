@@ -30,9 +30,9 @@ from devtools.demo_corpus import cached_demo_corpus
 from infra.cluster import dask_client
 from infra.commit import StageRecord
 from infra.store import ArtifactStore
-from tasks.config import PretrainConfig
-from tasks.layout import FEATURES_STORE, LABELS_STORE
-from tasks.pipeline import run_through
+from tasks.run.config import PretrainConfig
+from tasks.run.layout import FEATURES_STORE, LABELS_STORE
+from tasks.stages.catalog import run_plan
 
 MODES = (("all", "float32"), ("all", "float16"), ("sample", "float32"), ("sample", "float16"))
 LIBRISPEECH_HOURS = 960
@@ -47,7 +47,7 @@ def config_for(
     """Iteration 1 on MFCC stored as `first` says and, with `second`, iteration 2 on a layer of its model."""
     steps = args.train_steps
     train = {"model": "tiny", "steps": steps, "max_batch_seconds": 20, "max_sample_seconds": 5,
-             "checkpoint_every": steps, "log_every": steps, "profile": {"enabled": False}}
+             "io": {"checkpoint_every": steps}, "logging": {"log_every": steps}}
     chunks = {"chunk_frames": args.chunk_frames}
     iterations = [{"features": {"kind": "mfcc", **chunks, **first}, "kmeans": KMEANS, "train": train}]
     if second is not None:
@@ -83,14 +83,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=args.out) as scratch_name, dask_client(n_workers=args.workers) as client:
         scratch = Path(scratch_name)
         base = config_for(scratch / "base", wav, args, {}, None if args.no_hubert else {})
-        base_records = run_through(base, ArtifactStore(base.store), client, "intake" if args.no_hubert else "train")
+        base_records = run_plan(base, ArtifactStore(base.store), client, "intake" if args.no_hubert else "train")
         hours = base_records[("intake", None)].counts["hours"]
         reference = None
         for keep, dtype in MODES:
             store = scratch / f"mfcc-{keep}-{dtype}"
             shutil.copytree(scratch / "base" / "bench" / "corpus", store / "bench" / "corpus")
             config = config_for(store, wav, args, {"keep": keep, "dtype": dtype}, None)
-            records = run_through(config, ArtifactStore(config.store), client, "labels")
+            records = run_plan(config, ArtifactStore(config.store), client, "labels")
             line, size = row("1: MFCC 39-dim", (keep, dtype), records, 1, hours, reference)
             reference = reference or size
             lines.append(line)
@@ -100,7 +100,7 @@ def main() -> None:
                 store = scratch / f"layer-{keep}-{dtype}"
                 shutil.copytree(scratch / "base", store)
                 config = config_for(store, wav, args, {}, {"keep": keep, "dtype": dtype})
-                records = run_through(config, ArtifactStore(config.store), client, "labels", iteration=2)
+                records = run_plan(config, ArtifactStore(config.store), client, "labels@2")
                 line, size = row(f"2: tiny layer {LAYER} 192-dim", (keep, dtype), records, 2, hours, reference)
                 reference = reference or size
                 lines.append(line)

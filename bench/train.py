@@ -15,7 +15,7 @@ the second `--steps` are measured (the first warm the allocator up):
         and padding inline, the same loss, AdamW, warm-up/decay schedule and clipping;
       - the trainer (model/trainer.py `train`) on a `BatchStream` over the in-memory utterances,
         with its default prefetch;
-  (b) from S3: the trainer on the store's source (tasks/training.py `StoreUtteranceSource`: audio
+  (b) from S3: the trainer on the store's source (tasks/stages/train/rank.py `StoreUtteranceSource`: audio
       and labels read from SeaweedFS per utterance, as the train stage does) with prefetch 0 (each
       batch read in the step, as before prefetching) and with the default prefetch.
 
@@ -55,11 +55,12 @@ from model.frames import SAMPLE_RATE
 from model.hubert import build_pretrain_model, hubert_loss
 from model.presets import HUBERT_CONFIGS, HubertConfig
 from model.trainer import TrainerSettings, train, warmup_then_linear_decay
-from tasks.artifacts import load_manifest
-from tasks.config import PretrainConfig, TrainConfig
-from tasks.layout import RunLayout
-from tasks.pipeline import run_through
-from tasks.training import StoreUtteranceSource, batch_shape, trainer_settings
+from tasks.run.config import PretrainConfig
+from tasks.run.layout import RunLayout
+from tasks.run.records import load_manifest
+from tasks.run.sections import TrainConfig
+from tasks.stages.catalog import run_plan
+from tasks.stages.train.rank import StoreUtteranceSource, batch_shape, trainer_settings
 
 BUCKET = "bench"
 RUN = "bench-train"
@@ -91,7 +92,7 @@ def labelled_store(wav_folder: Path, s3, train: TrainConfig) -> ArtifactStore:
     )
     store = ArtifactStore(config.store, config.storage_options)
     with dask_client(n_workers=2, threads_per_worker=1) as client:
-        run_through(config, store, client, "labels")
+        run_plan(config, store, client, "labels")
     return store
 
 
@@ -133,7 +134,7 @@ def plain_loop(memory: InMemoryUtterances, shape: BatchShape, architecture: Hube
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_linear_decay(settings.warmup_steps, settings.steps))
     autocast = (torch.autocast(device_type="cuda", dtype=torch.bfloat16) if settings.bf16 and device.type == "cuda"
                 else contextlib.nullcontext())
-    measured_from = settings.steps - settings.log_every
+    measured_from = settings.steps - settings.logging.log_every
     model.train()
     audio, started = 0.0, time.perf_counter()
     for step, group in enumerate(groups):
@@ -185,8 +186,8 @@ def main() -> None:
         "max_batch_seconds": args.batch_seconds or (8.0 if tiny else TrainConfig.model_fields["max_batch_seconds"].default),
         "max_sample_seconds": args.crop_seconds or (4.0 if tiny else TrainConfig.model_fields["max_sample_seconds"].default),
     }
-    train_config = TrainConfig(model=args.model, steps=2 * args.steps, log_every=args.steps, checkpoint_every=2 * args.steps,
-                               profile={"enabled": False}, **sizes)
+    train_config = TrainConfig(model=args.model, steps=2 * args.steps, logging={"log_every": args.steps},
+                               io={"checkpoint_every": 2 * args.steps}, **sizes)
     settings = trainer_settings(train_config)
     device = torch.device(args.device)
     architecture = HUBERT_CONFIGS[args.model]

@@ -10,7 +10,7 @@ Builds a bundle the way a user gets one: a run whose iteration 1 model (random-i
   (a) the reference a user would write: the exported Hugging Face HubertModel's forward
       (output_hidden_states) and the nearest centroid, one utterance at a time, in this process
       with torch's default threads;
-  (b) `units` (tasks/units.py, what the command runs) on a LocalCluster of 2 workers, started
+  (b) `units` (tasks/products/units.py, what the command runs) on a LocalCluster of 2 workers, started
       beforehand as `--dask ADDRESS` would find it: its compute phase (every chunk's encoder load,
       audio, features, units and Zarr write; what report.json records), and the whole call
       (bundle checks, listing, probing on Dask, units.jsonl included).
@@ -43,13 +43,13 @@ from model.frames import SAMPLE_RATE
 from model.hubert import build_pretrain_model, prepare_waveform
 from model.kmeans import nearest_centroids
 from model.presets import HUBERT_CONFIGS, HubertConfig
-from tasks.audio import load_audio_16k
-from tasks.config import PretrainConfig
-from tasks.exports import export_model
-from tasks.layout import BUNDLE, RunLayout
-from tasks.pipeline import STAGES
-from tasks.stage import StageContext, run_stage
-from tasks.units import load_bundle, units
+from tasks.corpus.audio import load_audio_16k
+from tasks.products.export import export_model
+from tasks.products.units import load_bundle, units
+from tasks.run.config import PretrainConfig
+from tasks.run.layout import BUNDLE, RunLayout
+from tasks.run.stage import StageContext, run_stage
+from tasks.stages.catalog import STAGES
 
 
 def make_bundle(work: Path, fit_corpus: Path, model: str, layer: int, k: int, client) -> Path:

@@ -13,35 +13,12 @@ from pathlib import Path
 from pydantic import ValidationError
 from rich.console import Console
 
-from infra.paths import unreadable_because
-from tasks.config import ConfigError, PretrainConfig, load_config
+from tasks.run.config import ConfigError, load_config
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_BUSY = 3
 
-
-def preflight(config: PretrainConfig) -> list[str]:
-    """Problems that would only surface mid-run, found in seconds before anything starts: a corpus
-    source, alignments folder or validation listing that is absent or refuses our credentials, and
-    a store that cannot be written (probed without leaving anything: `ArtifactStore.check_writable`)."""
-    from infra.store import ArtifactStore
-
-    problems = []
-    inputs = (
-        ("corpus.source", config.corpus.source),
-        ("corpus.alignments", config.corpus.alignments),
-        ("corpus.valid", config.corpus.valid if isinstance(config.corpus.valid, str) else None),
-    )
-    for field, path in inputs:
-        if path is not None and (why := unreadable_because(path, config.storage_options)):
-            what = "the listing of validation ids " if field == "corpus.valid" else ""
-            problems.append(f"{field}: {what}{why}")
-    try:
-        ArtifactStore(config.store, config.storage_options).check_writable()
-    except Exception as error:  # noqa: BLE001 - whatever the probe hits is the finding
-        problems.append(f"store: {config.store} cannot be written: {type(error).__name__}: {error}")
-    return problems
 
 
 def command_run(args: argparse.Namespace) -> int:
@@ -50,7 +27,9 @@ def command_run(args: argparse.Namespace) -> int:
     except ConfigError as error:
         print(error, file=sys.stderr)
         return EXIT_USAGE
-    if problems := preflight(config):
+    from tasks.run.preflight import input_problems
+
+    if problems := input_problems(config):
         print(f"invalid configuration in {args.config}:\n  " + "\n  ".join(problems), file=sys.stderr)
         return EXIT_USAGE
     # Our modules' log lines belong in Prefect's run logs too; must be set before Prefect loads.
@@ -58,13 +37,16 @@ def command_run(args: argparse.Namespace) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # The temporary server's 20 s default is too short on a busy machine (the run then fails before it starts).
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-    from flows.pretrain import StopPoint, check_stop_point, pretrain
+    from flows.pretrain import pretrain
     from infra.lease import LeaseHeld
+    from tasks.run.plan import StopPoint, plan, stages_from
 
     try:
-        stop = StopPoint.parse(args.until) if args.until else StopPoint()
+        stop = StopPoint.parse(args.until) if args.until else None
         force = StopPoint.parse(args.force) if args.force else None
-        check_stop_point(stop, config)
+        plan(config, stop)
+        if force is not None:
+            stages_from(config, force)
     except (ValidationError, ValueError) as error:
         print(f"--until/--force: {error}", file=sys.stderr)
         return EXIT_USAGE
@@ -93,9 +75,9 @@ def _console() -> Console:
 
 
 def _print_inspection(run_path: str, storage_options: dict | None = None) -> None:
-    from flows.inspection import inspect_run, render_table
     from infra.commit import open_run
-    from tasks.layout import RunLayout
+    from tasks.audit.inspection import inspect_run, render_table
+    from tasks.run.layout import RunLayout
 
     console = _console()
     status = inspect_run(run_path, storage_options)
@@ -110,7 +92,7 @@ def _print_inspection(run_path: str, storage_options: dict | None = None) -> Non
 
 
 def command_inspect(args: argparse.Namespace) -> int:
-    from flows.inspection import inspect_run, render_table
+    from tasks.audit.inspection import inspect_run, render_table
 
     try:
         status = inspect_run(args.run_path)
@@ -125,7 +107,7 @@ def command_inspect(args: argparse.Namespace) -> int:
 
 
 def command_verify(args: argparse.Namespace) -> int:
-    from flows.verification import verify_run
+    from tasks.audit.verification import verify_run
 
     try:
         checks = verify_run(args.run_path, deep=args.deep)
@@ -150,7 +132,7 @@ def command_verify(args: argparse.Namespace) -> int:
 def command_diff(args: argparse.Namespace) -> int:
     from rich.table import Table
 
-    from flows.diff import diff_iterations, diff_runs
+    from tasks.audit.diff import diff_iterations, diff_runs
 
     if args.iterations:
         result = diff_iterations(args.run_a, *args.iterations)
@@ -174,8 +156,9 @@ def command_diff(args: argparse.Namespace) -> int:
 
 def command_export_labels(args: argparse.Namespace) -> int:
     from infra.commit import open_run, read_record
-    from tasks.exports import ExportError, export_fairseq_labels
-    from tasks.layout import RunLayout
+    from tasks.products import ExportError
+    from tasks.products.fairseq import export_fairseq_labels
+    from tasks.run.layout import RunLayout
 
     store, run = open_run(args.run_path)
     layout = RunLayout(run)
@@ -195,8 +178,9 @@ def command_export_labels(args: argparse.Namespace) -> int:
 
 def command_export(args: argparse.Namespace) -> int:
     from infra.commit import open_run
-    from tasks.exports import ExportError, export_model
-    from tasks.layout import RunLayout
+    from tasks.products import ExportError
+    from tasks.products.export import export_model
+    from tasks.run.layout import RunLayout
 
     store, run = open_run(args.run_path)
     try:
@@ -216,8 +200,8 @@ def command_export(args: argparse.Namespace) -> int:
 
 
 def command_units(args: argparse.Namespace) -> int:
-    from tasks.manifest import ManifestError
-    from tasks.units import BundleError, load_bundle, units
+    from tasks.corpus.manifest import ManifestError
+    from tasks.products.units import BundleError, load_bundle, units
 
     try:
         bundle = load_bundle(args.bundle)  # every digest checked before any work
@@ -264,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("config", help="YAML config (see configs/demo.yaml)")
     run.add_argument(
         "--until", metavar="STAGE[@ITER]",
-        help="stop after this stage (intake, features, kmeans, labels, train) of this iteration (default 1)",
+        help="stop after this stage (intake, features, kmeans, labels, train, profile) of this iteration (default 1)",
     )
     run.add_argument(
         "--force", metavar="STAGE[@ITER]", help="re-run this stage and everything after it, even if committed"

@@ -1,102 +1,70 @@
-"""The pretraining flow: intake once, then each configured iteration's stages, on one Dask cluster.
+"""The pretraining flow: the plan's stages in order (intake once, then each iteration's), on one Dask cluster.
 
-Flows only orchestrate: every stage is declared in `tasks/stages/` and runs as a Prefect task
-(`tasks.stage.stage_task`) that reads its inputs from the artifact store and commits its outputs
-there. Skipping finished work is decided by the store's stage records, not by Prefect's state,
-so wiping Prefect's database costs no finished work.
+Flows only orchestrate: every stage is declared in `tasks/stages/`, and here it runs as a Prefect
+task (`stage_task`) that reads its inputs from the artifact store and commits its outputs there.
+Skipping finished work is decided by the store's stage records, not by Prefect's state, so wiping
+Prefect's database costs no finished work.
 """
 
 from __future__ import annotations
 
-import socket
+import functools
+import itertools
+from typing import Any
 
-from distributed import Client, default_client
-from prefect import flow, get_run_logger, task
+from botocore.exceptions import ConnectionError as BotocoreConnectionError
+from distributed import default_client
+from prefect import Task, flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
 from prefect.runtime import flow_run
-from pydantic import BaseModel, Field
 
 from infra.cluster import dask_client
-from infra.commit import forget_stage
-from infra.digest import digest_json
 from infra.lease import RunLease, check_lease
-from infra.store import ArtifactStore, current_user, utc_now
-from infra.version import code_version
-from tasks.artifacts import load_manifest
-from tasks.config import PretrainConfig, load_config
-from tasks.layout import ITERATION_STAGES, STAGE_ORDER, RunLayout, StageName, scope_name, stage_iteration
-from tasks.pipeline import STAGES, iteration_stages
-from tasks.preflight import check_kmeans_frames
-from tasks.report import build_report, read_records, summary_rows
-from tasks.stage import StageContext, stage_task
+from infra.store import ArtifactStore
+from tasks.audit.report import build_report, summary_rows
+from tasks.run.config import PretrainConfig, load_config
+from tasks.run.layout import RunLayout, StageName, scope_name
+from tasks.run.plan import PlannedStage, StopPoint, plan, stages_from
+from tasks.run.records import RunRecords
+from tasks.run.run_info import forget_stages, write_run_info
+from tasks.run.stage import StageContext, StageSpec, run_stage
+from tasks.stages.catalog import STAGES
 
 
-class StopPoint(BaseModel):
-    """Where a run stops: after `stage` of iteration `iteration` (None: the last iteration)."""
+def is_transient(error: BaseException) -> bool:
+    """Storage and network errors may pass; errors in the data or the config will not.
 
-    stage: StageName = Field(default="train", description="Last stage to run.")
-    iteration: int | None = Field(default=None, ge=1, description="Iteration of that stage; empty: the last.")
-
-    @classmethod
-    def parse(cls, text: str) -> StopPoint:
-        """`STAGE` (the first iteration; `train` alone means every iteration) or `STAGE@ITER`."""
-        stage, _, iteration = text.partition("@")
-        if iteration:
-            return cls(stage=stage, iteration=int(iteration))
-        return cls(stage=stage, iteration=None if stage == "train" else 1)
-
-    def includes(self, stage: StageName, iteration: int, iterations: int) -> bool:
-        last = self.iteration or iterations
-        if iteration != last:
-            return iteration < last
-        return STAGE_ORDER.index(stage) <= STAGE_ORDER.index(self.stage)
+    An error that knows says so itself (`retryable`); a missing file or a refused permission is
+    not retried; other OS and connection errors are."""
+    if (said := getattr(error, "retryable", None)) is not None:
+        return bool(said)
+    if isinstance(error, (FileNotFoundError, PermissionError)):
+        return False
+    return isinstance(error, (OSError, TimeoutError, ConnectionError, BotocoreConnectionError))
 
 
-def config_for_the_record(config: PretrainConfig) -> dict:
-    """The config as given, with storage option values (possibly secrets) replaced by '***'."""
-    dumped = config.model_dump(mode="json")
-    dumped["storage_options"] = {key: "***" for key in config.storage_options}
-    return dumped
+def retry_transient(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect `retry_condition_fn`: retry only transient failures."""
+    try:
+        state.result()
+    except BaseException as error:  # noqa: BLE001 - we only classify it
+        return is_transient(error)
+    return False
 
 
-def write_run_info(store: ArtifactStore, config: PretrainConfig) -> None:
-    recorded = config_for_the_record(config)
-    store.write_json(
-        RunLayout(config.run).run_info,
-        {
-            "run": config.run,
-            "config": recorded,
-            "config_digest": digest_json(recorded),
-            "code_version": code_version(),
-            "started_at": utc_now().isoformat(),
-            "user": current_user(),
-            "host": socket.gethostname(),
-        },
+@functools.cache
+def stage_task(spec: StageSpec) -> Task:
+    """`run_stage` of this stage as a Prefect task: retried on transient errors only, never cached
+    by Prefect (the store's records decide what is done)."""
+    return task(
+        functools.partial(run_stage, spec),
+        name=spec.name,
+        retries=spec.retries,
+        retry_delay_seconds=10,
+        retry_condition_fn=retry_transient,
+        cache_policy=NONE,
     )
-
-
-def stages_from(start: StopPoint, iterations: int) -> list[tuple[StageName, int | None]]:
-    """(stage, iteration) of `start` and of every stage after it: what `--force` re-runs."""
-    ordered = [("intake", None)] + [(stage, i) for i in range(1, iterations + 1) for stage in ITERATION_STAGES]
-    return ordered[ordered.index((start.stage, stage_iteration(start.stage, start.iteration or 1))) :]
-
-
-def force_stages(store: ArtifactStore, config: PretrainConfig, start: StopPoint) -> list[str]:
-    """Forget the records of `start` and everything after it; returns those that existed."""
-    layout = RunLayout(config.run)
-    return [
-        f"{stage}@{scope_name(iteration)}"
-        for stage, iteration in stages_from(start, len(config.iterations))
-        if forget_stage(store, layout.stage_folder(stage, iteration), stage)
-    ]
-
-
-def check_stop_point(stop: StopPoint, config: PretrainConfig) -> None:
-    if stop.iteration is not None and stop.iteration > len(config.iterations):
-        raise ValueError(f"the config has {len(config.iterations)} iteration(s), asked to stop in iteration {stop.iteration}")
-    if stop.iteration is not None and stop.stage not in iteration_stages(config, stop.iteration):
-        raise ValueError(f"iteration {stop.iteration} does not train (its config has no train section)")
 
 
 def artifact_key(run: str, iteration: int) -> str:
@@ -108,33 +76,28 @@ def artifact_key(run: str, iteration: int) -> str:
 @task(name="report", cache_policy=NONE)
 def publish_report(store: ArtifactStore, layout: RunLayout, iteration: int) -> None:
     """Build the iteration's report and show it in Prefect's UI as a markdown and a table artifact."""
-    records = read_records(store, layout, iteration)
-    _, markdown = build_report(store, layout, iteration, records)
+    records = RunRecords(store, layout)
+    _, markdown = build_report(records, iteration)
     key = artifact_key(layout.run, iteration)
     description = f"{layout.run} iteration {iteration}"
     create_markdown_artifact(key=f"{key}-report", markdown=markdown, description=description)
-    create_table_artifact(key=f"{key}-stages", table=summary_rows(records), description=description)
+    create_table_artifact(key=f"{key}-stages", table=summary_rows(records.iteration(iteration)), description=description)
 
 
 @flow(name="iteration", validate_parameters=False)
-def iteration_flow(config: PretrainConfig, iteration: int, stop: StopPoint) -> None:
-    """One HuBERT iteration: features -> k-means -> labels -> train, then its report.
-
-    Runs inside `pretrain`, on its Dask client.
-    """
+def iteration_flow(config: PretrainConfig, iteration: int, stages: list[StageName]) -> None:
+    """One HuBERT iteration's planned stages (features -> k-means -> labels -> train -> profile),
+    then its report. Runs inside `pretrain`, on its Dask client."""
     context = StageContext(config, ArtifactStore(config.store, config.storage_options), default_client(), iteration)
-    for stage in iteration_stages(config, iteration):
-        if not stop.includes(stage, iteration, len(config.iterations)):
-            break
+    for stage in stages:
         check_lease(context.store, context.layout.lease)
         stage_task(STAGES[stage])(context)
     publish_report(context.store, context.layout, iteration)
 
 
-def run_intake(config: PretrainConfig, store: ArtifactStore, client: Client) -> None:
-    """Intake, then the config checks that need the manifest (before any features are computed)."""
-    stage_task(STAGES["intake"])(StageContext(config, store, client))
-    check_kmeans_frames(config, load_manifest(store, RunLayout(config.run)))
+def by_scope(steps: list[PlannedStage]) -> list[tuple[int | None, list[StageName]]]:
+    """The plan cut where its iteration changes: (None, [intake]), (1, [features, ...]), ..."""
+    return [(iteration, [stage for stage, _ in group]) for iteration, group in itertools.groupby(steps, key=lambda step: step[1])]
 
 
 @flow(name="pretrain", validate_parameters=True)
@@ -143,29 +106,31 @@ def pretrain(
 ) -> str:
     """Run (or resume) a pretraining run; returns the run's path in the artifact store.
 
-    `stop` defaults to every stage of every iteration; `force` re-runs that stage and every one
-    after it even where they are committed. The run's lease (infra/lease.py) is taken before
-    anything is written and given back at the end, failed or not: a run another live process
-    holds raises LeaseHeld, or is waited for with `wait_for_lease`.
+    `stop` defaults to every stage of the plan; `force` re-runs that stage and every one after it
+    even where they are committed. The run's lease (infra/lease.py) is taken before anything is
+    written and given back at the end, failed or not: a run another live process holds raises
+    LeaseHeld, or is waited for with `wait_for_lease`.
     """
-    stop = stop or StopPoint()
-    check_stop_point(stop, config)
+    steps = plan(config, stop)
     logger = get_run_logger()
     store = ArtifactStore(config.store, config.storage_options)
     layout = RunLayout(config.run)
     lease = RunLease(store, layout.lease, config.lease.ttl_seconds, flow_run_id=flow_run.id, wait=wait_for_lease)
     with lease:
         if force is not None:
-            logger.info("forcing %s", ", ".join(force_stages(store, config, force)) or "nothing (no stage committed yet)")
+            forgotten = forget_stages(store, layout, stages_from(config, force))
+            logger.info("forcing %s", ", ".join(forgotten) or "nothing (no stage committed yet)")
         write_run_info(store, config)
         with dask_client(**config.dask.model_dump()) as client:
             logger.info("Dask scheduler at %s", client.scheduler.address)
-            run_intake(config, store, client)
-            for iteration in range(1, len(config.iterations) + 1):
-                if stop.includes("features", iteration, len(config.iterations)):
-                    check_lease(store, layout.lease)
+            for iteration, stages in by_scope(steps):
+                check_lease(store, layout.lease)
+                if iteration is None:
+                    for stage in stages:
+                        stage_task(STAGES[stage])(StageContext(config, store, client))
+                else:
                     named = iteration_flow.with_options(flow_run_name=f"{config.run}-{scope_name(iteration)}")
-                    named(config, iteration, stop)
+                    named(config, iteration, stages)
     return store.url(config.run)
 
 

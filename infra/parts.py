@@ -24,6 +24,8 @@ IN_FLIGHT_REFRESH_SECONDS = 5.0
 class PartsFailed(RuntimeError):
     """Some parts of a stage failed; the finished ones are kept for the next run to resume from."""
 
+    retryable = True  # a retry resumes from the parts that finished; a part that fails for a reason in the data fails again, cheaply
+
 
 class InFlightLimit:
     """How many tasks a stage keeps submitted: a few per worker thread, so no worker waits for its

@@ -6,8 +6,8 @@ import soundfile
 import torch
 import torchaudio.functional
 
-from tasks.audio import AudioError, decode_audio, load_audio_16k, resampled_length
-from tasks.manifest import ManifestError, check_unique_ids, list_candidates
+from tasks.corpus.audio import AudioError, decode_audio, load_audio_16k, resampled_length
+from tasks.corpus.manifest import ManifestError, check_unique_ids, list_candidates
 
 
 @pytest.mark.parametrize("rate", [8000, 11025, 22050, 24000, 44100, 48000])

@@ -13,7 +13,7 @@ import pytest
 
 from devtools.demo_corpus import synthesize_demo_corpus
 from infra.store import ArtifactStore
-from tests.conftest import CLI, cli_env, inspect_json, run_cli, write_config
+from tests.support import CLI, cli_env, inspect_json, run_cli, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -32,7 +32,7 @@ def test_run_until_features_then_a_second_run_skips_everything(tmp_path: Path, s
     before = {path: path.read_bytes() for path in records}
     second = run_cli(tmp_path, "run", str(config), "--until", "features")
     assert "intake: committed earlier" in second.stderr and "features@1: committed earlier" in second.stderr
-    assert "Starting temporary server" not in second.stderr  # the session's server (tests/conftest.py)
+    assert "Starting temporary server" not in second.stderr  # the session's server (tests/support.py)
     assert {path: path.read_bytes() for path in records} == before
 
 

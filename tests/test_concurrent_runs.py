@@ -17,8 +17,8 @@ import pytest
 
 from infra.commit import read_record
 from infra.store import ArtifactStore
-from tasks.layout import STAGE_ORDER, RunLayout
-from tests.conftest import CLI, RUNS_BUCKET, cli_env, run_cli
+from tasks.run.layout import STAGE_ORDER, RunLayout
+from tests.support import CLI, RUNS_BUCKET, cli_env, run_cli
 
 STAGES = STAGE_ORDER[:4]  # through labels
 

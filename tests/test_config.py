@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.config import ConfigError, load_config
+from tasks.run.config import ConfigError, load_config
 
 ISSUE_EXAMPLE = """\
 run: demo
@@ -90,17 +90,17 @@ def test_unreadable_and_non_mapping_configs_are_clear_errors(tmp_path: Path) -> 
 
 def test_several_training_machines_need_an_external_cluster(tmp_path: Path) -> None:
     path = tmp_path / "cfg.yaml"
-    path.write_text(ISSUE_EXAMPLE.replace("train: {model: tiny, steps: 200}\n  -", "train: {model: tiny, steps: 200, nnodes: 2}\n  -"))
-    with pytest.raises(ConfigError, match=r"iterations\.0\.train\.nnodes is 2, which needs an external Dask cluster"):
+    path.write_text(ISSUE_EXAMPLE.replace("train: {model: tiny, steps: 200}\n  -", "train: {model: tiny, steps: 200, launch: {nnodes: 2}}\n  -"))
+    with pytest.raises(ConfigError, match=r"iterations\.0\.train\.launch\.nnodes is 2, which needs an external Dask cluster"):
         load_config(path)
     path.write_text(path.read_text().replace("address: null", "address: 'tcp://scheduler:8786'"))
-    assert load_config(path).iterations[0].train.nnodes == 2
+    assert load_config(path).iterations[0].train.launch.nnodes == 2
 
 
 def test_a_scheduler_file_is_an_external_cluster_and_excludes_an_address(tmp_path: Path) -> None:
     path = tmp_path / "cfg.yaml"
     with_file = ISSUE_EXAMPLE.replace("address: null", "scheduler_file: shared/scheduler.json")
-    path.write_text(with_file.replace("train: {model: tiny, steps: 200}\n  -", "train: {model: tiny, steps: 200, nnodes: 2}\n  -"))
+    path.write_text(with_file.replace("train: {model: tiny, steps: 200}\n  -", "train: {model: tiny, steps: 200, launch: {nnodes: 2}}\n  -"))
     config = load_config(path)
     assert config.dask.scheduler_file == str(tmp_path / "shared" / "scheduler.json") and config.dask.is_external
     path.write_text(with_file.replace("scheduler_file:", "address: 'tcp://h:8786', scheduler_file:"))

@@ -20,8 +20,8 @@ from distributed.cli import dask_scheduler, dask_worker
 from prefect.flows import Flow
 
 from infra.cluster import WORKER_MALLOC_ENVIRON
-from tasks.config import load_config
-from tasks.torchrun import TRAIN_NODE_RESOURCE
+from tasks.run.config import load_config
+from tasks.stages.train.launcher import TRAIN_NODE_RESOURCE
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "infra" / "deploy"
@@ -101,7 +101,7 @@ def test_the_prefect_server_runs_the_pinned_prefect() -> None:
 def test_the_cluster_run_config_validates_and_keeps_secrets_out() -> None:
     config = load_config(DEPLOY / "cluster-run.yaml")
     assert config.store.startswith("s3://") and config.dask.is_external
-    assert max(iteration.train.nnodes for iteration in config.iterations) > 1
+    assert max(iteration.train.launch.nnodes for iteration in config.iterations) > 1
     assert not {"key", "secret", "token"} & set(config.storage_options)
 
 

@@ -1,8 +1,8 @@
 from pathlib import Path
 
-from flows.diff import diff_runs
 from infra.commit import Stage
 from infra.store import ArtifactStore, utc_now
+from tasks.audit.diff import diff_runs
 
 
 def commit(root: Path, k: int, features_digest: str) -> None:

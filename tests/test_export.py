@@ -21,21 +21,22 @@ import torch
 import torchaudio
 
 from flows.cli import main
-from flows.inspection import inspect_run
-from flows.pretrain import write_run_info
 from infra.commit import Stage
 from infra.digest import digest_bytes
 from infra.store import ArtifactStore, utc_now
 from model.hubert import build_pretrain_model
 from model.layer_features import extract_layer_features
 from model.presets import HUBERT_CONFIGS, frame_geometry
-from tasks.audio import load_audio_16k
-from tasks.config import PretrainConfig
-from tasks.exports import export_model, fairseq_root
-from tasks.layout import BUNDLE, RunLayout
-from tasks.pipeline import run_through
-from tasks.units import load_bundle, units
-from tests.conftest import run_cli
+from tasks.audit.inspection import inspect_run
+from tasks.corpus.audio import load_audio_16k
+from tasks.products.export import export_model
+from tasks.products.fairseq import fairseq_root
+from tasks.products.units import load_bundle, units
+from tasks.run.config import PretrainConfig
+from tasks.run.layout import BUNDLE, RunLayout
+from tasks.run.run_info import write_run_info
+from tasks.stages.catalog import run_plan
+from tests.support import run_cli
 
 transformers = pytest.importorskip("transformers")
 
@@ -63,7 +64,7 @@ def run(tmp_path_factory: pytest.TempPathFactory, corpus: Path, client) -> tuple
                 {
                     "features": {"kind": "mfcc"},
                     "kmeans": {"k": 8},
-                    "train": {"model": "tiny", "steps": 3, "max_batch_seconds": 4, "max_sample_seconds": 2, "log_every": 1},
+                    "train": {"model": "tiny", "steps": 3, "max_batch_seconds": 4, "max_sample_seconds": 2, "logging": {"log_every": 1}},
                 },
                 {"features": {"kind": "hubert", "layer": LAYER}, "kmeans": {"k": 8}},
             ],
@@ -71,7 +72,7 @@ def run(tmp_path_factory: pytest.TempPathFactory, corpus: Path, client) -> tuple
     )
     store = ArtifactStore(config.store)
     write_run_info(store, config)
-    records = run_through(config, store, client, "labels", iteration=2)
+    records = run_plan(config, store, client, "labels@2")
     assert ("train", 2) not in records
     return config, store
 
@@ -209,7 +210,7 @@ def test_units_of_the_training_corpus_are_the_next_iterations_labels(tmp_path: P
     report = json.loads((out / "report.json").read_text())
     assert report["counts"]["utterances"] == len(lines) == 30 and report["rejected"] == []
 
-    caplog.set_level(logging.INFO, logger="tasks.units")
+    caplog.set_level(logging.INFO, logger="tasks.products.units")
     units(load_bundle(str(folder)), str(corpus), str(out), dedup=True)  # committed: no cluster, only units.jsonl
     assert "committed earlier" in caplog.text
     for plain, collapsed in zip(lines, [json.loads(line) for line in (out / "units.jsonl").read_text().splitlines()]):

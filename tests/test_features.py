@@ -11,12 +11,12 @@ import torchaudio.functional
 import tasks.stages.features
 from infra.parts import PartsFailed
 from infra.store import ArtifactStore
-from tasks.artifacts import load_manifest
-from tasks.config import PretrainConfig, load_config
-from tasks.feature_sources import MfccSource
-from tasks.feature_store import MAX_CHUNK_TASKS, MIN_CHUNK_BYTES, MIN_CHUNK_FRAMES, choose_chunk_frames
-from tasks.layout import RunLayout
-from tests.conftest import run_chain, write_config
+from tasks.frames.sources import MfccSource
+from tasks.frames.store import MAX_CHUNK_TASKS, MIN_CHUNK_BYTES, MIN_CHUNK_FRAMES, choose_chunk_frames
+from tasks.run.config import PretrainConfig, load_config
+from tasks.run.layout import RunLayout
+from tasks.run.records import load_manifest
+from tests.support import run_chain, write_config
 
 
 def reference_features(path: str, dtype: torch.dtype = torch.float32) -> np.ndarray:

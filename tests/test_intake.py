@@ -3,11 +3,11 @@ from pathlib import Path
 import pytest
 
 from infra.store import ArtifactStore
-from tasks.artifacts import load_manifest
-from tasks.config import load_config
-from tasks.layout import RunLayout
-from tasks.manifest import ManifestError
-from tests.conftest import run_chain, write_config
+from tasks.corpus.manifest import ManifestError
+from tasks.run.config import load_config
+from tasks.run.layout import RunLayout
+from tasks.run.records import load_manifest
+from tests.support import run_chain, write_config
 
 
 def test_bad_files_are_reported_and_good_ones_kept(tmp_path: Path, salted_corpus: Path, client) -> None:

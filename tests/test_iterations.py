@@ -9,18 +9,19 @@ import pytest
 import torch
 from sklearn.metrics import normalized_mutual_info_score
 
-from flows.inspection import inspect_run
-from flows.pretrain import write_run_info
 from infra.store import ArtifactStore
 from model.data import map_labels
-from tasks.artifacts import stored_geometry
-from tasks.config import PretrainConfig
-from tasks.layout import RunLayout
-from tasks.pipeline import run_through
-from tasks.verdict import QualityGateFailed
+from tasks.audit.inspection import inspect_run
+from tasks.frames.store import stored_geometry
+from tasks.run.config import PretrainConfig
+from tasks.run.layout import RunLayout
+from tasks.run.run_info import write_run_info
+from tasks.stages.catalog import run_plan
+from tasks.stages.labels.verdict import QualityGateFailed
 
-TRAIN = {"model": "tiny", "steps": 6, "max_batch_seconds": 4, "max_sample_seconds": 2, "checkpoint_every": 6,
-         "log_every": 3, "profile": {"utterances": 24, "k": 12}}
+TRAIN = {"model": "tiny", "steps": 6, "max_batch_seconds": 4, "max_sample_seconds": 2, "io": {"checkpoint_every": 6},
+         "logging": {"log_every": 3}}
+PROFILE = {"utterances": 24, "k": 12}
 
 
 def two_iterations(tmp_path: Path, corpus: Path, name: str, **top: object) -> PretrainConfig:
@@ -30,8 +31,8 @@ def two_iterations(tmp_path: Path, corpus: Path, name: str, **top: object) -> Pr
             "store": str(tmp_path / name),
             "corpus": {"source": str(corpus / "manifest.jsonl"), "alignments": str(corpus / "align")},
             "iterations": [
-                {"features": {"kind": "mfcc", "chunk_frames": 4096}, "kmeans": {"k": 12}, "train": TRAIN},
-                {"features": {"kind": "hubert", "layer": "auto", "chunk_frames": 4096}, "kmeans": {"k": 10}, "train": TRAIN},
+                {"features": {"kind": "mfcc", "chunk_frames": 4096}, "kmeans": {"k": 12}, "train": TRAIN, "profile": PROFILE},
+                {"features": {"kind": "hubert", "layer": "auto", "chunk_frames": 4096}, "kmeans": {"k": 10}, "train": TRAIN, "profile": PROFILE},
             ],
             **top,
         }
@@ -44,13 +45,13 @@ def measured_run(tmp_path_factory: pytest.TempPathFactory, demo_corpus: Path, cl
     config = two_iterations(tmp_path_factory.mktemp("iterations"), demo_corpus, "runs")
     store = ArtifactStore(config.store)
     write_run_info(store, config)
-    records = run_through(config, store, client, "labels", iteration=2)
+    records = run_plan(config, store, client, "labels@2")
     return config, store, records
 
 
 def test_the_layer_profile_measures_every_layer_and_auto_takes_the_best(measured_run) -> None:
     _, _, records = measured_run
-    profile = records[("train", 1)].metrics["layer_profile"]
+    profile = records[("profile", 1)].metrics
     assert [row["layer"] for row in profile["layers"]] == [1, 2, 3, 4, 5, 6]
     assert profile["utterances"] == 24 and profile["k"] == 12
     for row in [*profile["layers"], profile["mfcc"]]:
@@ -90,7 +91,7 @@ def test_the_quality_gate_stops_a_run_before_training_on_worse_labels(tmp_path: 
     config, store, records = measured_run
     gated = PretrainConfig.model_validate({**config.model_dump(), "quality_gate": {"min_pnmi_gain": 0.9}})  # a gain no run reaches
     with pytest.raises(QualityGateFailed) as failure:
-        run_through(gated, store, client, "train", iteration=2)
+        run_plan(gated, store, client, "train@2")
     pnmi = [records[("labels", i)].metrics["quality"]["pnmi"] for i in (1, 2)]
     message = str(failure.value)
     assert f"{pnmi[1]:.4f}" in message and f"{pnmi[0]:.4f}" in message and "min_pnmi_gain" in message

@@ -14,9 +14,9 @@ from model.kmeans import (
     nearest_centroids,
     reduce_partials,
 )
-from tasks.artifacts import load_centroids
-from tasks.layout import RunLayout
-from tests.conftest import demo_config, run_chain
+from tasks.run.layout import RunLayout
+from tasks.run.records import load_centroids
+from tests.support import demo_config, run_chain
 
 
 def fitted(tmp_path: Path, corpus: Path, client, name: str = "runs", **kmeans):

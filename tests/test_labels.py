@@ -6,12 +6,13 @@ import pytest
 import tasks.stages.labels
 from infra.store import ArtifactStore
 from model.quality import LabelTally, PhoneSegments, frame_segments, phone_measures
-from tasks.alignments import read_alignment
-from tasks.artifacts import load_centroids, stored_geometry
-from tasks.exports import export_fairseq_labels
-from tasks.layout import RunLayout
-from tasks.stages.labels import FrameCountMismatch, StoredFrames, check_frame_counts
-from tests.conftest import KillWorkerAtFirstTask, demo_config, run_chain
+from tasks.corpus.alignments import read_alignment
+from tasks.frames.store import stored_geometry
+from tasks.products.fairseq import export_fairseq_labels
+from tasks.run.layout import RunLayout
+from tasks.run.records import load_centroids
+from tasks.stages.labels.stage import FrameCountMismatch, StoredFrames, check_frame_counts
+from tests.support import KillWorkerAtFirstTask, demo_config, run_chain
 
 
 def labelled(tmp_path: Path, corpus: Path, client, name: str = "runs", **kmeans):

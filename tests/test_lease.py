@@ -13,8 +13,8 @@ import pytest
 
 from infra.lease import LeaseHeld, LeaseLost, RunLease
 from infra.store import ArtifactStore, VersionMismatch
-from tasks.layout import RunLayout
-from tests.conftest import RUNS_BUCKET
+from tasks.run.layout import RunLayout
+from tests.support import RUNS_BUCKET
 
 LEASE = RunLayout("r").lease
 

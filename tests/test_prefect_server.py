@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, prefect_api_url
+from tests.support import REPO, prefect_api_url
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
@@ -19,7 +19,7 @@ BIN = Path(sys.executable).parent
 
 @pytest.fixture
 def prefect_server(tmp_path: Path) -> dict[str, str]:
-    """The environment of a Prefect client of the session's real server (tests/conftest.py)."""
+    """The environment of a Prefect client of the session's real server (tests/support.py)."""
     env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
     env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_API_URL=prefect_api_url())
     return env

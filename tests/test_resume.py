@@ -14,13 +14,13 @@ import pytest
 import torch
 
 from infra.store import ArtifactStore
-from tests.conftest import CLI, cli_env, inspect_json, run_cli
+from tests.support import CLI, cli_env, inspect_json, run_cli
 
 pytestmark = pytest.mark.slow
 
 
 def two_iteration_config(path: Path, corpus: Path, store: Path) -> Path:
-    train = "{model: tiny, steps: 12, learning_rate: 0.002, max_batch_seconds: 4, max_sample_seconds: 2, checkpoint_every: 3, log_every: 3, profile: {enabled: false}}"
+    train = "{model: tiny, steps: 12, learning_rate: 0.002, max_batch_seconds: 4, max_sample_seconds: 2, io: {checkpoint_every: 3}, logging: {log_every: 3}}"
     path.write_text(
         f"""run: r
 store: {store}
@@ -30,9 +30,11 @@ iterations:
   - features: {{kind: mfcc, chunk_frames: 1024}}
     kmeans: {{k: 12, max_iter: 30}}
     train: {train}
+    profile: {{enabled: false}}
   - features: {{kind: hubert, layer: 2, chunk_frames: 1024}}
     kmeans: {{k: 8, max_iter: 30}}
     train: {train}
+    profile: {{enabled: false}}
 """
     )
     return path

@@ -34,13 +34,23 @@ from devtools.seaweed import S3Server, die_with_parent, find_weed, free_ports
 from infra.cluster import WORKER_MALLOC_ENVIRON, dask_client
 from infra.parts import PartsFailed
 from infra.store import ArtifactStore
-from tasks.artifacts import load_centroids
-from tasks.config import PretrainConfig
-from tasks.layout import RunLayout
-from tasks.pipeline import STAGES
-from tasks.stage import StageContext, run_stage
-from tasks.torchrun import TRAIN_NODE_RESOURCE
-from tests.conftest import NO_WEED, RUNS_BUCKET, Chain, KillWorkerAtFirstTask, first_to_claim, objects_under, run_chain, run_cli
+from tasks.run.config import PretrainConfig
+from tasks.run.layout import RunLayout
+from tasks.run.records import load_centroids
+from tasks.run.stage import StageContext, run_stage
+from tasks.stages.catalog import STAGES
+from tasks.stages.train.launcher import TRAIN_NODE_RESOURCE
+from tests.support import (
+    NO_WEED,
+    RUNS_BUCKET,
+    Chain,
+    KillWorkerAtFirstTask,
+    first_to_claim,
+    objects_under,
+    run_chain,
+    run_cli,
+    with_settings,
+)
 
 pytestmark = pytest.mark.skipif(find_weed() is None, reason=NO_WEED)
 
@@ -210,7 +220,7 @@ Outcome = Chain
 
 
 def run_stages(config: PretrainConfig, client: Client, last: str = "labels") -> Outcome:
-    """The stages in order up to `last`, as every test module runs them (tests/conftest.py)."""
+    """The stages in order up to `last`, as every test module runs them (tests/support.py)."""
     return run_chain(config, client, last)
 
 
@@ -328,7 +338,7 @@ def test_the_store_round_trips_on_s3(s3: S3Server) -> None:
 @pytest.fixture(scope="module")
 def s3_outcome(s3: S3Server, s3_corpus: str, external_client: Client) -> Outcome:
     """Intake to labels on S3 through the external cluster, with credentials from the config alone."""
-    from flows.pretrain import write_run_info
+    from tasks.run.run_info import write_run_info
 
     assert worker_environ(external_client, "AWS_SECRET_ACCESS_KEY") == {None}  # options alone must do
     config = pipeline_config("explicit", f"s3://{RUNS_BUCKET}/pipeline", s3_corpus, s3.storage_options())
@@ -367,7 +377,7 @@ class WorkerEnviron(WorkerPlugin):
 def test_credentials_can_come_from_the_environment_alone(
     s3: S3Server, s3_corpus: str, external_client: Client, reference: Outcome, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from flows.pretrain import write_run_info
+    from tasks.run.run_info import write_run_info
 
     for name, value in s3.env().items():
         monkeypatch.setenv(name, value)
@@ -481,9 +491,7 @@ def test_an_external_worker_killed_during_the_feature_stage_does_not_stop_it(
 
 
 def with_train(config: PretrainConfig, **settings) -> PretrainConfig:
-    [iteration] = config.iterations
-    train = iteration.train.model_copy(update=settings)
-    return config.model_copy(update={"iterations": [iteration.model_copy(update={"train": train})]})
+    return with_settings(config, 1, train=settings)
 
 
 @pytest.mark.slow
@@ -491,12 +499,12 @@ def test_training_on_two_machines_through_dask_equals_two_processes_on_one(
     s3: S3Server, external_client: Client, external_cluster: ExternalCluster, s3_outcome: Outcome, reference: Outcome
 ) -> None:
     """nnodes=2: one torchrun per `train_node` worker, meeting at a c10d rendezvous, reading S3."""
-    short = {"steps": 4, "checkpoint_every": 2, "log_every": 2, "max_batch_seconds": 4, "max_sample_seconds": 2}
+    short = {"steps": 4, "io": {"checkpoint_every": 2}, "logging": {"log_every": 2}, "max_batch_seconds": 4, "max_sample_seconds": 2}
     [port] = free_ports(1)
-    two_machines = with_train(s3_outcome.config, nnodes=2, nproc=1, rdzv_port=port, **short)
+    two_machines = with_train(s3_outcome.config, launch={"nnodes": 2, "nproc": 1, "rdzv_port": port}, **short)
     two_machines = two_machines.model_copy(update={"dask": two_machines.dask.model_copy(update={"address": external_cluster.address})})
     on_s3 = run_stage(STAGES["train"], StageContext(two_machines, s3_outcome.store, external_client, 1))
-    one_machine = with_train(reference.config, nproc=2, **short)
+    one_machine = with_train(reference.config, launch={"nproc": 2}, **short)
     local = run_stage(STAGES["train"], StageContext(one_machine, reference.store, None, 1))
 
     assert on_s3.counts == {"steps": 4, "processes": 2, "machines": 2}
@@ -509,12 +517,12 @@ def test_training_on_two_machines_through_dask_equals_two_processes_on_one(
 
 def two_iteration_yaml(run: str, store: str, corpus: str, dask: str, storage_options: dict) -> str:
     """Two iterations (MFCC, then layer 2 of tiny) with a few training steps each."""
-    train = "{model: tiny, steps: 6, max_batch_seconds: 4, max_sample_seconds: 2, checkpoint_every: 3, log_every: 3, profile: {enabled: false}}"
+    train = "{model: tiny, steps: 6, max_batch_seconds: 4, max_sample_seconds: 2, io: {checkpoint_every: 3}, logging: {log_every: 3}}"
     return (
         f"run: {run}\nstore: {store}\nstorage_options: {json.dumps(storage_options)}\n"
         f"corpus: {{source: {corpus}/wav, alignments: {corpus}/align}}\ndask: {dask}\niterations:\n"
-        f"  - features: {{kind: mfcc, chunk_frames: {CHUNK_FRAMES}}}\n    kmeans: {{k: {K}}}\n    train: {train}\n"
-        f"  - features: {{kind: hubert, layer: 2, chunk_frames: {CHUNK_FRAMES}}}\n    kmeans: {{k: 6}}\n    train: {train}\n"
+        f"  - features: {{kind: mfcc, chunk_frames: {CHUNK_FRAMES}}}\n    kmeans: {{k: {K}}}\n    train: {train}\n    profile: {{enabled: false}}\n"
+        f"  - features: {{kind: hubert, layer: 2, chunk_frames: {CHUNK_FRAMES}}}\n    kmeans: {{k: 6}}\n    train: {train}\n    profile: {{enabled: false}}\n"
     )
 
 

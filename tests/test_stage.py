@@ -4,8 +4,8 @@ from pathlib import Path
 
 from infra.commit import Stage
 from infra.store import ArtifactStore, utc_now
-from tasks.config import PretrainConfig
-from tasks.stage import StageContext
+from tasks.run.config import PretrainConfig
+from tasks.run.stage import StageContext
 
 
 def commit_intake(store: ArtifactStore, context: StageContext, digest: str) -> None:

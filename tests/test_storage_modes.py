@@ -11,24 +11,27 @@ import numpy as np
 import pytest
 from rich.console import Console
 
-from flows.inspection import inspect_run, render_table
-from flows.pretrain import write_run_info
-from flows.verification import verify_run
 from infra.store import ArtifactStore
 from model.kmeans import nearest_centroids
-from tasks.artifacts import load_centroids, stored_geometry
-from tasks.chunks import chunk_grid, frame_offsets
-from tasks.config import FeaturesConfig, PretrainConfig
-from tasks.feature_sources import MfccSource
-from tasks.layout import RunLayout
-from tasks.pipeline import run_through
-from tasks.stages.labels import FrameCountMismatch, LabelFeatures, StoredFrames, check_frame_counts, plan_label_jobs
-from tests.conftest import Chain, run_chain
+from tasks.audit.inspection import inspect_run, render_table
+from tasks.audit.verification import verify_run
+from tasks.frames.chunks import chunk_grid, frame_offsets
+from tasks.frames.sources import MfccSource
+from tasks.frames.store import stored_geometry
+from tasks.run.config import PretrainConfig
+from tasks.run.keys import key_settings
+from tasks.run.layout import RunLayout
+from tasks.run.records import load_centroids
+from tasks.run.run_info import write_run_info
+from tasks.run.sections import FeaturesConfig
+from tasks.stages.catalog import run_plan
+from tasks.stages.labels.stage import FrameCountMismatch, LabelFeatures, StoredFrames, check_frame_counts, plan_label_jobs
+from tests.support import Chain, run_chain
 
 LAYOUT = RunLayout("t")
 TINY_TRAIN = {
-    "model": "tiny", "steps": 4, "max_batch_seconds": 4, "max_sample_seconds": 2, "checkpoint_every": 4,
-    "log_every": 2, "profile": {"enabled": False},
+    "model": "tiny", "steps": 4, "max_batch_seconds": 4, "max_sample_seconds": 2, "io": {"checkpoint_every": 4},
+    "logging": {"log_every": 2},
 }
 
 
@@ -45,6 +48,7 @@ def mfcc_iteration(k: int = 16, **features: Any) -> dict[str, Any]:
         "features": {"kind": "mfcc", "chunk_frames": 2048, **features},
         "kmeans": {"k": k, "sample_fraction": 0.3, "seed": 1},
         "train": TINY_TRAIN,
+        "profile": {"enabled": False},
     }
 
 
@@ -63,14 +67,14 @@ def deep_findings(chain: Chain) -> dict[str, list[str]]:
 
 
 def test_storage_settings_at_their_defaults_leave_the_key_as_it_was() -> None:
-    assert FeaturesConfig(kind="mfcc", chunk_frames=2048).key_dump() == {"kind": "mfcc", "layer": None, "chunk_frames": 2048}
-    assert FeaturesConfig(kind="mfcc", dtype="float16").key_dump() == {
+    assert key_settings(FeaturesConfig(kind="mfcc", chunk_frames=2048)) == {"kind": "mfcc", "layer": None, "chunk_frames": 2048}
+    assert key_settings(FeaturesConfig(kind="mfcc", dtype="float16")) == {
         "kind": "mfcc", "layer": None, "chunk_frames": None, "dtype": "float16",
     }
 
 
 def test_keeping_a_sample_of_everything_is_refused_before_work() -> None:
-    iteration = {"features": {"kind": "mfcc", "keep": "sample"}, "kmeans": {"k": 8}, "train": TINY_TRAIN}
+    iteration = {"features": {"kind": "mfcc", "keep": "sample"}, "kmeans": {"k": 8}, "train": TINY_TRAIN, "profile": {"enabled": False}}
     with pytest.raises(ValueError, match="keep 'sample' stores only the frames k-means fits on"):
         config_for(Path("/tmp/unused"), Path("/tmp/unused"), [iteration])
     capped = {**iteration, "kmeans": {"k": 8, "max_frames": 5000}}
@@ -197,12 +201,12 @@ def test_layer_features_of_a_tiny_model_kept_as_a_float16_sample_give_the_labels
 
     source = demo_corpus / "wav"
     sample_config = config_for(tmp_path / "sample", source, [mfcc_iteration(chunk_frames=4096), second("sample")])
-    run_through(sample_config, ArtifactStore(sample_config.store), client, "train", iteration=1)
+    run_plan(sample_config, ArtifactStore(sample_config.store), client, "train@1")
     shutil.copytree(tmp_path / "sample", tmp_path / "all")
     sample_store = ArtifactStore(sample_config.store)
-    sample = run_through(sample_config, sample_store, client, "labels", iteration=2)
+    sample = run_plan(sample_config, sample_store, client, "labels@2")
     all_config = config_for(tmp_path / "all", source, [mfcc_iteration(chunk_frames=4096), second("all")])
-    everything = run_through(all_config, ArtifactStore(all_config.store), client, "labels", iteration=2)
+    everything = run_plan(all_config, ArtifactStore(all_config.store), client, "labels@2")
     assert everything[("train", 1)] == sample[("train", 1)]  # iteration 1 was copied, not redone
 
     whole = ArtifactStore(all_config.store).open_zarr(LAYOUT.features_store(2), "r")

@@ -9,7 +9,7 @@ import pytest
 from infra.commit import Stage
 from infra.store import ArtifactStore, utc_now
 from infra.zarr_io import read_row_chunks
-from tests.conftest import RUNS_BUCKET, objects_under
+from tests.support import RUNS_BUCKET, objects_under
 
 
 @pytest.fixture(params=["local", "s3"])

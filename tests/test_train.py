@@ -18,15 +18,15 @@ from model.frames import FrameGeometry
 from model.hubert import build_pretrain_model
 from model.presets import HUBERT_CONFIGS, hop, receptive_field
 from model.trainer import train
-from tasks.artifacts import load_manifest
-from tasks.config import PretrainConfig
-from tasks.feature_sources import HubertLayerSource, layer_source
-from tasks.layer_profile import layer_profile
-from tasks.layout import RunLayout
-from tasks.pipeline import STAGES
-from tasks.stage import StageContext, run_stage
-from tasks.training import StoreCheckpoints, StoreUtteranceSource, trainer_settings
-from tests.conftest import run_chain
+from tasks.frames.sources import HubertLayerSource, layer_source
+from tasks.run.config import PretrainConfig
+from tasks.run.layout import RunLayout
+from tasks.run.records import load_manifest
+from tasks.run.stage import StageContext, run_stage
+from tasks.stages.catalog import STAGES
+from tasks.stages.profile import layer_profile
+from tasks.stages.train.rank import StoreCheckpoints, StoreUtteranceSource, trainer_settings
+from tests.support import run_chain, with_settings
 
 TINY = HUBERT_CONFIGS["tiny"]
 
@@ -34,16 +34,16 @@ TINY = HUBERT_CONFIGS["tiny"]
 def labelled_config(tmp_path: Path, corpus: Path, name: str = "runs", **train: object) -> PretrainConfig:
     # The demo's recipe (unmasked frames weighted too), short: enough to learn and to beat untrained layers.
     settings = {"model": "tiny", "steps": 150, "learning_rate": 1e-3, "unmasked_weight": 1.0, "max_batch_seconds": 8,
-                "max_sample_seconds": 4, "checkpoint_every": 150, "log_every": 50,
-                "profile": {"utterances": 40, "k": 50}, **train}
+                "max_sample_seconds": 4, "io": {"checkpoint_every": 150}, "logging": {"log_every": 50}, **train}
+    profile = {"utterances": 40, "k": 50}
     return PretrainConfig.model_validate(
         {
             "run": "t",
             "store": str(tmp_path / name),
             "corpus": {"source": str(corpus / "wav"), "alignments": str(corpus / "align")},
             "iterations": [
-                {"features": {"kind": "mfcc"}, "kmeans": {"k": 50}, "train": settings},
-                {"features": {"kind": "hubert", "layer": 2}, "kmeans": {"k": 8}, "train": settings},
+                {"features": {"kind": "mfcc"}, "kmeans": {"k": 50}, "train": settings, "profile": profile},
+                {"features": {"kind": "hubert", "layer": 2}, "kmeans": {"k": 8}, "train": settings, "profile": profile},
             ],
         }
     )
@@ -116,7 +116,7 @@ def test_prefetched_batches_equal_batches_read_in_the_step_across_epochs(labelle
 def test_a_resumed_run_gives_the_uninterrupted_loss_curve(labelled_store, tmp_path: Path) -> None:
     """Prefetching (2 batches ahead when interrupted, 3 when resumed) trains exactly as reading in the step."""
     _, store, _ = labelled_store
-    settings = trainer_settings(labelled_config(tmp_path, Path("."), steps=8, checkpoint_every=4, log_every=1).iterations[0].train)
+    settings = trainer_settings(labelled_config(tmp_path, Path("."), steps=8, io={"checkpoint_every": 4}, logging={"log_every": 1}).iterations[0].train)
 
     straight_model = fresh_model()
     straight = train(straight_model, stream_for(store, prefetch=0)[0], settings, StoreCheckpoints(store, "ckpt-a"),
@@ -150,7 +150,7 @@ def test_an_utterance_that_fails_to_load_in_the_background_is_named(labelled_sto
     broken = utterances[source.rows[second_batch[0]]]
     (tmp_path / "broken.wav").write_bytes(b"RIFF" + bytes(200))
     utterances[source.rows[second_batch[0]]] = broken.model_copy(update={"path": str(tmp_path / "broken.wav")})
-    settings = trainer_settings(labelled_config(tmp_path, Path("."), steps=4, checkpoint_every=4, log_every=1).iterations[0].train)
+    settings = trainer_settings(labelled_config(tmp_path, Path("."), steps=4, io={"checkpoint_every": 4}, logging={"log_every": 1}).iterations[0].train)
     steps_done = []
     with pytest.raises(UtteranceLoadError, match=re.escape(f"{broken.id} ({tmp_path / 'broken.wav'}): AudioError: unreadable")):
         train(fresh_model(), stream_for(store, utterances=utterances)[0], settings, StoreCheckpoints(store, "ckpt-broken"),
@@ -168,8 +168,8 @@ def test_tiny_learns_its_layers_beat_untrained_ones_and_feed_the_next_iteration(
     assert store.exists("t/iter-1/model/final.pt") and len(store.list_names("t/iter-1/model/checkpoints")) <= 2
     assert run("train", config, store, 1, client) == record
     assert 0 <= metrics["data_wait_share"] < 1
-    iterations = [it.model_copy(update={"train": it.train.model_copy(update={"prefetch_batches": 0})}) for it in config.iterations]
-    assert run("train", config.model_copy(update={"iterations": iterations}), store, 1, client) == record  # not in the key
+    reading_in_the_step = with_settings(config, 1, train={"io": {"prefetch_batches": 0}})
+    assert run("train", reading_in_the_step, store, 1, client) == record  # not in the key
 
     # The layers must have learnt something: the best layer's PNMI clearly above the same
     # architecture's untrained, measured on the same sample against the same MFCC reference.
@@ -181,9 +181,9 @@ def test_tiny_learns_its_layers_beat_untrained_ones_and_feed_the_next_iteration(
     store.write_bytes(untrained_weights, buffer.getvalue())
     untrained = layer_profile(
         client, [HubertLayerSource(store, untrained_weights, "untrained", layer, TINY) for layer in range(1, 7)],
-        load_manifest(store, RunLayout("t")), config.iterations[0].train.profile, config.corpus.alignments, {},
+        load_manifest(store, RunLayout("t")), config.iterations[0].profile, config.corpus.alignments, {},
     )
-    trained = metrics["layer_profile"]
+    trained = run("profile", config, store, 1, client).metrics
     best = {name: max(row["pnmi"] for row in profile["layers"]) for name, profile in (("trained", trained), ("untrained", untrained))}
     assert trained["mfcc"]["pnmi"] == pytest.approx(untrained["mfcc"]["pnmi"])
     assert best["trained"] > best["untrained"] + 0.05, best
@@ -205,12 +205,10 @@ def test_tiny_learns_its_layers_beat_untrained_ones_and_feed_the_next_iteration(
 @pytest.mark.slow
 def test_torchrun_with_two_cpu_processes_trains_and_checkpoints_once(labelled_store, tmp_path: Path, capfd) -> None:
     config, store, labels = labelled_store
-    config = config.model_copy(update={"iterations": [
-        config.iterations[0].model_copy(update={"train": config.iterations[0].train.model_copy(update={
-            "nproc": 2, "steps": 4, "checkpoint_every": 2, "log_every": 2,
-            "profile": config.iterations[0].train.profile.model_copy(update={"enabled": False}),
-        })})
-    ]})
+    config = with_settings(
+        config, 1, train={"launch": {"nproc": 2}, "steps": 4, "io": {"checkpoint_every": 2}, "logging": {"log_every": 2}},
+        profile={"enabled": False},
+    )
     # a separate copy of iteration 1 so the module's trained model is left alone
     store.fs.copy(store.path(config.run), store.path("ddp"), recursive=True)
     config = config.model_copy(update={"run": "ddp"})

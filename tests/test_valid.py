@@ -14,7 +14,6 @@ import pytest
 import torch
 
 from flows.cli import preflight
-from flows.inspection import stage_status
 from infra.commit import read_record
 from infra.digest import digest_bytes
 from model.data import BatchShape, BatchStream
@@ -22,14 +21,15 @@ from model.hubert import LABEL_DEPENDENT, build_pretrain_model
 from model.kmeans import nearest_centroids
 from model.presets import HUBERT_CONFIGS, frame_geometry
 from model.trainer import train
-from tasks.artifacts import load_centroids
-from tasks.config import ConfigError, PretrainConfig, load_config
-from tasks.manifest import Utterance, manifest_to_jsonl
-from tasks.pipeline import STAGES
-from tasks.splits import assign_splits, hash_fraction, read_id_listing
-from tasks.stage import StageContext, run_stage
-from tasks.training import StoreCheckpoints, StoreUtteranceSource, initial_model, trainer_settings, validation_for
-from tests.conftest import Chain, demo_config, run_chain
+from tasks.audit.inspection import stage_status
+from tasks.corpus.manifest import Utterance, manifest_to_jsonl
+from tasks.corpus.splits import assign_splits, hash_fraction, read_id_listing
+from tasks.run.config import ConfigError, PretrainConfig, load_config
+from tasks.run.records import load_centroids
+from tasks.run.stage import StageContext, run_stage
+from tasks.stages.catalog import STAGES
+from tasks.stages.train.rank import StoreCheckpoints, StoreUtteranceSource, initial_model, trainer_settings, validation_for
+from tests.support import Chain, demo_config, run_chain
 
 
 def valid_config(tmp_path: Path, corpus: Path, name: str, valid: float | str | None = 0.25, **kmeans: object) -> PretrainConfig:
@@ -123,8 +123,8 @@ def test_a_listing_of_validation_ids_picks_them(tmp_path: Path) -> None:
 
 
 TINY = HUBERT_CONFIGS["tiny"]
-TRAIN = {"model": "tiny", "steps": 6, "max_batch_seconds": 6, "max_sample_seconds": 3, "checkpoint_every": 3,
-         "log_every": 1, "valid_every": 2}
+TRAIN = {"model": "tiny", "steps": 6, "max_batch_seconds": 6, "max_sample_seconds": 3, "io": {"checkpoint_every": 3},
+         "logging": {"log_every": 1, "valid_every": 2}}
 
 
 def two_iterations(chain: Chain, second_train: dict | None = None) -> PretrainConfig:
@@ -241,8 +241,8 @@ iterations:
         ("valid: 0.1", "valid: 0.7", "corpus.valid: Value error, a validation fraction must be in (0, 0.5], got 0.7"),
         ("valid: 0.1", "valid: 0.1, valid_seed: -1", "corpus.valid_seed: Input should be greater than or equal to 0"),
         ("valid: 0.1", "valid: ids.txt, valid_seed: 3", "corpus: Value error, valid_seed is 3, but it only picks a fractional"),
-        ("steps: 10}\n  -", "steps: 10, valid_every: 0}\n  -", "iterations.0.train.valid_every: Input should be greater than or equal to 1"),
-        (", valid: 0.1", "", "iterations.0.train.valid_every: there is no validation split"),
+        ("steps: 10}\n  -", "steps: 10, logging: {valid_every: 0}}\n  -", "iterations.0.train.logging.valid_every: Input should be greater than or equal to 1"),
+        (", valid: 0.1", "", "iterations.0.train.logging.valid_every: there is no validation split"),
         ("steps: 10}\n  -", "steps: 10, weights_for_next: last}\n  -", "iterations.0.train.weights_for_next: Input should be 'best' or 'final'"),
         (", valid: 0.1", "", "iterations.0.train.weights_for_next: 'best' is chosen by validation loss, and there is no validation split"),
         ("steps: 10}\n  -", "steps: 10, init: warm}\n  -", "iterations.0.train.init: 'warm' starts from the previous iteration's weights"),
@@ -255,7 +255,7 @@ def test_each_new_setting_is_checked_before_work_starts_naming_its_field(tmp_pat
     if "no validation split" in expected and "weights_for_next" in expected:
         text = text.replace("steps: 10}\n  -", "steps: 10, weights_for_next: best}\n  -", 1)
     if "no validation split" in expected and "valid_every" in expected:
-        text = text.replace("steps: 10}\n  -", "steps: 10, valid_every: 5}\n  -", 1)
+        text = text.replace("steps: 10}\n  -", "steps: 10, logging: {valid_every: 5}}\n  -", 1)
     assert text != BASE_CONFIG
     path = tmp_path / "cfg.yaml"
     path.write_text(text)

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from flows.verification import verify_run
-from tests.conftest import demo_config, run_chain, run_cli
+from tasks.audit.verification import verify_run
+from tests.support import demo_config, run_chain, run_cli
 
 
 def findings(run_path: Path, deep: bool = False) -> dict[str, list[str]]:

@@ -4,7 +4,7 @@
 utterances concatenated in manifest order), `offsets` [n_utts + 1] int64 and `utt_ids` [n_utts];
 its attributes record the feature kind, dim, frame rate, chunking, dtype and what it keeps. With
 `features.keep: sample` it holds only the training utterances k-means fits on
-(tasks/feature_store.py chooses them), with their own offsets and `utt_indices`, their places in
+(tasks/frames/store.py chooses them), with their own offsets and `utt_indices`, their places in
 the manifest; the label stage computes the others' features when it labels them.
 
 Frame counts follow from sample counts, so the whole layout is known before any audio is read.
@@ -14,7 +14,7 @@ writes the whole chunk, then leaves a marker with the chunk's digest. No two wri
 the same chunk, and a stage cut off halfway resumes from its marked chunks. The values do not
 depend on the number of workers or on resumes.
 
-The feature source (tasks/feature_sources.py) is MFCC at iteration 1 and a layer of the previous
+The feature source (tasks/frames/sources.py) is MFCC at iteration 1 and a layer of the previous
 iteration's model after; the store's layout is the same.
 """
 
@@ -33,13 +33,22 @@ from infra.digest import digest_array, digest_bytes, digest_digests, digest_json
 from infra.parts import run_parts
 from infra.zarr_io import EmptyArray, create_zarr_group
 from model.frames import SAMPLE_RATE
-from tasks.artifacts import load_manifest, stored_chunk_digests
-from tasks.chunks import ChunkJob, frame_offsets, plan_chunks
-from tasks.feature_sources import FeatureSource, compute_chunk
-from tasks.feature_store import as_stored, chosen_layer, feature_source, grid_chunk_frames, kmeans_sample, model_input
-from tasks.layout import FEATURES_STORE
-from tasks.manifest import Utterance
-from tasks.stage import CommittedStage, StageContext, StageResult, StageSpec
+from tasks.corpus.manifest import Utterance
+from tasks.frames.chunks import ChunkJob, frame_offsets, plan_chunks
+from tasks.frames.sources import FeatureSource, compute_chunk
+from tasks.frames.store import (
+    as_stored,
+    chosen_layer,
+    feature_source,
+    grid_chunk_frames,
+    kmeans_sample,
+    model_input,
+    stored_chunk_digests,
+)
+from tasks.run.keys import key_settings
+from tasks.run.layout import FEATURES_STORE
+from tasks.run.records import load_manifest
+from tasks.run.stage import CommittedStage, StageContext, StageResult, StageSpec
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +103,7 @@ def features_key_config(context: StageContext) -> dict[str, Any]:
     """The features section (its storage settings where not defaults) and the source; with `keep:
     sample` also the k-means settings that choose the sample."""
     settings = context.settings.features
-    config = {**settings.key_dump(), "source": feature_source(context).describe()}
+    config = {**key_settings(settings), "source": feature_source(context).describe()}
     if settings.keep == "sample":
         kmeans = context.settings.kmeans
         config["sample"] = {"sample_fraction": kmeans.sample_fraction, "max_frames": kmeans.max_frames, "seed": kmeans.seed}

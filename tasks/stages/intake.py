@@ -1,4 +1,4 @@
-"""Stage: corpus intake. Lists the source, probes every file in parallel on Dask (tasks/probing.py), writes the manifest.
+"""Stage: corpus intake. Lists the source, probes every file in parallel on Dask (tasks/corpus/checks.py), writes the manifest.
 
 One bad file never stops a corpus: unreadable, empty, truncated, non-finite (NaN or Inf samples),
 silent, too short or mismatching files go into `corpus/intake_report.json` with their reason and
@@ -15,20 +15,21 @@ from typing import Any
 from infra.commit import Stage, StageRecord
 from infra.digest import digest_bytes
 from infra.paths import fingerprint_source, read_whole
-from tasks.layout import INTAKE_REPORT, MANIFEST
-from tasks.manifest import AUDIO_SUFFIXES, ManifestError, check_unique_ids, list_candidates, manifest_to_jsonl
-from tasks.probing import probe_candidates
-from tasks.splits import assign_splits
-from tasks.stage import CommittedStage, StageContext, StageResult, StageSpec
+from tasks.corpus.checks import probe_candidates
+from tasks.corpus.manifest import AUDIO_SUFFIXES, ManifestError, check_unique_ids, list_candidates, manifest_to_jsonl
+from tasks.corpus.splits import assign_splits
+from tasks.run.keys import key_settings
+from tasks.run.layout import INTAKE_REPORT, MANIFEST
+from tasks.run.preflight import check_kmeans_frames
+from tasks.run.records import load_manifest
+from tasks.run.stage import CommittedStage, StageContext, StageResult, StageSpec
 
 log = logging.getLogger(__name__)
 
 
 def intake_key_config(context: StageContext) -> dict[str, Any]:
-    """The validation split enters the key only when there is one, so runs without keep their keys."""
-    corpus = context.config.corpus
-    split = {"valid", "valid_seed"} if corpus.has_valid_split else set()
-    return corpus.model_dump(include={"source", "min_seconds", "max_seconds", *split})
+    """The corpus section as its settings' marks keep it (tasks/run/keys.py)."""
+    return key_settings(context.config.corpus)
 
 
 def intake_key_inputs(context: StageContext) -> dict[str, str]:
@@ -91,6 +92,11 @@ def intake_summary(record: StageRecord) -> str:
     return f"{counts['utterances']} utterances{valid}, {counts['hours']:.2f} h, {counts['rejected']} rejected"
 
 
+def check_k_against_the_corpus(context: StageContext, record: StageRecord) -> None:
+    """Right after intake, before any features: every iteration's k within the frames the corpus gives."""
+    check_kmeans_frames(context.config, load_manifest(context.store, context.layout))
+
+
 INTAKE = StageSpec(
     name="intake",
     version=1,
@@ -100,4 +106,5 @@ INTAKE = StageSpec(
     work=intake,
     summary=intake_summary,
     verify_digest=verify_intake,
+    after=check_k_against_the_corpus,
 )

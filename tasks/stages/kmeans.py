@@ -28,13 +28,13 @@ from infra.cluster import release_and_trim
 from infra.commit import Stage, StageRecord
 from infra.digest import digest_array
 from model.kmeans import LloydResult, LloydStep, initial_centroids, lloyd, lloyd_partial, lloyd_schedule, merge_partials
-from tasks.artifacts import load_manifest, read_npy
-from tasks.chunks import Chunk, chunk_grid, valid_frame_ranges
-from tasks.config import KMeansConfig
-from tasks.feature_store import stored_indices, stored_keep
-from tasks.layout import CENTROIDS, FEATURES_STORE, FIT_REPORT, KMEANS_DIR
-from tasks.splits import split_inputs
-from tasks.stage import CommittedStage, StageContext, StageResult, StageSpec
+from tasks.frames.chunks import Chunk, chunk_grid, valid_frame_ranges
+from tasks.frames.store import stored_indices, stored_keep
+from tasks.run.keys import key_settings
+from tasks.run.layout import CENTROIDS, FIT_REPORT, KMEANS_DIR
+from tasks.run.records import load_manifest, read_npy
+from tasks.run.sections import KMeansConfig
+from tasks.run.stage import CommittedStage, StageContext, StageResult, StageSpec
 
 log = logging.getLogger(__name__)
 
@@ -149,11 +149,11 @@ def fit_kmeans(
 
 
 def kmeans_key_config(context: StageContext) -> dict[str, Any]:
-    return context.settings.kmeans.model_dump()
+    return key_settings(context.settings.kmeans)
 
 
 def kmeans_key_inputs(context: StageContext) -> dict[str, str]:
-    return {"features": context.upstream("kmeans", "features").output_digest, **split_inputs(context, "kmeans")}
+    return {"features": context.upstream("kmeans", "features").output_digest, **context.split_inputs("kmeans")}
 
 
 def held_out_frames(context: StageContext, group: zarr.Group) -> list[tuple[tuple[int, int], ...]]:
@@ -175,7 +175,7 @@ def fitting_settings(settings: KMeansConfig, group: zarr.Group) -> KMeansConfig:
 def kmeans(context: StageContext, stage: Stage) -> StageResult:
     """Fit the centroids on the training utterances' frames and write them with the fit report."""
     settings = context.settings.kmeans
-    group = context.store.open_zarr(stage.rel(FEATURES_STORE), mode="r")
+    group = context.store.open_zarr(context.layout.features_store(context.iteration), mode="r")
     array = group["features"]
     held_out = held_out_frames(context, group) if context.config.corpus.has_valid_split else None
     clock = time.perf_counter()

@@ -1,0 +1,159 @@
+"""`hubert-pipeline inspect`: what every stage of a run has committed, read from the store alone."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel
+from rich.table import Table
+
+from infra.commit import open_run, parts_in_progress
+from tasks.run.layout import ITERATION_STAGES, RunLayout, StageName
+from tasks.run.records import RunRecords
+from tasks.stages.catalog import STAGES
+from tasks.stages.labels.verdict import iteration_verdict
+
+
+class StageStatus(BaseModel):
+    stage: str
+    status: str  # done | stale | partial | missing | not configured (train, in a last iteration that has none)
+    seconds: float | None = None
+    bytes: int | None = None
+    finished_at: str | None = None
+    summary: str | None = None  # the stage's own one-line summary of its record (tasks/run/stage.py `StageSpec.summary`)
+    counts: dict[str, int | float] = {}
+    metrics: dict[str, Any] = {}
+    parts_done: int | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        """Counts and metrics flattened in, so `labels.frames` and `kmeans.inertia_per_frame` read directly."""
+        summary = self.model_dump(exclude={"counts", "metrics"}, exclude_none=True)
+        return {**summary, **self.counts, **self.metrics}
+
+
+class RunStatus(BaseModel):
+    run: str
+    path: str
+    code_version: str | None
+    intake: StageStatus
+    iterations: list[dict[str, StageStatus]]
+    verdicts: list[dict[str, Any] | None] = []  # per iteration, tasks/stages/labels/verdict.py's, once its labels exist
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "run": self.run,
+            "path": self.path,
+            "code_version": self.code_version,
+            "intake": self.intake.as_json(),
+            "iterations": [
+                {
+                    "iteration": number,
+                    **{stage: status.as_json() for stage, status in stages.items()},
+                    "quality": stages["labels"].metrics.get("quality"),
+                    "verdict": verdict,
+                }
+                for number, (stages, verdict) in enumerate(zip(self.iterations, self.verdicts), start=1)
+            ],
+        }
+
+
+NOT_CONFIGURED = "not configured"
+
+
+def stage_status(records: RunRecords, stage: StageName, iteration: int | None) -> StageStatus:
+    record = records.get(stage, iteration)
+    if record is None:
+        if parts := parts_in_progress(records.store, records.layout.stage_folder(stage, iteration), stage):
+            return StageStatus(stage=stage, status="partial", parts_done=parts)
+        return StageStatus(stage=stage, status="missing")
+    return StageStatus(
+        stage=stage,
+        status="stale" if records.is_stale(record) else "done",
+        summary=STAGES[stage].summary(record),
+        seconds=record.seconds,
+        bytes=sum(record.sizes.values()),
+        finished_at=record.finished_at.isoformat(),
+        counts=record.counts,
+        metrics=record.metrics,
+    )
+
+
+def _configured(stage: StageName, section: dict[str, Any]) -> bool:
+    """Whether an iteration's section of run.json runs `stage` (train and profile need a train
+    section; the profile may be switched off)."""
+    if stage in ("train", "profile") and section.get("train") is None:
+        return False
+    return stage != "profile" or (section.get("profile") or {}).get("enabled", True)
+
+
+def inspect_run(run_path: str, storage_options: dict[str, Any] | None = None) -> RunStatus:
+    """The status of every stage of the run at `run_path` (`<store root>/<run name>`)."""
+    store, run = open_run(run_path, storage_options)
+    layout = RunLayout(run)
+    info = store.read_json(layout.run_info)
+    if info is None:
+        raise FileNotFoundError(f"no run at {run_path} (no run.json there)")
+    configured = info["config"]["iterations"]
+    records = RunRecords(store, layout)
+    verdicts = [
+        iteration_verdict(number, records.get("labels", number), records.get("labels", number - 1) if number > 1 else None)
+        for number in range(1, len(configured) + 1)
+    ]
+    return RunStatus(
+        run=run,
+        path=store.url(run),
+        code_version=info.get("code_version"),
+        intake=stage_status(records, "intake", None),
+        iterations=[
+            {
+                stage: StageStatus(stage=stage, status=NOT_CONFIGURED)
+                if not _configured(stage, section)
+                else stage_status(records, stage, number)
+                for stage in ITERATION_STAGES
+            }
+            for number, section in enumerate(configured, start=1)
+        ],
+        verdicts=[None if verdict is None else {**verdict.as_json(), "summary": verdict.sentence()} for verdict in verdicts],
+    )
+
+
+def _key_metric(status: StageStatus) -> str:
+    if status.status == "partial":
+        return f"{status.parts_done} part(s) finished"
+    return status.summary or ""
+
+
+def _human_bytes(size: int | None) -> str:
+    if size is None:
+        return ""
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return ""
+
+
+def render_table(status: RunStatus) -> Table:
+    table = Table(title=f"run {status.run}  ({status.path})")
+    for column in ("iteration", "stage", "status", "key metric", "duration", "size"):
+        table.add_column(column)
+    rows = [("-", status.intake)] + [
+        (str(number), stage) for number, stages in enumerate(status.iterations, start=1) for stage in stages.values()
+    ]
+    colours = {"done": "green", "stale": "yellow", "partial": "yellow", "missing": "dim", NOT_CONFIGURED: "dim"}
+    verdict_colours = {"better": "green", "worse": "bold red", "unchanged": "yellow", "unmeasured": "yellow"}
+    for iteration, stage in rows:
+        table.add_row(
+            iteration,
+            stage.stage,
+            f"[{colours[stage.status]}]{stage.status}[/]",
+            _key_metric(stage),
+            "" if stage.seconds is None else f"{stage.seconds:.1f} s",
+            _human_bytes(stage.bytes),
+        )
+        verdict = status.verdicts[int(iteration) - 1] if iteration != "-" and stage.stage == "labels" else None
+        if verdict is not None and verdict["verdict"] in verdict_colours:
+            colour = verdict_colours[verdict["verdict"]]
+            table.add_row(iteration, "verdict", f"[{colour}]{verdict['verdict']}[/]", verdict["summary"].split(": ", 2)[-1], "", "")
+    return table

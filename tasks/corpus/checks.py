@@ -1,0 +1,102 @@
+"""Probing corpus files on Dask: each file decoded whole, accepted as an Utterance or rejected with its reason.
+
+Shared by intake (which writes the manifest) and `hubert-pipeline units` (which applies a bundle to
+any corpus), so both take and refuse the same files for the same reasons. One bad file never
+stops a corpus; a problem with the storage itself raises.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from distributed import Client
+from pydantic import BaseModel
+
+from infra.parts import gather_parts
+from infra.paths import read_whole
+from tasks.corpus.audio import AudioError, probe_audio
+from tasks.corpus.manifest import Candidate, Utterance
+
+PROBE_BATCH = 32
+DURATION_TOLERANCE_SECONDS = 0.05
+
+
+class LengthLimits(Protocol):
+    """The corpus section's length limits (tasks/run/config.py `CorpusConfig` is one)."""
+
+    min_seconds: float
+    max_seconds: float | None
+
+
+class Rejection(BaseModel):
+    id: str
+    path: str
+    origin: str
+    reason: str
+    detail: str
+
+
+def _check_length(candidate: Candidate, utterance: Utterance, corpus: LengthLimits) -> None:
+    if candidate.expected_samples is not None and candidate.expected_samples != utterance.samples:
+        raise AudioError(
+            "manifest mismatch", f"manifest says {candidate.expected_samples} samples, file holds {utterance.samples}"
+        )
+    if (
+        candidate.expected_seconds is not None
+        and abs(candidate.expected_seconds - utterance.seconds) > DURATION_TOLERANCE_SECONDS
+    ):
+        raise AudioError(
+            "manifest mismatch",
+            f"manifest says {candidate.expected_seconds:.3f} s, file holds {utterance.seconds:.3f} s",
+        )
+    if utterance.seconds < corpus.min_seconds:
+        raise AudioError("too short", f"{utterance.seconds:.3f} s < corpus.min_seconds {corpus.min_seconds}")
+    if corpus.max_seconds is not None and utterance.seconds > corpus.max_seconds:
+        raise AudioError("too long", f"{utterance.seconds:.3f} s > corpus.max_seconds {corpus.max_seconds}")
+
+
+def probe_candidate(
+    candidate: Candidate, corpus: LengthLimits, storage_options: dict[str, Any]
+) -> Utterance | Rejection:
+    """Probe one file; a problem with the file becomes a Rejection, a problem with the storage raises."""
+    try:
+        info = probe_audio(read_whole(candidate.path, storage_options))
+        utterance = Utterance(
+            id=candidate.id,
+            path=candidate.path,
+            samples=info.samples,
+            sample_rate=info.sample_rate,
+            channels=info.channels,
+            speaker=candidate.speaker,
+        )
+        _check_length(candidate, utterance, corpus)
+        return utterance
+    except AudioError as error:
+        reason, detail = error.reason, error.detail
+    except FileNotFoundError:
+        reason, detail = "missing", "no such file"
+    except (IsADirectoryError, PermissionError) as error:
+        reason, detail = "unreadable", str(error)
+    return Rejection(id=candidate.id, path=candidate.path, origin=candidate.origin, reason=reason, detail=detail)
+
+
+def probe_batch(
+    candidates: list[Candidate], corpus: LengthLimits, storage_options: dict[str, Any]
+) -> list[Utterance | Rejection]:
+    """One Dask task: probe a batch of files (batching keeps task overhead small for short files)."""
+    return [probe_candidate(candidate, corpus, storage_options) for candidate in candidates]
+
+
+def probe_candidates(
+    client: Client, candidates: list[Candidate], corpus: LengthLimits, storage_options: dict[str, Any], description: str
+) -> tuple[list[Utterance], list[Rejection]]:
+    """Every candidate probed on Dask, in batches: the usable ones and the rejected ones, in source order."""
+    batches = [candidates[start : start + PROBE_BATCH] for start in range(0, len(candidates), PROBE_BATCH)]
+    names = [f"probe-{index}" for index in range(len(batches))]
+    probed = gather_parts(client, probe_batch, batches, names, description, corpus=corpus, storage_options=storage_options)
+    by_id = {result.id: result for batch in probed for result in batch}
+    results = [by_id[candidate.id] for candidate in candidates]
+    return (
+        [result for result in results if isinstance(result, Utterance)],
+        [result for result in results if isinstance(result, Rejection)],
+    )

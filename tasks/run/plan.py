@@ -1,0 +1,91 @@
+"""The run order: which stages a config runs, in which order, and where a run stops.
+
+`plan(config, stop)` is the one answer: intake once, then each iteration's stages. The Prefect
+flow (flows/pretrain.py) walks it, and so does `run_plan` (tasks/stages/catalog.py), which tests
+and benchmarks use, so they run the order the CLI runs.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+from tasks.run.config import PretrainConfig
+from tasks.run.layout import ITERATION_STAGES, StageName, stage_iteration
+
+PlannedStage = tuple[StageName, int | None]
+"""(stage, iteration); the iteration is None for intake, which runs once per run."""
+
+
+class PlanError(ValueError):
+    """A stop or start point that is not a stage of the config's plan."""
+
+    retryable = False
+
+
+class StopPoint(BaseModel):
+    """A stage of the plan: `stage` of iteration `iteration` (intake has none)."""
+
+    stage: StageName = Field(description="A stage: intake, features, kmeans, labels, train, profile.")
+    iteration: int | None = Field(default=None, ge=1, description="Its iteration (empty: the first; intake has none).")
+
+    @classmethod
+    def parse(cls, text: str) -> StopPoint:
+        """`STAGE` (of iteration 1; intake has no iteration) or `STAGE@ITER`."""
+        stage, _, iteration = text.partition("@")
+        if stage == "intake" and iteration:
+            raise PlanError(f"{text}: intake runs once per run, not per iteration")
+        if iteration and not iteration.isdigit():
+            raise PlanError(f"{text}: the iteration after @ must be a number, counted from 1")
+        return cls(stage=stage, iteration=int(iteration) if iteration else None)
+
+    def planned(self) -> PlannedStage:
+        return self.stage, stage_iteration(self.stage, self.iteration or 1)
+
+    def label(self) -> str:
+        stage, iteration = self.planned()
+        return stage if iteration is None else f"{stage}@{iteration}"
+
+
+def iteration_stages(config: PretrainConfig, iteration: int) -> tuple[StageName, ...]:
+    """The stages an iteration runs, in order: features, kmeans and labels always; train where the
+    config has a train section (the last iteration may leave it out, to end a run with its
+    previous model's units); profile after a training, unless `profile.enabled` is false."""
+    settings = config.iterations[iteration - 1]
+    wanted = {"features", "kmeans", "labels"}
+    if settings.train is not None:
+        wanted.add("train")
+        if settings.profile.enabled:
+            wanted.add("profile")
+    return tuple(stage for stage in ITERATION_STAGES if stage in wanted)
+
+
+def full_plan(config: PretrainConfig) -> list[PlannedStage]:
+    """Every stage the config runs, in order."""
+    return [("intake", None)] + [
+        (stage, number) for number in range(1, len(config.iterations) + 1) for stage in iteration_stages(config, number)
+    ]
+
+
+def _position(steps: list[PlannedStage], point: StopPoint, config: PretrainConfig) -> int:
+    """Where `point` sits in the plan; PlanError naming what the plan holds when it is not there."""
+    stage, iteration = point.planned()
+    if (stage, iteration) in steps:
+        return steps.index((stage, iteration))
+    if iteration is not None and iteration > len(config.iterations):
+        raise PlanError(f"{point.label()}: the config has {len(config.iterations)} iteration(s), counted from 1")
+    held = ", ".join(iteration_stages(config, iteration)) if iteration is not None else "intake"
+    raise PlanError(f"{point.label()} is not a stage of this run: iteration {iteration} runs {held}")
+
+
+def plan(config: PretrainConfig, stop: StopPoint | None = None) -> list[PlannedStage]:
+    """The stages to run, in order, up to and including `stop` (None: every stage)."""
+    steps = full_plan(config)
+    if stop is None:
+        return steps
+    return steps[: _position(steps, stop, config) + 1]
+
+
+def stages_from(config: PretrainConfig, start: StopPoint) -> list[PlannedStage]:
+    """`start` and every stage after it in the plan: what `--force` runs again."""
+    steps = full_plan(config)
+    return steps[_position(steps, start, config) :]

@@ -1,0 +1,72 @@
+"""Config mistakes that the config alone cannot show, found before the expensive work they would stop.
+
+What the config alone can tell is checked when it is loaded (tasks/run/config.py). Before a
+cluster starts, in seconds, `input_problems` probes what the run reads and writes: the corpus
+source, alignments and validation listing, and the store. Right after intake, before any
+features, `check_kmeans_frames` checks what needs the manifest: whether each iteration's
+k-means sample can hold k frames, estimated from the utterances' sample counts and the frame
+geometry that iteration's features will have.
+"""
+
+from __future__ import annotations
+
+from infra.paths import unreadable_because
+from infra.store import ArtifactStore
+from model.frames import FrameGeometry
+from model.mfcc import MFCC_GEOMETRY
+from model.presets import HUBERT_CONFIGS, frame_geometry
+from tasks.corpus.manifest import Utterance
+from tasks.run.config import ConfigError, PretrainConfig
+
+
+def features_geometry(config: PretrainConfig, index: int) -> FrameGeometry:
+    """The frame geometry of iteration `index + 1`'s features: MFCC, or the previous iteration's preset."""
+    if config.iterations[index].features.kind == "mfcc":
+        return MFCC_GEOMETRY
+    return frame_geometry(HUBERT_CONFIGS[config.iterations[index - 1].train.model])
+
+
+def kmeans_frame_problems(config: PretrainConfig, utterances: list[Utterance]) -> list[str]:
+    """Each iteration whose k-means would fit fewer frames than k, with the field to change."""
+    problems = []
+    for index, iteration in enumerate(config.iterations):
+        geometry = features_geometry(config, index)
+        total = sum(geometry.num_frames(utterance.samples_16k) for utterance in utterances)
+        settings = iteration.kmeans
+        fitted = total * settings.sample_fraction
+        if settings.max_frames is not None:
+            fitted = min(fitted, settings.max_frames)
+        if fitted < settings.k:
+            problems.append(
+                f"iterations.{index}.kmeans.k: {settings.k} exceeds the about {int(fitted)} frames k-means would fit on "
+                f"({len(utterances)} utterances give {total} frames at {geometry.frame_rate:g} frames/s, "
+                f"sample_fraction {settings.sample_fraction}); lower k or raise sample_fraction"
+            )
+    return problems
+
+
+def check_kmeans_frames(config: PretrainConfig, utterances: list[Utterance]) -> None:
+    """Raise ConfigError listing every iteration whose k is beyond what the corpus gives."""
+    if problems := kmeans_frame_problems(config, utterances):
+        raise ConfigError("invalid configuration for this corpus:\n  " + "\n  ".join(problems))
+
+
+def input_problems(config: PretrainConfig) -> list[str]:
+    """Problems that would only surface mid-run, found in seconds before anything starts: a corpus
+    source, alignments folder or validation listing that is absent or refuses our credentials, and
+    a store that cannot be written (probed without leaving anything: `ArtifactStore.check_writable`)."""
+    problems = []
+    inputs = (
+        ("corpus.source", config.corpus.source),
+        ("corpus.alignments", config.corpus.alignments),
+        ("corpus.valid", config.corpus.valid if isinstance(config.corpus.valid, str) else None),
+    )
+    for field, path in inputs:
+        if path is not None and (why := unreadable_because(path, config.storage_options)):
+            what = "the listing of validation ids " if field == "corpus.valid" else ""
+            problems.append(f"{field}: {what}{why}")
+    try:
+        ArtifactStore(config.store, config.storage_options).check_writable()
+    except Exception as error:  # noqa: BLE001 - whatever the probe hits is the finding
+        problems.append(f"store: {config.store} cannot be written: {type(error).__name__}: {error}")
+    return problems

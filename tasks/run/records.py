@@ -1,0 +1,124 @@
+"""Reading what a run's stages committed: their records (one reader, each record read once), the
+manifest, the centroids, and what a trained model is.
+
+Shared by the stages that consume these artifacts, and by `inspect`, `diff`, `verify` and the
+report, so that no stage imports another to read its neighbour's output and records are read
+one way. Readers of records written by earlier versions of the pipeline are here too.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+
+from infra.commit import StageRecord, read_record
+from infra.store import ArtifactStore
+from model.presets import HUBERT_CONFIGS, HubertConfig
+from tasks.corpus.manifest import Utterance, manifest_from_jsonl
+from tasks.run.layout import (
+    ITERATION_STAGES,
+    STAGE_INPUTS,
+    RunLayout,
+    StageName,
+    Weights,
+    scope_iteration,
+    stage_iteration,
+    upstream_iteration,
+)
+
+
+def load_manifest(store: ArtifactStore, layout: RunLayout) -> list[Utterance]:
+    """The utterances intake accepted, in manifest order."""
+    return manifest_from_jsonl(store.read_text(layout.manifest))
+
+
+def load_centroids(store: ArtifactStore, layout: RunLayout, iteration: int) -> np.ndarray:
+    """The (k, dim) float32 centroids of an iteration's k-means."""
+    return read_npy(store, layout.centroids(iteration))
+
+
+def read_npy(store: ArtifactStore, relpath: str) -> np.ndarray:
+    return np.load(io.BytesIO(store.read_bytes(relpath)))
+
+
+def trained_architecture(train: StageRecord) -> HubertConfig:
+    """The architecture a train record's model has, without loading its weights.
+
+    The record carries it (`metrics.architecture`); records from before it did name their preset.
+    """
+    recorded = train.metrics.get("architecture")
+    if recorded is not None:
+        return HubertConfig.model_validate(recorded)
+    return HUBERT_CONFIGS[train.config["model"]]
+
+
+def weights_digest(train: StageRecord, weights: Weights) -> str:
+    """The digest of a train record's best or final weights (`metrics.weights_digests`; for
+    records from before it, the final weights', which is the record's output digest)."""
+    digests = train.metrics.get("weights_digests", {"final": train.output_digest})
+    if weights not in digests:
+        raise ValueError(
+            f"the train record in {train.scope} lists no {weights} weights (it had no validation split); "
+            f"it has {sorted(digests)}"
+        )
+    return digests[weights]
+
+
+def published_digests(record: StageRecord) -> set[str]:
+    """Every digest a later stage may name as its input from this record: its output digest, and a
+    train record's weights (a consumer names the best or the final ones)."""
+    return {record.output_digest, *record.metrics.get("weights_digests", {}).values()}
+
+
+
+class RunRecords:
+    """The committed records of one run, each read from the store at most once.
+
+    A reader answers from what it has read; make a new one to see what was committed since."""
+
+    def __init__(self, store: ArtifactStore, layout: RunLayout) -> None:
+        self.store = store
+        self.layout = layout
+        self._read: dict[tuple[StageName, int | None], StageRecord | None] = {}
+
+    def get(self, stage: StageName, iteration: int | None) -> StageRecord | None:
+        """The stage's record in that iteration (intake: any iteration, or None), or None."""
+        at = (stage, stage_iteration(stage, iteration))
+        if at not in self._read:
+            self._read[at] = read_record(self.store, self.layout.stage_folder(*at), stage)
+        return self._read[at]
+
+    def upstream(self, consumer: StageName, input_name: str, iteration: int | None) -> tuple[StageRecord | None, str]:
+        """The record of the stage that produces `input_name` for `consumer` in `iteration`
+        (tasks/run/layout.py `STAGE_INPUTS`), and how to name that stage (`labels@1`)."""
+        producer = STAGE_INPUTS[consumer][input_name]
+        at = upstream_iteration(producer, iteration)
+        label = producer.stage if at is None else f"{producer.stage}@{at}"
+        return (None if at is not None and at < 1 else self.get(producer.stage, at)), label
+
+    def iteration(self, number: int, stages: tuple[StageName, ...] = ITERATION_STAGES) -> dict[StageName, StageRecord]:
+        """The committed records of an iteration's stages (or of `stages`), by stage, in run order."""
+        found = {stage: self.get(stage, number) for stage in stages}
+        return {stage: record for stage, record in found.items() if record is not None}
+
+    def iterations_in_store(self) -> list[int]:
+        """The iterations the run's folder holds, in order."""
+        return self.layout.iterations_in(self.store.list_names(self.layout.run))
+
+    def is_stale(self, record: StageRecord) -> bool:
+        """Whether a record's inputs no longer match what their producers committed."""
+        iteration = scope_iteration(record.scope)
+        for name, digest in record.inputs.items():
+            if name not in STAGE_INPUTS[record.stage]:
+                continue  # from outside the run (the corpus source, alignments)
+            upstream, _ = self.upstream(record.stage, name, iteration)
+            if upstream is None or digest not in published_digests(upstream):
+                return True
+        return False
+
+    def committed(self) -> list[tuple[StageName, int | None, StageRecord]]:
+        """(stage, iteration, record) of every committed stage the run's folder holds, in run order."""
+        candidates = [("intake", None)] + [(stage, n) for n in self.iterations_in_store() for stage in ITERATION_STAGES]
+        found = [(stage, number, self.get(stage, number)) for stage, number in candidates]
+        return [(stage, number, record) for stage, number, record in found if record is not None]

@@ -1,0 +1,582 @@
+"""Stage: every feature frame gets its nearest centroid's id, written to `labels.zarr` on Dask.
+
+`labels.zarr` holds `labels` [total_frames] int16 of every utterance, with their `offsets` and
+`utt_ids`, chunked like the features of every utterance: each Dask task takes some chunks' features
+and writes the same rows of labels, so writers own whole chunks and the stage resumes per chunk
+like the feature stage. Its attributes record the label rate and frame geometry, taken from the
+features store.
+
+Where the features come from is the features store's to say (tasks/frames/store.py): with `keep:
+all` the tasks read them; with `keep: sample` the store holds only the k-means sample, and each
+task computes its chunk's features from the iteration's source, as the feature stage would have,
+rounded to the store's dtype, so the labels are those `keep: all` gives. With float16 features,
+the labels of a fixed sample of chunks are compared with those of float32 features (computed
+again where the store was read): `metrics.float16_agreement`, with a warning below 99%.
+
+Before committing, the stage checks that labels, features and the manifest agree on every
+utterance's frame count and names any that do not. Then it measures the labels (model/quality.py)
+against phone alignments when the corpus has them.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import zarr
+
+from infra.commit import Stage, StageRecord
+from infra.digest import digest_array, digest_bytes, digest_digests, digest_json
+from infra.parts import gather_parts, run_parts
+from infra.paths import fingerprint_source
+from infra.zarr_io import EmptyArray, create_zarr_group, read_row_chunks, read_whole_arrays
+from model.data import map_labels
+from model.frames import FrameGeometry
+from model.kmeans import nearest_centroids
+from model.quality import LabelTally, frame_segments, label_agreement, label_measures, phone_measures
+from tasks.corpus.alignments import ALIGNMENT_SUFFIXES, alignment_path, read_alignment
+from tasks.corpus.manifest import Utterance
+from tasks.frames.chunks import (
+    Chunk,
+    NonFiniteValues,
+    UtteranceSpan,
+    check_finite,
+    chunk_grid,
+    chunk_job,
+    frame_offsets,
+    inside_an_utterance,
+    utterance_spans,
+)
+from tasks.frames.sources import FeatureSource, compute_chunk
+from tasks.frames.store import as_stored, feature_source, grid_chunk_frames, stored_chunk_digests, stored_geometry, stored_keep
+from tasks.run.layout import LABELS_STORE
+from tasks.run.records import load_centroids, load_manifest
+from tasks.run.stage import CommittedStage, StageContext, StageResult, StageSpec
+from tasks.stages.labels.verdict import enforce_quality_gate, iteration_verdict
+
+log = logging.getLogger(__name__)
+
+MAX_CHUNKS_PER_TASK = 8
+TASKS_PER_WORKER = 4
+TASK_BYTES = 64 * 2**20
+FLOAT16_CHECK_FRAMES = 65536
+"""Frames (whole chunks, at least one) whose labels from float16 features are compared with float32's."""
+FLOAT16_MIN_AGREEMENT = 0.99
+
+
+class FrameCountMismatch(ValueError):
+    """Labels, features and manifest disagree on how many frames an utterance has."""
+
+    retryable = False  # a retry reads the same stores
+
+
+@dataclass(frozen=True)
+class LabelJob:
+    """A run of whole, consecutive chunks: frames [start, stop), chunk edges at `chunk_starts`."""
+
+    chunk_starts: tuple[int, ...]
+    first_chunk: int
+    stop: int
+    utterances: tuple[UtteranceSpan, ...]  # those overlapping [start, stop)
+
+    @property
+    def start(self) -> int:
+        return self.chunk_starts[0]
+
+    @property
+    def part(self) -> str:
+        return f"chunks-{self.first_chunk:06d}-{self.first_chunk + len(self.chunk_starts) - 1:06d}"
+
+    def chunks(self) -> list[Chunk]:
+        """The job's chunks of the grid."""
+        edges = [*self.chunk_starts, self.stop]
+        return [Chunk(self.first_chunk + n, a, b) for n, (a, b) in enumerate(zip(edges, edges[1:]))]
+
+    def chunk_digests(self, labels: np.ndarray) -> list[str]:
+        """One digest per chunk, so the stage's digest does not depend on how chunks were grouped."""
+        return [digest_array(labels[chunk.start - self.start : chunk.stop - self.start]) for chunk in self.chunks()]
+
+
+@dataclass(frozen=True)
+class LabelFeatures:
+    """Where a label task takes its features, as the features store holds them (`dtype`): read from
+    `stored`, or with None (`keep: sample`) computed from `source`. With float16, the grid's
+    `checked` chunks are labelled from float32 features too, computed again where they were read."""
+
+    dtype: str
+    source: FeatureSource | None
+    storage_options: dict[str, Any]
+    stored: zarr.Array | None = None
+    checked: frozenset[int] = frozenset()
+
+    def read(self, job: LabelJob) -> tuple[np.ndarray, np.ndarray | None]:
+        """The job's features in the store's dtype, and their float32 values where they were computed."""
+        if self.stored is not None:
+            return read_row_chunks(self.stored, job.start, job.stop), None
+        computed = compute_chunk(job, self.source, self.storage_options)
+        return as_stored(computed, self.dtype, job), computed
+
+    def float16_check(
+        self, job: LabelJob, labels: np.ndarray, computed: np.ndarray | None, centroids: np.ndarray
+    ) -> dict[str, int] | None:
+        """In the job's checked chunks: how many frames, and how many of them float32 features give
+        the label the stored float16 ones gave. None for float32 features."""
+        if self.dtype == "float32":
+            return None
+        frames = agreeing = 0
+        for chunk in job.chunks():
+            if chunk.index not in self.checked:
+                continue
+            low, high = chunk.start - job.start, chunk.stop - job.start
+            exact = computed[low:high] if computed is not None else compute_chunk(
+                chunk_job(chunk, job.utterances), self.source, self.storage_options
+            )
+            agreeing += int(np.count_nonzero(nearest_labels(exact, centroids) == labels[low:high]))
+            frames += high - low
+        return {"frames": frames, "agreeing": agreeing}
+
+
+def float16_checked_chunks(grid: list[Chunk]) -> frozenset[int]:
+    """Evenly spaced chunks of the grid, whole, as many as FLOAT16_CHECK_FRAMES holds (at least one)."""
+    count = max(1, min(len(grid), FLOAT16_CHECK_FRAMES // max(grid[0].stop - grid[0].start, 1)))
+    return frozenset(int(index) for index in np.linspace(0, len(grid) - 1, count).round())
+
+
+def nearest_labels(rows: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    """Each row's nearest centroid as int16, computed in float32 whatever the rows' dtype."""
+    return nearest_centroids(rows, centroids)[0].numpy().astype(np.int16)
+
+
+def checked_nearest_labels(rows: np.ndarray, centroids: np.ndarray, job: LabelJob) -> np.ndarray:
+    """`nearest_labels`, refusing rows with NaN or Inf (named by utterance). A non-finite value
+    makes its row's products with the centroids non-finite, so those are checked, not every value
+    (a pass over the features less); a finite row whose products overflow float32 is refused too."""
+    labels, products = nearest_centroids(rows, centroids, distances=False)
+    if not bool(torch.isfinite(products).all()):
+        what = f"features read for labels {job.part}"
+        check_finite(rows, job.start, job.utterances, what)
+        raise NonFiniteValues(f"{what}: products with the centroids overflow float32")
+    return labels.numpy().astype(np.int16)
+
+
+@dataclass(frozen=True)
+class PreviousLabels:
+    """The previous iteration's labels, to measure how far this iteration's moved (opened by the driver)."""
+
+    labels: zarr.Array
+    offsets: np.ndarray
+    geometry: FrameGeometry
+    k: int
+
+    def on_frames_of(self, spans: tuple[UtteranceSpan, ...], geometry: FrameGeometry) -> dict[int, np.ndarray]:
+        """Each utterance's previous labels mapped onto this iteration's frames (by nearest frame
+        centre, as training maps labels onto model frames), read in one request for the spans."""
+        first, last = spans[0].index, spans[-1].index
+        block = self.labels[self.offsets[first] : self.offsets[last + 1]].astype(np.int64)
+        mapped = {}
+        for span in spans:
+            own = block[self.offsets[span.index] - self.offsets[first] : self.offsets[span.index + 1] - self.offsets[first]]
+            mapped[span.index] = map_labels(torch.from_numpy(own), self.geometry, geometry, span.frames).numpy()
+        return mapped
+
+
+@dataclass(frozen=True)
+class Measuring:
+    """What a label task needs to tally its chunk for the quality measures (model/quality.py)."""
+
+    k: int
+    geometry: FrameGeometry
+    alignments: str | None
+    storage_options: dict[str, Any]
+    previous: PreviousLabels | None = None
+
+
+def write_label_chunk(
+    job: LabelJob, stage: Stage, centroids: np.ndarray, features: LabelFeatures, labels: zarr.Array, measuring: Measuring
+) -> dict[str, Any]:
+    """One Dask task: label some chunks' features, write the same rows of labels, tally them, mark it done.
+
+    A label of MFCC costs little to compute, so on object storage a task per chunk would spend
+    most of its time waiting on requests; a task takes several chunks (up to TASK_BYTES of
+    features: `chunks_per_task`), which zarr reads and writes concurrently, and writes one marker.
+    A task that computes its features takes one chunk. The arrays come opened by the driver (no
+    metadata requests per task). The returned info carries the part's tally for the driver to fold in; the
+    marker keeps the rest, including the part's first and last label, which join runs of one
+    label across part edges.
+    """
+    torch.set_num_threads(1)
+    rows, computed = features.read(job)
+    chunk = checked_nearest_labels(rows, centroids, job)
+    tally = tally_labels(job, chunk, measuring)
+    labels[job.start : job.stop] = chunk
+    info = {
+        "part": job.part,
+        "digests": job.chunk_digests(chunk),
+        "first_label": int(chunk[0]),
+        "last_label": int(chunk[-1]),
+    }
+    if (check := features.float16_check(job, chunk, computed, centroids)) is not None:
+        info["float16_check"] = check
+    stage.mark_part(job.part, info)
+    return {**info, "tally": tally}
+
+
+def _create_store(
+    stage: Stage,
+    attributes: dict[str, Any],
+    chunk_frames: int,
+    offsets: np.ndarray,
+    ids: np.ndarray,
+    k: int,
+    centroids_digest: str,
+) -> None:
+    """`labels.zarr`, chunked like the features of every utterance, with their offsets, ids and frame geometry."""
+    create_zarr_group(
+        stage.store,
+        stage.rel(LABELS_STORE),
+        attributes={
+            "k": k,
+            "label_rate": attributes["frame_rate"],
+            "window_samples": attributes["window_samples"],
+            "hop_samples": attributes["hop_samples"],
+            "sample_rate": attributes["sample_rate"],
+            "features": {
+                **{key: attributes[key] for key in ("kind", "dim", "frame_rate")},
+                "keep": attributes.get("keep", "all"), "dtype": attributes.get("dtype", "float32"),
+            },
+            "centroids_digest": centroids_digest,
+            "stage_key": stage.key,
+        },
+        empty={"labels": EmptyArray(shape=(int(offsets[-1]),), chunks=(chunk_frames,), dtype="int16")},
+        whole={"offsets": offsets, "utt_ids": ids},
+        replace=not stage.fresh,
+    )
+
+
+@dataclass(frozen=True)
+class StoredFrames:
+    """What a features or labels store says of its utterances' frames: their offsets and ids, the
+    manifest index of each (None: every utterance of the manifest, in order) and its rows."""
+
+    offsets: np.ndarray
+    ids: np.ndarray
+    rows: int
+    indices: np.ndarray | None = None
+
+    @classmethod
+    def read(cls, group: zarr.Group, rows: zarr.Array, with_indices: bool = False) -> StoredFrames:
+        """Read from the store, concurrently: offsets, ids and (`with_indices`, a `keep: sample`
+        features store) the manifest indices; the rows are those of `rows`, the group's array."""
+        held = read_whole_arrays(group, ["offsets", "utt_ids", *(["utt_indices"] if with_indices else [])])
+        return cls(held["offsets"], held["utt_ids"], int(rows.shape[0]), held.get("utt_indices"))
+
+
+def check_frame_counts(
+    utterances: list[Utterance], geometry: FrameGeometry, features: StoredFrames, labels: StoredFrames
+) -> None:
+    """Raise FrameCountMismatch naming every utterance whose frame counts disagree.
+
+    The labels cover every utterance; the features those they hold (all, or the k-means sample)."""
+    wanted = [geometry.num_frames(utterance.samples_16k) for utterance in utterances]
+    indices = features.indices.tolist() if features.indices is not None else list(range(len(features.ids)))
+    in_features = dict(zip(indices, np.diff(features.offsets).tolist()))
+    label_counts = np.diff(labels.offsets).tolist()
+    problems = []
+    stored_ids = [utterances[index].id for index in indices if 0 <= index < len(utterances)]
+    if list(features.ids) != stored_ids or list(labels.ids) != [u.id for u in utterances]:
+        problems.append("utterance ids or their order differ between manifest, features and labels")
+    else:
+        for index, (utterance, in_labels) in enumerate(zip(utterances, label_counts)):
+            in_store = in_features.get(index, wanted[index])
+            if not wanted[index] == in_store == in_labels:
+                problems.append(
+                    f"{utterance.id}: audio gives {wanted[index]}, features {in_features.get(index, '(not stored)')}, labels {in_labels}"
+                )
+    if labels.rows != sum(wanted):
+        problems.append(f"labels hold {labels.rows} frames, the audio gives {sum(wanted)}")
+    if features.rows != sum(in_features.values()):
+        problems.append(f"features hold {features.rows} frames, their offsets {sum(in_features.values())}")
+    if problems:
+        listed = "\n  ".join(problems[:20])
+        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+        raise FrameCountMismatch(f"frame counts disagree for {len(problems)} utterance(s):\n  {listed}{more}")
+
+
+def tally_labels(job: LabelJob, labels: np.ndarray, measuring: Measuring) -> LabelTally:
+    """Label counts, runs within each utterance's piece and (with alignments) phone/label pairs.
+
+    Runs are counted as if each job started a new one; `runs_continuing_across_chunks` takes
+    back those that go on over a job's edge inside an utterance.
+    """
+    previous = measuring.previous
+    tally = LabelTally(measuring.k, previous_k=None if previous is None else previous.k)
+    tally.label_counts += np.bincount(labels, minlength=measuring.k)
+    earlier = {} if previous is None else previous.on_frames_of(job.utterances, measuring.geometry)
+    for span in job.utterances:
+        low, high = span.overlap(job.start, job.stop)
+        piece = labels[low - job.start : high - job.start]
+        tally.runs += 1 + int(np.count_nonzero(np.diff(piece)))
+        if previous is not None:
+            tally.add_previous(piece, earlier[span.index][low - span.offset : high - span.offset])
+        if measuring.alignments is None:
+            continue
+        segments = read_alignment(alignment_path(measuring.alignments, span.id), measuring.storage_options)
+        if segments is None:
+            continue
+        tally.aligned_utterances += int(low == span.offset)
+        times = measuring.geometry.centre_seconds(np.arange(low, high) - span.offset)
+        tally.add_aligned(segments, frame_segments(segments, times), piece)
+    return tally
+
+
+def tally_written_part(job: LabelJob, labels: zarr.Array, measuring: Measuring) -> LabelTally:
+    """A part written by an earlier attempt (resume): read it back and tally it."""
+    return tally_labels(job, labels[job.start : job.stop], measuring)
+
+
+def runs_continuing_across_chunks(jobs: list[LabelJob], edges: dict[str, dict[str, Any]], offsets: np.ndarray) -> int:
+    """Runs counted twice: one label going on over a job's edge that falls inside an utterance.
+
+    `edges` holds each part's info (its marker's), with its first and last label."""
+    return sum(
+        int(inside_an_utterance(offsets, job.start) and edges[previous.part]["last_label"] == edges[job.part]["first_label"])
+        for previous, job in zip(jobs, jobs[1:])
+    )
+
+
+def chunks_per_task(chunks: int, workers: int, chunk_bytes: int = 0) -> int:
+    """Enough tasks to keep every worker busy and balanced, as few as that allows, at most 8 chunks
+    and about TASK_BYTES of features each (768-dim chunks are each a second of matmul: one a task)."""
+    by_bytes = TASK_BYTES // chunk_bytes if chunk_bytes else MAX_CHUNKS_PER_TASK
+    return max(1, min(MAX_CHUNKS_PER_TASK, by_bytes, chunks // (TASKS_PER_WORKER * max(workers, 1))))
+
+
+def plan_label_jobs(utterances: list[Utterance], offsets: np.ndarray, chunk_frames: int, per_task: int) -> list[LabelJob]:
+    """Consecutive runs of `per_task` chunks of the grid; every chunk belongs to exactly one job."""
+    grid = chunk_grid(int(offsets[-1]), chunk_frames)
+    jobs = []
+    for first in range(0, len(grid), per_task):
+        chunks = grid[first : first + per_task]
+        start, stop = chunks[0].start, chunks[-1].stop
+        jobs.append(LabelJob(tuple(chunk.start for chunk in chunks), first, stop, utterance_spans(utterances, offsets, start, stop)))
+    return jobs
+
+
+def labels_key_config(context: StageContext) -> dict[str, Any]:
+    """The alignments; with `keep: sample` also what determines the features computed on the fly:
+    the feature stage's key config (its source, with the model's digest, and its dtype)."""
+    config: dict[str, Any] = {"alignments": context.config.corpus.alignments}
+    if context.settings.features.keep == "sample":
+        config["features"] = context.upstream("labels", "features").config
+    return config
+
+
+def labels_key_inputs(context: StageContext) -> dict[str, str]:
+    inputs = {
+        "features": context.upstream("labels", "features").output_digest,
+        "centroids": context.upstream("labels", "centroids").output_digest,
+    }
+    if context.iteration > 1:
+        inputs["previous_labels"] = context.upstream("labels", "previous_labels").output_digest
+    alignments = context.config.corpus.alignments
+    if alignments is not None:
+        inputs["alignments"] = fingerprint_source(alignments, ALIGNMENT_SUFFIXES, context.config.storage_options)
+    if context.settings.features.keep == "sample":  # the audio whose features are computed on the fly
+        inputs["manifest"] = context.upstream("labels", "manifest").output_digest
+    return {**inputs, **context.split_inputs("labels")}
+
+
+@dataclass(frozen=True)
+class FrameLayout:
+    """Every utterance's frames as the labels lay them out: offsets, ids and chunk size of the grid."""
+
+    offsets: np.ndarray
+    ids: np.ndarray
+    chunk_frames: int
+    digest: str  # what the labels' digest takes for offsets and ids
+
+
+def frame_layout(
+    context: StageContext, features: zarr.Group, stored: zarr.Array, held: StoredFrames, features_digest: str
+) -> FrameLayout:
+    """A store of every utterance lends its layout (and its digest covers it); for a store of the
+    k-means sample, the layout `keep: all` would have is made from the manifest."""
+    if held.indices is None:
+        return FrameLayout(held.offsets, held.ids, int(stored.chunks[0]), features_digest)
+    utterances = load_manifest(context.store, context.layout)
+    offsets = frame_offsets(utterances, stored_geometry(features).num_frames)
+    ids = np.array([utterance.id for utterance in utterances])
+    chunk_frames = grid_chunk_frames(context.settings.features, int(offsets[-1]), int(features.attrs["dim"]))
+    return FrameLayout(offsets, ids, chunk_frames, layout_digest(offsets, ids))
+
+
+def label_features(context: StageContext, features: zarr.Group, stored: zarr.Array, grid: list[Chunk]) -> LabelFeatures:
+    """How the label tasks get their features from this features store (`stored`: its array)."""
+    dtype, keep = str(features.attrs.get("dtype", "float32")), stored_keep(features)
+    needs_source = keep == "sample" or dtype != "float32"
+    return LabelFeatures(
+        dtype=dtype,
+        source=feature_source(context) if needs_source else None,
+        storage_options=context.store.storage_options,
+        stored=stored if keep == "all" else None,
+        checked=float16_checked_chunks(grid) if dtype == "float16" else frozenset(),
+    )
+
+
+def float16_agreement(label: str, checks: list[dict[str, int]]) -> dict[str, Any] | None:
+    """The share of checked frames whose label float32 features keep; warned about below 99%."""
+    if not checks:
+        return None
+    frames = sum(check["frames"] for check in checks)
+    share = sum(check["agreeing"] for check in checks) / max(frames, 1)
+    if share < FLOAT16_MIN_AGREEMENT:
+        log.warning(
+            "%s: float16 features give the float32 label on only %.2f%% of %d checked frames (below %.0f%%): "
+            "consider features.dtype float32", label, 100 * share, frames, 100 * FLOAT16_MIN_AGREEMENT,
+        )
+    return {"share": round(share, 6), "frames": frames, "minimum": FLOAT16_MIN_AGREEMENT}
+
+
+def labels(context: StageContext, stage: Stage) -> StageResult:
+    """Label every frame into `labels.zarr`, check frame counts, and measure the labels."""
+    label = f"labels@{context.iteration}"
+    store, client, iteration = context.store, context.client, context.iteration
+    features_record = context.upstream("labels", "features")
+    kmeans_record = context.upstream("labels", "centroids")
+    utterances = load_manifest(store, context.layout)
+    k = int(kmeans_record.counts["k"])
+    features_group = store.open_zarr(context.layout.features_store(iteration), mode="r")
+    features_array = features_group["features"]
+    held = StoredFrames.read(features_group, features_array, with_indices=stored_keep(features_group) == "sample")
+    layout = frame_layout(context, features_group, features_array, held, features_record.output_digest)
+    offsets, total = layout.offsets, int(layout.offsets[-1])
+    grid = chunk_grid(total, layout.chunk_frames)
+    done = stage.done_parts()
+    if not done:
+        _create_store(
+            stage, features_group.attrs.asdict(), layout.chunk_frames, offsets, layout.ids, k, kmeans_record.output_digest
+        )
+    labels_group = store.open_zarr(stage.rel(LABELS_STORE), mode="r+")
+    labels_array = labels_group["labels"]
+    # A store this run created holds the layout's offsets and ids; one an earlier attempt created is read.
+    labelled = (
+        StoredFrames.read(labels_group, labels_array) if done
+        else StoredFrames(layout.offsets, layout.ids, int(labels_array.shape[0]))
+    )
+    features = label_features(context, features_group, features_array, grid)
+    # Computing features costs far more than labelling them: then a task takes one chunk, as in the feature stage.
+    workers = len(client.scheduler_info(n_workers=-1)["workers"])
+    per_task = 1
+    if features.stored is not None:
+        stored = features.stored
+        per_task = chunks_per_task(len(grid), workers, stored.chunks[0] * stored.shape[1] * stored.dtype.itemsize)
+    jobs = plan_label_jobs(utterances, offsets, layout.chunk_frames, per_task)
+    if features.stored is None:
+        log.info("%s: features of %d utterances computed on the fly (features.keep: sample)", label, len(utterances))
+    previous = previous_labels(context) if iteration > 1 else None
+    measuring = Measuring(
+        k, stored_geometry(features_group), context.config.corpus.alignments, store.storage_options, previous
+    )
+    tally = LabelTally(k, previous_k=None if previous is None else previous.k)
+
+    def fold(result: dict[str, Any]) -> dict[str, Any]:
+        """Add a part's tally to the stage's and keep the rest (its marker's info)."""
+        tally.merge(result.pop("tally"))
+        return result
+
+    # Loaded by a task, not scattered: if the worker holding it dies, Dask loads it again.
+    shared = client.submit(load_centroids, store, context.layout, iteration, pure=False)
+    parts = run_parts(
+        client, stage, jobs, write_label_chunk, label, done, on_result=fold,
+        centroids=shared, features=features, labels=labels_array, measuring=measuring,
+    )
+    resumed = [job for job in jobs if job.part in done]
+    if resumed:
+        gather_parts(
+            client, tally_written_part, resumed, [f"tally-{job.part}" for job in resumed],
+            f"{label} (tallying resumed parts)", tally.merge, labels=labels_array, measuring=measuring,
+        )
+    tally.runs -= runs_continuing_across_chunks(jobs, parts, offsets)
+
+    check_frame_counts(utterances, measuring.geometry, held, labelled)
+    frames = np.diff(offsets)
+    valid_frames = int(sum(int(count) for utterance, count in zip(utterances, frames) if utterance.split == "valid"))
+    measures = {"labels": label_measures(tally), "quality": phone_measures(tally)}
+    agreement = label_agreement(tally)
+    float16 = float16_agreement(label, [parts[job.part]["float16_check"] for job in jobs if "float16_check" in parts[job.part]])
+    return StageResult(
+        output_digest=labels_digest([digest for job in jobs for digest in parts[job.part]["digests"]], layout.digest),
+        counts={
+            "frames": total, "utterances": len(utterances), "k": k, "chunks": len(grid),
+            "train_frames": total - valid_frames, "valid_frames": valid_frames,
+            "chunks_resumed": sum(len(job.chunk_starts) for job in jobs if job.part in done),
+        },
+        metrics={
+            "label_rate": float(features_group.attrs["frame_rate"]),
+            **{key: value for key, value in measures["labels"].items() if key != "frames"},
+            "quality": measures["quality"],
+            **({} if agreement is None else {"agreement": {"previous_iteration": iteration - 1, **agreement}}),
+            **({} if float16 is None else {"float16_agreement": float16}),
+        },
+    )
+
+
+def previous_labels(context: StageContext) -> PreviousLabels:
+    """The previous iteration's committed labels, opened for the label tasks."""
+    group = context.store.open_zarr(context.layout.labels_store(context.iteration - 1), mode="r")
+    return PreviousLabels(group["labels"], group["offsets"][:], stored_geometry(group), int(group.attrs["k"]))
+
+
+def labels_digest(chunk_digests: list[str], layout: str) -> str:
+    """The stage's output digest: its chunks' digests in grid order, and a digest of the offsets and
+    ids: the features' digest where the features store holds every utterance (the labels store
+    copies its offsets and ids), else `layout_digest`."""
+    return digest_json({"labels": digest_digests(chunk_digests), "offsets": layout})
+
+
+def layout_digest(offsets: np.ndarray, ids: np.ndarray) -> str:
+    """The digest of every utterance's offsets and ids, for labels whose features store holds a sample."""
+    return digest_json({"offsets": digest_bytes(offsets.astype(np.int64).tobytes()), "utt_ids": [str(i) for i in ids]})
+
+
+def verify_labels(committed: CommittedStage) -> str:
+    """The output digest recomputed from every stored chunk."""
+    group = committed.store.open_zarr(committed.rel(LABELS_STORE), mode="r")
+    layout = committed.record.inputs["features"]
+    if group.attrs["features"].get("keep", "all") == "sample":
+        layout = layout_digest(group["offsets"][:], group["utt_ids"][:])
+    return labels_digest(stored_chunk_digests(group["labels"]), layout)
+
+
+def labels_summary(record: StageRecord) -> str:
+    quality = record.metrics.get("quality")
+    phones = f", PNMI {quality['pnmi']:.3f}, phone purity {quality['phone_purity']:.3f}" if quality else ""
+    float16 = record.metrics.get("float16_agreement")
+    kept = f", float16 features keep {100 * float16['share']:.2f}% of labels" if float16 else ""
+    return f"{record.counts['frames']} frames, {record.metrics['used_clusters']} clusters used{phones}{kept}"
+
+
+def quality_gate(context: StageContext, labels: StageRecord) -> None:
+    """With `quality_gate`, stop the run before an iteration trains on labels whose PNMI gain over
+    the last iteration's falls short (tasks/stages/labels/verdict.py)."""
+    gate = context.config.quality_gate
+    if gate is None or context.iteration == 1 or context.settings.train is None:
+        return
+    previous = context.upstream("labels", "previous_labels")
+    enforce_quality_gate(iteration_verdict(context.iteration, labels, previous), gate.min_pnmi_gain)
+
+
+LABELS = StageSpec(
+    name="labels",
+    version=1,
+    outputs=(LABELS_STORE,),
+    key_config=labels_key_config,
+    key_inputs=labels_key_inputs,
+    work=labels,
+    summary=labels_summary,
+    verify_digest=verify_labels,
+    after=quality_gate,
+)

@@ -1,0 +1,224 @@
+"""Training one process's share of an iteration's model, from the artifact store.
+
+This is what a torchrun rank runs (tasks/stages/train/worker.py), and what the train stage runs itself
+with one process: it imports no Prefect and no stage. Checkpoints are files in the iteration's
+model folder; the newest two are kept.
+
+Training reads the manifest's training utterances only. With a validation split, every rank
+validates on its share of the validation utterances (model/trainer.py) and rank 0 writes each new
+lowest-loss model to the best weights' file as it is found (a resumed run replays the steps
+after its checkpoint exactly, so it writes the same weights again), and the curve beside them.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import logging
+import posixpath
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+
+from infra.store import ArtifactStore
+from model.data import BatchShape, BatchStream, FixedBatches, check_label_counts
+from model.frames import SAMPLE_RATE
+from model.hubert import build_pretrain_model, prepare_waveform, warm_start
+from model.presets import HUBERT_CONFIGS, HubertConfig, frame_geometry
+from model.trainer import TrainerSettings, Validation, masked_prediction_evaluator, train
+from tasks.corpus.audio import load_audio_16k
+from tasks.corpus.manifest import Utterance
+from tasks.frames.store import stored_geometry
+from tasks.run.config import PretrainConfig
+from tasks.run.layout import RunLayout
+from tasks.run.records import load_manifest
+from tasks.run.sections import TrainConfig
+
+log = logging.getLogger(__name__)
+
+CHECKPOINTS_KEPT = 2
+
+
+class StoreUtteranceSource:
+    """The utterances of one split: audio through the manifest, labels from `labels.zarr`.
+
+    `utterances` is the whole manifest (the labels' offsets follow it); the source's indices count
+    the utterances of `split` only ("train" is every utterance of a corpus without a split)."""
+
+    def __init__(
+        self, store: ArtifactStore, labels_relpath: str, utterances: list[Utterance], split: Literal["train", "valid"] = "train"
+    ) -> None:
+        self.store = store
+        self.labels_relpath = labels_relpath
+        self.utterances = utterances
+        self.rows = [row for row, utterance in enumerate(utterances) if utterance.split == split]
+        group = store.open_zarr(labels_relpath, mode="r")
+        self.offsets = group["offsets"][:]
+        self.geometry = stored_geometry(group)
+        self.k = int(group.attrs["k"])
+        self._labels = None
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def samples(self, index: int) -> int:
+        return self.utterances[self.rows[index]].samples_16k
+
+    def load(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._labels is None:
+            self._labels = self.store.open_zarr(self.labels_relpath, mode="r")["labels"]
+        row = self.rows[index]
+        labels = self._labels[self.offsets[row] : self.offsets[row + 1]].astype(np.int64)
+        return load_audio_16k(self.utterances[row].path, self.store.storage_options), torch.from_numpy(labels)
+
+    def name(self, index: int) -> str:
+        utterance = self.utterances[self.rows[index]]
+        return f"{utterance.id} ({utterance.path})"
+
+    def check(self) -> None:
+        """Refuse utterances whose labels do not fit their audio, naming them."""
+        counts = np.diff(self.offsets)
+        check_label_counts(
+            [(u.id, u.samples_16k, int(count)) for u, count in zip(self.utterances, counts)], self.geometry
+        )
+
+
+@dataclass(frozen=True)
+class StoreCheckpoints:
+    """Checkpoints as files in the stage's model folder, written atomically."""
+
+    store: ArtifactStore
+    folder: str
+
+    def _steps(self) -> list[int]:
+        names = self.store.list_names(self.folder)
+        return sorted(int(name[5:-3]) for name in names if name.startswith("step-") and name.endswith(".pt"))
+
+    def latest(self) -> bytes | None:
+        steps = self._steps()
+        if not steps:
+            return None
+        return self.store.read_bytes(posixpath.join(self.folder, f"step-{steps[-1]:07d}.pt"))
+
+    def save(self, step: int, data: bytes) -> None:
+        path = posixpath.join(self.folder, f"step-{step:07d}.pt")
+        self.store.write_bytes(path, data)
+        log.info("saved checkpoint step %d (%s)", step, self.store.url(path))
+        for old in self._steps()[:-CHECKPOINTS_KEPT]:
+            self.store.remove(posixpath.join(self.folder, f"step-{old:07d}.pt"))
+
+
+def trainer_settings(settings: TrainConfig) -> TrainerSettings:
+    return TrainerSettings(
+        steps=settings.steps,
+        learning_rate=settings.learning_rate,
+        warmup_steps=settings.warmup_steps or max(1, int(0.08 * settings.steps)),
+        weight_decay=settings.weight_decay,
+        clip_norm=settings.clip_norm,
+        accumulation=settings.accumulation,
+        checkpoint_every=settings.io.checkpoint_every,
+        log_every=settings.logging.log_every,
+        unmasked_weight=settings.unmasked_weight,
+        bf16=settings.bf16,
+    )
+
+
+def initial_model(config: PretrainConfig, iteration: int, num_classes: int, store: ArtifactStore) -> torch.nn.Module:
+    """The model training starts from: fresh (seeded by `train.seed`), or with `train.init: warm`
+    the previous iteration's chosen weights except the label-dependent parts (model/hubert.py)."""
+    settings = config.iterations[iteration - 1].train
+    torch.manual_seed(settings.seed)
+    model = build_pretrain_model(HUBERT_CONFIGS[settings.model], num_classes=num_classes)
+    if settings.init == "warm":
+        previous = RunLayout(config.run).weights(iteration - 1, config.weights_for_next(iteration - 1))
+        saved = torch.load(io.BytesIO(store.read_bytes(previous)), map_location="cpu", weights_only=False)
+        fresh = warm_start(model, saved["model"])
+        log.info("train@%d: warm start from %s; freshly initialised: %s", iteration, store.url(previous), ", ".join(fresh))
+    return model
+
+
+def saved_weights(model: torch.nn.Module, settings: TrainConfig, architecture: HubertConfig, num_classes: int) -> bytes:
+    """The final and the best weights' file: the weights and what architecture they fill (the train record says
+    which step each is from)."""
+    buffer = io.BytesIO()
+    torch.save(
+        {"model": model.state_dict(), "architecture": settings.model, "config": architecture.model_dump(), "num_classes": num_classes},
+        buffer,
+    )
+    return buffer.getvalue()
+
+
+def batch_shape(settings: TrainConfig, source: StoreUtteranceSource, architecture: HubertConfig) -> BatchShape:
+    """How training and validation batches are cut: the label and model geometries, the audio per
+    batch and per utterance, and the model's waveform preparation."""
+    return BatchShape(
+        labels_geometry=source.geometry,
+        model_geometry=frame_geometry(architecture),
+        max_batch_samples=int(settings.max_batch_seconds * SAMPLE_RATE),
+        max_sample_size=int(settings.max_sample_seconds * SAMPLE_RATE),
+        prepare=functools.partial(prepare_waveform, architecture),
+    )
+
+
+def validation_for(
+    store: ArtifactStore, layout: RunLayout, iteration: int, utterances: list[Utterance], settings: TrainConfig,
+    device: torch.device, rank: int, world_size: int,
+) -> Validation | None:
+    """Validation on the manifest's validation utterances (None without any), keeping the best weights on rank 0."""
+    source = StoreUtteranceSource(store, layout.labels_store(iteration), utterances, split="valid")
+    if len(source) == 0:
+        return None
+    source.check()
+    architecture = HUBERT_CONFIGS[settings.model]
+    batches = FixedBatches(
+        source, batch_shape(settings, source, architecture), rank=rank, world_size=world_size, prefetch=settings.io.prefetch_batches
+    )
+
+    def keep_best(step: int, model: torch.nn.Module) -> None:
+        store.write_bytes(layout.best_model(iteration), saved_weights(model, settings, architecture, source.k))
+
+    evaluate = masked_prediction_evaluator(batches, device, trainer_settings(settings), mask_seed=settings.seed, world_size=world_size)
+    return Validation(evaluate=evaluate, every=settings.logging.valid_every or settings.io.checkpoint_every, on_best=keep_best)
+
+
+def train_rank(config: PretrainConfig, iteration: int, rank: int = 0, world_size: int = 1) -> list[dict[str, float]]:
+    """Train this rank's share; the same code runs alone or under torchrun."""
+    settings = config.iterations[iteration - 1].train
+    store = ArtifactStore(config.store, config.storage_options)
+    layout = RunLayout(config.run)
+    utterances = load_manifest(store, layout)
+    source = StoreUtteranceSource(store, layout.labels_store(iteration), utterances)
+    source.check()
+    architecture = HUBERT_CONFIGS[settings.model]
+    model = initial_model(config, iteration, source.k, store)
+    torch.manual_seed(settings.seed * 1000 + rank + 1)
+    stream = BatchStream(
+        source, batch_shape(settings, source, architecture), seed=settings.seed, rank=rank, world_size=world_size,
+        prefetch=settings.io.prefetch_batches,
+    )
+    device = torch.device(f"cuda:{rank % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu")
+    validation = validation_for(store, layout, iteration, utterances, settings, device, rank, world_size)
+
+    def report(entry: dict[str, float]) -> None:
+        log.info(
+            "train@%d step %d: loss %.4f, masked acc %.3f, lr %.2e, %.1f audio-s/s, %.1f%% waiting for data",
+            iteration, entry["step"], entry["loss"], entry["masked_accuracy"], entry["learning_rate"],
+            entry["audio_seconds_per_second"], 100 * entry["data_wait_share"],
+        )
+
+    history = train(
+        model, stream, trainer_settings(settings), StoreCheckpoints(store, layout.checkpoints(iteration)),
+        device, on_log=report, rank=rank, world_size=world_size, validation=validation,
+    )
+    if rank == 0:
+        store.write_bytes(layout.final_model(iteration), saved_weights(model, settings, architecture, source.k))
+        store.write_json(
+            layout.model_architecture(iteration),
+            {"preset": settings.model, "architecture": architecture.model_dump(mode="json"), "num_classes": source.k},
+        )
+        store.write_json(layout.train_log(iteration), history)
+        if validation is not None:
+            store.write_json(layout.valid_log(iteration), validation.curve)
+    return history
