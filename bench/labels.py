@@ -44,8 +44,9 @@ from infra.parts import run_parts
 from infra.store import ArtifactStore
 from model.frames import FrameGeometry
 from tasks.frames.chunks import chunk_grid
+from tasks.frames.labelling import LabelFeatures, LabelJob, chunks_per_task, write_label_chunk
 from tasks.frames.store import choose_chunk_frames
-from tasks.stages.labels.stage import LabelFeatures, LabelJob, Measuring, chunks_per_task, write_label_chunk
+from tasks.stages.labels.stage import Measuring
 
 MATMUL_SECONDS = 3.0
 ROOFLINE_ROWS = (1024, 2048, 4096, 16384)
@@ -112,7 +113,7 @@ def label_all(client, store: ArtifactStore, features: zarr.Array, k: int, folder
     shared = client.submit(np.array, centroids, pure=False)
     measuring = Measuring(k, FrameGeometry(hop=320, window=400), None, {})
     start = time.perf_counter()
-    run_parts(client, stage, jobs, write_label_chunk, "labels", {}, centroids=shared, measuring=measuring,
+    run_parts(client, stage, jobs, write_label_chunk, "labels", {}, centroids=shared, tally=measuring,
               features=LabelFeatures("float32", None, {}, stored=features), labels=labels)
     return time.perf_counter() - start
 

@@ -23,7 +23,6 @@ lose most of their speed waiting for each other, and the ratio to (a) alone woul
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import shutil
 import tempfile
@@ -43,11 +42,13 @@ from model.frames import SAMPLE_RATE
 from model.hubert import build_pretrain_model, prepare_waveform
 from model.kmeans import nearest_centroids
 from model.presets import HUBERT_CONFIGS, HubertConfig
+from model.weights import save_weights
 from tasks.corpus.audio import load_audio_16k
+from tasks.products.bundle import BUNDLE, load_bundle
 from tasks.products.export import export_model
-from tasks.products.units import load_bundle, units
+from tasks.products.units import units
 from tasks.run.config import PretrainConfig
-from tasks.run.layout import BUNDLE, RunLayout
+from tasks.run.layout import RunLayout
 from tasks.run.stage import StageContext, run_stage
 from tasks.stages.catalog import STAGES
 
@@ -69,12 +70,11 @@ def make_bundle(work: Path, fit_corpus: Path, model: str, layer: int, k: int, cl
     architecture = HUBERT_CONFIGS[model]
     torch.manual_seed(0)
     pretrain = build_pretrain_model(architecture, num_classes=8)
-    buffer = io.BytesIO()
-    torch.save({"model": pretrain.state_dict(), "architecture": model, "config": architecture.model_dump(), "num_classes": 8}, buffer)
+    weights = save_weights(pretrain, architecture, model, num_classes=8)
     train = Stage(store, layout.scope(1), "train", version=1, config={"model": model, "random_init": True}, inputs={})
     train.prepare(["model"])
-    store.write_bytes(layout.final_model(1), buffer.getvalue())
-    train.commit(outputs=["model"], output_digest=digest_bytes(buffer.getvalue()), started_at=utc_now(),
+    store.write_bytes(layout.final_model(1), weights)
+    train.commit(outputs=["model"], output_digest=digest_bytes(weights), started_at=utc_now(),
                  metrics={"architecture": architecture.model_dump(mode="json")})
     run_stage(STAGES["intake"], StageContext(config, store, client))
     for stage in ("features", "kmeans"):

@@ -188,12 +188,10 @@ def command_export(args: argparse.Namespace) -> int:
     except ExportError as error:
         print(error, file=sys.stderr)
         return EXIT_USAGE
-    manifest = summary.manifest
-    print(f"wrote iteration {args.iteration}'s {args.weights} weights ({manifest['weights_digest'][:12]}) to {summary.folder}")
+    print(f"wrote iteration {args.iteration}'s {args.weights} weights ({summary.manifest.weights_digest[:12]}) to {summary.folder}")
     print("  Hugging Face: transformers.HubertModel.from_pretrained(folder); torchaudio: torchaudio_encoder.pt")
-    if summary.has_quantizer:
-        quantizer = json.loads((summary.folder / manifest["quantizer"]).read_text())
-        print(f"  quantizer: layer {quantizer['layer']}, k={quantizer['k']} (fitted in iteration {quantizer['fitted_in']['iteration']})")
+    if (quantizer := summary.quantizer) is not None:
+        print(f"  quantizer: layer {quantizer.layer}, k={quantizer.k} (fitted in iteration {quantizer.fitted_in.iteration})")
     else:
         print("  no quantizer: no later iteration of this run clustered a layer of these weights")
     return 0
@@ -201,7 +199,8 @@ def command_export(args: argparse.Namespace) -> int:
 
 def command_units(args: argparse.Namespace) -> int:
     from tasks.corpus.manifest import ManifestError
-    from tasks.products.units import BundleError, load_bundle, units
+    from tasks.products.bundle import BundleError, load_bundle
+    from tasks.products.units import units
 
     try:
         bundle = load_bundle(args.bundle)  # every digest checked before any work

@@ -29,11 +29,12 @@ from model.layer_features import extract_layer_features
 from model.presets import HUBERT_CONFIGS, frame_geometry
 from tasks.audit.inspection import inspect_run
 from tasks.corpus.audio import load_audio_16k
+from tasks.products.bundle import BUNDLE, load_bundle
 from tasks.products.export import export_model
 from tasks.products.fairseq import fairseq_root
-from tasks.products.units import load_bundle, units
+from tasks.products.units import units
 from tasks.run.config import PretrainConfig
-from tasks.run.layout import BUNDLE, RunLayout
+from tasks.run.layout import RunLayout
 from tasks.run.run_info import write_run_info
 from tasks.stages.catalog import run_plan
 from tests.support import run_cli

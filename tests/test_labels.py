@@ -3,7 +3,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import tasks.stages.labels
+import tasks.stages.labels.stage
 from infra.store import ArtifactStore
 from model.quality import LabelTally, PhoneSegments, frame_segments, phone_measures
 from tasks.corpus.alignments import read_alignment
@@ -136,7 +136,7 @@ def test_purity_and_pnmi_on_a_known_joint_distribution() -> None:
 def test_how_chunks_are_grouped_into_tasks_changes_nothing(tmp_path: Path, demo_corpus: Path, client, monkeypatch) -> None:
     """Each task labels a run of chunks; the stage's bytes, digest and measures must not depend on how many."""
     one_store, _, one = labelled(tmp_path, demo_corpus, client, "one")
-    monkeypatch.setattr(tasks.stages.labels, "chunks_per_task", lambda *_: 3)
+    monkeypatch.setattr(tasks.stages.labels.stage, "chunks_per_task", lambda *_: 3)
     grouped_store, _, grouped = labelled(tmp_path, demo_corpus, client, "grouped")
     assert one.counts["chunks"] > 3  # so some tasks hold several chunks and some edges fall inside tasks
     assert grouped.output_digest == one.output_digest and grouped.metrics == one.metrics

@@ -11,8 +11,8 @@ import soundfile
 from infra.commit import forget_stage
 from infra.parts import PartsFailed
 from tasks.frames.chunks import NonFiniteValues, UtteranceSpan, check_finite
+from tasks.frames.labelling import LabelJob, checked_nearest_labels
 from tasks.run.config import load_config
-from tasks.stages.labels.stage import LabelJob, checked_nearest_labels
 from tests.support import read_real, resample, run_chain, write_config
 
 

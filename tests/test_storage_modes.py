@@ -16,6 +16,7 @@ from model.kmeans import nearest_centroids
 from tasks.audit.inspection import inspect_run, render_table
 from tasks.audit.verification import verify_run
 from tasks.frames.chunks import chunk_grid, frame_offsets
+from tasks.frames.labelling import LabelFeatures, plan_label_jobs
 from tasks.frames.sources import MfccSource
 from tasks.frames.store import stored_geometry
 from tasks.run.config import PretrainConfig
@@ -25,7 +26,7 @@ from tasks.run.records import load_centroids
 from tasks.run.run_info import write_run_info
 from tasks.run.sections import FeaturesConfig
 from tasks.stages.catalog import run_plan
-from tasks.stages.labels.stage import FrameCountMismatch, LabelFeatures, StoredFrames, check_frame_counts, plan_label_jobs
+from tasks.stages.labels.stage import FrameCountMismatch, StoredFrames, check_frame_counts
 from tests.support import Chain, run_chain
 
 LAYOUT = RunLayout("t")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import posixpath
 import re
 import threading
@@ -12,12 +11,14 @@ import numpy as np
 import pytest
 import torch
 
+from infra.digest import digest_bytes
 from infra.store import ArtifactStore
 from model.data import BatchShape, BatchStream, LabelCountMismatch, UtteranceLoadError, check_label_counts, map_labels
 from model.frames import FrameGeometry
 from model.hubert import build_pretrain_model
 from model.presets import HUBERT_CONFIGS, hop, receptive_field
 from model.trainer import train
+from model.weights import save_weights
 from tasks.frames.sources import HubertLayerSource, layer_source
 from tasks.run.config import PretrainConfig
 from tasks.run.layout import RunLayout
@@ -176,11 +177,10 @@ def test_tiny_learns_its_layers_beat_untrained_ones_and_feed_the_next_iteration(
     untrained_weights = RunLayout("t").path(1, "untrained.pt")
     torch.manual_seed(0)
     model = build_pretrain_model(TINY, num_classes=50)
-    buffer = io.BytesIO()
-    torch.save({"model": model.state_dict(), "config": TINY.model_dump(), "num_classes": 50}, buffer)
-    store.write_bytes(untrained_weights, buffer.getvalue())
+    weights = save_weights(model, TINY, "tiny", num_classes=50)
+    store.write_bytes(untrained_weights, weights)
     untrained = layer_profile(
-        client, [HubertLayerSource(store, untrained_weights, "untrained", layer, TINY) for layer in range(1, 7)],
+        client, [HubertLayerSource(store, untrained_weights, digest_bytes(weights), layer, TINY) for layer in range(1, 7)],
         load_manifest(store, RunLayout("t")), config.iterations[0].profile, config.corpus.alignments, {},
     )
     trained = run("profile", config, store, 1, client).metrics

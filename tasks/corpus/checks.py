@@ -7,6 +7,9 @@ stops a corpus; a problem with the storage itself raises.
 
 from __future__ import annotations
 
+import logging
+from collections import Counter
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from distributed import Client
@@ -15,7 +18,9 @@ from pydantic import BaseModel
 from infra.parts import gather_parts
 from infra.paths import read_whole
 from tasks.corpus.audio import AudioError, probe_audio
-from tasks.corpus.manifest import Candidate, Utterance
+from tasks.corpus.manifest import Candidate, ManifestError, Utterance, check_unique_ids, list_candidates
+
+log = logging.getLogger(__name__)
 
 PROBE_BATCH = 32
 DURATION_TOLERANCE_SECONDS = 0.05
@@ -100,3 +105,36 @@ def probe_candidates(
         [result for result in results if isinstance(result, Utterance)],
         [result for result in results if isinstance(result, Rejection)],
     )
+
+
+@dataclass(frozen=True)
+class TakenIn:
+    """A corpus source probed: its usable utterances and its rejected files (with their reasons), in source order."""
+
+    utterances: list[Utterance]
+    rejections: list[Rejection]
+
+    def report(self) -> dict[str, Any]:
+        """The intake report: every rejected file with its reason, and the count by reason."""
+        return {
+            "rejected": [rejection.model_dump() for rejection in self.rejections],
+            "rejected_by_reason": dict(Counter(rejection.reason for rejection in self.rejections)),
+        }
+
+
+def take_in(
+    client: Client, source: str, limits: LengthLimits, storage_options: dict[str, Any], description: str
+) -> TakenIn:
+    """List a corpus source, refuse clashing ids, probe every file on Dask; rejections are logged.
+
+    ManifestError when the source lists no audio file (every file rejected is the caller's to judge,
+    after it has written the report)."""
+    candidates = list_candidates(source, storage_options)
+    if not candidates:
+        raise ManifestError(f"no .wav or .flac files in corpus source {source}")
+    check_unique_ids(candidates)
+    log.info("%s: probing %d files on %d Dask worker(s)", description, len(candidates), len(client.scheduler_info()["workers"]))
+    utterances, rejections = probe_candidates(client, candidates, limits, storage_options, description)
+    for rejection in rejections:
+        log.warning("%s: skipping %s (%s): %s", description, rejection.path, rejection.reason, rejection.detail)
+    return TakenIn(utterances, rejections)

@@ -20,10 +20,10 @@ from infra.digest import digest_bytes
 from infra.paths import read_whole
 from infra.store import ArtifactStore
 from model.frames import FrameGeometry
-from model.hubert import build_pretrain_model
 from model.layer_features import extract_layer_features_batch
 from model.mfcc import MFCC_DIM, MFCC_GEOMETRY, mfcc_with_deltas
 from model.presets import HubertConfig, frame_geometry
+from model.weights import SavedWeights, load_weights
 from tasks.corpus.audio import load_audio_16k
 from tasks.frames.chunks import FramesJob, check_finite
 from tasks.run.layout import RunLayout, Weights
@@ -110,7 +110,8 @@ class HubertLayerSource(_ModelLayer):
     def compute(self, waveforms_16k: list[torch.Tensor]) -> list[torch.Tensor]:
         if self.model_digest not in _ENCODERS:
             _ENCODERS.clear()
-            _ENCODERS[self.model_digest] = load_encoder(self.store, self.model_relpath)
+            saved = read_weights(self.store, self.model_relpath, self.model_digest)
+            _ENCODERS[self.model_digest] = saved.encoder(), saved.architecture
         encoder, architecture = _ENCODERS[self.model_digest]
         with torch.inference_mode():
             return extract_layer_features_batch(encoder, waveforms_16k, self.layer, architecture)
@@ -157,13 +158,22 @@ class BundleLayerSource(_ModelLayer):
 _ENCODERS: dict[str, tuple[torch.nn.Module, HubertConfig]] = {}
 
 
-def load_encoder(store: ArtifactStore, relpath: str) -> tuple[torch.nn.Module, HubertConfig]:
-    """The encoder (`.wav2vec2`, in eval mode) of saved weights (final or best), and its architecture."""
-    saved = torch.load(io.BytesIO(store.read_bytes(relpath)), map_location="cpu", weights_only=False)
-    architecture = HubertConfig.model_validate(saved["config"])
-    model = build_pretrain_model(architecture, num_classes=saved["num_classes"])
-    model.load_state_dict(saved["model"])
-    return model.wav2vec2.eval(), architecture
+class AlteredWeights(ValueError):
+    """A weights file whose content is not what the record that names it says."""
+
+    retryable = False
+
+
+def read_weights(store: ArtifactStore, relpath: str, digest: str) -> SavedWeights:
+    """Saved weights (model/weights.py) read from the store, refused unless their digest is the
+    one the train record gives: weights replaced behind a record are never used."""
+    data = store.read_bytes(relpath)
+    if digest_bytes(data) != digest:
+        raise AlteredWeights(
+            f"{store.url(relpath)} is not the weights its train record names (digest {digest_bytes(data)[:12]}, "
+            f"recorded {digest[:12]}): it was replaced after the commit; `hubert-pipeline verify --deep` names it"
+        )
+    return load_weights(data)
 
 
 def layer_source(

@@ -1,6 +1,6 @@
 """`hubert-pipeline export`: an iteration's trained encoder and its quantizer as one folder, the bundle.
 
-The bundle (`hubert-pipeline export`, layout in tasks/run/layout.py `BundleLayout`) is one folder
+The bundle (tasks/products/bundle.py) is one folder
 that a team uses elsewhere: a Hugging Face `HubertModel` (config.json, model.safetensors), the
 same encoder as a torchaudio `wav2vec2_model` state dict, and, where the run fitted one on a
 layer of this model, the quantizer (centroids + what they apply to). `hubert_pipeline.json`
@@ -27,14 +27,13 @@ from infra.store import ArtifactStore
 from model.frames import SAMPLE_RATE
 from model.hf_convert import hf_layer_index, save_hf_pretrained, torchaudio_encoder_kwargs
 from model.presets import HubertConfig, frame_geometry
+from model.weights import load_weights
 from tasks.products import ExportError
-from tasks.run.layout import BUNDLE, RunLayout, Weights
+from tasks.products.bundle import BUNDLE, BUNDLE_FORMAT, BUNDLE_VERSION, BundleManifest, QuantizerManifest
+from tasks.run.layout import RunLayout, Weights
 from tasks.run.records import load_centroids
 from tasks.run.records import weights_digest as recorded_weights_digest
 
-BUNDLE_FORMAT = "hubert-pipeline-bundle"
-BUNDLE_VERSION = 1
-ENCODER_PREFIX = "wav2vec2."
 MASK_EMBEDDING = "mask_generator.mask_embedding"
 LAYER_CONVENTION = (
     "layer L (1-based) is the output of transformer layer L before any final layer norm: torchaudio "
@@ -78,11 +77,12 @@ def fitted_quantizer(store: ArtifactStore, layout: RunLayout, iteration: int, we
 @dataclass(frozen=True)
 class ExportSummary:
     folder: Path
-    manifest: dict[str, Any]
+    manifest: BundleManifest
+    quantizer: QuantizerManifest | None
 
     @property
     def has_quantizer(self) -> bool:
-        return self.manifest["quantizer"] is not None
+        return self.quantizer is not None
 
 
 def _saved_weights(store: ArtifactStore, layout: RunLayout, iteration: int, weights: Weights) -> tuple[StageRecord, bytes, str]:
@@ -114,22 +114,19 @@ def export_model(
     """Write iteration `iteration`'s encoder (and its quantizer, if the run fitted one) as a bundle in `out_dir`."""
     train, data, relpath = _saved_weights(store, layout, iteration, weights)
     weights_digest = digest_bytes(data)
-    saved = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
-    architecture = HubertConfig.model_validate(saved["config"])
-    state = saved["model"]
-    encoder_state = {key[len(ENCODER_PREFIX) :]: tensor for key, tensor in state.items() if key.startswith(ENCODER_PREFIX)}
+    saved = load_weights(data)
+    architecture, state, encoder_state = saved.architecture, saved.state, saved.encoder_state()
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / BUNDLE.manifest).unlink(missing_ok=True)  # written last: a half-written bundle has none
     save_hf_pretrained(out_dir, encoder_state, architecture, state.get(MASK_EMBEDDING))
     buffer = io.BytesIO()
     torch.save(encoder_state, buffer)
     (out_dir / BUNDLE.torchaudio_encoder).write_bytes(buffer.getvalue())
-    quantizer = fitted_quantizer(store, layout, iteration, weights_digest)
+    fitted = fitted_quantizer(store, layout, iteration, weights_digest)
     shutil.rmtree(out_dir / BUNDLE.quantizer_dir, ignore_errors=True)
-    if quantizer is not None:
-        _write_quantizer(store, layout, out_dir, quantizer, architecture, weights_digest)
+    quantizer = None if fitted is None else _write_quantizer(store, layout, out_dir, fitted, architecture, weights_digest)
     geometry = frame_geometry(architecture)
-    manifest = {
+    manifest = BundleManifest.model_validate({
         "format": BUNDLE_FORMAT,
         "version": BUNDLE_VERSION,
         "run": layout.run,
@@ -140,8 +137,8 @@ def export_model(
         "weights_digest": weights_digest,
         "train_record_key": train.key,
         "train_output_digest": train.output_digest,
-        "num_classes": int(saved["num_classes"]),
-        "architecture": architecture.model_dump(mode="json"),
+        "num_classes": saved.num_classes,
+        "architecture": architecture,
         "normalize_waveform": architecture.normalize_waveform,
         "sample_rate": SAMPLE_RATE,
         "frame_geometry": {"hop_samples": geometry.hop, "window_samples": geometry.window, "frame_rate": geometry.frame_rate},
@@ -156,14 +153,14 @@ def export_model(
             "model_safetensors_digest": digest_bytes((out_dir / "model.safetensors").read_bytes()),
         },
         "quantizer": None if quantizer is None else BUNDLE.quantizer,
-    }
-    (out_dir / BUNDLE.manifest).write_text(json.dumps(manifest, indent=2) + "\n")
-    return ExportSummary(out_dir, manifest)
+    })
+    (out_dir / BUNDLE.manifest).write_text(json.dumps(manifest.dumped(), indent=2) + "\n")
+    return ExportSummary(out_dir, manifest, quantizer)
 
 
 def _write_quantizer(
     store: ArtifactStore, layout: RunLayout, out_dir: Path, quantizer: Quantizer, architecture: HubertConfig, weights_digest: str
-) -> None:
+) -> QuantizerManifest:
     centroids = load_centroids(store, layout, quantizer.iteration)
     if digest_bytes(centroids.tobytes()) != quantizer.kmeans.output_digest:
         raise ExportError(f"the centroids of kmeans@{quantizer.iteration} are not what its record says it committed")
@@ -176,7 +173,7 @@ def _write_quantizer(
     buffer = io.BytesIO()
     np.save(buffer, centroids)
     (out_dir / BUNDLE.centroids).write_bytes(buffer.getvalue())
-    description = {
+    description = QuantizerManifest.model_validate({
         "layer": quantizer.layer,
         "k": int(centroids.shape[0]),
         "dim": int(centroids.shape[1]),
@@ -198,5 +195,6 @@ def _write_quantizer(
             "features_record_key": quantizer.features.key,
             "kmeans_record_key": quantizer.kmeans.key,
         },
-    }
-    (out_dir / BUNDLE.quantizer).write_text(json.dumps(description, indent=2) + "\n")
+    })
+    (out_dir / BUNDLE.quantizer).write_text(json.dumps(description.dumped(), indent=2) + "\n")
+    return description

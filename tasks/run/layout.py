@@ -53,24 +53,6 @@ REPORT_MD = "report.md"
 PLOTS = "plots"
 
 
-@dataclass(frozen=True)
-class BundleLayout:
-    """An exported model folder (`hubert-pipeline export`), which `hubert-pipeline units` reads back.
-
-        config.json, model.safetensors, preprocessor_config.json   Hugging Face HubertModel
-        torchaudio_encoder.pt                                       state dict of torchaudio's wav2vec2_model
-        hubert_pipeline.json                                        where it came from, digests, architecture
-        quantizer/centroids.npy, quantizer/quantizer.json           the k-means fitted on one of its layers
-    """
-
-    torchaudio_encoder: str = "torchaudio_encoder.pt"
-    manifest: str = "hubert_pipeline.json"
-    quantizer_dir: str = "quantizer"
-    centroids: str = "quantizer/centroids.npy"
-    quantizer: str = "quantizer/quantizer.json"
-
-
-BUNDLE = BundleLayout()
 
 
 @dataclass(frozen=True)

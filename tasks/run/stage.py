@@ -7,9 +7,11 @@ different key left behind (keeping an interrupted run's finished parts), do the 
 record (infra/commit.py's protocol), and log both ends. It imports no Prefect: flows/pretrain.py
 turns a spec into a Prefect task, and tests and benchmarks call `run_stage` as it is.
 
-`StageContext` is what a stage's functions are handed: the run, its store and layout, the Dask
-client, the iteration, and the upstream records, read from the store (the truth is there, not
-in Prefect's state).
+`StageContext` is what a pipeline stage's functions are handed: the run, its store and layout,
+the Dask client, the iteration, and the upstream records, read from the store (the truth is
+there, not in Prefect's state). `run_stage` needs less of a context (`StageScope`: a store, a
+folder and a name for each stage), so a product can declare stages of its own over another
+folder (tasks/products/units.py).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import logging
 import posixpath
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Generic, Protocol, TypeVar
 
 from distributed import Client
 
@@ -38,9 +40,30 @@ class MissingUpstream(RuntimeError):
     retryable = False
 
 
+class StageScope(Protocol):
+    """What `run_stage` needs of a context: where a stage's folder is, how to name it, a fresh copy per run."""
+
+    store: ArtifactStore
+
+    def folder(self, stage: str) -> str:
+        """The stage's folder, relative to the store root."""
+        ...
+
+    def label(self, stage: str) -> str:
+        """How logs and errors name the stage (`features@2`)."""
+        ...
+
+    def for_one_run(self) -> StageScope:
+        """The same context with nothing read yet."""
+        ...
+
+
+Context = TypeVar("Context", bound=StageScope)
+
+
 @dataclass
 class StageContext:
-    """What a stage's key and work functions are handed."""
+    """What a pipeline stage's key and work functions are handed."""
 
     config: PretrainConfig
     store: ArtifactStore
@@ -58,6 +81,12 @@ class StageContext:
         that an upstream record is read once per stage run (its key, then its work), and a rerun
         reads it afresh."""
         return replace(self)
+
+    def folder(self, stage: StageName) -> str:
+        return self.layout.stage_folder(stage, self.iteration)
+
+    def label(self, stage: StageName) -> str:
+        return stage_label(stage, self.iteration)
 
     @property
     def settings(self) -> IterationConfig:
@@ -108,7 +137,7 @@ class CommittedStage:
 
 
 @dataclass(frozen=True)
-class StageSpec:
+class StageSpec(Generic[Context]):
     """One stage, declared.
 
     - `key_config` and `key_inputs` make its key (with `version`, bumped when a code change alters
@@ -124,16 +153,16 @@ class StageSpec:
       with the same code the stage digests with.
     """
 
-    name: StageName
+    name: str
     version: int
     outputs: tuple[str, ...]
-    key_config: Callable[[StageContext], dict[str, Any]]
-    key_inputs: Callable[[StageContext], dict[str, str]]
-    work: Callable[[StageContext, Stage], StageResult]
+    key_config: Callable[[Context], dict[str, Any]]
+    key_inputs: Callable[[Context], dict[str, str]]
+    work: Callable[[Context, Stage], StageResult]
     summary: Callable[[StageRecord], str]
     verify_digest: Callable[[CommittedStage], str]
-    check: Callable[[StageContext], None] | None = None
-    after: Callable[[StageContext, StageRecord], None] | None = None
+    check: Callable[[Context], None] | None = None
+    after: Callable[[Context, StageRecord], None] | None = None
     retries: int = 2
 
 
@@ -143,11 +172,11 @@ def stage_label(name: StageName, iteration: int | None) -> str:
     return name if iteration is None else f"{name}@{iteration}"
 
 
-def open_stage(spec: StageSpec, context: StageContext) -> Stage:
+def open_stage(spec: StageSpec[Context], context: Context) -> Stage:
     """The stage's commit protocol in its folder, with its key."""
     return Stage(
         context.store,
-        context.layout.stage_folder(spec.name, context.iteration),
+        context.folder(spec.name),
         spec.name,
         version=spec.version,
         config=spec.key_config(context),
@@ -155,10 +184,10 @@ def open_stage(spec: StageSpec, context: StageContext) -> Stage:
     )
 
 
-def run_stage(spec: StageSpec, context: StageContext) -> StageRecord:
+def run_stage(spec: StageSpec[Context], context: Context) -> StageRecord:
     """Run (or skip, or resume) one stage and return its committed record."""
     context = context.for_one_run()
-    label = stage_label(spec.name, context.iteration)
+    label = context.label(spec.name)
     stage = open_stage(spec, context)
     if (record := stage.committed()) is not None:
         log.info("%s: committed earlier (%s), skipping", label, spec.summary(record))

@@ -9,14 +9,13 @@ with the same utterance id stop intake before any probing, naming both paths.
 from __future__ import annotations
 
 import logging
-from collections import Counter
 from typing import Any
 
 from infra.commit import Stage, StageRecord
 from infra.digest import digest_bytes
 from infra.paths import fingerprint_source, read_whole
-from tasks.corpus.checks import probe_candidates
-from tasks.corpus.manifest import AUDIO_SUFFIXES, ManifestError, check_unique_ids, list_candidates, manifest_to_jsonl
+from tasks.corpus.checks import take_in
+from tasks.corpus.manifest import AUDIO_SUFFIXES, ManifestError, manifest_to_jsonl
 from tasks.corpus.splits import assign_splits
 from tasks.run.keys import key_settings
 from tasks.run.layout import INTAKE_REPORT, MANIFEST
@@ -45,21 +44,10 @@ def intake_key_inputs(context: StageContext) -> dict[str, str]:
 
 def intake(context: StageContext, stage: Stage) -> StageResult:
     """Probe every file of the corpus source on Dask and write the manifest and the intake report."""
-    config, store, client = context.config, context.store, context.client
-    candidates = list_candidates(config.corpus.source, config.storage_options)
-    if not candidates:
-        raise ManifestError(f"no .wav or .flac files in corpus source {config.corpus.source}")
-    check_unique_ids(candidates)
-    log.info("intake: probing %d files on %d Dask worker(s)", len(candidates), len(client.scheduler_info()["workers"]))
-
-    utterances, rejections = probe_candidates(client, candidates, config.corpus, config.storage_options, "intake")
-    for rejection in rejections:
-        log.warning("intake: skipping %s (%s): %s", rejection.path, rejection.reason, rejection.detail)
-    reasons = Counter(rejection.reason for rejection in rejections)
-    store.write_json(
-        stage.rel(INTAKE_REPORT),
-        {"rejected": [rejection.model_dump() for rejection in rejections], "rejected_by_reason": dict(reasons)},
-    )
+    config, store = context.config, context.store
+    taken = take_in(context.client, config.corpus.source, config.corpus, config.storage_options, "intake")
+    store.write_json(stage.rel(INTAKE_REPORT), taken.report())
+    utterances, rejections = taken.utterances, taken.rejections
     if not utterances:
         raise ManifestError(
             f"no usable audio in {config.corpus.source}: all {len(rejections)} files rejected "
@@ -77,7 +65,7 @@ def intake(context: StageContext, stage: Stage) -> StageResult:
             "hours": round(sum(utterance.seconds for utterance in utterances) / 3600, 4),
             "speakers": len({u.speaker for u in utterances if u.speaker is not None}),
         },
-        metrics={"rejected_by_reason": dict(reasons)},
+        metrics={"rejected_by_reason": taken.report()["rejected_by_reason"]},
     )
 
 

@@ -13,7 +13,6 @@ after its checkpoint exactly, so it writes the same weights again), and the curv
 from __future__ import annotations
 
 import functools
-import io
 import logging
 import posixpath
 from dataclasses import dataclass
@@ -28,12 +27,14 @@ from model.frames import SAMPLE_RATE
 from model.hubert import build_pretrain_model, prepare_waveform, warm_start
 from model.presets import HUBERT_CONFIGS, HubertConfig, frame_geometry
 from model.trainer import TrainerSettings, Validation, masked_prediction_evaluator, train
+from model.weights import save_weights
 from tasks.corpus.audio import load_audio_16k
 from tasks.corpus.manifest import Utterance
+from tasks.frames.sources import read_weights
 from tasks.frames.store import stored_geometry
 from tasks.run.config import PretrainConfig
 from tasks.run.layout import RunLayout
-from tasks.run.records import load_manifest
+from tasks.run.records import RunRecords, load_manifest, weights_digest
 from tasks.run.sections import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -132,22 +133,18 @@ def initial_model(config: PretrainConfig, iteration: int, num_classes: int, stor
     torch.manual_seed(settings.seed)
     model = build_pretrain_model(HUBERT_CONFIGS[settings.model], num_classes=num_classes)
     if settings.init == "warm":
-        previous = RunLayout(config.run).weights(iteration - 1, config.weights_for_next(iteration - 1))
-        saved = torch.load(io.BytesIO(store.read_bytes(previous)), map_location="cpu", weights_only=False)
-        fresh = warm_start(model, saved["model"])
+        layout, which = RunLayout(config.run), config.weights_for_next(iteration - 1)
+        previous = layout.weights(iteration - 1, which)
+        trained = RunRecords(store, layout).get("train", iteration - 1)
+        saved = read_weights(store, previous, weights_digest(trained, which))
+        fresh = warm_start(model, saved.state)
         log.info("train@%d: warm start from %s; freshly initialised: %s", iteration, store.url(previous), ", ".join(fresh))
     return model
 
 
 def saved_weights(model: torch.nn.Module, settings: TrainConfig, architecture: HubertConfig, num_classes: int) -> bytes:
-    """The final and the best weights' file: the weights and what architecture they fill (the train record says
-    which step each is from)."""
-    buffer = io.BytesIO()
-    torch.save(
-        {"model": model.state_dict(), "architecture": settings.model, "config": architecture.model_dump(), "num_classes": num_classes},
-        buffer,
-    )
-    return buffer.getvalue()
+    """The final and the best weights' file (model/weights.py; the train record says which step each is from)."""
+    return save_weights(model, architecture, settings.model, num_classes)
 
 
 def batch_shape(settings: TrainConfig, source: StoreUtteranceSource, architecture: HubertConfig) -> BatchShape:
