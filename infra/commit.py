@@ -76,6 +76,10 @@ class Stage:
     - Workers call `mark_part` after each part (e.g. a Zarr chunk) is fully written; `done_parts`
       lists them on resume.
     - `commit(record)` writes the record last, then drops the part markers.
+    - With `keep_previous`, what a different key left (its record, outputs and progress: a
+      trained model and its checkpoints) is moved to `_kept/<stage>-<key>/` instead of removed,
+      the newest `keep_previous` of them kept; `committed()` moves one back when its key is this
+      stage's again, so going back to earlier settings takes the earlier work back.
     """
 
     def __init__(
@@ -87,6 +91,8 @@ class Stage:
         version: int,
         config: dict[str, Any],
         inputs: dict[str, str],
+        outputs: Iterable[str] = (),
+        keep_previous: int = 0,
     ) -> None:
         """`version` is the stage's output-format version: bump it when a code change alters outputs.
 
@@ -100,7 +106,9 @@ class Stage:
         self.config = config
         self.inputs = inputs
         self.key = digest_json({"stage": name, "version": version, "config": config, "inputs": inputs})
-        self._record_seen: bool | None = None
+        self.outputs = tuple(outputs)
+        self.keep_previous = keep_previous
+        self._record_seen: StageRecord | None | bool = None
         self.fresh = False
         """Whether `prepare` cleared the stage: no outputs, no finished parts are left from an earlier attempt."""
 
@@ -123,9 +131,12 @@ class Stage:
         """The record of this exact work with its outputs all there, or None if it has to run.
 
         A record whose outputs lost objects since (a deleted Zarr chunk would read back as fill
-        values) does not count: the problems are logged and the stage runs again."""
+        values) does not count: the problems are logged and the stage runs again. Work of this key
+        kept aside (`keep_previous`) is moved back first."""
         record = self.read_record()
-        self._record_seen = record is not None
+        if (record is None or record.key != self.key) and self._take_back_kept(record):
+            record = self.read_record()
+        self._record_seen = record if record is not None else False
         if record is None or record.key != self.key:
             return None
         if problems := output_problems(self.store, self.folder, record):
@@ -136,24 +147,86 @@ class Stage:
             return None
         return record
 
-    def prepare(self, outputs: Iterable[str]) -> None:
+    def prepare(self, outputs: Iterable[str] | None = None) -> None:
         """Make the scope ready for (re)running this stage with this key.
 
         After `committed()` (which read the record, if any) the record is not looked for again."""
-        progress_key = self.store.read_json(posixpath.join(self.progress_path, "key.json"))
-        stale_record = self.store.exists(self.record_path) if self._record_seen is None else self._record_seen
+        outputs = list(self.outputs if outputs is None else outputs)
+        progress_key = (self.store.read_json(posixpath.join(self.progress_path, "key.json")) or {}).get("key")
+        seen = self.read_record() if self._record_seen is None else (self._record_seen or None)
         self._record_seen = None
-        self.fresh = stale_record or progress_key is None or progress_key.get("key") != self.key
+        self.fresh = seen is not None or progress_key != self.key
         if self.fresh:
-            if stale_record:
+            earlier = seen.key if seen is not None else progress_key
+            if self.keep_previous and earlier is not None and earlier != self.key:
+                self._keep_aside(earlier, outputs, has_record=seen is not None)
+            if seen is not None:
                 self.store.remove(self.record_path)
             self.store.remove(self.progress_path)
-            self._remove_outputs(list(outputs))
+            self._remove_outputs(outputs)
             self.store.write_json(posixpath.join(self.progress_path, "key.json"), {"key": self.key})
 
     def _remove_outputs(self, outputs: list[str]) -> None:
         for output in outputs:
             self.store.remove(self.rel(output))
+
+    def _kept(self, key: str) -> str:
+        return kept_path(self.folder, self.name, key)
+
+    def _keep_aside(self, key: str, outputs: list[str], has_record: bool) -> None:
+        """Move the work of `key` to its place under `_kept/`: the record first (nothing there looks
+        finished while it moves), then outputs and progress; `kept.json` last says it is whole."""
+        shelf = self._kept(key)
+        self.store.remove(shelf)
+        if has_record:
+            self.store.move(self.record_path, posixpath.join(shelf, RECORD))
+        moved = [output for output in outputs if self.store.move(self.rel(output), posixpath.join(shelf, output))]
+        self.store.move(self.progress_path, posixpath.join(shelf, PROGRESS))
+        self.store.write_json(
+            posixpath.join(shelf, KEPT_INDEX),
+            {"key": key, "kept_at": utc_now().isoformat(), "committed": has_record, "outputs": moved},
+        )
+        log.info(
+            "%s: settings changed; kept the %s work of key %s (%s) in %s", self.rel(self.name),
+            "committed" if has_record else "unfinished", key[:12], ", ".join(moved) or "no outputs", self.store.url(shelf),
+        )
+        self._drop_old_kept()
+
+    def _drop_old_kept(self) -> None:
+        """Keep the newest `keep_previous` shelves of this stage; remove the others, saying so."""
+        shelves = []
+        for name in self.store.list_names(self.rel(KEPT)):
+            if name.startswith(f"{self.name}-") and (index := self.store.read_json(self.rel(KEPT, name, KEPT_INDEX))):
+                shelves.append((index["kept_at"], name))
+        for _, name in sorted(shelves, reverse=True)[self.keep_previous :]:
+            log.info("%s: removing the work kept in %s (keep_previous %d)", self.rel(self.name), name, self.keep_previous)
+            self.store.remove(self.rel(KEPT, name))
+
+    def _take_back_kept(self, current: StageRecord | None) -> bool:
+        """Move back work kept under this key (whatever is here now is kept aside or removed);
+        False when there is none, or none whole."""
+        shelf = self._kept(self.key)
+        index = self.store.read_json(posixpath.join(shelf, KEPT_INDEX))
+        if index is None:
+            return False
+        progress_key = (self.store.read_json(posixpath.join(self.progress_path, "key.json")) or {}).get("key")
+        here = current.key if current is not None else progress_key
+        if here is not None and self.keep_previous:
+            self._keep_aside(here, list(self.outputs), has_record=current is not None)
+        else:
+            self.store.remove(self.record_path)
+            self.store.remove(self.progress_path)
+            self._remove_outputs(list(self.outputs))
+        for output in index["outputs"]:
+            self.store.move(posixpath.join(shelf, output), self.rel(output))
+        self.store.move(posixpath.join(shelf, PROGRESS), self.progress_path)
+        if index["committed"]:
+            self.store.move(posixpath.join(shelf, RECORD), self.record_path)
+        self.store.remove(shelf)
+        self.store.remove_empty_folder(self.rel(KEPT))
+        log.info("%s: took back the %s work of key %s kept in %s", self.rel(self.name),
+                 "committed" if index["committed"] else "unfinished", self.key[:12], self.store.url(shelf))
+        return True
 
     def mark_part(self, part: str, info: dict[str, Any]) -> None:
         self.store.write_json(posixpath.join(self.progress_path, f"{part}.json"), info)
@@ -209,11 +282,19 @@ class Stage:
 
 
 PROGRESS = "_progress"
+KEPT = "_kept"
+KEPT_INDEX = "kept.json"
+RECORD = "record.json"
 
 
 def record_path(folder: str, name: str) -> str:
     """Where a stage's record lives, relative to the store root."""
     return posixpath.join(folder, f"{name}.commit.json")
+
+
+def kept_path(folder: str, name: str, key: str) -> str:
+    """Where a stage's work of an earlier key is kept aside (`keep_previous`)."""
+    return posixpath.join(folder, KEPT, f"{name}-{key[:16]}")
 
 
 def progress_path(folder: str, name: str) -> str:

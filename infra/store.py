@@ -238,6 +238,29 @@ class ArtifactStore:
             self.fs.rm(target, recursive=True)
         self.fs.invalidate_cache()
 
+    def move(self, source: str, target: str) -> bool:
+        """Move a file or a folder tree to `target` (replacing nothing: `target` must be free);
+        False when there is nothing at `source`.
+
+        A local move is a rename (atomic for a file or a folder on one file system). On object
+        storage each object is copied, then deleted: a crash in between leaves copies at both
+        places, never at neither."""
+        if self.is_local:
+            if not os.path.lexists(self.path(source)):
+                return False
+            self.fs.makedirs(posixpath.dirname(self.path(target)), exist_ok=True)
+            os.rename(self.path(source), self.path(target))
+            return True
+        found = self._found_under(self.path(source))
+        if not found:
+            return False
+        prefix = self.path(source)
+        for path in found:
+            self.fs.copy(path, self.path(target) + path[len(prefix) :])
+        self.fs.rm(list(found))
+        self.fs.invalidate_cache()
+        return True
+
     def remove_empty_folder(self, relpath: str) -> None:
         """Remove a folder with nothing in it; object stores have no empty folders to remove."""
         if self.is_local and not self.list_names(relpath):

@@ -12,7 +12,10 @@ import soundfile
 
 from devtools.seaweed import S3Server, find_weed, seaweed_s3
 from infra.cluster import dask_client
-from tests.support import FSDD, NO_WEED, RUNS_BUCKET, read_real, resample
+from infra.store import ArtifactStore
+from tasks.run.run_info import write_run_info
+from tasks.stages.catalog import run_plan
+from tests.support import FSDD, NO_WEED, RUNS_BUCKET, CommittedRun, read_real, resample, two_iteration_config
 
 
 @pytest.fixture(scope="session")
@@ -72,3 +75,20 @@ def demo_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("demo") / "corpus"
     synthesize_demo_corpus(folder, minutes=2, seed=7)
     return folder
+
+
+@pytest.fixture(scope="session")
+def committed_run(tmp_path_factory: pytest.TempPathFactory, demo_corpus: Path, client) -> CommittedRun:
+    """One finished two-iteration run (tests/support.py), built once per test session: tests that
+    only read it use it as it is, tests that change it take `copied_run`."""
+    config = two_iteration_config(tmp_path_factory.mktemp("committed") / "runs", demo_corpus)
+    store = ArtifactStore(config.store)
+    write_run_info(store, config)
+    run_plan(config, store, client)
+    return CommittedRun(config, store)
+
+
+@pytest.fixture
+def copied_run(committed_run: CommittedRun, tmp_path: Path) -> CommittedRun:
+    """A copy of the session's committed run, for a test that changes it."""
+    return committed_run.copied_to(tmp_path / "runs")

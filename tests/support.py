@@ -222,3 +222,45 @@ def with_settings(config: PretrainConfig, iteration: int = 1, **sections: dict) 
     data = config.model_dump()
     data["iterations"][iteration - 1] = merged(data["iterations"][iteration - 1], sections)
     return PretrainConfig.model_validate(data)
+
+
+TWO_ITERATION_TRAIN = {
+    "model": "tiny", "steps": 6, "max_batch_seconds": 4, "max_sample_seconds": 2,
+    "io": {"checkpoint_every": 3}, "logging": {"log_every": 3},
+}
+
+
+def two_iteration_config(store: Path, corpus: Path, run: str = "two") -> PretrainConfig:
+    """Iteration 1 on MFCC, iteration 2 on the layer its profile picks: the smallest whole loop."""
+    profile = {"utterances": 24, "k": 12}
+    return PretrainConfig.model_validate(
+        {
+            "run": run,
+            "store": str(store),
+            "corpus": {"source": str(corpus / "manifest.jsonl"), "alignments": str(corpus / "align")},
+            "iterations": [
+                {"features": {"kind": "mfcc", "chunk_frames": 4096}, "kmeans": {"k": 12, "max_iter": 30},
+                 "train": TWO_ITERATION_TRAIN, "profile": profile},
+                {"features": {"kind": "hubert", "layer": "auto", "chunk_frames": 4096}, "kmeans": {"k": 10, "max_iter": 30},
+                 "train": TWO_ITERATION_TRAIN, "profile": profile},
+            ],
+        }
+    )
+
+
+@dataclass
+class CommittedRun:
+    """A finished two-iteration run in a store of its own."""
+
+    config: PretrainConfig
+    store: ArtifactStore
+
+    @property
+    def layout(self) -> RunLayout:
+        return RunLayout(self.config.run)
+
+    def copied_to(self, folder: Path) -> CommittedRun:
+        """The same run in another store (a copy a test may change)."""
+        shutil.copytree(self.config.store, folder)
+        config = PretrainConfig.model_validate({**self.config.model_dump(), "store": str(folder)})
+        return CommittedRun(config, ArtifactStore(str(folder)))

@@ -9,44 +9,27 @@ import pytest
 import torch
 from sklearn.metrics import normalized_mutual_info_score
 
-from infra.store import ArtifactStore
 from model.data import map_labels
 from tasks.audit.inspection import inspect_run
 from tasks.frames.store import stored_geometry
 from tasks.run.config import PretrainConfig
 from tasks.run.layout import RunLayout
-from tasks.run.run_info import write_run_info
+from tasks.run.records import RunRecords
+from tasks.run.run_info import forget_stages
 from tasks.stages.catalog import run_plan
 from tasks.stages.labels.verdict import QualityGateFailed
-
-TRAIN = {"model": "tiny", "steps": 6, "max_batch_seconds": 4, "max_sample_seconds": 2, "io": {"checkpoint_every": 6},
-         "logging": {"log_every": 3}}
-PROFILE = {"utterances": 24, "k": 12}
+from tests.support import CommittedRun, two_iteration_config
 
 
-def two_iterations(tmp_path: Path, corpus: Path, name: str, **top: object) -> PretrainConfig:
-    return PretrainConfig.model_validate(
-        {
-            "run": "t",
-            "store": str(tmp_path / name),
-            "corpus": {"source": str(corpus / "manifest.jsonl"), "alignments": str(corpus / "align")},
-            "iterations": [
-                {"features": {"kind": "mfcc", "chunk_frames": 4096}, "kmeans": {"k": 12}, "train": TRAIN, "profile": PROFILE},
-                {"features": {"kind": "hubert", "layer": "auto", "chunk_frames": 4096}, "kmeans": {"k": 10}, "train": TRAIN, "profile": PROFILE},
-            ],
-            **top,
-        }
-    )
+def records_of(run: CommittedRun) -> dict:
+    """The run's committed records by (stage, iteration)."""
+    return {(stage, n): record for stage, n, record in RunRecords(run.store, run.layout).committed()}
 
 
 @pytest.fixture(scope="module")
-def measured_run(tmp_path_factory: pytest.TempPathFactory, demo_corpus: Path, client):
-    """Two iterations up to labels@2, iteration 2 on the layer `auto` picked from iteration 1's profile."""
-    config = two_iterations(tmp_path_factory.mktemp("iterations"), demo_corpus, "runs")
-    store = ArtifactStore(config.store)
-    write_run_info(store, config)
-    records = run_plan(config, store, client, "labels@2")
-    return config, store, records
+def measured_run(committed_run: CommittedRun):
+    """The session's two-iteration run: iteration 2 on the layer `auto` picked from iteration 1's profile."""
+    return committed_run.config, committed_run.store, records_of(committed_run)
 
 
 def test_the_layer_profile_measures_every_layer_and_auto_takes_the_best(measured_run) -> None:
@@ -66,7 +49,7 @@ def test_the_layer_profile_measures_every_layer_and_auto_takes_the_best(measured
 
 def test_the_verdict_gives_the_pnmi_change_and_the_agreement_of_the_two_label_sets(measured_run) -> None:
     config, store, records = measured_run
-    layout = RunLayout("t")
+    layout = RunLayout(config.run)
     first, second = (store.open_zarr(layout.labels_store(i), "r") for i in (1, 2))
     first_labels, first_offsets, second_offsets = first["labels"][:].astype(np.int64), first["offsets"][:], second["offsets"][:]
     mapped = []
@@ -78,7 +61,7 @@ def test_the_verdict_gives_the_pnmi_change_and_the_agreement_of_the_two_label_se
     agreement = records[("labels", 2)].metrics["agreement"]
     assert agreement["nmi"] == pytest.approx(expected_nmi, rel=1e-9) and agreement["previous_iteration"] == 1
 
-    status = inspect_run(str(Path(config.store) / "t")).as_json()
+    status = inspect_run(str(Path(config.store) / config.run)).as_json()
     first_verdict, verdict = (iteration["verdict"] for iteration in status["iterations"])
     assert first_verdict["verdict"] == "first iteration"
     pnmi = [records[("labels", i)].metrics["quality"]["pnmi"] for i in (1, 2)]
@@ -87,15 +70,17 @@ def test_the_verdict_gives_the_pnmi_change_and_the_agreement_of_the_two_label_se
     assert verdict["nmi_with_previous"] == agreement["nmi"]
 
 
-def test_the_quality_gate_stops_a_run_before_training_on_worse_labels(tmp_path: Path, measured_run, client) -> None:
-    config, store, records = measured_run
+def test_the_quality_gate_stops_a_run_before_training_on_worse_labels(copied_run: CommittedRun, client) -> None:
+    config, store, records = copied_run.config, copied_run.store, records_of(copied_run)
+    forget_stages(store, copied_run.layout, [("train", 2), ("profile", 2)])
+    store.remove(copied_run.layout.path(2, "model"))
     gated = PretrainConfig.model_validate({**config.model_dump(), "quality_gate": {"min_pnmi_gain": 0.9}})  # a gain no run reaches
     with pytest.raises(QualityGateFailed) as failure:
         run_plan(gated, store, client, "train@2")
     pnmi = [records[("labels", i)].metrics["quality"]["pnmi"] for i in (1, 2)]
     message = str(failure.value)
     assert f"{pnmi[1]:.4f}" in message and f"{pnmi[0]:.4f}" in message and "min_pnmi_gain" in message
-    assert not store.exists(RunLayout("t").final_model(2)), "the gate must stop the stage before any training"
+    assert not store.exists(copied_run.layout.final_model(2)), "the gate must stop the stage before any training"
 
 
 @pytest.mark.parametrize(
@@ -106,7 +91,7 @@ def test_the_quality_gate_stops_a_run_before_training_on_worse_labels(tmp_path: 
     ],
 )
 def test_new_settings_are_checked_before_work(tmp_path: Path, demo_corpus: Path, change: dict, path: str) -> None:
-    raw = two_iterations(tmp_path, demo_corpus, "runs").model_dump()
+    raw = two_iteration_config(tmp_path / "runs", demo_corpus).model_dump()
     raw.update(change)
     with pytest.raises(ValueError, match=path):
         PretrainConfig.model_validate(raw)

@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 
-from flows.cli import preflight
 from infra.commit import read_record
 from infra.digest import digest_bytes
 from model.data import BatchShape, BatchStream
@@ -25,6 +24,7 @@ from tasks.audit.inspection import stage_status
 from tasks.corpus.manifest import Utterance, manifest_to_jsonl
 from tasks.corpus.splits import assign_splits, hash_fraction, read_id_listing
 from tasks.run.config import ConfigError, PretrainConfig, load_config
+from tasks.run.preflight import input_problems
 from tasks.run.records import load_centroids
 from tasks.run.stage import StageContext, run_stage
 from tasks.stages.catalog import STAGES
@@ -270,7 +270,7 @@ def test_a_listing_path_is_relative_to_the_config_and_the_defaults_resolve(tmp_p
     config = load_config(path)
     assert config.corpus.valid == str(tmp_path / "lists" / "valid.txt")
     assert config.weights_for_next(1) == "best" and config.iterations[0].train.init == "cold"
-    assert f"corpus.valid: the listing of validation ids {tmp_path / 'lists' / 'valid.txt'} does not exist" in preflight(config)
+    assert f"corpus.valid: the listing of validation ids {tmp_path / 'lists' / 'valid.txt'} does not exist" in input_problems(config)
     path.write_text(BASE_CONFIG.replace(", valid: 0.1", ""))
     assert load_config(path).weights_for_next(1) == "final"
 

@@ -151,6 +151,8 @@ class StageSpec(Generic[Context]):
       against the corpus; labels: the quality gate).
     - `verify_digest` recomputes the output digest from the stored outputs (`verify --deep`),
       with the same code the stage digests with.
+    - `keep_previous`, if given, says how many earlier keys' work to keep aside rather than
+      remove when the key changes (train: its models are too dear to throw away).
     """
 
     name: str
@@ -163,6 +165,7 @@ class StageSpec(Generic[Context]):
     verify_digest: Callable[[CommittedStage], str]
     check: Callable[[Context], None] | None = None
     after: Callable[[Context, StageRecord], None] | None = None
+    keep_previous: Callable[[Context], int] | None = None
     retries: int = 2
 
 
@@ -181,6 +184,8 @@ def open_stage(spec: StageSpec[Context], context: Context) -> Stage:
         version=spec.version,
         config=spec.key_config(context),
         inputs=spec.key_inputs(context),
+        outputs=spec.outputs,
+        keep_previous=0 if spec.keep_previous is None else spec.keep_previous(context),
     )
 
 
@@ -195,7 +200,7 @@ def run_stage(spec: StageSpec[Context], context: Context) -> StageRecord:
         if spec.check is not None:
             spec.check(context)
         started_at = utc_now()
-        stage.prepare(spec.outputs)
+        stage.prepare()
         result = spec.work(context, stage)
         record = stage.commit(
             outputs=list(spec.outputs),

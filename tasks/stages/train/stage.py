@@ -136,5 +136,6 @@ TRAIN = StageSpec(
     work=train_model,
     summary=train_summary,
     verify_digest=verify_train,
+    keep_previous=lambda context: context.settings.train.io.keep_previous,
     retries=1,
 )
