@@ -173,7 +173,7 @@ class Stage:
     def _kept(self, key: str) -> str:
         return kept_path(self.folder, self.name, key)
 
-    def _keep_aside(self, key: str, outputs: list[str], has_record: bool) -> None:
+    def _keep_aside(self, key: str, outputs: list[str], has_record: bool, sparing: str | None = None) -> None:
         """Move the work of `key` to its place under `_kept/`: the record first (nothing there looks
         finished while it moves), then outputs and progress; `kept.json` last says it is whole."""
         shelf = self._kept(key)
@@ -190,12 +190,16 @@ class Stage:
             "%s: settings changed; kept the %s work of key %s (%s) in %s", self.rel(self.name),
             "committed" if has_record else "unfinished", key[:12], ", ".join(moved) or "no outputs", self.store.url(shelf),
         )
-        self._drop_old_kept()
+        self._drop_old_kept(sparing)
 
-    def _drop_old_kept(self) -> None:
-        """Keep the newest `keep_previous` shelves of this stage; remove the others, saying so."""
+    def _drop_old_kept(self, sparing: str | None) -> None:
+        """Keep the newest `keep_previous` shelves of this stage (and the one of key `sparing`,
+        being taken back); remove the others, saying so."""
+        spared = None if sparing is None else posixpath.basename(self._kept(sparing))
         shelves = []
         for name in self.store.list_names(self.rel(KEPT)):
+            if name == spared:
+                continue
             if name.startswith(f"{self.name}-") and (index := self.store.read_json(self.rel(KEPT, name, KEPT_INDEX))):
                 shelves.append((index["kept_at"], name))
         for _, name in sorted(shelves, reverse=True)[self.keep_previous :]:
@@ -212,7 +216,7 @@ class Stage:
         progress_key = (self.store.read_json(posixpath.join(self.progress_path, "key.json")) or {}).get("key")
         here = current.key if current is not None else progress_key
         if here is not None and self.keep_previous:
-            self._keep_aside(here, list(self.outputs), has_record=current is not None)
+            self._keep_aside(here, list(self.outputs), has_record=current is not None, sparing=self.key)
         else:
             self.store.remove(self.record_path)
             self.store.remove(self.progress_path)

@@ -1,4 +1,4 @@
-"""The saved-weights format: what train writes (final.pt, best.pt) and features, the profile, a
+"""The saved-weights format: what train writes (its final and best weights) and features, the profile, a
 warm start and export read.
 
 One file holds the pretraining model's state dict, the architecture it fills and its label

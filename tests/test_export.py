@@ -185,7 +185,7 @@ def test_export_of_each_preset_matches_the_pipeline_layers(tmp_path: Path, prese
                  metrics={"architecture": config.model_dump(mode="json")})
 
     summary = export_model(store, layout, 1, tmp_path / "bundle")
-    assert not summary.has_quantizer and summary.manifest["normalize_waveform"] is config.normalize_waveform
+    assert not summary.has_quantizer and summary.manifest.normalize_waveform is config.normalize_waveform
     waveform = load_audio_16k(str(sorted(fsdd_dir.glob("*.wav"))[3]))
     _check_bundle_matches_encoder(tmp_path / "bundle", pretrain.wav2vec2, config, waveform)
 

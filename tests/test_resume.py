@@ -116,5 +116,5 @@ def test_sigkill_in_every_stage_then_rerun_matches_an_uninterrupted_run(tmp_path
 
     # --force re-runs a stage and everything after it even though they are committed.
     forced = run_cli(tmp_path, "run", str(config), "--until", "labels@2", "--force", "kmeans@2")
-    assert "forcing kmeans@iter-2, labels@iter-2, train@iter-2" in forced.stderr
+    assert "forcing kmeans@2, labels@2, train@2" in forced.stderr
     assert "kmeans@2: committed earlier" not in forced.stderr and "features@2: committed earlier" in forced.stderr

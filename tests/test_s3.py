@@ -501,8 +501,8 @@ def test_training_on_two_machines_through_dask_equals_two_processes_on_one(
     """nnodes=2: one torchrun per `train_node` worker, meeting at a c10d rendezvous, reading S3."""
     short = {"steps": 4, "io": {"checkpoint_every": 2}, "logging": {"log_every": 2}, "max_batch_seconds": 4, "max_sample_seconds": 2}
     [port] = free_ports(1)
-    two_machines = with_train(s3_outcome.config, launch={"nnodes": 2, "nproc": 1, "rdzv_port": port}, **short)
-    two_machines = two_machines.model_copy(update={"dask": two_machines.dask.model_copy(update={"address": external_cluster.address})})
+    on_the_cluster = s3_outcome.config.model_copy(update={"dask": s3_outcome.config.dask.model_copy(update={"address": external_cluster.address})})
+    two_machines = with_train(on_the_cluster, launch={"nnodes": 2, "nproc": 1, "rdzv_port": port}, **short)
     on_s3 = run_stage(STAGES["train"], StageContext(two_machines, s3_outcome.store, external_client, 1))
     one_machine = with_train(reference.config, launch={"nproc": 2}, **short)
     local = run_stage(STAGES["train"], StageContext(one_machine, reference.store, None, 1))

@@ -163,7 +163,7 @@ def test_verify_and_inspect_read_a_sample_run(mfcc_pair) -> None:
     console = Console(width=220, record=True)
     console.print(render_table(status))
     counts = sample.records["features"].counts
-    assert f"{counts['frames']} of {counts['corpus_frames']} x 39" in console.export_text()
+    assert f"{counts['frames']} frames of {counts['corpus_frames']} (the k-means sample) x 39" in console.export_text()
 
 
 def test_float16_features_keep_at_least_99_percent_of_the_float32_labels_on_real_speech(

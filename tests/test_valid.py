@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 
-from infra.commit import read_record
 from infra.digest import digest_bytes
 from model.data import BatchShape, BatchStream
 from model.hubert import LABEL_DEPENDENT, build_pretrain_model
@@ -25,7 +24,7 @@ from tasks.corpus.manifest import Utterance, manifest_to_jsonl
 from tasks.corpus.splits import assign_splits, hash_fraction, read_id_listing
 from tasks.run.config import ConfigError, PretrainConfig, load_config
 from tasks.run.preflight import input_problems
-from tasks.run.records import load_centroids
+from tasks.run.records import RunRecords, load_centroids
 from tasks.run.stage import StageContext, run_stage
 from tasks.stages.catalog import STAGES
 from tasks.stages.train.rank import StoreCheckpoints, StoreUtteranceSource, initial_model, trainer_settings, validation_for
@@ -194,8 +193,7 @@ def test_the_train_record_keeps_best_weights_and_the_next_iteration_reads_them(s
 
     features = run_stage(STAGES["features"], StageContext(config, store, client, 2))
     assert features.inputs["model"] == metrics["weights_digests"]["best"] == features.config["source"]["model_digest"]
-    read = lambda stage, iteration: read_record(store, layout.stage_folder(stage, iteration), stage)  # noqa: E731
-    assert stage_status(store, layout, "features", 2, read).status == "done"  # `inspect`: best.pt's digest is not stale
+    assert stage_status(RunRecords(store, layout), "features", 2).status == "done"  # `inspect`: best.pt's digest is not stale
     final_config = config.model_copy(update={"iterations": [
         config.iterations[0].model_copy(update={"train": config.iterations[0].train.model_copy(update={"weights_for_next": "final"})}),
         config.iterations[1],

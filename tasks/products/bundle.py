@@ -52,11 +52,20 @@ class _Record(BaseModel):
     model_config = ConfigDict(frozen=True, populate_by_name=True)
 
 
-class FrameGeometryRecord(_Record):
+class ModelFrames(_Record):
+    """The model's frames: frame i covers samples [i * hop, i * hop + window) at 16 kHz."""
+
     hop_samples: int
     window_samples: int
-    frame_rate: float | None = None
-    sample_rate: int | None = None
+    frame_rate: float
+
+
+class QuantizedFrames(_Record):
+    """The frames the quantizer labels, with the sample rate they are counted at."""
+
+    hop_samples: int
+    window_samples: int
+    sample_rate: int
 
 
 class TorchaudioEncoder(_Record):
@@ -88,7 +97,7 @@ class BundleManifest(_Record):
     architecture: HubertConfig
     normalize_waveform: bool
     sample_rate: int
-    frame_geometry: FrameGeometryRecord
+    frame_geometry: ModelFrames
     torchaudio_encoder: TorchaudioEncoder
     hugging_face: HuggingFaceModel
     quantizer: str | None = Field(description="the quantizer's description, relative to the bundle; null: none")
@@ -117,7 +126,7 @@ class QuantizerManifest(_Record):
     k: int
     dim: int
     label_rate: float
-    frame_geometry: FrameGeometryRecord
+    frame_geometry: QuantizedFrames
     centroids: str = Field(description="the centroids' file, relative to this one's folder")
     centroids_digest: str
     model_digest: str
