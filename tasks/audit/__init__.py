@@ -1,0 +1,1 @@
+"""Reading a run back: `inspect`, `diff`, `verify`, and each iteration's report."""

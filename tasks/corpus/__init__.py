@@ -1,0 +1,1 @@
+"""Reading a corpus: sources and the utterance record, audio decoding, file checks, alignments, splits."""

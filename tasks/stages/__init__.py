@@ -1,0 +1,1 @@
+"""The stages, as peers: none imports another; `catalog` lists them all."""
