@@ -87,7 +87,8 @@ def test_workers_get_the_malloc_settings_the_code_uses() -> None:
 
 
 def test_the_image_holds_every_package_of_the_project() -> None:
-    packages = {name.split(".")[0] for name in tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]}
+    patterns = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+    packages = {pattern.rstrip("*").split(".")[0] for pattern in patterns}
     copied = set(re.findall(r"^COPY (\w+) \1$", (DEPLOY / "Dockerfile").read_text(), flags=re.MULTILINE))
     assert packages <= copied
 
