@@ -9,6 +9,7 @@ outputs all there, is what "done" means.
 
 from __future__ import annotations
 
+import json
 import logging
 import posixpath
 import socket
@@ -19,6 +20,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from infra.digest import digest_json
+from infra.lease import LeaseFence, LeaseLost, held_fence
 from infra.paths import parent_of
 from infra.store import ArtifactStore, current_user, utc_now
 from infra.version import code_version
@@ -75,7 +77,11 @@ class Stage:
       with the same key; `fresh` says which it did.
     - Workers call `mark_part` after each part (e.g. a Zarr chunk) is fully written; `done_parts`
       lists them on resume.
-    - `commit(record)` writes the record last, then drops the part markers.
+    - `commit(record)` writes the record last, then drops the part markers. The record is created
+      only where there is none: a second writer never commits over the first.
+    - `fence`: the run's lease (infra/lease.py), checked before every write this protocol makes
+      (clearing, part markers, the record), so that a writer that lost its lease writes nothing
+      more. By default, the lease this process holds over the folder, if any.
     - With `keep_previous`, what a different key left (its record, outputs and progress: a
       trained model and its checkpoints) is moved to `_kept/<stage>-<key>/` instead of removed,
       the newest `keep_previous` of them kept; `committed()` moves one back when its key is this
@@ -93,6 +99,7 @@ class Stage:
         inputs: dict[str, str],
         outputs: Iterable[str] = (),
         keep_previous: int = 0,
+        fence: LeaseFence | None = None,
     ) -> None:
         """`version` is the stage's output-format version: bump it when a code change alters outputs.
 
@@ -108,6 +115,7 @@ class Stage:
         self.key = digest_json({"stage": name, "version": version, "config": config, "inputs": inputs})
         self.outputs = tuple(outputs)
         self.keep_previous = keep_previous
+        self.fence = fence if fence is not None else held_fence(store, folder)
         self._record_seen: StageRecord | None | bool = None
         self.fresh = False
         """Whether `prepare` cleared the stage: no outputs, no finished parts are left from an earlier attempt."""
@@ -115,6 +123,11 @@ class Stage:
     def rel(self, *parts: str) -> str:
         """Path relative to the store root of something in this stage's folder."""
         return posixpath.join(self.folder, *parts)
+
+    def check_fence(self) -> None:
+        """LeaseLost if this stage's run lost its lease (a no-op for a stage run without one)."""
+        if self.fence is not None:
+            self.fence.check()
 
     @property
     def record_path(self) -> str:
@@ -151,6 +164,7 @@ class Stage:
         """Make the scope ready for (re)running this stage with this key.
 
         After `committed()` (which read the record, if any) the record is not looked for again."""
+        self.check_fence()
         outputs = list(self.outputs if outputs is None else outputs)
         progress_key = (self.store.read_json(posixpath.join(self.progress_path, "key.json")) or {}).get("key")
         seen = self.read_record() if self._record_seen is None else (self._record_seen or None)
@@ -233,6 +247,7 @@ class Stage:
         return True
 
     def mark_part(self, part: str, info: dict[str, Any]) -> None:
+        self.check_fence()
         self.store.write_json(posixpath.join(self.progress_path, f"{part}.json"), info)
 
     def done_parts(self) -> dict[str, dict[str, Any]]:
@@ -278,11 +293,22 @@ class Stage:
             host=socket.gethostname(),
             user=current_user(),
         )
-        self.store.write_json(self.record_path, record.model_dump(mode="json"))
+        self.check_fence()
+        try:
+            self.store.create_exclusive(self.record_path, _encode_record(record))
+        except FileExistsError as error:
+            raise LeaseLost(
+                f"{self.store.url(self.record_path)} was committed by another writer while this one worked; left as it is"
+            ) from error
         self.store.remove(self.progress_path)
         self.store.remove_empty_folder(self.rel(PROGRESS))
         return record
 
+
+
+def _encode_record(record: StageRecord) -> bytes:
+    """A record's file, as `ArtifactStore.write_json` writes JSON."""
+    return json.dumps(record.model_dump(mode="json"), indent=2, sort_keys=True, default=str).encode() + b"\n"
 
 
 PROGRESS = "_progress"

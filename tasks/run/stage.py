@@ -194,6 +194,7 @@ def run_stage(spec: StageSpec[Context], context: Context) -> StageRecord:
     context = context.for_one_run()
     label = context.label(spec.name)
     stage = open_stage(spec, context)
+    stage.check_fence()  # a retry of a run that lost its lease stops here, before it reads or clears anything
     if (record := stage.committed()) is not None:
         log.info("%s: committed earlier (%s), skipping", label, spec.summary(record))
     else:
