@@ -211,11 +211,19 @@ def command_export_labels(args: argparse.Namespace) -> int:
     from tasks.products import ExportError
     from tasks.products.fairseq import export_fairseq_labels
     from tasks.run.layout import RunLayout
+    from tasks.run.records import RunRecords, stale_stages
 
     store, run = open_run(args.run_path)
     layout = RunLayout(run)
     if read_record(store, layout.scope(args.iteration), "labels") is None:
         print(f"no committed labels for iteration {args.iteration} in {args.run_path}", file=sys.stderr)
+        return EXIT_USAGE
+    if (stale := stale_stages(RunRecords(store, layout), "labels", args.iteration)) and not args.allow_stale:
+        print(
+            f"the labels of iteration {args.iteration} are stale: {'; '.join(stale)}. Run the pipeline again to bring "
+            "them up to date, or add --allow-stale to export them as they are",
+            file=sys.stderr,
+        )
         return EXIT_USAGE
     try:
         splits = export_fairseq_labels(store, layout, args.iteration, Path(args.out))
@@ -236,7 +244,7 @@ def command_export(args: argparse.Namespace) -> int:
 
     store, run = open_run(args.run_path)
     try:
-        summary = export_model(store, RunLayout(run), args.iteration, Path(args.out), args.weights)
+        summary = export_model(store, RunLayout(run), args.iteration, Path(args.out), args.weights, overwrite=args.overwrite)
     except ExportError as error:
         print(error, file=sys.stderr)
         return EXIT_USAGE
@@ -347,6 +355,9 @@ def build_parser() -> argparse.ArgumentParser:
     labels.add_argument("run_path", help="<store>/<run>")
     labels.add_argument("--iteration", type=int, default=1)
     labels.add_argument("--out", required=True, help="output folder")
+    labels.add_argument(
+        "--allow-stale", action="store_true", help="export labels whose inputs changed since they were made (refused by default)"
+    )
     labels.set_defaults(handler=command_export_labels)
 
     export = commands.add_parser(
@@ -355,7 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("run_path", help="<store>/<run>, a local folder or s3:// URL")
     export.add_argument("--iteration", type=int, required=True, help="the iteration whose trained model to export")
     export.add_argument("--weights", choices=("final", "best"), default="final", help="which checkpoint (default final)")
-    export.add_argument("--out", required=True, help="output folder (the bundle that `units` reads)")
+    export.add_argument("--out", required=True, help="output folder (the bundle that `units` reads); refused if not empty")
+    export.add_argument("--overwrite", action="store_true", help="write into a folder that is not empty, replacing the bundle's files")
     export.set_defaults(handler=command_export)
 
     unit = commands.add_parser("units", help="turn any corpus into discrete units with an exported bundle")

@@ -17,16 +17,7 @@ from pathlib import Path
 import pytest
 
 from infra.commit import Stage, read_record
-from infra.lease import (
-    LeaseCorrupt,
-    LeaseHeld,
-    LeaseHolder,
-    LeaseLost,
-    RunLease,
-    break_lease,
-    parse_holder,
-    pid_namespace,
-)
+from infra.lease import LeaseCorrupt, LeaseHeld, LeaseHolder, LeaseLost, RunLease, break_lease, parse_holder, pid_namespace
 from infra.store import ArtifactStore, VersionMismatch, utc_now
 from tasks.run.layout import RunLayout
 from tests.support import RUNS_BUCKET

@@ -109,9 +109,18 @@ def _jsonable(value: Any) -> Any:
 
 
 def export_model(
-    store: ArtifactStore, layout: RunLayout, iteration: int, out_dir: Path, weights: Weights = "final"
+    store: ArtifactStore, layout: RunLayout, iteration: int, out_dir: Path, weights: Weights = "final", overwrite: bool = False
 ) -> ExportSummary:
-    """Write iteration `iteration`'s encoder (and its quantizer, if the run fitted one) as a bundle in `out_dir`."""
+    """Write iteration `iteration`'s encoder (and its quantizer, if the run fitted one) as a bundle in `out_dir`.
+
+    A folder that holds anything is refused unless `overwrite`: a bundle replaces files of its
+    own names (and its quantizer folder), which may be someone's."""
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        held = sorted(entry.name for entry in out_dir.iterdir())
+        raise ExportError(
+            f"{out_dir} is not empty ({', '.join(held[:5])}{' ...' if len(held) > 5 else ''}): give an empty or new "
+            "folder, or --overwrite to write the bundle over what is there"
+        )
     train, data, relpath = _saved_weights(store, layout, iteration, weights)
     weights_digest = digest_bytes(data)
     saved = load_weights(data)
