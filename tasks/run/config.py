@@ -28,6 +28,13 @@ class CorpusConfig(Section):
         "(first line: root folder; then relpath<TAB>num_samples) or a NeMo-style .jsonl manifest "
         "(audio_filepath, optional duration, speaker). Local path or s3:// URL."
     )
+    allowed_roots: Annotated[list[str], AddedLater()] = Field(
+        default_factory=list,
+        description="Folders and URL prefixes (s3://bucket/prefix, https://host/path) a manifest's entries may lie "
+        "under besides the source's own root (a folder source; a NeMo .jsonl's folder; a fairseq .tsv's root line, "
+        "where it is in the same place as the .tsv). Any other entry (an absolute path elsewhere, '..' out of the "
+        "root, another bucket, an http:// URL) is rejected at intake, in the report, and never fetched.",
+    )
     alignments: Annotated[str | None, OutputNeutral("read by labels and profile, not intake")] = Field(
         default=None,
         description="Optional folder of <utt_id>.tsv phone alignments (header: start_sec end_sec phone).",
@@ -294,6 +301,8 @@ def _resolve_relative_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
     corpus = resolved.get("corpus")
     if isinstance(corpus, dict):
         resolved["corpus"] = {**corpus, **{k: resolve(corpus[k]) for k in ("source", "alignments", "valid") if k in corpus}}
+        if isinstance(corpus.get("allowed_roots"), list):
+            resolved["corpus"]["allowed_roots"] = [resolve(root) for root in corpus["allowed_roots"]]
     dask = resolved.get("dask")
     if isinstance(dask, dict) and dask.get("scheduler_file"):
         resolved["dask"] = {**dask, "scheduler_file": resolve(dask["scheduler_file"])}
