@@ -103,9 +103,13 @@ def checkpoint_steps(names: list[str], folder: str) -> list[int]:
     for name in names:
         if (match := CHECKPOINT_NAME.fullmatch(name)) is not None:
             steps.append(int(match.group(1)))
-        elif ".tmp-" not in name:
+        elif ".tmp-" not in name and (folder, name) not in _WARNED_NAMES:
+            _WARNED_NAMES.add((folder, name))
             log.warning("ignoring %s in %s: not a checkpoint's name (step-NNNNNNN.pt)", name, folder)
     return sorted(steps)
+
+
+_WARNED_NAMES: set[tuple[str, str]] = set()  # each stray name is warned about once per process
 
 
 @dataclass(frozen=True)
