@@ -1,12 +1,19 @@
 """Trust boundaries: nothing executable is loaded from the store, architectures are bounded before a
-model is built, repairs keep what is intact, and the exports refuse what they would spoil."""
+model is built, repairs keep what is intact, the exports refuse what they would spoil, and a
+stopped run leaves no training and no credential behind."""
 
 from __future__ import annotations
 
 import io
 import json
 import logging
+import os
 import posixpath
+import signal
+import subprocess
+import tempfile
+import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -26,7 +33,7 @@ from tasks.run.records import RunRecords
 from tasks.run.stage import StageContext, run_stage
 from tasks.stages.catalog import STAGES
 from tasks.stages.train.rank import StoreCheckpoints, checkpoint_name
-from tests.support import CommittedRun, planted_pickle, run_cli, with_settings
+from tests.support import CLI, CommittedRun, cli_env, planted_pickle, run_cli, with_settings
 
 
 def test_a_planted_pickle_runs_no_code_in_any_reader(tmp_path: Path) -> None:
@@ -166,3 +173,89 @@ def test_stale_labels_and_a_full_folder_are_refused_unless_asked(copied_run: Com
     assert sorted(path.name for path in full.iterdir()) == ["notes.txt"]
     assert main(["export", run_path, "--iteration", "2", "--out", str(full), "--overwrite"]) == 0
     assert (full / "notes.txt").read_text() == "mine\n" and (full / BUNDLE.manifest).exists()
+
+
+def processes_tagged(tag: str) -> dict[int, str]:
+    """The processes whose environment holds `tag` (a test's own, inherited by all it starts), by pid, with their command line."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as handle:
+                if tag.encode() not in handle.read():
+                    continue
+            with open(f"/proc/{entry}/cmdline", "rb") as handle:
+                found[int(entry)] = handle.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+    return found
+
+
+def files_holding(secret: str, *folders: Path, top_level: tuple[Path, ...] = ()) -> list[Path]:
+    """Files under `folders` (and directly in `top_level`) whose bytes hold `secret`."""
+    candidates = [path for folder in folders for path in folder.rglob("*")]
+    candidates += [path for folder in top_level for path in folder.iterdir()]
+    found = []
+    for path in candidates:
+        try:
+            if path.is_file() and path.stat().st_size < 64 << 20 and secret.encode() in path.read_bytes():
+                found.append(path)
+        except OSError:
+            continue
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_a_run_stopped_during_torchrun_training_leaves_no_training_and_no_secret(
+    tmp_path: Path, demo_corpus: Path, stop: signal.Signals
+) -> None:
+    """`run` is signalled (alone, not its process group) while two torchrun ranks train: with SIGKILL
+    nothing of the training survives it; with SIGTERM the run, its temporary Prefect server included,
+    ends within 30 s with a non-zero exit and leaves no process behind. The storage options (a
+    credential) reached the ranks through their environment, and no file anywhere holds them."""
+    secret, tag = uuid.uuid4().hex, uuid.uuid4().hex
+    store = tmp_path / "store"
+    config = tmp_path / "run.yaml"
+    config.write_text(f"""run: t
+store: {store}
+storage_options: {{secret: "{secret}"}}
+corpus: {{source: {demo_corpus / "wav"}}}
+dask: {{n_workers: 1}}
+iterations:
+  - features: {{kind: mfcc, chunk_frames: 4096}}
+    kmeans: {{k: 8}}
+    train: {{model: tiny, steps: 1000, max_batch_seconds: 2, max_sample_seconds: 1, io: {{checkpoint_every: 2}}, launch: {{nproc: 2}}}}
+""")
+    env = {**cli_env(tmp_path, temporary_server=stop == signal.SIGTERM), "HUBERT_TEST_TAG": tag}
+    log = tmp_path / "run.log"
+    with log.open("w") as sink:
+        process = subprocess.Popen([*CLI, "run", str(config)], env=env, start_new_session=True, stdout=sink, stderr=subprocess.STDOUT)
+    try:
+        checkpoint = store / "t" / "iter-1" / "model" / "checkpoints" / "step-0000002.pt"
+        deadline = time.monotonic() + 300
+        while not checkpoint.exists():
+            assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
+        ranks = {pid: line for pid, line in processes_tagged(tag).items() if "tasks.stages.train.worker" in line}
+        assert len(ranks) == 2, processes_tagged(tag)
+        assert secret.encode() in Path(f"/proc/{next(iter(ranks))}/environ").read_bytes()
+        process.send_signal(stop)
+        signalled = time.monotonic()
+        status = process.wait(timeout=60)
+        ended = time.monotonic() - signalled
+        deadline = time.monotonic() + 15
+        while (left := processes_tagged(tag)) and time.monotonic() < deadline:
+            time.sleep(0.5)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+    if stop == signal.SIGKILL:
+        assert status == -signal.SIGKILL
+        assert not [line for line in left.values() if "tasks.stages.train" in line], left
+    else:
+        assert status == 128 + signal.SIGTERM and ended < 30, (status, ended, log.read_text()[-3000:])
+        assert "run stopped by SIGTERM" in log.read_text()
+        assert left == {}, left
+    prefect_servers = tuple(Path(tempfile.gettempdir()).glob("prefect-server-*"))
+    assert files_holding(secret, tmp_path, *prefect_servers, top_level=(Path(tempfile.gettempdir()),)) == []

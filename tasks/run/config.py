@@ -13,13 +13,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_serializer, field_validator, model_validator
 
 from infra.lease import DEFAULT_TTL_SECONDS
 from infra.paths import is_remote_url
 from model.presets import HUBERT_CONFIGS
 from tasks.run.keys import AddedLater, OutputNeutral
 from tasks.run.sections import IterationConfig, Section
+
+MASKED = "***"
+"""What a storage option's value is in JSON (it may be a credential)."""
 
 
 class CorpusConfig(Section):
@@ -140,7 +143,8 @@ class PretrainConfig(Section):
     storage_options: dict[str, Any] = Field(
         default_factory=dict,
         description="fsspec options for s3:// paths (endpoint_url, ...). Prefer credentials from the "
-        "environment or ~/.aws: values here are never logged, but they are stored in Prefect's parameters.",
+        "environment or ~/.aws. Values here stay in this process's memory and its children's environment: "
+        "the config as JSON (Prefect's parameters, run.json, anything written) has them masked.",
     )
     corpus: CorpusConfig
     dask: DaskConfig = Field(default_factory=DaskConfig)
@@ -151,6 +155,12 @@ class PretrainConfig(Section):
     )
     lease: LeaseConfig = Field(default_factory=LeaseConfig)
     iterations: list[IterationConfig] = Field(min_length=1)
+
+    @field_serializer("storage_options", when_used="json")
+    def _masked_in_json(self, storage_options: dict[str, Any]) -> dict[str, str]:
+        """Storage options may hold credentials: JSON (Prefect's flow run parameters, records) gets
+        their names only. A child process gets the values through its environment (train/launcher.py)."""
+        return {key: MASKED for key in storage_options}
 
     @field_validator("iterations")
     @classmethod

@@ -13,8 +13,8 @@ Dask task pinned to that worker,
 
 The machines agree on ranks through the rendezvous and read labels, audio and checkpoints from
 the artifact store (which must therefore be one they all reach: S3, or a shared file system).
-The run config travels in the child's environment, never in a file or on a command line: it may
-hold storage credentials. torchrun runs under `guarded_torchrun`, so that it and its ranks die
+The run config and its storage options travel in the child's environment, never in a file or on
+a command line: they may hold storage credentials (and the config's JSON has them masked). torchrun runs under `guarded_torchrun`, so that it and its ranks die
 with the process that started them (SIGKILL included), and the ranks get the run's lease fence
 (infra/lease.py), so that a training whose run lost its lease, or stopped renewing it, writes
 nothing more.
@@ -22,6 +22,7 @@ nothing more.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
@@ -36,7 +37,7 @@ from infra.process import PARENT_PID_ENVIRONMENT
 from infra.store import ArtifactStore
 from tasks.run.config import PretrainConfig
 from tasks.run.layout import RunLayout
-from tasks.stages.train.worker import CONFIG_ENVIRONMENT
+from tasks.stages.train.worker import CONFIG_ENVIRONMENT, STORAGE_OPTIONS_ENVIRONMENT
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ class TrainingFailed(RuntimeError):
     """A torchrun launch exited non-zero; the checkpoints written so far are kept for resume."""
 
 
-def launch_torchrun(config_json: str, iteration: int, launch_arguments: list[str], fence: dict[str, str] | None = None) -> int:
+def launch_torchrun(config: PretrainConfig, iteration: int, launch_arguments: list[str], fence: dict[str, str] | None = None) -> int:
     """Run torchrun over `tasks.stages.train.worker` here and return its exit status.
 
     `fence` is the environment that hands the ranks the run's lease fence (`LeaseFence.environment`)."""
@@ -58,7 +59,8 @@ def launch_torchrun(config_json: str, iteration: int, launch_arguments: list[str
     ]
     log.info("train@%d: %s", iteration, " ".join(command))
     environment = {
-        **os.environ, **(fence or {}), CONFIG_ENVIRONMENT: config_json, PARENT_PID_ENVIRONMENT: str(os.getpid()),
+        **os.environ, **(fence or {}), PARENT_PID_ENVIRONMENT: str(os.getpid()),
+        CONFIG_ENVIRONMENT: config.model_dump_json(), STORAGE_OPTIONS_ENVIRONMENT: json.dumps(config.storage_options),
     }
     return subprocess.run(command, env=environment).returncode
 
@@ -74,7 +76,7 @@ def run_standalone(config: PretrainConfig, iteration: int) -> None:
     """`nproc` processes on this machine."""
     nproc = config.iterations[iteration - 1].train.launch.nproc
     status = launch_torchrun(
-        config.model_dump_json(), iteration, ["--standalone", f"--nproc-per-node={nproc}"], fence_environment(config, iteration)
+        config, iteration, ["--standalone", f"--nproc-per-node={nproc}"], fence_environment(config, iteration)
     )
     if status != 0:
         raise TrainingFailed(f"train@{iteration}: torchrun exited with {status}; checkpoints so far are kept for resume")
@@ -111,10 +113,10 @@ def run_multinode(config: PretrainConfig, client: Client, iteration: int, stage_
         f"--rdzv-endpoint={endpoint}", f"--rdzv-id={rendezvous}", "--max-restarts=0",
     ]
     log.info("train@%d: %d machines (%s), rendezvous at %s", iteration, launch.nnodes, ", ".join(workers), endpoint)
-    config_json, fence = config.model_dump_json(), fence_environment(config, iteration)
+    fence = fence_environment(config, iteration)
     launches = [
         client.submit(
-            launch_torchrun, config_json, iteration, arguments, fence,
+            launch_torchrun, config, iteration, arguments, fence,
             key=f"train-{iteration}-node-{node}-{rendezvous}", workers=[address], allow_other_workers=False,
             resources={TRAIN_NODE_RESOURCE: 1}, pure=False,
         )

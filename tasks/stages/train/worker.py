@@ -14,6 +14,7 @@ fail a stage whose training had finished.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -26,7 +27,9 @@ from tasks.run.config import PretrainConfig
 from tasks.stages.train.rank import train_rank
 
 CONFIG_ENVIRONMENT = "HUBERT_PIPELINE_RUN_CONFIG"
-"""The variable that hands a rank the run config as JSON (it may hold storage credentials: never a file)."""
+"""The variable that hands a rank the run config as JSON (storage options masked, as JSON has them)."""
+STORAGE_OPTIONS_ENVIRONMENT = "HUBERT_PIPELINE_STORAGE_OPTIONS"
+"""The variable that hands a rank the storage options (they may hold credentials: never a file)."""
 
 
 def main() -> None:
@@ -36,7 +39,9 @@ def main() -> None:
     die_with_parent()
     # force: a library imported on the way may have configured the root logger already.
     logging.basicConfig(level=logging.INFO, format="%(asctime)s pid %(process)d %(name)s: %(message)s", force=True)
-    config = PretrainConfig.model_validate_json(os.environ[CONFIG_ENVIRONMENT])
+    config = PretrainConfig.model_validate_json(os.environ[CONFIG_ENVIRONMENT]).model_copy(
+        update={"storage_options": json.loads(os.environ[STORAGE_OPTIONS_ENVIRONMENT])}
+    )
     dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
     try:
         train_rank(config, args.iteration, rank=dist.get_rank(), world_size=dist.get_world_size())
