@@ -238,9 +238,10 @@ iterations:
         while not checkpoint.exists():
             assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
             time.sleep(0.2)
-        ranks = {pid: line for pid, line in processes_tagged(tag).items() if "tasks.stages.train.worker" in line}
-        assert len(ranks) == 2, processes_tagged(tag)
-        assert secret.encode() in Path(f"/proc/{next(iter(ranks))}/environ").read_bytes()
+        training = {pid: line for pid, line in processes_tagged(tag).items() if "tasks.stages.train" in line}
+        ranks = [pid for pid, line in training.items() if "guarded_torchrun" not in line]
+        assert len(ranks) == 2 and len(training) == 3, training  # torchrun and its two ranks
+        assert secret.encode() in Path(f"/proc/{ranks[0]}/environ").read_bytes()
         process.send_signal(stop)
         signalled = time.monotonic()
         status = process.wait(timeout=60)
@@ -258,4 +259,5 @@ iterations:
         assert "run stopped by SIGTERM" in log.read_text()
         assert left == {}, left
     prefect_servers = tuple(Path(tempfile.gettempdir()).glob("prefect-server-*"))
-    assert files_holding(secret, tmp_path, *prefect_servers, top_level=(Path(tempfile.gettempdir()),)) == []
+    holding = files_holding(secret, tmp_path, *prefect_servers, top_level=(Path(tempfile.gettempdir()),))
+    assert holding == [config]  # the config as the user wrote it, and nothing the run wrote
