@@ -9,7 +9,6 @@ outputs all there, is what "done" means.
 
 from __future__ import annotations
 
-import json
 import logging
 import posixpath
 import socket
@@ -22,7 +21,7 @@ from pydantic import BaseModel, Field
 from infra.digest import digest_json
 from infra.lease import LeaseFence, LeaseLost, held_fence
 from infra.paths import parent_of
-from infra.store import ArtifactStore, current_user, utc_now
+from infra.store import ArtifactStore, current_user, encode_json, utc_now
 from infra.version import code_version
 from infra.zarr_io import expected_zarr_objects
 
@@ -313,7 +312,7 @@ class Stage:
         )
         self.check_fence()
         try:
-            self.store.create_exclusive(self.record_path, _encode_record(record))
+            self.store.create_exclusive(self.record_path, encode_json(record.model_dump(mode="json")))
         except FileExistsError as error:
             raise LeaseLost(
                 f"{self.store.url(self.record_path)} was committed by another writer while this one worked; left as it is"
@@ -322,11 +321,6 @@ class Stage:
         self.store.remove_empty_folder(self.rel(PROGRESS))
         return record
 
-
-
-def _encode_record(record: StageRecord) -> bytes:
-    """A record's file, as `ArtifactStore.write_json` writes JSON."""
-    return json.dumps(record.model_dump(mode="json"), indent=2, sort_keys=True, default=str).encode() + b"\n"
 
 
 PROGRESS = "_progress"

@@ -30,6 +30,11 @@ from infra.digest import digest_bytes
 from infra.paths import whole_read_options
 
 
+def encode_json(value: Any) -> bytes:
+    """How the store writes JSON: indented, keys sorted, a final newline."""
+    return json.dumps(value, indent=2, sort_keys=True, default=str).encode() + b"\n"
+
+
 def utc_now() -> datetime:
     return datetime.now(timezone.utc)
 
@@ -91,12 +96,16 @@ class ArtifactStore:
             return
         self.fs.makedirs(posixpath.dirname(target), exist_ok=True)
         temporary = _write_temporary(target, data, durable)
-        os.replace(temporary, target)
+        try:
+            os.replace(temporary, target)
+        except BaseException:
+            _remove_quietly(temporary)
+            raise
         if durable:
             _sync_folder(posixpath.dirname(target))
 
     def write_json(self, relpath: str, value: Any) -> None:
-        self.write_bytes(relpath, json.dumps(value, indent=2, sort_keys=True, default=str).encode() + b"\n")
+        self.write_bytes(relpath, encode_json(value))
 
     def write_text(self, relpath: str, text: str) -> None:
         self.write_bytes(relpath, text.encode())
@@ -347,10 +356,14 @@ def _write_temporary(target: str, data: bytes, durable: bool) -> str:
                 handle.flush()
                 os.fsync(handle.fileno())
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
+        _remove_quietly(temporary)
         raise
     return temporary
+
+
+def _remove_quietly(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
 
 
 def _sync_folder(folder: str) -> None:

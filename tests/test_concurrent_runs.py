@@ -27,7 +27,10 @@ from tests.support import CLI, RUNS_BUCKET, cli_env, run_cli
 STAGES = STAGE_ORDER[:4]  # through labels
 
 
-def write_run_config(path: Path, source: Path, store: Path | str, ttl: float, storage_options: dict | None = None) -> Path:
+def write_run_config(
+    path: Path, source: Path, store: Path | str, ttl: float, storage_options: dict | None = None,
+    train: str = "{model: tiny, steps: 2}",
+) -> Path:
     path.write_text(
         f"""run: t
 store: {store}
@@ -38,7 +41,7 @@ lease: {{ttl_seconds: {ttl}}}
 iterations:
   - features: {{kind: mfcc, chunk_frames: 2048}}
     kmeans: {{k: 8}}
-    train: {{model: tiny, steps: 2}}
+    train: {train}
 """
     )
     return path
@@ -148,20 +151,12 @@ def test_one_writer_at_a_time_on_s3(tmp_path: Path, demo_corpus: Path, s3) -> No
 TRAINED = STAGE_ORDER[:5]  # through train
 
 
+TRAINING = "{model: tiny, steps: 10, max_batch_seconds: 2, max_sample_seconds: 1, io: {checkpoint_every: 2}, logging: {log_every: 2}}"
+"""Long enough to pause a run mid-training: a checkpoint every 2 of 10 steps."""
+
+
 def write_training_config(path: Path, source: Path, store: Path, ttl: float) -> Path:
-    path.write_text(
-        f"""run: t
-store: {store}
-corpus: {{source: {source}}}
-dask: {{n_workers: 1}}
-lease: {{ttl_seconds: {ttl}}}
-iterations:
-  - features: {{kind: mfcc, chunk_frames: 4096}}
-    kmeans: {{k: 8}}
-    train: {{model: tiny, steps: 10, max_batch_seconds: 2, max_sample_seconds: 1, io: {{checkpoint_every: 2}}, logging: {{log_every: 2}}}}
-"""
-    )
-    return path
+    return write_run_config(path, source, store, ttl, train=TRAINING)
 
 
 @pytest.fixture(scope="module")
