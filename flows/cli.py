@@ -105,8 +105,8 @@ def command_run(args: argparse.Namespace) -> int:
         return EXIT_BUSY
     except LeaseLost as error:
         print(
-            f"\nrun stopped: {error}\nanother process took over this run's lease and is writing it; this one committed "
-            "nothing after it lost the lease.",
+            f"\nrun stopped: {error}\nthis run lost its lease and wrote nothing more after that; another run may hold "
+            "the lease and be writing this run now (`inspect` shows what is committed).",
             file=sys.stderr,
         )
         return EXIT_FAILED
@@ -117,6 +117,8 @@ def command_run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return EXIT_FAILED
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
     _print_inspection(run_path, config.storage_options)
     return 0
 
