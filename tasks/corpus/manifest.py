@@ -8,7 +8,7 @@ Relative paths in a manifest are resolved against its root line (tsv) or its fol
 The utterance id is always the file name without its extension.
 
 Each candidate carries the root it must lie under (the folder, the manifest's folder, or a tsv's
-root line where that is the same kind of place as the manifest): `misplaced` says why an entry
+root line where that is in the same place as the manifest): `misplaced` says why an entry
 lies outside it and any allowed root, so that intake rejects it without fetching it (a manifest
 line must not make a worker request an arbitrary URL, a cloud metadata endpoint, another bucket).
 """
@@ -84,12 +84,11 @@ def read_lines(path: str, storage_options: dict[str, Any] | None) -> list[str]:
         raise ManifestError(f"corpus manifest not found: {path}") from error
 
 
-def tsv_root(path: str, root_line: str) -> str:
-    """A fairseq .tsv's root line, resolved against the .tsv's folder. It is the .tsv's own root
-    only where it is the same kind of place as the .tsv (both local, or both in the same bucket):
-    elsewhere the .tsv's folder is, and its entries must be allowed by `corpus.allowed_roots`."""
+def tsv_own_root(path: str, root: str) -> str:
+    """Where a fairseq .tsv's entries lie by default: its root line (resolved, `root`) where that
+    is the same kind of place as the .tsv (both local, or both in the same bucket), else the
+    .tsv's folder, so that entries under a root line elsewhere must be allowed by `corpus.allowed_roots`."""
     folder = parent_of(path)
-    root = join_path(folder, root_line)
     if is_remote_url(root) != is_remote_url(folder):
         return folder
     if is_remote_url(root) and not lies_under(root, _bucket_of(folder)):
@@ -127,7 +126,8 @@ def read_fairseq_tsv(path: str, storage_options: dict[str, Any] | None = None) -
     lines = read_lines(path, storage_options)
     if not lines or not lines[0].strip():
         raise ManifestError(f"{path}: line 1 must be the audio root folder")
-    root = tsv_root(path, lines[0].strip())
+    root = join_path(parent_of(path), lines[0].strip())
+    own_root = tsv_own_root(path, root)
     candidates = []
     for number, line in enumerate(lines[1:], start=2):
         if not line.strip():
@@ -140,7 +140,7 @@ def read_fairseq_tsv(path: str, storage_options: dict[str, Any] | None = None) -
                 id=utterance_id(fields[0]),
                 path=join_path(root, fields[0]),
                 origin=f"{path}:{number}",
-                root=root,
+                root=own_root,
                 expected_samples=int(fields[1]),
             )
         )
