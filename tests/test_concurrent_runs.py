@@ -21,8 +21,9 @@ import pytest
 from infra.commit import read_record
 from infra.lease import LeaseHeld, RunLease, parse_holder
 from infra.store import ArtifactStore
+from tasks.run.config import load_config
 from tasks.run.layout import STAGE_ORDER, RunLayout
-from tests.support import CLI, RUNS_BUCKET, cli_env, run_cli
+from tests.support import CLI, RUNS_BUCKET, cli_env, run_chain, run_cli
 
 STAGES = STAGE_ORDER[:4]  # through labels
 
@@ -160,11 +161,12 @@ def write_training_config(path: Path, source: Path, store: Path, ttl: float) -> 
 
 
 @pytest.fixture(scope="module")
-def single_training_run(tmp_path_factory: pytest.TempPathFactory, demo_corpus: Path) -> dict[str, str]:
-    """The output digests of one uninterrupted `run --until train`, what two racing runs must give."""
+def single_training_run(tmp_path_factory: pytest.TempPathFactory, demo_corpus: Path, client) -> dict[str, str]:
+    """The output digests of one uninterrupted run of the same config through train (its stages run
+    in order without Prefect: the same outputs, in a fraction of a CLI run's time), what two racing runs must give."""
     tmp_path = tmp_path_factory.mktemp("single")
-    config = write_training_config(tmp_path / "single.yaml", demo_corpus / "wav", tmp_path / "store", ttl=60)
-    run_cli(tmp_path, "run", str(config), "--until", "train")
+    config = load_config(write_training_config(tmp_path / "single.yaml", demo_corpus / "wav", tmp_path / "store", ttl=60))
+    run_chain(config, client, "train")
     return stage_digests(tmp_path / "store", TRAINED)
 
 
@@ -255,7 +257,7 @@ def test_a_writer_paused_past_its_ttl_is_fenced_off_and_exits_non_zero(
 @pytest.mark.slow
 def test_an_empty_lease_is_named_and_lease_break_clears_it(tmp_path: Path, demo_corpus: Path) -> None:
     """An empty lease.json (a lost machine's unsynced write): `run` names it and says how to clear it;
-    `lease break` clears it after watching it; the run then goes."""
+    `lease break` clears it after watching it (tests/test_lease.py: a lease renewed meanwhile stays)."""
     store_root = tmp_path / "store"
     config = write_run_config(tmp_path / "a.yaml", demo_corpus / "wav", store_root, ttl=60)
     (store_root / "t").mkdir(parents=True)
@@ -266,4 +268,4 @@ def test_an_empty_lease_is_named_and_lease_break_clears_it(tmp_path: Path, demo_
     assert f"hubert-pipeline lease break {store_root}/t" in refused.stderr
     broken = run_cli(tmp_path, "lease", "break", str(store_root / "t"), "--watch", "1")
     assert "removed an unreadable lease" in broken.stdout
-    run_cli(tmp_path, "run", str(config), "--until", "intake")
+    assert not (store_root / "t" / "lease.json").exists()
