@@ -34,7 +34,7 @@ class NoCheckpoints:
     def __init__(self) -> None:
         self.newest: bytes | None = None
 
-    def latest(self) -> bytes | None:
+    def latest(self) -> dict | None:
         return None
 
     def save(self, step: int, data: bytes) -> None:

@@ -7,7 +7,9 @@ import gc
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -18,6 +20,39 @@ from tasks.run.config import ConfigError, load_config
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_BUSY = 3
+EXIT_TERMINATED = 128 + signal.SIGTERM  # 143: what a shell reports for a process ended by SIGTERM
+TERMINATION_GRACE_SECONDS = 20.0
+"""How long a run stopped by SIGTERM may take to give back its lease and stop its cluster and temporary
+Prefect server before it exits regardless (a scheduler's grace period is often 30 s)."""
+
+
+class RunTerminated(BaseException):
+    """SIGTERM reached `run` (a `timeout`, a Slurm time limit, `kill`): like Ctrl-C, not an error of the run."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    """Stop the run where it is: Prefect marks its runs crashed and hands the signal on to this
+    handler, which unwinds the flow (lease given back, cluster closed); a watchdog makes sure the
+    process is gone within the grace period even if something hangs on the way out."""
+    watchdog = threading.Timer(TERMINATION_GRACE_SECONDS, _exit_now)
+    watchdog.daemon = True
+    watchdog.start()
+    raise RunTerminated
+
+
+def _exit_now() -> None:
+    _stop_temporary_prefect_server()
+    logging.shutdown()
+    os._exit(EXIT_TERMINATED)
+
+
+def _stop_temporary_prefect_server() -> None:
+    """Stop the Prefect server this process started for itself, if any (it would outlive a process
+    that does not exit normally: Prefect stops it at interpreter exit only)."""
+    from prefect.server.api.server import SubprocessASGIServer
+
+    for server in list(SubprocessASGIServer._instances.values()):
+        server.stop()
 
 
 
@@ -37,8 +72,10 @@ def command_run(args: argparse.Namespace) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # The temporary server's 20 s default is too short on a busy machine (the run then fails before it starts).
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    from prefect.exceptions import TerminationSignal
+
     from flows.pretrain import pretrain
-    from infra.lease import LeaseHeld
+    from infra.lease import LeaseCorrupt, LeaseHeld, LeaseLost
     from tasks.run.plan import StopPoint, plan, stages_from
 
     try:
@@ -50,14 +87,29 @@ def command_run(args: argparse.Namespace) -> int:
     except (ValidationError, ValueError) as error:
         print(f"--until/--force: {error}", file=sys.stderr)
         return EXIT_USAGE
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         run_path = pretrain(config, stop, force, wait_for_lease=args.wait)
+    except (RunTerminated, TerminationSignal):
+        print("\nrun stopped by SIGTERM; finished stages and parts are kept: run the same command again to resume.", file=sys.stderr)
+        _stop_temporary_prefect_server()
+        return EXIT_TERMINATED
     except ConfigError as error:
         print(f"\n{error}", file=sys.stderr)
         return EXIT_USAGE
     except LeaseHeld as error:
         print(f"\nrun refused: {error}\nrun it again when that one has finished, or add --wait.", file=sys.stderr)
         return EXIT_BUSY
+    except LeaseCorrupt as error:
+        print(f"\nrun refused: {error}", file=sys.stderr)
+        return EXIT_BUSY
+    except LeaseLost as error:
+        print(
+            f"\nrun stopped: {error}\nthis run lost its lease and wrote nothing more after that; another run may hold "
+            "the lease and be writing this run now (`inspect` shows what is committed).",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
     except Exception as error:  # noqa: BLE001 - Prefect has logged the traceback; say what to do
         print(
             f"\nrun failed: {type(error).__name__}: {error}\n"
@@ -65,6 +117,8 @@ def command_run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return EXIT_FAILED
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
     _print_inspection(run_path, config.storage_options)
     return 0
 
@@ -159,11 +213,19 @@ def command_export_labels(args: argparse.Namespace) -> int:
     from tasks.products import ExportError
     from tasks.products.fairseq import export_fairseq_labels
     from tasks.run.layout import RunLayout
+    from tasks.run.records import RunRecords, stale_stages
 
     store, run = open_run(args.run_path)
     layout = RunLayout(run)
     if read_record(store, layout.scope(args.iteration), "labels") is None:
         print(f"no committed labels for iteration {args.iteration} in {args.run_path}", file=sys.stderr)
+        return EXIT_USAGE
+    if (stale := stale_stages(RunRecords(store, layout), "labels", args.iteration)) and not args.allow_stale:
+        print(
+            f"the labels of iteration {args.iteration} are stale: {'; '.join(stale)}. Run the pipeline again to bring "
+            "them up to date, or add --allow-stale to export them as they are",
+            file=sys.stderr,
+        )
         return EXIT_USAGE
     try:
         splits = export_fairseq_labels(store, layout, args.iteration, Path(args.out))
@@ -184,7 +246,7 @@ def command_export(args: argparse.Namespace) -> int:
 
     store, run = open_run(args.run_path)
     try:
-        summary = export_model(store, RunLayout(run), args.iteration, Path(args.out), args.weights)
+        summary = export_model(store, RunLayout(run), args.iteration, Path(args.out), args.weights, overwrite=args.overwrite)
     except ExportError as error:
         print(error, file=sys.stderr)
         return EXIT_USAGE
@@ -212,6 +274,20 @@ def command_units(args: argparse.Namespace) -> int:
         f"{summary['utterances']} utterance(s), {summary['frames']} units, {summary['rejected']} file(s) rejected; "
         f"{args.out}/units.jsonl, units.zarr, report.json"
     )
+    return 0
+
+
+def command_lease_break(args: argparse.Namespace) -> int:
+    from infra.commit import open_run
+    from infra.lease import LeaseHeld, break_lease
+    from tasks.run.layout import RunLayout
+
+    store, run = open_run(args.run_path)
+    try:
+        print(break_lease(store, RunLayout(run).lease, args.watch))
+    except LeaseHeld as error:
+        print(f"lease not broken: {error}; it was renewed while it was watched", file=sys.stderr)
+        return EXIT_BUSY
     return 0
 
 
@@ -281,6 +357,9 @@ def build_parser() -> argparse.ArgumentParser:
     labels.add_argument("run_path", help="<store>/<run>")
     labels.add_argument("--iteration", type=int, default=1)
     labels.add_argument("--out", required=True, help="output folder")
+    labels.add_argument(
+        "--allow-stale", action="store_true", help="export labels whose inputs changed since they were made (refused by default)"
+    )
     labels.set_defaults(handler=command_export_labels)
 
     export = commands.add_parser(
@@ -289,7 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("run_path", help="<store>/<run>, a local folder or s3:// URL")
     export.add_argument("--iteration", type=int, required=True, help="the iteration whose trained model to export")
     export.add_argument("--weights", choices=("final", "best"), default="final", help="which checkpoint (default final)")
-    export.add_argument("--out", required=True, help="output folder (the bundle that `units` reads)")
+    export.add_argument("--out", required=True, help="output folder (the bundle that `units` reads); refused if not empty")
+    export.add_argument("--overwrite", action="store_true", help="write into a folder that is not empty, replacing the bundle's files")
     export.set_defaults(handler=command_export)
 
     unit = commands.add_parser("units", help="turn any corpus into discrete units with an exported bundle")
@@ -299,6 +379,20 @@ def build_parser() -> argparse.ArgumentParser:
     unit.add_argument("--dedup", action="store_true", help="collapse repeated units; units.jsonl gets their durations")
     unit.add_argument("--dask", metavar="ADDRESS", help="scheduler address (default: a LocalCluster)")
     unit.set_defaults(handler=command_units)
+
+    lease = commands.add_parser("lease", help="the run's lease (its one writer)")
+    lease_commands = lease.add_subparsers(dest="lease_command", required=True)
+    breaking = lease_commands.add_parser(
+        "break",
+        help="remove a run's lease that no live process holds (unreadable, or left by a lost machine or a wrong clock); "
+        "refused when it is renewed while watched",
+    )
+    breaking.add_argument("run_path", help="<store>/<run>, a local folder or s3:// URL")
+    breaking.add_argument(
+        "--watch", type=float, metavar="SECONDS",
+        help="how long to watch for a renewal first (default: 1.5 renewal periods of the lease's TTL)",
+    )
+    breaking.set_defaults(handler=command_lease_break)
 
     dev = commands.add_parser("dev", help="local services for trying things out")
     services = dev.add_subparsers(dest="service", required=True)

@@ -19,8 +19,9 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from infra.digest import digest_json
+from infra.lease import LeaseFence, LeaseLost, held_fence
 from infra.paths import parent_of
-from infra.store import ArtifactStore, current_user, utc_now
+from infra.store import ArtifactStore, current_user, encode_json, utc_now
 from infra.version import code_version
 from infra.zarr_io import expected_zarr_objects
 
@@ -37,6 +38,9 @@ class OutputObjects(BaseModel):
     bytes: int
     names: list[str] | None = Field(
         default=None, description=f"The objects' paths relative to the stage's folder, for outputs of at most {LISTED_NAMES_AT_MOST}."
+    )
+    sizes: dict[str, int] | None = Field(
+        default=None, description="Bytes of each listed object (records from before it list names only)."
     )
 
 
@@ -75,7 +79,11 @@ class Stage:
       with the same key; `fresh` says which it did.
     - Workers call `mark_part` after each part (e.g. a Zarr chunk) is fully written; `done_parts`
       lists them on resume.
-    - `commit(record)` writes the record last, then drops the part markers.
+    - `commit(record)` writes the record last, then drops the part markers. The record is created
+      only where there is none: a second writer never commits over the first.
+    - `fence`: the run's lease (infra/lease.py), checked before every write this protocol makes
+      (clearing, part markers, the record), so that a writer that lost its lease writes nothing
+      more. By default, the lease this process holds over the folder, if any.
     - With `keep_previous`, what a different key left (its record, outputs and progress: a
       trained model and its checkpoints) is moved to `_kept/<stage>-<key>/` instead of removed,
       the newest `keep_previous` of them kept; `committed()` moves one back when its key is this
@@ -93,6 +101,7 @@ class Stage:
         inputs: dict[str, str],
         outputs: Iterable[str] = (),
         keep_previous: int = 0,
+        fence: LeaseFence | None = None,
     ) -> None:
         """`version` is the stage's output-format version: bump it when a code change alters outputs.
 
@@ -108,6 +117,7 @@ class Stage:
         self.key = digest_json({"stage": name, "version": version, "config": config, "inputs": inputs})
         self.outputs = tuple(outputs)
         self.keep_previous = keep_previous
+        self.fence = fence if fence is not None else held_fence(store, folder)
         self._record_seen: StageRecord | None | bool = None
         self.fresh = False
         """Whether `prepare` cleared the stage: no outputs, no finished parts are left from an earlier attempt."""
@@ -115,6 +125,11 @@ class Stage:
     def rel(self, *parts: str) -> str:
         """Path relative to the store root of something in this stage's folder."""
         return posixpath.join(self.folder, *parts)
+
+    def check_fence(self) -> None:
+        """LeaseLost if this stage's run lost its lease (a no-op for a stage run without one)."""
+        if self.fence is not None:
+            self.fence.check()
 
     @property
     def record_path(self) -> str:
@@ -147,11 +162,27 @@ class Stage:
             return None
         return record
 
-    def prepare(self, outputs: Iterable[str] | None = None) -> None:
+    def damaged_record(self) -> StageRecord | None:
+        """After `committed()` found none: the record of this very key whose outputs changed since
+        (what a repair starts from), or None."""
+        seen = self._record_seen
+        return seen if isinstance(seen, StageRecord) and seen.key == self.key else None
+
+    def prepare(self, outputs: Iterable[str] | None = None, repairing: bool = False) -> None:
         """Make the scope ready for (re)running this stage with this key.
 
-        After `committed()` (which read the record, if any) the record is not looked for again."""
+        `repairing`: the record of this key goes, but the outputs stay for the work to resume from
+        (the caller removed what was damaged). After `committed()` (which read the record, if any)
+        the record is not looked for again."""
+        self.check_fence()
         outputs = list(self.outputs if outputs is None else outputs)
+        if repairing and (damaged := self.damaged_record()) is not None:
+            log.warning("%s: repairing the work of key %s from what is intact", self.rel(self.name), damaged.key[:12])
+            self._record_seen = None
+            self.store.remove(self.record_path)
+            self.store.write_json(posixpath.join(self.progress_path, "key.json"), {"key": self.key})
+            self.fresh = False
+            return
         progress_key = (self.store.read_json(posixpath.join(self.progress_path, "key.json")) or {}).get("key")
         seen = self.read_record() if self._record_seen is None else (self._record_seen or None)
         self._record_seen = None
@@ -233,6 +264,7 @@ class Stage:
         return True
 
     def mark_part(self, part: str, info: dict[str, Any]) -> None:
+        self.check_fence()
         self.store.write_json(posixpath.join(self.progress_path, f"{part}.json"), info)
 
     def done_parts(self) -> dict[str, dict[str, Any]]:
@@ -278,7 +310,13 @@ class Stage:
             host=socket.gethostname(),
             user=current_user(),
         )
-        self.store.write_json(self.record_path, record.model_dump(mode="json"))
+        self.check_fence()
+        try:
+            self.store.create_exclusive(self.record_path, encode_json(record.model_dump(mode="json")))
+        except FileExistsError as error:
+            raise LeaseLost(
+                f"{self.store.url(self.record_path)} was committed by another writer while this one worked; left as it is"
+            ) from error
         self.store.remove(self.progress_path)
         self.store.remove_empty_folder(self.rel(PROGRESS))
         return record
@@ -329,17 +367,20 @@ def _objects_of(store: ArtifactStore, folder: str, output: str) -> dict[str, int
 
 def describe_objects(store: ArtifactStore, folder: str, output: str) -> OutputObjects:
     found = _objects_of(store, folder, output)
-    names = sorted(found) if len(found) <= LISTED_NAMES_AT_MOST else None
-    return OutputObjects(count=len(found), bytes=sum(found.values()), names=names)
+    if len(found) > LISTED_NAMES_AT_MOST:
+        return OutputObjects(count=len(found), bytes=sum(found.values()))
+    return OutputObjects(count=len(found), bytes=sum(found.values()), names=sorted(found), sizes=dict(sorted(found.items())))
 
 
 
 def output_problems(store: ArtifactStore, folder: str, record: StageRecord, strict: bool = False) -> list[str]:
     """What no longer matches the record among a stage's outputs: missing objects (named where
-    the record lists them or a Zarr group's metadata promises them) and changed byte totals.
+    the record lists them or a Zarr group's metadata promises them) and changed sizes.
 
-    `strict` also reports objects added since the commit. Cheap: one listing per output, and for
-    a Zarr output its group's metadata."""
+    Only what the record accounts for is compared, so a file someone added beside an output
+    neither hides a change nor counts as one; `strict` (verify) also reports objects added since
+    the commit and any change of the byte total. Cheap: one listing per output, and for a Zarr
+    output its group's metadata."""
     problems = []
     for output in record.outputs:
         found = _objects_of(store, folder, output)
@@ -347,20 +388,50 @@ def output_problems(store: ArtifactStore, folder: str, record: StageRecord, stri
             problems.append(f"{output}: missing")
             continue
         recorded = record.objects.get(output)
-        expected = set(recorded.names or []) if recorded else set()
-        if posixpath.join(output, "zarr.json") in found:
-            expected |= {posixpath.join(output, name) for name in expected_zarr_objects(store, posixpath.join(folder, output))}
-        missing = sorted(expected - set(found))
-        if missing:
-            more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-            problems.append(f"{output}: {len(missing)} object(s) missing: {', '.join(missing[:5])}{more}")
-        elif recorded is not None and len(found) < recorded.count:
-            problems.append(f"{output}: {recorded.count - len(found)} of {recorded.count} objects missing")
-        elif recorded is not None and sum(found.values()) != recorded.bytes and (strict or len(found) == recorded.count):
-            problems.append(f"{output}: holds {sum(found.values())} bytes, the record says {recorded.bytes}")
-        elif strict and recorded is not None and len(found) > recorded.count:
-            problems.append(f"{output}: {len(found) - recorded.count} object(s) added since the commit")
+        if recorded is None:  # a record from before objects were recorded: presence is all it tells
+            continue
+        problems += _accounted_problems(store, folder, output, recorded, found)
+        if strict:
+            problems += _added_problems(output, recorded, found)
     return problems
+
+
+def _known_objects(store: ArtifactStore, folder: str, output: str, recorded: OutputObjects, found: dict[str, int]) -> set[str]:
+    """The objects the record accounts for by name: those it lists, and those a Zarr group's metadata promises."""
+    known = set(recorded.names or [])
+    if posixpath.join(output, "zarr.json") in found:
+        known |= {posixpath.join(output, name) for name in expected_zarr_objects(store, posixpath.join(folder, output))}
+    return known
+
+
+def _accounted_problems(store: ArtifactStore, folder: str, output: str, recorded: OutputObjects, found: dict[str, int]) -> list[str]:
+    known = _known_objects(store, folder, output, recorded, found)
+    missing = sorted(known - set(found))
+    if missing:
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        return [f"{output}: {len(missing)} object(s) missing: {', '.join(missing[:5])}{more}"]
+    if recorded.sizes is not None:
+        changed = sorted(name for name, size in recorded.sizes.items() if found[name] != size)
+        return [f"{output}: {name} holds {found[name]} bytes, the record says {recorded.sizes[name]}" for name in changed[:5]]
+    if len(known) == recorded.count:  # every object accounted for by name: compare their total alone
+        held = sum(found[name] for name in known)
+        return [] if held == recorded.bytes else [f"{output}: holds {held} bytes, the record says {recorded.bytes}"]
+    if len(found) < recorded.count:
+        return [f"{output}: {recorded.count - len(found)} of {recorded.count} objects missing"]
+    if len(found) == recorded.count and sum(found.values()) != recorded.bytes:
+        return [f"{output}: holds {sum(found.values())} bytes, the record says {recorded.bytes}"]
+    return []
+
+
+def _added_problems(output: str, recorded: OutputObjects, found: dict[str, int]) -> list[str]:
+    if recorded.names is not None:
+        added = sorted(set(found) - set(recorded.names))
+        if added:
+            more = f" and {len(added) - 5} more" if len(added) > 5 else ""
+            return [f"{output}: {len(added)} object(s) added since the commit: {', '.join(added[:5])}{more}"]
+    elif len(found) > recorded.count:
+        return [f"{output}: {len(found) - recorded.count} object(s) added since the commit"]
+    return []
 
 
 def open_run(run_path: str, storage_options: dict[str, Any] | None = None) -> tuple[ArtifactStore, str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import posixpath
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,23 @@ def join_path(base: str, relative: str) -> str:
         protocol, _, rest = base.partition("://")
         return f"{protocol}://{posixpath.normpath(posixpath.join(rest, relative))}"
     return str((Path(base) / relative).resolve())
+
+
+def lies_under(path: str, root: str) -> bool:
+    """Whether `path` is `root` or inside it, judged on the names alone (nothing is fetched): the
+    same kind of place (a local path, or a URL of the same protocol and bucket or host), and the
+    root's path a whole-component prefix of the path's once `..` and `.` are resolved."""
+    if is_remote_url(path) != is_remote_url(root):
+        return False
+    if is_remote_url(path):
+        path_protocol, _, path_rest = path.partition("://")
+        root_protocol, _, root_rest = root.partition("://")
+        if path_protocol.lower() != root_protocol.lower():
+            return False
+        inside, folder = posixpath.normpath("/" + path_rest), posixpath.normpath("/" + root_rest.rstrip("/"))
+    else:
+        inside, folder = os.path.normpath(os.path.abspath(path)), os.path.normpath(os.path.abspath(root))
+    return inside == folder or inside.startswith(folder.rstrip("/") + "/")
 
 
 def parent_of(path: str) -> str:

@@ -30,6 +30,11 @@ from infra.digest import digest_bytes
 from infra.paths import whole_read_options
 
 
+def encode_json(value: Any) -> bytes:
+    """How the store writes JSON: indented, keys sorted, a final newline."""
+    return json.dumps(value, indent=2, sort_keys=True, default=str).encode() + b"\n"
+
+
 def utc_now() -> datetime:
     return datetime.now(timezone.utc)
 
@@ -76,11 +81,12 @@ class ArtifactStore:
         except FileNotFoundError:
             return None
 
-    def write_bytes(self, relpath: str, data: bytes) -> None:
+    def write_bytes(self, relpath: str, data: bytes, durable: bool = False) -> None:
         """Write a whole file so that readers see either nothing or all of it.
 
         A local file is written under a temporary name and renamed; an object store PUT is atomic.
-        No fsync: this guards against a killed process, not a lost machine (whose page cache
+        A failed local write (a full disk) removes its temporary file. No fsync unless `durable`
+        (the lease): this guards against a killed process, not a lost machine (whose page cache
         would take the unsynced data files with it anyway).
         """
         target = self.path(relpath)
@@ -89,13 +95,17 @@ class ArtifactStore:
             self.fs.pipe_file(target, data)
             return
         self.fs.makedirs(posixpath.dirname(target), exist_ok=True)
-        temporary = f"{target}.tmp-{uuid.uuid4().hex}"
-        with open(temporary, "wb") as handle:
-            handle.write(data)
-        os.replace(temporary, target)
+        temporary = _write_temporary(target, data, durable)
+        try:
+            os.replace(temporary, target)
+        except BaseException:
+            _remove_quietly(temporary)
+            raise
+        if durable:
+            _sync_folder(posixpath.dirname(target))
 
     def write_json(self, relpath: str, value: Any) -> None:
-        self.write_bytes(relpath, json.dumps(value, indent=2, sort_keys=True, default=str).encode() + b"\n")
+        self.write_bytes(relpath, encode_json(value))
 
     def write_text(self, relpath: str, text: str) -> None:
         self.write_bytes(relpath, text.encode())
@@ -140,19 +150,19 @@ class ArtifactStore:
         """Write a new object; FileExistsError if one is there already. Returns its version.
 
         Local: written under a temporary name, then hard-linked to its name (link refuses an
-        existing name, atomically). S3: a PUT with `If-None-Match: *`; a server that ignores the
-        header overwrites instead, which the lease's read-back detects (see infra/lease.py).
+        existing name, atomically), and synced to disk: a lease must survive a lost machine. S3: a
+        PUT with `If-None-Match: *`; a server that ignores the header overwrites instead, which the
+        lease's read-back detects (see infra/lease.py).
         """
         target = self.path(relpath)
         if self.is_local:
             self.fs.makedirs(posixpath.dirname(target), exist_ok=True)
-            temporary = f"{target}.tmp-{uuid.uuid4().hex}"
-            with open(temporary, "wb") as handle:
-                handle.write(data)
+            temporary = _write_temporary(target, data, durable=True)
             try:
                 os.link(temporary, target)
             finally:
                 os.unlink(temporary)
+            _sync_folder(posixpath.dirname(target))
             return digest_bytes(data)
         try:
             response = self.fs.call_s3("put_object", **self._s3_location(target), Body=data, IfNoneMatch="*")
@@ -176,7 +186,7 @@ class ArtifactStore:
         if self.is_local:
             with _folder_lock(posixpath.dirname(target)):
                 self._require_version(relpath, version)
-                self.write_bytes(relpath, data)
+                self.write_bytes(relpath, data, durable=True)
             return digest_bytes(data)
         try:
             response = self.fs.call_s3("put_object", **self._s3_location(target), Body=data, IfMatch=version)
@@ -297,7 +307,18 @@ class ArtifactStore:
         return {
             posixpath.relpath(path, self.root): int(info.get("size") or 0)
             for path, info in self._found_under(self.path(relpath)).items()
-            if info.get("type") != "directory" and ".tmp-" not in posixpath.basename(path)
+            if info.get("type") != "directory" and TEMPORARY_MARK not in posixpath.basename(path)
+        }
+
+    def temporaries(self, relpath: str) -> dict[str, int]:
+        """Local writes' temporary files (`.tmp-`) at or under relpath, with their bytes: a write in
+        flight, or one a killed process left (object stores write whole objects and leave none)."""
+        if not self.is_local:
+            return {}
+        return {
+            posixpath.relpath(path, self.root): int(info.get("size") or 0)
+            for path, info in self._found_under(self.path(relpath)).items()
+            if info.get("type") != "directory" and TEMPORARY_MARK in posixpath.basename(path)
         }
 
     def size(self, relpath: str) -> int:
@@ -318,6 +339,40 @@ class ArtifactStore:
             zarr_format=3, attributes=attributes,
         )
 
+
+
+TEMPORARY_MARK = ".tmp-"
+"""What names a local write's temporary file (`<name>.tmp-<uuid>`) until it is renamed into place."""
+
+
+def _write_temporary(target: str, data: bytes, durable: bool) -> str:
+    """`data` in a new temporary file beside `target` (synced to disk if `durable`); its path. A
+    write that fails (a full disk) removes the file, so no partial copy is left behind."""
+    temporary = f"{target}{TEMPORARY_MARK}{uuid.uuid4().hex}"
+    try:
+        with open(temporary, "wb") as handle:
+            handle.write(data)
+            if durable:
+                handle.flush()
+                os.fsync(handle.fileno())
+    except BaseException:
+        _remove_quietly(temporary)
+        raise
+    return temporary
+
+
+def _remove_quietly(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+def _sync_folder(folder: str) -> None:
+    """fsync a local folder, so that a rename or link in it survives a lost machine."""
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 @contextlib.contextmanager

@@ -13,6 +13,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from model.frames import FrameGeometry
 
+MAX_PARAMETERS = 4_000_000_000
+MAX_CONV_CHANNELS = 8192
+MAX_CONV_KERNEL = 1024
+
 
 class HubertConfig(BaseModel):
     """Every architecture knob of torchaudio's `hubert_pretrain_model` that a preset varies.
@@ -22,6 +26,11 @@ class HubertConfig(BaseModel):
     what the paper trained with). Knobs no preset varies (static span lengths, no channel
     masking, overlapping spans, logits on masked and unmasked frames) are fixed in the builder.
     Two fields are not torchaudio's: whether the input is normalised, and the sample rate.
+
+    Every size has a ceiling well above the largest preset (xlarge: 48 layers of 1280, about 1 G
+    parameters), and the whole network one of `MAX_PARAMETERS`: a record or weights file read
+    from the store names an architecture before any model is built, and a hostile one must not
+    make a worker allocate terabytes.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -29,23 +38,23 @@ class HubertConfig(BaseModel):
     # fairseq: extractor_mode ("default" is group_norm: one GroupNorm after the first conv).
     extractor_mode: Literal["group_norm", "layer_norm"]
     # (out_channels, kernel, stride) per conv layer; fairseq: conv_feature_layers.
-    extractor_conv_layer_config: tuple[tuple[int, int, int], ...] = Field(min_length=1)
+    extractor_conv_layer_config: tuple[tuple[int, int, int], ...] = Field(min_length=1, max_length=32)
     # fairseq: conv_bias.
     extractor_conv_bias: bool = False
-    encoder_embed_dim: int = Field(gt=0)
+    encoder_embed_dim: int = Field(gt=0, le=8192)
     # Dropout after projecting conv features to encoder_embed_dim; fairseq: dropout_input.
     encoder_projection_dropout: float = Field(ge=0.0, lt=1.0)
     # Convolutional positional embedding; fairseq: conv_pos, conv_pos_groups.
-    encoder_pos_conv_kernel: int = Field(gt=0)
-    encoder_pos_conv_groups: int = Field(gt=0)
+    encoder_pos_conv_kernel: int = Field(gt=0, le=1024)
+    encoder_pos_conv_groups: int = Field(gt=0, le=1024)
     # fairseq: encoder_layers, encoder_attention_heads.
-    encoder_num_layers: int = Field(gt=0)
-    encoder_num_heads: int = Field(gt=0)
+    encoder_num_layers: int = Field(gt=0, le=256)
+    encoder_num_heads: int = Field(gt=0, le=256)
     # fairseq: attention_dropout.
     encoder_attention_dropout: float = Field(ge=0.0, lt=1.0)
     # Feed-forward width and the dropout after its activation; fairseq: encoder_ffn_embed_dim,
     # activation_dropout.
-    encoder_ff_interm_features: int = Field(gt=0)
+    encoder_ff_interm_features: int = Field(gt=0, le=65536)
     encoder_ff_interm_dropout: float = Field(ge=0.0, lt=1.0)
     # fairseq: dropout.
     encoder_dropout: float = Field(ge=0.0, lt=1.0)
@@ -53,32 +62,48 @@ class HubertConfig(BaseModel):
     encoder_layer_norm_first: bool
     # fairseq: encoder_layerdrop.
     encoder_layer_drop: float = Field(ge=0.0, lt=1.0)
-    final_dim: int = Field(gt=0)
+    final_dim: int = Field(gt=0, le=8192)
     # fairseq's mask_prob is span starts per frame times mask_length: 0.8 with spans of 10 is the
     # paper's start probability of 0.08, which masks about half of the frames.
     mask_prob: float = Field(ge=0.0, le=1.0)
-    mask_length: int = Field(gt=0)
+    mask_length: int = Field(gt=0, le=10_000)
     # Gradient scale into the conv stack; None is fairseq's 1.0 (torchaudio refuses 1.0 itself).
     feature_grad_mult: float | None = Field(gt=0.0, lt=1.0)
     # Layer-normalise each utterance's waveform before the model; fairseq: task.normalize, which
     # its configs tie to the extractor (True for the layer_norm models). See `prepare_waveform`.
     normalize_waveform: bool = False
     # The rate the conv geometry is measured at; HuBERT's data is 16 kHz.
-    sample_rate: int = Field(default=16_000, gt=0)
+    sample_rate: int = Field(default=16_000, gt=0, le=384_000)
 
     @model_validator(mode="after")
     def _check_shapes(self) -> HubertConfig:
         for channels, kernel, stride in self.extractor_conv_layer_config:
-            if channels <= 0 or kernel <= 0 or stride <= 0:
+            if not (0 < channels <= MAX_CONV_CHANNELS and 0 < kernel <= MAX_CONV_KERNEL and 0 < stride <= MAX_CONV_KERNEL):
                 raise ValueError(
-                    f"conv layers need positive (channels, kernel, stride), got {self.extractor_conv_layer_config}"
+                    f"conv layers need (channels, kernel, stride) in (0, {MAX_CONV_CHANNELS}], (0, {MAX_CONV_KERNEL}], "
+                    f"(0, {MAX_CONV_KERNEL}], got {self.extractor_conv_layer_config}"
                 )
         for name in ("encoder_num_heads", "encoder_pos_conv_groups"):
             if self.encoder_embed_dim % getattr(self, name):
                 raise ValueError(
                     f"encoder_embed_dim {self.encoder_embed_dim} is not divisible by {name} {getattr(self, name)}"
                 )
+        if (parameters := estimated_parameters(self)) > MAX_PARAMETERS:
+            raise ValueError(f"an architecture of about {parameters:.2g} parameters exceeds the {MAX_PARAMETERS:.0g} this pipeline builds")
         return self
+
+
+def estimated_parameters(config: HubertConfig) -> int:
+    """About how many parameters the encoder has (conv stack, projection, positional conv,
+    transformer layers): enough to refuse an absurd architecture before anything is allocated."""
+    conv, channels_in = 0, 1
+    for channels, kernel, _ in config.extractor_conv_layer_config:
+        conv += channels_in * channels * kernel
+        channels_in = channels
+    dim = config.encoder_embed_dim
+    positional = dim * dim // config.encoder_pos_conv_groups * config.encoder_pos_conv_kernel
+    layers = config.encoder_num_layers * (4 * dim * dim + 2 * dim * config.encoder_ff_interm_features)
+    return conv + channels_in * dim + positional + layers + dim * config.final_dim
 
 
 _PAPER_CONV = ((512, 10, 5),) + ((512, 3, 2),) * 4 + ((512, 2, 2),) * 2

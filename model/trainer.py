@@ -53,8 +53,8 @@ class TrainerSettings:
 
 
 class CheckpointStore(Protocol):
-    def latest(self) -> bytes | None:
-        """The newest checkpoint's bytes, or None before the first."""
+    def latest(self) -> dict[str, Any] | None:
+        """The newest checkpoint that reads back whole (`load_checkpoint`), or None before the first."""
         ...
 
     def save(self, step: int, data: bytes) -> None:
@@ -212,8 +212,7 @@ def train(
         optimizer, warmup_then_linear_decay(settings.warmup_steps, settings.steps)
     )
     step, history = 0, []
-    if (blob := checkpoints.latest()) is not None:
-        state = torch.load(io.BytesIO(blob), map_location=device, weights_only=False)
+    if (state := checkpoints.latest()) is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -280,6 +279,27 @@ def _validate(model: torch.nn.Module, validation: Validation, step: int, rank: i
     log.info("validation at step %d: loss %.4f, masked acc %.3f", step, entry["valid_loss"], entry["valid_masked_accuracy"])
     if validation.on_best is not None and rank == 0 and (best is None or entry["valid_loss"] < best["valid_loss"]):
         validation.on_best(step, model)
+
+
+CHECKPOINT_KEYS = frozenset({"model", "optimizer", "scheduler", "stream", "rng", "step", "log"})
+
+
+def load_checkpoint(data: bytes) -> dict[str, Any]:
+    """A checkpoint's contents, read with torch's restricted unpickler (`weights_only=True`).
+
+    Everything a checkpoint holds is tensors and plain data (the optimizer's and LambdaLR's state
+    dicts, the stream's position, torch RNG states as byte tensors, the log), so no class needs
+    allowing: a file planted in the store cannot run code where it is read. ValueError when the
+    bytes are not a whole checkpoint (cut short, or not one this pipeline wrote)."""
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - an unpickling error of any kind means the same
+        raise ValueError(f"not a readable checkpoint ({type(error).__name__}: {str(error)[:200]})") from error
+    if not isinstance(state, dict):
+        raise ValueError(f"not a checkpoint this pipeline wrote (it holds a {type(state).__name__}, not a dict)")
+    if missing := CHECKPOINT_KEYS - set(state):
+        raise ValueError(f"not a checkpoint this pipeline wrote (it lacks {', '.join(sorted(missing))})")
+    return state
 
 
 def _checkpoint(model, optimizer, scheduler, stream, step, history, curve, checkpoints, rank, world_size) -> None:

@@ -20,6 +20,9 @@ from torchaudio.models import HuBERTPretrainModel, Wav2Vec2Model
 from model.hubert import build_pretrain_model
 from model.presets import HubertConfig
 
+MAX_CLASSES = 32768
+"""Labels are stored as int16: no k-means of this pipeline has more clusters."""
+
 ENCODER_PREFIX = "wav2vec2."
 """The pretraining model's keys of its encoder (torchaudio's `HuBERTPretrainModel.wav2vec2`)."""
 
@@ -62,4 +65,7 @@ def load_weights(data: bytes) -> SavedWeights:
         raise ValueError(f"not a weights file this pipeline wrote ({type(error).__name__}: {str(error)[:200]})") from error
     if not isinstance(saved, dict) or not {"model", "config", "num_classes"} <= set(saved):
         raise ValueError("not a weights file this pipeline wrote (it lacks model, config or num_classes)")
-    return SavedWeights(saved["model"], HubertConfig.model_validate(saved["config"]), int(saved["num_classes"]))
+    num_classes = int(saved["num_classes"])
+    if not 1 <= num_classes <= MAX_CLASSES:
+        raise ValueError(f"not a weights file this pipeline wrote (num_classes {num_classes} is not in [1, {MAX_CLASSES}])")
+    return SavedWeights(saved["model"], HubertConfig.model_validate(saved["config"]), num_classes)

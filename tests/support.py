@@ -4,6 +4,7 @@ and configs, the stage plan run without Prefect, and worker plugins that inject 
 from __future__ import annotations
 
 import atexit
+import io
 import json
 import os
 import shutil
@@ -264,3 +265,27 @@ class CommittedRun:
         shutil.copytree(self.config.store, folder)
         config = PretrainConfig.model_validate({**self.config.model_dump(), "store": str(folder)})
         return CommittedRun(config, ArtifactStore(str(folder)))
+
+
+class PlantedCode:
+    """Pickles as a call that writes `marker`: what a hostile file in the store would run where it is
+    unpickled (a harmless file stands for any code)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (self.marker, "code from the store ran here\n"))
+
+
+def planted_pickle(marker: Path) -> bytes:
+    """A torch file shaped like a weights file or a checkpoint (the keys readers look for) whose
+    unpickling writes `marker`."""
+    buffer = io.BytesIO()
+    payload = PlantedCode(marker)
+    torch.save(
+        {"model": payload, "config": payload, "num_classes": 8, "optimizer": payload, "scheduler": {}, "stream": {},
+         "rng": [], "step": 1, "log": []},
+        buffer,
+    )
+    return buffer.getvalue()

@@ -7,7 +7,7 @@ import torch
 import torchaudio.functional
 
 from tasks.corpus.audio import AudioError, decode_audio, load_audio_16k, resampled_length
-from tasks.corpus.manifest import ManifestError, check_unique_ids, list_candidates
+from tasks.corpus.manifest import ManifestError, check_unique_ids, list_candidates, misplaced
 
 
 @pytest.mark.parametrize("rate", [8000, 11025, 22050, 24000, 44100, 48000])
@@ -93,3 +93,16 @@ def test_duplicate_ids_name_both_paths(tmp_path: Path, fsdd_dir: Path) -> None:
         check_unique_ids(list_candidates(str(tmp_path)))
     assert str(tmp_path / "a" / source.name) in str(caught.value)
     assert str(tmp_path / "b" / source.name) in str(caught.value)
+
+
+def test_a_tsv_root_line_elsewhere_is_not_the_sources_own_root(tmp_path: Path) -> None:
+    """A .tsv's root line in the same place (a local folder for a local .tsv) is where its entries lie;
+    one in another place (a URL) still resolves them, but they must be allowed to be read."""
+    (tmp_path / "local.tsv").write_text("/data/audio\nspk/a.wav\t16000\n")
+    (tmp_path / "remote.tsv").write_text("http://169.254.169.254/latest\nmeta.wav\t16000\n")
+    local, remote = list_candidates(str(tmp_path / "local.tsv"))[0], list_candidates(str(tmp_path / "remote.tsv"))[0]
+    assert (local.path, local.root) == ("/data/audio/spk/a.wav", "/data/audio")
+    assert misplaced(local, []) is None
+    assert (remote.path, remote.root) == ("http://169.254.169.254/latest/meta.wav", str(tmp_path))
+    assert misplaced(remote, [])[0] == "outside the source"
+    assert misplaced(remote, ["http://169.254.169.254/latest"]) is None

@@ -1,14 +1,18 @@
 """The artifact store's commit protocol, the same test on a local folder and on a real S3 server."""
 
+import builtins
+import errno
 import uuid
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+import infra.store
 from infra.commit import Stage
 from infra.store import ArtifactStore, utc_now
 from infra.zarr_io import read_row_chunks
+from tasks.audit.verification import verify_run
 from tests.support import RUNS_BUCKET, objects_under
 
 
@@ -80,6 +84,44 @@ def test_writes_are_whole_or_absent(tmp_path: Path) -> None:
     assert store.read_json("a/b.json") == {"x": 1}
     assert store.read_json("a/missing.json") is None
     assert [p.name for p in (tmp_path / "a").iterdir()] == ["b.json"]
+
+
+class FullDisk:
+    """A file opened for writing on a disk that has just filled up."""
+
+    def __init__(self, handle) -> None:
+        self.handle = handle
+
+    def __enter__(self) -> "FullDisk":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.handle.close()
+
+    def write(self, data: bytes) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_write_that_fails_midway_leaves_no_temporary_file_and_verify_reports_any_left(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk (the write raises after the temporary file exists): nothing is left, the old
+    content stays. A temporary file a killed process left is what `verify` reports."""
+    store = ArtifactStore(str(tmp_path))
+    store.write_json("r/corpus/a.json", {"x": 1})
+
+    monkeypatch.setattr(infra.store, "open", lambda path, mode: FullDisk(builtins.open(path, mode)), raising=False)
+    with pytest.raises(OSError, match="No space left"):
+        store.write_json("r/corpus/a.json", {"x": 2})
+    monkeypatch.undo()
+    assert sorted(path.name for path in (tmp_path / "r" / "corpus").iterdir()) == ["a.json"]
+    assert store.read_json("r/corpus/a.json") == {"x": 1}
+
+    (tmp_path / "r" / "corpus" / "b.json.tmp-0123").write_bytes(b"half")
+    checks = verify_run(str(tmp_path / "r"))
+    assert [(check.stage, check.problems) for check in checks] == [
+        ("temporary files", ["1 left by failed writes (4 bytes; or in flight, if a run is writing): r/corpus/b.json.tmp-0123"])
+    ]
 
 
 def test_remove_takes_a_file_or_a_folder_tree_and_nothing_that_only_shares_its_prefix(store: ArtifactStore) -> None:

@@ -13,13 +13,17 @@ import numpy as np
 import pytest
 import torch
 
+from infra.commit import forget_stage
 from infra.digest import digest_bytes
+from infra.parts import PartsFailed
+from infra.store import ArtifactStore
 from model.data import BatchShape, BatchStream
 from model.hubert import LABEL_DEPENDENT, build_pretrain_model
 from model.kmeans import nearest_centroids
 from model.presets import HUBERT_CONFIGS, frame_geometry
 from model.trainer import train
 from tasks.audit.inspection import stage_status
+from tasks.audit.verification import verify_run
 from tasks.corpus.manifest import Utterance, manifest_to_jsonl
 from tasks.corpus.splits import assign_splits, hash_fraction, read_id_listing
 from tasks.run.config import ConfigError, PretrainConfig, load_config
@@ -284,3 +288,36 @@ def test_a_warm_start_keys_on_the_weights_it_starts_from_and_a_cold_one_keeps_it
     assert STAGES["train"].key_inputs(warm_context)["init"] == trained.metrics["weights_digests"]["best"]
     assert "init" not in STAGES["train"].key_inputs(cold_context)
     assert STAGES["train"].key_config(warm_context)["init"] == "warm" and "init" not in STAGES["train"].key_config(cold_context)
+
+
+def test_a_replaced_best_pt_fails_verify_deep_and_is_refused_where_it_is_read(split_chain: Chain, client, tmp_path: Path) -> None:
+    """best.pt replaced by other weights of the same size: the shallow checks cannot tell, `verify
+    --deep` names it, and the next iteration's features refuse it, naming it, instead of using it."""
+    config = two_iterations(split_chain)
+    run_stage(STAGES["train"], StageContext(config, split_chain.store, client, 1))
+    shutil.copytree(config.store, tmp_path / "runs")
+    config = config.model_copy(update={"store": str(tmp_path / "runs")})
+    store, layout = ArtifactStore(config.store), split_chain.layout
+    original = store.read_bytes(layout.best_model(1))
+    saved = torch.load(io.BytesIO(original), weights_only=True)
+    saved["model"]["wav2vec2.encoder.transformer.layers.0.attention.out_proj.weight"] += 0.01
+    buffer = io.BytesIO()
+    torch.save(saved, buffer)
+    assert len(buffer.getvalue()) == len(original) and buffer.getvalue() != original
+    store.write_bytes(layout.best_model(1), buffer.getvalue())
+
+    run_path = str(tmp_path / "runs" / config.run)
+    assert all(check.ok for check in verify_run(run_path))
+    deep = {check.stage: check.problems for check in verify_run(run_path, deep=True)}
+    assert len(deep["train@1"]) == 1 and deep["train@1"][0].startswith("model/best.pt: digest ")
+    assert deep["train@1"][0].endswith("altered after the commit")
+    forget_stage(store, layout.scope(2), "features")
+    client.run(forget_loaded_encoders)  # the session's workers loaded the genuine best.pt for an earlier test
+    with pytest.raises(PartsFailed, match=r"best.pt is not the weights its train record names .* verify --deep"):
+        run_stage(STAGES["features"], StageContext(config, store, client, 2))
+
+
+def forget_loaded_encoders() -> None:
+    from tasks.frames import sources
+
+    sources._ENCODERS.clear()

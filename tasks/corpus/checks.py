@@ -18,7 +18,7 @@ from pydantic import BaseModel
 from infra.parts import gather_parts
 from infra.paths import read_whole
 from tasks.corpus.audio import AudioError, probe_audio
-from tasks.corpus.manifest import Candidate, ManifestError, Utterance, check_unique_ids, list_candidates
+from tasks.corpus.manifest import Candidate, ManifestError, Utterance, check_unique_ids, list_candidates, misplaced
 
 log = logging.getLogger(__name__)
 
@@ -122,19 +122,37 @@ class TakenIn:
         }
 
 
+def screen_candidates(candidates: list[Candidate], allowed_roots: list[str]) -> tuple[list[Candidate], list[Rejection]]:
+    """The candidates that may be read, and those rejected unread (outside the source and the
+    allowed roots, or with a name a .tsv cannot hold), in source order."""
+    kept, rejected = [], []
+    for candidate in candidates:
+        if (problem := misplaced(candidate, allowed_roots)) is None:
+            kept.append(candidate)
+        else:
+            reason, detail = problem
+            rejected.append(Rejection(id=candidate.id, path=candidate.path, origin=candidate.origin, reason=reason, detail=detail))
+    return kept, rejected
+
+
 def take_in(
-    client: Client, source: str, limits: LengthLimits, storage_options: dict[str, Any], description: str
+    client: Client, source: str, limits: LengthLimits, storage_options: dict[str, Any], description: str,
+    allowed_roots: list[str] | None = None,
 ) -> TakenIn:
-    """List a corpus source, refuse clashing ids, probe every file on Dask; rejections are logged.
+    """List a corpus source, reject unread the entries outside it (and `allowed_roots`), refuse
+    clashing ids, probe every other file on Dask; rejections are logged.
 
     ManifestError when the source lists no audio file (every file rejected is the caller's to judge,
     after it has written the report)."""
-    candidates = list_candidates(source, storage_options)
-    if not candidates:
+    listed = list_candidates(source, storage_options)
+    if not listed:
         raise ManifestError(f"no .wav or .flac files in corpus source {source}")
+    candidates, unread = screen_candidates(listed, list(allowed_roots or []))
     check_unique_ids(candidates)
     log.info("%s: probing %d files on %d Dask worker(s)", description, len(candidates), len(client.scheduler_info()["workers"]))
-    utterances, rejections = probe_candidates(client, candidates, limits, storage_options, description)
+    utterances, probed = probe_candidates(client, candidates, limits, storage_options, description) if candidates else ([], [])
+    order = {candidate.origin: index for index, candidate in enumerate(listed)}
+    rejections = sorted(unread + probed, key=lambda rejection: order[rejection.origin])
     for rejection in rejections:
         log.warning("%s: skipping %s (%s): %s", description, rejection.path, rejection.reason, rejection.detail)
     return TakenIn(utterances, rejections)

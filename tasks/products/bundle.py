@@ -13,15 +13,18 @@ exactly these weights, and its centroids are the ones it names and fit the model
 from __future__ import annotations
 
 import io
+import json
 import posixpath
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from infra.digest import digest_bytes
 from infra.paths import join_path, read_whole
+from model.hf_convert import torchaudio_encoder_kwargs
 from model.presets import HubertConfig
 
 BUNDLE_FORMAT = "hubert-pipeline-bundle"
@@ -164,6 +167,22 @@ class Bundle:
         return join_path(self.folder, self.manifest.torchaudio_encoder.file)
 
 
+def check_state_dict(data: bytes, path: str) -> None:
+    """BundleError unless `data` is a state dict (names to tensors), read the way the workers read it:
+    weights-only, so that a file planted in a bundle runs no code here either."""
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - an unpickling error of any kind means the same
+        raise BundleError(f"{path} is not a state dict of tensors ({type(error).__name__}: {str(error)[:200]})") from error
+    if not isinstance(state, dict) or not all(isinstance(value, torch.Tensor) for value in state.values()):
+        raise BundleError(f"{path} is not a state dict of tensors")
+
+
+def torchaudio_encoder_arguments(architecture: HubertConfig) -> dict[str, Any]:
+    """`torchaudio.models.wav2vec2_model`'s kwargs for an architecture, as a bundle's JSON holds them."""
+    return json.loads(json.dumps(torchaudio_encoder_kwargs(architecture)))
+
+
 def _read(folder: str, relpath: str, storage_options: dict[str, Any], what: str) -> bytes:
     try:
         return read_whole(join_path(folder, relpath), storage_options)
@@ -203,15 +222,22 @@ def load_bundle(folder: str, storage_options: dict[str, Any] | None = None) -> B
             f"but the bundle's model is {manifest.weights_digest[:12]}: refusing to mix them"
         )
     encoder = manifest.torchaudio_encoder
-    if digest_bytes(_read(folder, encoder.file, options, "the torchaudio encoder")) != encoder.digest:
+    encoder_bytes = _read(folder, encoder.file, options, "the torchaudio encoder")
+    if digest_bytes(encoder_bytes) != encoder.digest:
         raise BundleError(
             f"{join_path(folder, encoder.file)} is not the encoder {manifest_path} records (its content digest differs)"
         )
+    check_state_dict(encoder_bytes, join_path(folder, encoder.file))
     centroids_path = posixpath.join(posixpath.dirname(manifest.quantizer), quantizer.centroids)
     centroids = np.load(io.BytesIO(_read(folder, centroids_path, options, "the centroids")), allow_pickle=False)
     if digest_bytes(centroids.tobytes()) != quantizer.centroids_digest:
         raise BundleError(f"{join_path(folder, centroids_path)} is not the centroids its quantizer.json records")
     architecture = manifest.architecture
+    if encoder.kwargs != torchaudio_encoder_arguments(architecture):
+        raise BundleError(
+            f"{manifest_path}: the torchaudio encoder's kwargs are not those of the bundle's architecture; refusing "
+            "to build a model from them"
+        )
     if centroids.shape != (quantizer.k, architecture.encoder_embed_dim):
         raise BundleError(
             f"centroids of shape {centroids.shape} do not fit k={quantizer.k} and the model's "

@@ -16,7 +16,6 @@ import posixpath
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -25,11 +24,18 @@ from infra.commit import StageRecord, read_record
 from infra.digest import digest_bytes
 from infra.store import ArtifactStore
 from model.frames import SAMPLE_RATE
-from model.hf_convert import hf_layer_index, save_hf_pretrained, torchaudio_encoder_kwargs
+from model.hf_convert import hf_layer_index, save_hf_pretrained
 from model.presets import HubertConfig, frame_geometry
 from model.weights import load_weights
 from tasks.products import ExportError
-from tasks.products.bundle import BUNDLE, BUNDLE_FORMAT, BUNDLE_VERSION, BundleManifest, QuantizerManifest
+from tasks.products.bundle import (
+    BUNDLE,
+    BUNDLE_FORMAT,
+    BUNDLE_VERSION,
+    BundleManifest,
+    QuantizerManifest,
+    torchaudio_encoder_arguments,
+)
 from tasks.run.layout import RunLayout, Weights
 from tasks.run.records import load_centroids
 from tasks.run.records import weights_digest as recorded_weights_digest
@@ -103,18 +109,25 @@ def _saved_weights(store: ArtifactStore, layout: RunLayout, iteration: int, weig
     return train, data, relpath
 
 
-def _jsonable(value: Any) -> Any:
-    """Tuples as lists, as JSON has them (torchaudio's builders take either)."""
-    return json.loads(json.dumps(value))
-
-
 def export_model(
-    store: ArtifactStore, layout: RunLayout, iteration: int, out_dir: Path, weights: Weights = "final"
+    store: ArtifactStore, layout: RunLayout, iteration: int, out_dir: Path, weights: Weights = "final", overwrite: bool = False
 ) -> ExportSummary:
-    """Write iteration `iteration`'s encoder (and its quantizer, if the run fitted one) as a bundle in `out_dir`."""
+    """Write iteration `iteration`'s encoder (and its quantizer, if the run fitted one) as a bundle in `out_dir`.
+
+    A folder that holds anything is refused unless `overwrite`: a bundle replaces files of its
+    own names (and its quantizer folder), which may be someone's."""
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        held = sorted(entry.name for entry in out_dir.iterdir())
+        raise ExportError(
+            f"{out_dir} is not empty ({', '.join(held[:5])}{' ...' if len(held) > 5 else ''}): give an empty or new "
+            "folder, or --overwrite to write the bundle over what is there"
+        )
     train, data, relpath = _saved_weights(store, layout, iteration, weights)
     weights_digest = digest_bytes(data)
-    saved = load_weights(data)
+    try:
+        saved = load_weights(data)
+    except ValueError as error:
+        raise ExportError(f"{store.url(relpath)}: {error}") from error
     architecture, state, encoder_state = saved.architecture, saved.state, saved.encoder_state()
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / BUNDLE.manifest).unlink(missing_ok=True)  # written last: a half-written bundle has none
@@ -146,7 +159,7 @@ def export_model(
             "file": BUNDLE.torchaudio_encoder,
             "digest": digest_bytes(buffer.getvalue()),
             "builder": "torchaudio.models.wav2vec2_model",
-            "kwargs": _jsonable(torchaudio_encoder_kwargs(architecture)),
+            "kwargs": torchaudio_encoder_arguments(architecture),
         },
         "hugging_face": {
             "class": "transformers.HubertModel",

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_serializer, field_validator, model_validator
 
 from infra.lease import DEFAULT_TTL_SECONDS
 from infra.paths import is_remote_url
@@ -21,12 +21,22 @@ from model.presets import HUBERT_CONFIGS
 from tasks.run.keys import AddedLater, OutputNeutral
 from tasks.run.sections import IterationConfig, Section
 
+MASKED = "***"
+"""What a storage option's value is in JSON (it may be a credential)."""
+
 
 class CorpusConfig(Section):
     source: str = Field(
         description="A folder (searched recursively for .wav/.flac), a fairseq .tsv manifest "
         "(first line: root folder; then relpath<TAB>num_samples) or a NeMo-style .jsonl manifest "
         "(audio_filepath, optional duration, speaker). Local path or s3:// URL."
+    )
+    allowed_roots: Annotated[list[str], AddedLater()] = Field(
+        default_factory=list,
+        description="Folders and URL prefixes (s3://bucket/prefix, https://host/path) a manifest's entries may lie "
+        "under besides the source's own root (a folder source; a NeMo .jsonl's folder; a fairseq .tsv's root line, "
+        "where it is in the same place as the .tsv). Any other entry (an absolute path elsewhere, '..' out of the "
+        "root, another bucket, an http:// URL) is rejected at intake, in the report, and never fetched.",
     )
     alignments: Annotated[str | None, OutputNeutral("read by labels and profile, not intake")] = Field(
         default=None,
@@ -133,7 +143,8 @@ class PretrainConfig(Section):
     storage_options: dict[str, Any] = Field(
         default_factory=dict,
         description="fsspec options for s3:// paths (endpoint_url, ...). Prefer credentials from the "
-        "environment or ~/.aws: values here are never logged, but they are stored in Prefect's parameters.",
+        "environment or ~/.aws. Values here stay in this process's memory and its children's environment: "
+        "the config as JSON (Prefect's parameters, run.json, anything written) has them masked.",
     )
     corpus: CorpusConfig
     dask: DaskConfig = Field(default_factory=DaskConfig)
@@ -144,6 +155,12 @@ class PretrainConfig(Section):
     )
     lease: LeaseConfig = Field(default_factory=LeaseConfig)
     iterations: list[IterationConfig] = Field(min_length=1)
+
+    @field_serializer("storage_options", when_used="json")
+    def _masked_in_json(self, storage_options: dict[str, Any]) -> dict[str, str]:
+        """Storage options may hold credentials: JSON (Prefect's flow run parameters, records) gets
+        their names only. A child process gets the values through its environment (train/launcher.py)."""
+        return {key: MASKED for key in storage_options}
 
     @field_validator("iterations")
     @classmethod
@@ -294,6 +311,8 @@ def _resolve_relative_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
     corpus = resolved.get("corpus")
     if isinstance(corpus, dict):
         resolved["corpus"] = {**corpus, **{k: resolve(corpus[k]) for k in ("source", "alignments", "valid") if k in corpus}}
+        if isinstance(corpus.get("allowed_roots"), list):
+            resolved["corpus"]["allowed_roots"] = [resolve(root) for root in corpus["allowed_roots"]]
     dask = resolved.get("dask")
     if isinstance(dask, dict) and dask.get("scheduler_file"):
         resolved["dask"] = {**dask, "scheduler_file": resolve(dask["scheduler_file"])}

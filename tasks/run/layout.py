@@ -1,7 +1,7 @@
 """The run's layout: every path under `<store>/<run>/`, the stage order, and what each stage reads.
 
     <run>/run.json                                config as given, code version, when, who
-    <run>/lease.json                              the run's one writer while it works (infra/lease.py)
+    <run>/lease.json                              the run's one writer and its fencing generation (infra/lease.py)
     <run>/corpus/manifest.jsonl, intake_report.json     + intake.commit.json
     <run>/iter-N/features.zarr                    + features.commit.json
     <run>/iter-N/kmeans/centroids.npy, report.json     + kmeans.commit.json

@@ -72,6 +72,26 @@ def published_digests(record: StageRecord) -> set[str]:
 
 
 
+def stale_stages(records: RunRecords, stage: StageName, iteration: int | None) -> list[str]:
+    """The stale records among `stage`'s and everything it was made from, each with what changed
+    under it (`labels@1: centroids (kmeans@1 committed other work since)`); empty when all are current."""
+    found, seen, waiting = [], set(), [(stage, stage_iteration(stage, iteration))]
+    while waiting:
+        name, number = waiting.pop()
+        record = records.get(name, number)
+        if (name, number) in seen or record is None:
+            continue
+        seen.add((name, number))
+        if stale := records.stale_inputs(record):
+            found.append(f"{name if number is None else f'{name}@{number}'}: {', '.join(stale)}")
+        for input_name in record.inputs:
+            if (producer := STAGE_INPUTS[name].get(input_name)) is not None:
+                at = upstream_iteration(producer, number)
+                if at is None or at >= 1:
+                    waiting.append((producer.stage, at))
+    return found
+
+
 class RunRecords:
     """The committed records of one run, each read from the store at most once.
 
@@ -108,14 +128,20 @@ class RunRecords:
 
     def is_stale(self, record: StageRecord) -> bool:
         """Whether a record's inputs no longer match what their producers committed."""
+        return bool(self.stale_inputs(record))
+
+    def stale_inputs(self, record: StageRecord) -> list[str]:
+        """The inputs of a record that no longer match what their producers committed, each named
+        with its producer (`centroids (kmeans@1)`)."""
         iteration = scope_iteration(record.scope)
+        stale = []
         for name, digest in record.inputs.items():
             if name not in STAGE_INPUTS[record.stage]:
                 continue  # from outside the run (the corpus source, alignments)
-            upstream, _ = self.upstream(record.stage, name, iteration)
+            upstream, producer = self.upstream(record.stage, name, iteration)
             if upstream is None or digest not in published_digests(upstream):
-                return True
-        return False
+                stale.append(f"{name} ({producer}{' has no commit' if upstream is None else ' committed other work since'})")
+        return stale
 
     def committed(self) -> list[tuple[StageName, int | None, StageRecord]]:
         """(stage, iteration, record) of every committed stage the run's folder holds, in run order."""

@@ -17,10 +17,9 @@ from tasks.run.stage import stage_label
 
 
 def config_for_the_record(config: PretrainConfig) -> dict[str, Any]:
-    """The config as given, with storage option values (possibly secrets) replaced by '***'."""
-    dumped = config.model_dump(mode="json")
-    dumped["storage_options"] = {key: "***" for key in config.storage_options}
-    return dumped
+    """The config as given, with storage option values (possibly secrets) replaced by '***' (as the
+    config's JSON always has them)."""
+    return config.model_dump(mode="json")
 
 
 def write_run_info(store: ArtifactStore, config: PretrainConfig) -> None:

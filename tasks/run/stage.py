@@ -153,6 +153,13 @@ class StageSpec(Generic[Context]):
       with the same code the stage digests with.
     - `keep_previous`, if given, says how many earlier keys' work to keep aside rather than
       remove when the key changes (train: its models are too dear to throw away).
+    - `recorded_files`, if given, names the files of a record (relative to the stage's folder)
+      whose digests it gives beside its output digest (train: its best weights and the
+      checkpoints it kept): `verify --deep` recomputes each.
+    - `repair`, if given, is called instead of clearing the stage when its record has the current
+      key but its outputs changed since (a truncated or lost file): it removes what is damaged,
+      and the work then resumes from what is intact (train: from its newest intact checkpoint,
+      not from step 0). Without it such a stage runs afresh.
     """
 
     name: str
@@ -166,6 +173,8 @@ class StageSpec(Generic[Context]):
     check: Callable[[Context], None] | None = None
     after: Callable[[Context, StageRecord], None] | None = None
     keep_previous: Callable[[Context], int] | None = None
+    recorded_files: Callable[[StageRecord], dict[str, str]] | None = None
+    repair: Callable[[Context, Stage, StageRecord], None] | None = None
     retries: int = 2
 
 
@@ -194,13 +203,19 @@ def run_stage(spec: StageSpec[Context], context: Context) -> StageRecord:
     context = context.for_one_run()
     label = context.label(spec.name)
     stage = open_stage(spec, context)
+    stage.check_fence()  # a retry of a run that lost its lease stops here, before it reads or clears anything
     if (record := stage.committed()) is not None:
         log.info("%s: committed earlier (%s), skipping", label, spec.summary(record))
     else:
         if spec.check is not None:
             spec.check(context)
         started_at = utc_now()
-        stage.prepare()
+        damaged = stage.damaged_record()
+        if damaged is not None and spec.repair is not None:
+            spec.repair(context, stage, damaged)
+            stage.prepare(repairing=True)
+        else:
+            stage.prepare()
         result = spec.work(context, stage)
         record = stage.commit(
             outputs=list(spec.outputs),

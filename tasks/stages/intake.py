@@ -2,7 +2,8 @@
 
 One bad file never stops a corpus: unreadable, empty, truncated, non-finite (NaN or Inf samples),
 silent, too short or mismatching files go into `corpus/intake_report.json` with their reason and
-the run goes on without them. Two files
+the run goes on without them; so do, never read, manifest entries outside the source's root and
+`corpus.allowed_roots`, and file names with a tab or a line break. Two files
 with the same utterance id stop intake before any probing, naming both paths.
 """
 
@@ -45,7 +46,9 @@ def intake_key_inputs(context: StageContext) -> dict[str, str]:
 def intake(context: StageContext, stage: Stage) -> StageResult:
     """Probe every file of the corpus source on Dask and write the manifest and the intake report."""
     config, store = context.config, context.store
-    taken = take_in(context.client, config.corpus.source, config.corpus, config.storage_options, "intake")
+    taken = take_in(
+        context.client, config.corpus.source, config.corpus, config.storage_options, "intake", config.corpus.allowed_roots
+    )
     store.write_json(stage.rel(INTAKE_REPORT), taken.report())
     utterances, rejections = taken.utterances, taken.rejections
     if not utterances:

@@ -13,23 +13,31 @@ Dask task pinned to that worker,
 
 The machines agree on ranks through the rendezvous and read labels, audio and checkpoints from
 the artifact store (which must therefore be one they all reach: S3, or a shared file system).
-The run config travels as a private temporary file on each machine, never on a command line: it
-may hold storage credentials.
+The run config and its storage options travel in the child's environment, never in a file or on
+a command line: they may hold storage credentials (and the config's JSON has them masked). torchrun runs under `guarded_torchrun`, so that it and its ranks die
+with the process that started them (SIGKILL included), and the ranks get the run's lease fence
+(infra/lease.py), so that a training whose run lost its lease, or stopped renewing it, writes
+nothing more.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
 import sys
-import tempfile
 import uuid
 from urllib.parse import urlsplit
 
 from distributed import Client
 
+from infra.lease import held_fence
+from infra.process import PARENT_PID_ENVIRONMENT
+from infra.store import ArtifactStore
 from tasks.run.config import PretrainConfig
+from tasks.run.layout import RunLayout
+from tasks.stages.train.worker import CONFIG_ENVIRONMENT, STORAGE_OPTIONS_ENVIRONMENT
 
 log = logging.getLogger(__name__)
 
@@ -41,25 +49,35 @@ class TrainingFailed(RuntimeError):
     """A torchrun launch exited non-zero; the checkpoints written so far are kept for resume."""
 
 
-def launch_torchrun(config_json: str, iteration: int, launch_arguments: list[str]) -> int:
-    """Run torchrun over `tasks.stages.train.worker` here and return its exit status."""
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as handle:
-        handle.write(config_json)
-    try:
-        command = [
-            sys.executable, "-m", "torch.distributed.run", *launch_arguments,
-            "-m", "tasks.stages.train.worker", "--iteration", str(iteration), "--config", handle.name,
-        ]
-        log.info("train@%d: %s", iteration, " ".join(command))
-        return subprocess.run(command, env=os.environ.copy()).returncode
-    finally:
-        os.unlink(handle.name)
+def launch_torchrun(config: PretrainConfig, iteration: int, launch_arguments: list[str], fence: dict[str, str] | None = None) -> int:
+    """Run torchrun over `tasks.stages.train.worker` here and return its exit status.
+
+    `fence` is the environment that hands the ranks the run's lease fence (`LeaseFence.environment`)."""
+    command = [
+        sys.executable, "-m", "tasks.stages.train.guarded_torchrun", *launch_arguments,
+        "-m", "tasks.stages.train.worker", "--iteration", str(iteration),
+    ]
+    log.info("train@%d: %s", iteration, " ".join(command))
+    environment = {
+        **os.environ, **(fence or {}), PARENT_PID_ENVIRONMENT: str(os.getpid()),
+        CONFIG_ENVIRONMENT: config.model_dump_json(), STORAGE_OPTIONS_ENVIRONMENT: json.dumps(config.storage_options),
+    }
+    return subprocess.run(command, env=environment).returncode
+
+
+def fence_environment(config: PretrainConfig, iteration: int) -> dict[str, str]:
+    """The run's lease fence for the ranks, where this process holds the lease (none in tests without one)."""
+    store = ArtifactStore(config.store, config.storage_options)
+    fence = held_fence(store, RunLayout(config.run).scope(iteration))
+    return {} if fence is None else fence.environment()
 
 
 def run_standalone(config: PretrainConfig, iteration: int) -> None:
     """`nproc` processes on this machine."""
     nproc = config.iterations[iteration - 1].train.launch.nproc
-    status = launch_torchrun(config.model_dump_json(), iteration, ["--standalone", f"--nproc-per-node={nproc}"])
+    status = launch_torchrun(
+        config, iteration, ["--standalone", f"--nproc-per-node={nproc}"], fence_environment(config, iteration)
+    )
     if status != 0:
         raise TrainingFailed(f"train@{iteration}: torchrun exited with {status}; checkpoints so far are kept for resume")
 
@@ -95,10 +113,10 @@ def run_multinode(config: PretrainConfig, client: Client, iteration: int, stage_
         f"--rdzv-endpoint={endpoint}", f"--rdzv-id={rendezvous}", "--max-restarts=0",
     ]
     log.info("train@%d: %d machines (%s), rendezvous at %s", iteration, launch.nnodes, ", ".join(workers), endpoint)
-    config_json = config.model_dump_json()
+    fence = fence_environment(config, iteration)
     launches = [
         client.submit(
-            launch_torchrun, config_json, iteration, arguments,
+            launch_torchrun, config, iteration, arguments, fence,
             key=f"train-{iteration}-node-{node}-{rendezvous}", workers=[address], allow_other_workers=False,
             resources={TRAIN_NODE_RESOURCE: 1}, pure=False,
         )

@@ -15,18 +15,20 @@ from __future__ import annotations
 import functools
 import logging
 import posixpath
+import re
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
+from infra.lease import LeaseFence, held_fence
 from infra.store import ArtifactStore
 from model.data import BatchShape, BatchStream, FixedBatches, check_label_counts
 from model.frames import SAMPLE_RATE
 from model.hubert import build_pretrain_model, prepare_waveform, warm_start
 from model.presets import HUBERT_CONFIGS, HubertConfig, frame_geometry
-from model.trainer import TrainerSettings, Validation, masked_prediction_evaluator, train
+from model.trainer import TrainerSettings, Validation, load_checkpoint, masked_prediction_evaluator, train
 from model.weights import save_weights
 from tasks.corpus.audio import load_audio_16k
 from tasks.corpus.manifest import Utterance
@@ -86,29 +88,65 @@ class StoreUtteranceSource:
         )
 
 
+CHECKPOINT_NAME = re.compile(r"step-(\d{7})\.pt")
+"""A checkpoint's file name: `step-0000010.pt`. Any other name in the folder is not ours."""
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:07d}.pt"
+
+
+def checkpoint_steps(names: list[str], folder: str) -> list[int]:
+    """The steps of the checkpoints among a folder's names, in order; any other name is ignored with a
+    warning (a copy left by hand, `step-0000010.copy.pt`, must not stop a resume)."""
+    steps = []
+    for name in names:
+        if (match := CHECKPOINT_NAME.fullmatch(name)) is not None:
+            steps.append(int(match.group(1)))
+        elif ".tmp-" not in name and (folder, name) not in _WARNED_NAMES:
+            _WARNED_NAMES.add((folder, name))
+            log.warning("ignoring %s in %s: not a checkpoint's name (step-NNNNNNN.pt)", name, folder)
+    return sorted(steps)
+
+
+_WARNED_NAMES: set[tuple[str, str]] = set()  # each stray name is warned about once per process
+
+
 @dataclass(frozen=True)
 class StoreCheckpoints:
-    """Checkpoints as files in the stage's model folder, written atomically."""
+    """Checkpoints as files in the stage's model folder, written atomically.
+
+    `fence`, when given, is checked before each write: a run that lost its lease writes no more."""
 
     store: ArtifactStore
     folder: str
+    fence: LeaseFence | None = None
 
     def _steps(self) -> list[int]:
-        names = self.store.list_names(self.folder)
-        return sorted(int(name[5:-3]) for name in names if name.startswith("step-") and name.endswith(".pt"))
+        return checkpoint_steps(self.store.list_names(self.folder), self.store.url(self.folder))
 
-    def latest(self) -> bytes | None:
+    def latest(self) -> dict[str, Any] | None:
+        """The newest checkpoint that reads back whole; a damaged one (cut short by a full disk, or
+        altered) is skipped with a warning and the one before it is taken."""
         steps = self._steps()
-        if not steps:
-            return None
-        return self.store.read_bytes(posixpath.join(self.folder, f"step-{steps[-1]:07d}.pt"))
+        for step in reversed(steps):
+            path = posixpath.join(self.folder, checkpoint_name(step))
+            try:
+                return load_checkpoint(self.store.read_bytes(path))
+            except ValueError as error:
+                log.warning("checkpoint %s is damaged (%s); trying an older one", self.store.url(path), error)
+        if steps:
+            log.warning("no intact checkpoint in %s: training starts from step 0", self.store.url(self.folder))
+        return None
 
     def save(self, step: int, data: bytes) -> None:
-        path = posixpath.join(self.folder, f"step-{step:07d}.pt")
+        if self.fence is not None:
+            self.fence.check()
+        path = posixpath.join(self.folder, checkpoint_name(step))
         self.store.write_bytes(path, data)
         log.info("saved checkpoint step %d (%s)", step, self.store.url(path))
         for old in self._steps()[:-CHECKPOINTS_KEPT]:
-            self.store.remove(posixpath.join(self.folder, f"step-{old:07d}.pt"))
+            self.store.remove(posixpath.join(self.folder, checkpoint_name(old)))
 
 
 def trainer_settings(settings: TrainConfig) -> TrainerSettings:
@@ -161,7 +199,7 @@ def batch_shape(settings: TrainConfig, source: StoreUtteranceSource, architectur
 
 def validation_for(
     store: ArtifactStore, layout: RunLayout, iteration: int, utterances: list[Utterance], settings: TrainConfig,
-    device: torch.device, rank: int, world_size: int,
+    device: torch.device, rank: int, world_size: int, fence: LeaseFence | None = None,
 ) -> Validation | None:
     """Validation on the manifest's validation utterances (None without any), keeping the best weights on rank 0."""
     source = StoreUtteranceSource(store, layout.labels_store(iteration), utterances, split="valid")
@@ -174,6 +212,8 @@ def validation_for(
     )
 
     def keep_best(step: int, model: torch.nn.Module) -> None:
+        if fence is not None:
+            fence.check()
         store.write_bytes(layout.best_model(iteration), saved_weights(model, settings, architecture, source.k))
 
     evaluate = masked_prediction_evaluator(batches, device, trainer_settings(settings), mask_seed=settings.seed, world_size=world_size)
@@ -181,10 +221,14 @@ def validation_for(
 
 
 def train_rank(config: PretrainConfig, iteration: int, rank: int = 0, world_size: int = 1) -> list[dict[str, float]]:
-    """Train this rank's share; the same code runs alone or under torchrun."""
+    """Train this rank's share; the same code runs alone or under torchrun.
+
+    Every write checks the run's lease first (the one this process holds, or the one torchrun's
+    parent handed down): a training whose run lost its lease, or stopped renewing it, stops."""
     settings = config.iterations[iteration - 1].train
     store = ArtifactStore(config.store, config.storage_options)
     layout = RunLayout(config.run)
+    fence = held_fence(store, layout.scope(iteration))
     utterances = load_manifest(store, layout)
     source = StoreUtteranceSource(store, layout.labels_store(iteration), utterances)
     source.check()
@@ -196,7 +240,7 @@ def train_rank(config: PretrainConfig, iteration: int, rank: int = 0, world_size
         prefetch=settings.io.prefetch_batches,
     )
     device = torch.device(f"cuda:{rank % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu")
-    validation = validation_for(store, layout, iteration, utterances, settings, device, rank, world_size)
+    validation = validation_for(store, layout, iteration, utterances, settings, device, rank, world_size, fence)
 
     def report(entry: dict[str, float]) -> None:
         log.info(
@@ -206,10 +250,12 @@ def train_rank(config: PretrainConfig, iteration: int, rank: int = 0, world_size
         )
 
     history = train(
-        model, stream, trainer_settings(settings), StoreCheckpoints(store, layout.checkpoints(iteration)),
+        model, stream, trainer_settings(settings), StoreCheckpoints(store, layout.checkpoints(iteration), fence),
         device, on_log=report, rank=rank, world_size=world_size, validation=validation,
     )
     if rank == 0:
+        if fence is not None:
+            fence.check()
         store.write_bytes(layout.final_model(iteration), saved_weights(model, settings, architecture, source.k))
         store.write_json(
             layout.model_architecture(iteration),

@@ -17,6 +17,7 @@ same `train_rank` (rank.py) this module calls with one process.
 from __future__ import annotations
 
 import logging
+import posixpath
 from typing import Any
 
 from infra.commit import Stage, StageRecord
@@ -24,11 +25,11 @@ from infra.digest import digest_bytes
 from infra.store import ArtifactStore
 from model.presets import HUBERT_CONFIGS
 from tasks.run.keys import key_settings
-from tasks.run.layout import BEST_MODEL, FINAL_MODEL, MODEL_DIR, TRAIN_LOG, VALID_LOG
+from tasks.run.layout import BEST_MODEL, CHECKPOINTS, FINAL_MODEL, MODEL_DIR, TRAIN_LOG, VALID_LOG
 from tasks.run.records import weights_digest
 from tasks.run.stage import CommittedStage, StageContext, StageResult, StageSpec
 from tasks.stages.train.launcher import run_multinode, run_standalone
-from tasks.stages.train.rank import train_rank
+from tasks.stages.train.rank import checkpoint_name, checkpoint_steps, train_rank
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,10 @@ def train_model(context: StageContext, stage: Stage) -> StageResult:
     digests = {"final": final_model_digest(store, stage.rel(FINAL_MODEL))}
     if validation:
         digests["best"] = digest_bytes(store.read_bytes(stage.rel(BEST_MODEL)))
+    checkpoints = {
+        posixpath.join(CHECKPOINTS, checkpoint_name(step)): digest_bytes(store.read_bytes(stage.rel(CHECKPOINTS, checkpoint_name(step))))
+        for step in checkpoint_steps(store.list_names(stage.rel(CHECKPOINTS)), store.url(stage.rel(CHECKPOINTS)))
+    }
     return StageResult(
         output_digest=digests["final"],
         counts={"steps": settings.steps, "processes": launch.world_size, "machines": launch.nnodes},
@@ -105,6 +110,7 @@ def train_model(context: StageContext, stage: Stage) -> StageResult:
             "architecture": architecture.model_dump(mode="json"),
             "final_step": settings.steps,
             "weights_digests": digests,
+            "checkpoint_digests": checkpoints,
             **validation,
         },
     )
@@ -117,6 +123,41 @@ def final_model_digest(store: ArtifactStore, relpath: str) -> str:
 def verify_train(committed: CommittedStage) -> str:
     """The final weights' digest, as the stage took it."""
     return final_model_digest(committed.store, committed.rel(FINAL_MODEL))
+
+
+def train_recorded_files(record: StageRecord) -> dict[str, str]:
+    """The files of a committed training whose digests its record gives: the final and best
+    weights, and the checkpoints it kept (records from before that name the final weights only)."""
+    weights = record.metrics.get("weights_digests", {"final": record.output_digest})
+    files = {FINAL_MODEL: weights["final"], **({BEST_MODEL: weights["best"]} if "best" in weights else {})}
+    return {**files, **record.metrics.get("checkpoint_digests", {})}
+
+
+def repair_train(context: StageContext, stage: Stage, record: StageRecord) -> None:
+    """A committed training whose files changed since: remove the damaged ones, keep the intact
+    checkpoints, and let training resume from the newest of them (not from step 0).
+
+    The best weights are written only when a validation pass finds them: where they are damaged,
+    the checkpoints from their step on go too, so that training replays that pass and writes them
+    again (the same weights: resume is exact)."""
+    store, label = context.store, f"train@{context.iteration}"
+    damaged = [name for name, digest in train_recorded_files(record).items() if not _intact(store, stage.rel(name), digest)]
+    for name in damaged:
+        store.remove(stage.rel(name))
+    steps = checkpoint_steps(store.list_names(stage.rel(CHECKPOINTS)), store.url(stage.rel(CHECKPOINTS)))
+    if BEST_MODEL in damaged and (best_step := record.metrics.get("best_step")) is not None:
+        for step in [step for step in steps if step >= best_step]:
+            store.remove(stage.rel(CHECKPOINTS, checkpoint_name(step)))
+        steps = [step for step in steps if step < best_step]
+    what = ", ".join(damaged) or "its outputs' listing"
+    if steps:
+        log.warning("%s: %s changed since the commit; resuming from the newest intact checkpoint (step %d)", label, what, steps[-1])
+    else:
+        log.warning("%s: %s changed since the commit and no intact checkpoint is left: training again from step 0", label, what)
+
+
+def _intact(store: ArtifactStore, relpath: str, digest: str) -> bool:
+    return store.exists(relpath) and digest_bytes(store.read_bytes(relpath)) == digest
 
 
 def train_summary(record: StageRecord) -> str:
@@ -137,5 +178,7 @@ TRAIN = StageSpec(
     summary=train_summary,
     verify_digest=verify_train,
     keep_previous=lambda context: context.settings.train.io.keep_previous,
+    recorded_files=train_recorded_files,
+    repair=repair_train,
     retries=1,
 )
