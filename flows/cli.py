@@ -65,7 +65,7 @@ def command_run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return EXIT_FAILED
-    _print_inspection(run_path, config.storage_options)
+    _print_inspection(run_path, config.fsspec_options)
     return 0
 
 

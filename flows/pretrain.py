@@ -88,7 +88,7 @@ def publish_report(store: ArtifactStore, layout: RunLayout, iteration: int) -> N
 def iteration_flow(config: PretrainConfig, iteration: int, stages: list[StageName]) -> None:
     """One HuBERT iteration's planned stages (features -> k-means -> labels -> train -> profile),
     then its report. Runs inside `pretrain`, on its Dask client."""
-    context = StageContext(config, ArtifactStore(config.store, config.storage_options), default_client(), iteration)
+    context = StageContext(config, ArtifactStore(config.store, config.fsspec_options), default_client(), iteration)
     for stage in stages:
         check_lease(context.store, context.layout.lease)
         stage_task(STAGES[stage])(context)
@@ -113,7 +113,7 @@ def pretrain(
     """
     steps = plan(config, stop)
     logger = get_run_logger()
-    store = ArtifactStore(config.store, config.storage_options)
+    store = ArtifactStore(config.store, config.fsspec_options)
     layout = RunLayout(config.run)
     lease = RunLease(store, layout.lease, config.lease.ttl_seconds, flow_run_id=flow_run.id, wait=wait_for_lease)
     with lease:

@@ -38,7 +38,7 @@ def kmeans_frame_problems(config: PretrainConfig, utterances: list[Utterance]) -
             fitted = min(fitted, settings.max_frames)
         if fitted < settings.k:
             problems.append(
-                f"iterations.{index}.kmeans.k: {settings.k} exceeds the about {int(fitted)} frames k-means would fit on "
+                f"iterations.{index + 1}.kmeans.k: {settings.k} exceeds the about {int(fitted)} frames k-means would fit on "
                 f"({len(utterances)} utterances give {total} frames at {geometry.frame_rate:g} frames/s, "
                 f"sample_fraction {settings.sample_fraction}); lower k or raise sample_fraction"
             )
@@ -62,11 +62,11 @@ def input_problems(config: PretrainConfig) -> list[str]:
         ("corpus.valid", config.corpus.valid if isinstance(config.corpus.valid, str) else None),
     )
     for field, path in inputs:
-        if path is not None and (why := unreadable_because(path, config.storage_options)):
+        if path is not None and (why := unreadable_because(path, config.fsspec_options)):
             what = "the listing of validation ids " if field == "corpus.valid" else ""
             problems.append(f"{field}: {what}{why}")
     try:
-        ArtifactStore(config.store, config.storage_options).check_writable()
+        ArtifactStore(config.store, config.fsspec_options).check_writable()
     except Exception as error:  # noqa: BLE001 - whatever the probe hits is the finding
         problems.append(f"store: {config.store} cannot be written: {type(error).__name__}: {error}")
     return problems

@@ -158,7 +158,7 @@ def profile_key_inputs(context: StageContext) -> dict[str, str]:
     }
     alignments = context.config.corpus.alignments
     if alignments is not None:
-        inputs["alignments"] = fingerprint_source(alignments, ALIGNMENT_SUFFIXES, context.config.storage_options)
+        inputs["alignments"] = fingerprint_source(alignments, ALIGNMENT_SUFFIXES, context.config.fsspec_options)
     return inputs
 
 

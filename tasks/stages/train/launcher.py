@@ -59,7 +59,7 @@ def launch_torchrun(config_json: str, iteration: int, launch_arguments: list[str
 def run_standalone(config: PretrainConfig, iteration: int) -> None:
     """`nproc` processes on this machine."""
     nproc = config.iterations[iteration - 1].train.launch.nproc
-    status = launch_torchrun(config.model_dump_json(), iteration, ["--standalone", f"--nproc-per-node={nproc}"])
+    status = launch_torchrun(config.json_with_credentials(), iteration, ["--standalone", f"--nproc-per-node={nproc}"])
     if status != 0:
         raise TrainingFailed(f"train@{iteration}: torchrun exited with {status}; checkpoints so far are kept for resume")
 
@@ -95,7 +95,7 @@ def run_multinode(config: PretrainConfig, client: Client, iteration: int, stage_
         f"--rdzv-endpoint={endpoint}", f"--rdzv-id={rendezvous}", "--max-restarts=0",
     ]
     log.info("train@%d: %d machines (%s), rendezvous at %s", iteration, launch.nnodes, ", ".join(workers), endpoint)
-    config_json = config.model_dump_json()
+    config_json = config.json_with_credentials()
     launches = [
         client.submit(
             launch_torchrun, config_json, iteration, arguments,

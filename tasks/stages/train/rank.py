@@ -183,7 +183,7 @@ def validation_for(
 def train_rank(config: PretrainConfig, iteration: int, rank: int = 0, world_size: int = 1) -> list[dict[str, float]]:
     """Train this rank's share; the same code runs alone or under torchrun."""
     settings = config.iterations[iteration - 1].train
-    store = ArtifactStore(config.store, config.storage_options)
+    store = ArtifactStore(config.store, config.fsspec_options)
     layout = RunLayout(config.run)
     utterances = load_manifest(store, layout)
     source = StoreUtteranceSource(store, layout.labels_store(iteration), utterances)
