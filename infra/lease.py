@@ -256,5 +256,16 @@ def check_lease(store: ArtifactStore, relpath: str) -> None:
         lease.check()
 
 
+def live_holder(store: ArtifactStore, relpath: str) -> LeaseHolder | None:
+    """Who holds the lease at `relpath` now, or None where nobody does (no lease, or one that
+    expired or whose process is gone, which the next writer takes over). One read: a caller can
+    refuse a second writer at once, before it starts anything (the CLI does, before Prefect)."""
+    current = store.read_versioned(relpath)
+    if current is None:
+        return None
+    holder = LeaseHolder.model_validate(json.loads(current[0]))
+    return None if holder.expired(utc_now()) or holder.gone() else holder
+
+
 def _encode(holder: LeaseHolder) -> bytes:
     return json.dumps(holder.model_dump(mode="json"), indent=2, sort_keys=True).encode() + b"\n"
