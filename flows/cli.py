@@ -113,7 +113,10 @@ def command_run(args: argparse.Namespace) -> int:
         print(f"--until/--force: {error}", file=sys.stderr)
         return EXIT_USAGE
     try:
-        run_path = pretrain(config, stop, force, wait_for_lease=args.wait)
+        # Validated above, for any iteration (the run form's menu lists the first nine only).
+        run_path = pretrain.with_options(validate_parameters=False)(
+            config, stop and stop.label(), force and force.label(), wait_for_lease=args.wait
+        )
     except ConfigError as error:
         print(f"\n{error}", file=sys.stderr)
         return EXIT_USAGE
@@ -430,6 +433,22 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as error:
         print(error, file=sys.stderr)
         return EXIT_USAGE
+    except Exception as error:
+        if getattr(args, "run_path", None) is None or not _store_refused(error):
+            raise
+        print(
+            f"{args.command}: cannot read {args.run_path}: {type(error).__name__}: {error}\n"
+            "for a run on S3, give --storage-options JSON or --config PATH (its run config), or credentials in the environment",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+
+
+def _store_refused(error: Exception) -> bool:
+    """An error of the store itself (no or wrong credentials, refused, unreachable), not of our code."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    return isinstance(error, (OSError, BotoCoreError, ClientError))
 
 
 def console_main() -> None:

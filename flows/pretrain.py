@@ -43,9 +43,9 @@ from infra.cluster import dask_client
 from infra.lease import RunLease, check_lease
 from infra.store import ArtifactStore, utc_now
 from tasks.audit.report import build_report, intake_rows, standalone_markdown, summary_rows
-from tasks.run.config import ConfigError, PretrainConfig, load_config
+from tasks.run.config import ConfigError, PretrainConfig, load_config, split_credentials
 from tasks.run.layout import RunLayout, StageName, scope_name
-from tasks.run.plan import PlannedStage, StopPoint, plan, stages_from
+from tasks.run.plan import PlannedStage, PlanStop, StopPoint, plan, stages_from
 from tasks.run.records import RunRecords
 from tasks.run.run_info import forget_stages, write_run_info
 from tasks.run.run_log import RedactSecrets, StoreLogHandler, secret_values
@@ -141,6 +141,9 @@ def pipeline_logs(store: ArtifactStore, layout: RunLayout, secrets: list[str]) -
         logger.addHandler(handler)
     try:
         yield to_store
+    except BaseException as error:
+        logging.getLogger(__name__).error("run stopped: %s: %s", type(error).__name__, error)
+        raise
     finally:
         for logger, handler in attached:
             logger.removeHandler(handler)
@@ -234,13 +237,13 @@ def by_scope(steps: list[PlannedStage]) -> list[tuple[int | None, list[StageName
     return [(iteration, [stage for stage, _ in group]) for iteration, group in itertools.groupby(steps, key=lambda step: step[1])]
 
 
-def run_pretraining(config: PretrainConfig, until: StopPoint | None, force: StopPoint | None, wait_for_lease: bool) -> str:
+def run_pretraining(config: PretrainConfig, until: str | None, force: str | None, wait_for_lease: bool) -> str:
     """The body both flows run: name the flow run, route the logs, take the run's lease, run the
-    plan up to `until` (forcing `force` and what follows), publish the reports; returns the run's
-    path in the artifact store."""
+    plan up to `until` (forcing `force` and what follows; both `STAGE@ITER`), publish the
+    reports; returns the run's path in the artifact store."""
     config = with_stored_credentials(config)
-    steps = plan(config, until)
-    forced = stages_from(config, force) if force is not None else None
+    steps = plan(config, StopPoint.parse(until) if until else None)
+    forced = stages_from(config, StopPoint.parse(force)) if force else None
     name_and_tag_this_flow_run(config.run)
     logger = get_run_logger()
     store = ArtifactStore(config.store, config.fsspec_options)
@@ -249,6 +252,11 @@ def run_pretraining(config: PretrainConfig, until: StopPoint | None, force: Stop
     with pipeline_logs(store, layout, secret_values(config.fsspec_options)) as run_log, tags(config.run), lease:
         run_log.start_writing()
         logger.info("this invocation's log: %s", run_log.url)
+        if config.storage_credentials_block is not None:
+            logger.info(
+                "storage credentials from the Prefect Secret block %r: %s",
+                config.storage_credentials_block, ", ".join(sorted(split_credentials(config.fsspec_options)[1])),
+            )
         if forced is not None:
             forgotten = forget_stages(store, layout, forced)
             logger.info("forcing %s", ", ".join(forgotten) or "nothing (no stage committed yet)")
@@ -270,17 +278,21 @@ def run_pretraining(config: PretrainConfig, until: StopPoint | None, force: Stop
 @flow(name="pretrain", validate_parameters=True)
 def pretrain(
     config: PretrainConfig,
-    until: StopPoint | None = None,
-    force: StopPoint | None = None,
+    until: PlanStop | None = None,
+    force: PlanStop | None = None,
     wait_for_lease: bool = False,
 ) -> str:
     """Run (or resume) a pretraining run; returns the run's path in the artifact store.
 
-    Every stage is skipped where the store holds its record. `until`: stop after this stage of
-    the plan (empty: run every stage). `force`: run this stage and every one after it again, even
-    where committed. `wait_for_lease`: if another process is writing this run, wait for it
-    instead of failing. Storage credentials never come as parameters (Prefect would keep them):
-    they come from `config.storage_credentials_block` or the worker's environment.
+    Every stage is skipped where the store holds its record. Storage credentials never come as
+    parameters (Prefect keeps parameters in its database): they come from the Secret block named
+    by `config.storage_credentials_block`, or from the worker's environment.
+
+    Args:
+        config: The run: where its store and corpus are, and each iteration's settings.
+        until: Stop after this stage of the plan (empty: run every stage).
+        force: Run this stage and every stage after it again, even where committed.
+        wait_for_lease: If another process is writing this run, wait for it instead of failing.
     """
     if deployment.id is not None and config.has_credentials:
         raise ConfigError(
@@ -293,11 +305,17 @@ def pretrain(
 @flow(name="pretrain-from-file", validate_parameters=True)
 def pretrain_from_file(
     config_path: str,
-    until: StopPoint | None = None,
-    force: StopPoint | None = None,
+    until: PlanStop | None = None,
+    force: PlanStop | None = None,
     wait_for_lease: bool = False,
 ) -> str:
-    """Run (or resume) the pretraining run of a YAML config on the worker's disk (validated as
-    `hubert-pipeline run` validates it; relative paths are relative to the file). `until`,
-    `force` and `wait_for_lease` as for `pretrain`."""
+    """Run (or resume) the pretraining run of a YAML config on the worker's disk, validated as
+    `hubert-pipeline run` validates it.
+
+    Args:
+        config_path: A YAML run config on the worker's disk (relative paths in it are relative to the file).
+        until: Stop after this stage of the plan (empty: run every stage).
+        force: Run this stage and every stage after it again, even where committed.
+        wait_for_lease: If another process is writing this run, wait for it instead of failing.
+    """
     return run_pretraining(load_config(config_path), until, force, wait_for_lease)

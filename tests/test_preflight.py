@@ -90,3 +90,16 @@ def test_a_k_beyond_the_corpus_frames_stops_right_after_intake_naming_the_field(
         run_chain(config, client, "labels")
     store = ArtifactStore(config.store)
     assert store.exists(RunLayout("t").manifest) and not store.exists(RunLayout("t").features_store(1))
+
+
+def test_a_source_folder_without_audio_intake_reads_is_refused_naming_what_it_holds(tmp_path: Path) -> None:
+    corpus = tmp_path / "mp3s"
+    (corpus / "nested").mkdir(parents=True)
+    for number in range(5):
+        (corpus / ("nested" if number % 2 else "") / f"utt{number}.MP3").write_bytes(b"ID3\x04")
+    (corpus / "notes.txt").write_text("recorded in 2019\n")
+    refused_before_work(
+        tmp_path, write(tmp_path, corpus),
+        f"corpus.source: no .wav or .flac file under {corpus} (found 5 .mp3 files, 1 .txt file); intake reads .wav or .flac files",
+    )
+    assert not (tmp_path / "runs").exists()

@@ -22,6 +22,7 @@ from matplotlib.figure import Figure
 from infra.commit import StageRecord
 from tasks.run.layout import StageName
 from tasks.run.records import RunRecords
+from tasks.run.stage import record_seconds
 from tasks.stages.catalog import STAGES
 from tasks.stages.labels.verdict import iteration_verdict
 
@@ -70,9 +71,13 @@ PROFILE_MEASURES = ("pnmi", "phone_purity", "speaker_probe_accuracy")
 
 def layer_profile_plot(profiles: dict[int, dict[str, Any]]) -> bytes:
     """Layer x measure, one line per iteration (MFCC on the same sample as a dashed reference)."""
-    figure = Figure(figsize=(12, 3.4))
-    axes = figure.subplots(1, len(PROFILE_MEASURES))
-    for axis, measure in zip(axes, PROFILE_MEASURES):
+    measured = [
+        measure for measure in PROFILE_MEASURES
+        if any(row.get(measure) is not None for profile in profiles.values() for row in profile["layers"])
+    ] or ["pnmi"]
+    figure = Figure(figsize=(4 * len(measured), 3.4))
+    axes = figure.subplots(1, len(measured), squeeze=False)[0]
+    for axis, measure in zip(axes, measured):
         for iteration, profile in sorted(profiles.items()):
             points = [(row["layer"], row[measure]) for row in profile["layers"] if row.get(measure) is not None]
             if points:
@@ -209,15 +214,15 @@ def standalone_markdown(built: BuiltReport) -> str:
 
 
 def summary_rows(records: dict[str, StageRecord]) -> list[dict[str, Any]]:
-    """One row per committed stage: what Prefect's table artifact and report.md show."""
+    """One row per committed stage, for Prefect's table artifact: its key metrics first and the
+    rest short, so that the UI's table (one line a cell) cuts nothing off; times and digests are
+    in the report."""
     return [
         {
             "stage": name,
-            "finished": record.finished_at.isoformat(timespec="seconds"),
-            "seconds": record.seconds,
-            "bytes": sum(record.sizes.values()),
-            "output digest": record.output_digest[:12],
             "key metrics": STAGES[name].summary(record),
+            "seconds": round(record_seconds(record), 1),
+            "MiB": round(sum(record.sizes.values()) / 2**20, 1),
         }
         for name, record in records.items()
     ]
@@ -260,10 +265,10 @@ def render_markdown(report: dict[str, Any], records: dict[str, StageRecord] | No
     if report.get("validation"):
         lines += ["", "## Validation", "", "| step | validation loss | masked accuracy |", "|---|---|---|"]
         lines += [f"| {int(step)} | {loss:.4f} | {accuracy:.4f} |" for step, loss, accuracy in report["validation"]]
-    lines += ["", "## Lineage", "", "| stage | key | inputs |", "|---|---|---|"]
+    lines += ["", "## Lineage", "", "Each stage's key, and the digests of the inputs it was made from:", ""]
     for name, lineage in report["lineage"].items():
-        inputs = ", ".join(f"{k} `{v[:12]}`" for k, v in lineage["inputs"].items())
-        lines.append(f"| {name} | `{lineage['key'][:12]}` | {inputs} |")
+        inputs = ", ".join(f"{k} `{v[:12]}`" for k, v in lineage["inputs"].items()) or "none"
+        lines.append(f"- **{name}** `{lineage['key'][:12]}`: {inputs}")
     if report["layer_profile"]:
         profile = report["layer_profile"]
         lines += [

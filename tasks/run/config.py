@@ -181,14 +181,14 @@ class PretrainConfig(Section):
         "(e.g. {\"key\": ..., \"secret\": ...}), read on the machine that runs the flow and added to storage_options. "
         "Empty: credentials from the environment or ~/.aws.",
     )
-    corpus: CorpusConfig
-    dask: DaskConfig = Field(default_factory=DaskConfig)
+    corpus: CorpusConfig = Field(description="The audio to pretrain on, how intake filters it, and the validation split.")
+    dask: DaskConfig = Field(default_factory=DaskConfig, description="The Dask cluster the stages run on: a LocalCluster, or an external scheduler.")
     quality_gate: QualityGateConfig | None = Field(
         default=None,
         description="Optional: refuse to train on labels that are not better than the previous iteration's "
         "(needs corpus.alignments). Without it a regression is a warning in the report and the CLI's table.",
     )
-    lease: LeaseConfig = Field(default_factory=LeaseConfig)
+    lease: LeaseConfig = Field(default_factory=LeaseConfig, description="The run's lease: one writer per run.")
     iterations: list[IterationConfig] = Field(min_length=1, description="The HuBERT iterations, in order (counted from 1).")
     _credentials: dict[str, Any] = PrivateAttr(default_factory=dict)
 

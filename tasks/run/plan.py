@@ -7,7 +7,7 @@ and benchmarks use, so they run the order the CLI runs.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, model_validator
 
@@ -16,6 +16,12 @@ from tasks.run.layout import ITERATION_STAGES, StageName, stage_iteration
 
 PlannedStage = tuple[StageName, int | None]
 """(stage, iteration); the iteration is None for intake, which runs once per run."""
+
+MAX_LISTED_ITERATION = 9
+PlanStop = Literal[tuple(["intake", *(f"{stage}@{n}" for n in range(1, MAX_LISTED_ITERATION + 1) for stage in ITERATION_STAGES)])]
+"""A stage of a plan as a choice (`intake`, `features@1` ... `profile@9`): how a run form offers
+`until` and `force` (a list the UI shows as a menu); `StopPoint.parse` reads it, and the CLI
+accepts any iteration."""
 
 
 class PlanError(ValueError):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import logging
 import posixpath
+import time
 from dataclasses import dataclass
 from typing import Literal
 
@@ -97,6 +98,10 @@ class StoreCheckpoints:
         names = self.store.list_names(self.folder)
         return sorted(int(name[5:-3]) for name in names if name.startswith("step-") and name.endswith(".pt"))
 
+    def steps(self) -> list[int]:
+        """The steps of the checkpoints kept, oldest first (`inspect` shows a running training's progress from them)."""
+        return self._steps()
+
     def latest(self) -> bytes | None:
         steps = self._steps()
         if not steps:
@@ -109,6 +114,38 @@ class StoreCheckpoints:
         log.info("saved checkpoint step %d (%s)", step, self.store.url(path))
         for old in self._steps()[:-CHECKPOINTS_KEPT]:
             self.store.remove(posixpath.join(self.folder, f"step-{old:07d}.pt"))
+
+
+class StepEta:
+    """Time left in a training, from the pace of the steps since the last log line (the first
+    line of an attempt counts from the attempt's start, `log_every` steps back)."""
+
+    def __init__(self, total_steps: int, log_every: int) -> None:
+        self.total_steps = total_steps
+        self.log_every = log_every
+        self._last: tuple[float, int] | None = None
+        self._started = time.monotonic()
+
+    def after(self, step: int) -> str:
+        now = time.monotonic()
+        then, then_step = self._last or (self._started, max(0, step - self.log_every))
+        self._last = (now, step)
+        if step >= self.total_steps:
+            return "done"
+        if step <= then_step or now <= then:
+            return "ETA unknown"
+        left = (self.total_steps - step) * (now - then) / (step - then_step)
+        return f"ETA {format_duration(left)}"
+
+
+def format_duration(seconds: float) -> str:
+    """`1h02m`, `4m05s`, `12s`."""
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, seconds = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
 
 
 def trainer_settings(settings: TrainConfig) -> TrainerSettings:
@@ -198,11 +235,14 @@ def train_rank(config: PretrainConfig, iteration: int, rank: int = 0, world_size
     device = torch.device(f"cuda:{rank % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu")
     validation = validation_for(store, layout, iteration, utterances, settings, device, rank, world_size)
 
+    eta = StepEta(settings.steps, settings.logging.log_every)
+
     def report(entry: dict[str, float]) -> None:
         log.info(
-            "train@%d step %d: loss %.4f, masked acc %.3f, lr %.2e, %.1f audio-s/s, %.1f%% waiting for data",
-            iteration, entry["step"], entry["loss"], entry["masked_accuracy"], entry["learning_rate"],
-            entry["audio_seconds_per_second"], 100 * entry["data_wait_share"],
+            "train@%d step %d/%d (%.0f%%): loss %.4f, masked acc %.3f, lr %.2e, %.1f audio-s/s, %.1f%% waiting for data, %s",
+            iteration, entry["step"], settings.steps, 100 * entry["step"] / settings.steps, entry["loss"],
+            entry["masked_accuracy"], entry["learning_rate"], entry["audio_seconds_per_second"],
+            100 * entry["data_wait_share"], eta.after(int(entry["step"])),
         )
 
     history = train(
