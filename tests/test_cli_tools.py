@@ -20,6 +20,7 @@ from infra.lease import RunLease
 from infra.store import ArtifactStore, utc_now
 from tasks.run.layout import RunLayout
 from tasks.run.records import RunRecords
+from tasks.run.stage import StageClock
 from tests.support import REPO, RUNS_BUCKET, CommittedRun, write_config
 
 
@@ -128,3 +129,25 @@ def test_a_second_writer_is_refused_before_anything_starts(tmp_path: Path, demo_
     assert "run refused: the run is being written by another process" in said and "first-writer" in said
     assert seconds < 5, f"refused after {seconds:.1f} s"
     assert not (tmp_path / "runs" / "t" / "run.json").exists()
+
+
+def test_inspect_shows_a_working_stage_as_running_with_its_holder_progress_and_since(tmp_path: Path, capsys) -> None:
+    store, layout = ArtifactStore(str(tmp_path)), RunLayout("run")
+    store.write_json(layout.run_info, {"config": {"corpus": {}, "iterations": [{"train": {"steps": 800}}]}})
+    store.write_text(layout.log(utc_now(), "flow-run-7"), "a line\n")
+    train = Stage(store, layout.stage_folder("train", 1), "train", version=1, config={}, inputs={})
+    train.prepare([])
+    store.write_bytes(f"{layout.checkpoints(1)}/step-0000400.pt", b"")
+    with StageClock(store, train.clock_path), RunLease(store, layout.lease, ttl_seconds=60, flow_run_id="flow-run-7"):
+        assert main(["inspect", str(tmp_path / "run"), "--json"]) == 0
+        running = json.loads(capsys.readouterr().out)
+        assert main(["inspect", str(tmp_path / "run")]) == 0
+        table = capsys.readouterr().out
+    status = running["iterations"][0]["train"]
+    assert status["status"] == "running" and status["progress"] == "step 400 of 800 (latest checkpoint)"
+    assert "flow run flow-run-7" in status["holder"] and status["since"] and status["seconds"] >= 0
+    assert running["logs"] == [store.url(layout.logs, name) for name in store.list_names(layout.logs)]
+    assert "running" in table and "flow-run-7" in table and "log of the latest invocation" in table
+
+    assert main(["inspect", str(tmp_path / "run"), "--json"]) == 0  # the holder gone: what it left is partial
+    assert json.loads(capsys.readouterr().out)["iterations"][0]["train"]["status"] == "partial"

@@ -150,3 +150,36 @@ def test_the_readme_deploy_path_runs_on_a_worker_and_the_ui_shows_logs_artifacts
     assert all(field.get("description") for field in config_schema["properties"].values())
     assert "labels@2" in json.dumps(schema["properties"]["until"]) and "description" in schema["properties"]["force"]
     assert not CREDENTIAL_KEYS & set(re.findall(r'"(\w+)": \{', json.dumps(schema)))
+
+
+def test_a_python_call_of_the_flow_routes_its_logs_and_keeps_the_config_files_credentials_out(
+    tmp_path: Path, demo_corpus: Path
+) -> None:
+    """`pretrain(config)` in this process (no CLI, no worker): the same logs in Prefect and in the store,
+    and a credential the config file held is used but in neither Prefect's parameters nor its logs."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
+
+    from flows.pretrain import pretrain
+    from tasks.run.config import load_config
+
+    run = f"called-{uuid.uuid4().hex[:6]}"
+    secret = f"s3cret-{uuid.uuid4().hex}"
+    config_path = tmp_path / "run.yaml"
+    config_path.write_text(
+        f"run: {run}\nstore: {tmp_path / 'runs'}\nstorage_options: {{secret: {secret}}}\n"
+        f"corpus: {{source: {demo_corpus / 'wav'}}}\ndask: {{n_workers: 1}}\n"
+        "iterations:\n  - features: {kind: mfcc}\n    kmeans: {k: 8}\n    train: {model: tiny, steps: 5}\n"
+    )
+    config = load_config(config_path)
+    assert config.fsspec_options == {"secret": secret} and config.storage_options == {}
+    with temporary_settings({PREFECT_API_URL: prefect_api_url(), PREFECT_HOME: str(tmp_path / "prefect-home")}):
+        assert pretrain(config, until="intake") == str(tmp_path / "runs" / run)
+
+    [flow_run] = api("/flow_runs/filter", {"flow_runs": {"tags": {"all_": [run]}}})
+    assert flow_run["name"] == run and flow_run["state_type"] == "COMPLETED"
+    assert secret not in json.dumps(flow_run["parameters"]) and flow_run["parameters"]["until"] == "intake"
+    logs = api("/logs/filter", {"logs": {"flow_run_id": {"any_": [flow_run["id"]]}}, "limit": 200})
+    assert any("intake: committed (" in entry["message"] for entry in logs) and secret not in json.dumps(logs)
+    [log_file] = (tmp_path / "runs" / run / "logs").iterdir()
+    assert "intake: committed (" in log_file.read_text() and secret not in log_file.read_text()
+    assert secret not in (tmp_path / "runs" / run / "run.json").read_text()
