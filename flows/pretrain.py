@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import json
 import logging
 import os
 from collections.abc import Iterator
@@ -177,8 +178,6 @@ def with_stored_credentials(config: PretrainConfig) -> PretrainConfig:
     except ValueError as error:
         raise ConfigError(f"storage_credentials_block: no Prefect Secret block named {name!r} ({error})") from None
     if isinstance(value, str):
-        import json
-
         try:
             value = json.loads(value)
         except ValueError:
