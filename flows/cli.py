@@ -71,20 +71,25 @@ def _add_storage_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _refused_because_held(config: Any) -> str | None:
-    """Who is writing this run, if anyone: read from its lease before Prefect, Dask or any import
-    of weight starts, so a second writer is refused in a second or two (the flow takes the lease
+    """Who is writing this run, if anyone: read from its lease before the preflight, Prefect, Dask
+    or torch start, so a second writer is refused in a second or two (the flow takes the lease
     itself; this only answers early)."""
     from infra.lease import live_holder
     from infra.store import ArtifactStore
     from tasks.run.layout import RunLayout
 
-    store = ArtifactStore(config.store, config.fsspec_options)
-    holder = live_holder(store, RunLayout(config.run).lease)
+    try:
+        holder = live_holder(ArtifactStore(config.store, config.fsspec_options), RunLayout(config.run).lease)
+    except Exception:  # noqa: BLE001 - a store that cannot be read is the preflight's to report
+        return None
     return None if holder is None else f"the run is being written by another process: {holder.describe()}"
 
 
 def command_run(args: argparse.Namespace) -> int:
     config = _load_config(args.config)
+    if not args.wait and (held := _refused_because_held(config)):
+        print(f"run refused: {held}\nrun it again when that one has finished, or add --wait.", file=sys.stderr)
+        return EXIT_BUSY
     from pydantic import ValidationError
 
     from tasks.run.config import ConfigError
@@ -93,9 +98,6 @@ def command_run(args: argparse.Namespace) -> int:
     if problems := input_problems(config):
         print(f"invalid configuration in {args.config}:\n  " + "\n  ".join(problems), file=sys.stderr)
         return EXIT_USAGE
-    if not args.wait and (held := _refused_because_held(config)):
-        print(f"run refused: {held}\nrun it again when that one has finished, or add --wait.", file=sys.stderr)
-        return EXIT_BUSY
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # The temporary server's 20 s default is too short on a busy machine (the run then fails before it starts).
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
