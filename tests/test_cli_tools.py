@@ -151,3 +151,9 @@ def test_inspect_shows_a_working_stage_as_running_with_its_holder_progress_and_s
 
     assert main(["inspect", str(tmp_path / "run"), "--json"]) == 0  # the holder gone: what it left is partial
     assert json.loads(capsys.readouterr().out)["iterations"][0]["train"]["status"] == "partial"
+    clock = store.read_json(train.clock_path)
+    clock["attempts"][-1]["pid"] += 1  # an attempt of another process, while this one holds the lease
+    store.write_json(train.clock_path, clock)
+    with RunLease(store, layout.lease, ttl_seconds=60):
+        assert main(["inspect", str(tmp_path / "run"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["iterations"][0]["train"]["status"] == "partial"

@@ -81,15 +81,16 @@ def training_progress(records: RunRecords, iteration: int | None, steps: int | N
 def unfinished_status(
     records: RunRecords, stage: StageName, iteration: int | None, holder: LeaseHolder | None, steps: int | None
 ) -> StageStatus:
-    """An uncommitted stage: `running` while its clock ticks under a live lease (who, since when,
-    how far), `partial` where an attempt left parts or time behind, else `missing`."""
+    """An uncommitted stage: `running` where the process holding the run's live lease is the one
+    whose attempt the clock counts (a stage runs in the flow's process), with who, since when and
+    how far; `partial` where an attempt left parts or time behind; else `missing`."""
     folder = records.layout.stage_folder(stage, iteration)
     parts = parts_in_progress(records.store, folder, stage)
     clock = read_clock(records.store, clock_path(folder, stage))
     progress = training_progress(records, iteration, steps) if stage == "train" and clock is not None else None
     if clock is None and not parts:
         return StageStatus(stage=stage, status="missing")
-    running = clock is not None and holder is not None
+    running = clock is not None and holder is not None and clock.worked_by(holder.host, holder.pid)
     return StageStatus(
         stage=stage,
         status="running" if running else "partial",

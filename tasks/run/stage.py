@@ -215,6 +215,10 @@ class ClockReading(BaseModel):
         """When the latest attempt started."""
         return self.attempts[-1]["started_at"] if self.attempts else None
 
+    def worked_by(self, host: str, pid: int) -> bool:
+        """Whether the latest attempt is this process's."""
+        return bool(self.attempts) and (self.attempts[-1].get("host"), self.attempts[-1].get("pid")) == (host, pid)
+
 
 def read_clock(store: ArtifactStore, relpath: str) -> ClockReading | None:
     raw = store.read_json(relpath)
