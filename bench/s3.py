@@ -124,7 +124,7 @@ def get_cost(server: S3Server, root: str, options: dict, small_reads: int = 64, 
 
 def timed_stages(config: PretrainConfig, client, server: S3Server | None = None) -> tuple[dict, dict, dict]:
     """Wall seconds and CPU seconds (by side) of the feature and label stage calls of one fresh run, and its size."""
-    store = ArtifactStore(config.store, config.storage_options)
+    store = ArtifactStore(config.store, config.fsspec_options)
     intake = run_plan(config, store, client, "intake")[("intake", None)]
     context = StageContext(config, store, client, 1)
     meter = CpuMeter(client, server)

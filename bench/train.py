@@ -90,7 +90,7 @@ def labelled_store(wav_folder: Path, s3, train: TrainConfig) -> ArtifactStore:
                             "train": train.model_dump(exclude_unset=True)}],
         }
     )
-    store = ArtifactStore(config.store, config.storage_options)
+    store = ArtifactStore(config.store, config.fsspec_options)
     with dask_client(n_workers=2, threads_per_worker=1) as client:
         run_plan(config, store, client, "labels")
     return store

@@ -1,4 +1,9 @@
-"""The `hubert-pipeline` command."""
+"""The `hubert-pipeline` command.
+
+Only the standard library is imported here at start: each command imports what it needs when it
+runs, so `--help` and a mistyped command answer at once instead of after loading s3fs, torch and
+Prefect (about a second).
+"""
 
 from __future__ import annotations
 
@@ -11,11 +16,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
-
-from pydantic import ValidationError
-from rich.console import Console
-
-from tasks.run.config import ConfigError, load_config
+from typing import Any
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -55,20 +56,83 @@ def _stop_temporary_prefect_server() -> None:
         server.stop()
 
 
+class UsageError(Exception):
+    """A command's arguments cannot be used: printed, exit status 2."""
+
+
+def _load_config(path: str):
+    """The validated config at `path`; UsageError naming every invalid field."""
+    from tasks.run.config import ConfigError, load_config
+
+    try:
+        return load_config(path)
+    except ConfigError as error:
+        raise UsageError(str(error)) from None
+
+
+def _storage_options(args: argparse.Namespace) -> dict[str, Any] | None:
+    """How to open a run's store for a command that reads it: `--storage-options JSON`, or the
+    options and credentials of the run config at `--config PATH` (its Secret block read through
+    Prefect when it names one); None for the environment's."""
+    if args.storage_options is not None and args.config is not None:
+        raise UsageError("give --storage-options or --config, not both")
+    if args.storage_options is not None:
+        try:
+            options = json.loads(args.storage_options)
+        except ValueError as error:
+            raise UsageError(f"--storage-options is not JSON: {error}") from None
+        if not isinstance(options, dict):
+            raise UsageError(f"--storage-options must be a JSON object, got {type(options).__name__}")
+        return options
+    if args.config is not None:
+        config = _load_config(args.config)
+        if config.storage_credentials_block is not None:
+            from flows.pretrain import with_stored_credentials
+
+            config = with_stored_credentials(config)
+        return config.fsspec_options
+    return None
+
+
+def _add_storage_arguments(parser: argparse.ArgumentParser) -> None:
+    found = parser.add_mutually_exclusive_group()
+    found.add_argument(
+        "--storage-options", metavar="JSON",
+        help='fsspec options for an s3:// run, e.g. \'{"client_kwargs": {"endpoint_url": "http://127.0.0.1:8333"}}\' '
+        "(default: credentials from the environment or ~/.aws)",
+    )
+    found.add_argument("--config", metavar="PATH", help="take the storage options and credentials of this run config")
+
+
+
+def _refused_because_held(config: Any) -> str | None:
+    """Who is writing this run, if anyone: read from its lease before the preflight, Prefect, Dask
+    or torch start, so a second writer is refused in a second or two (the flow takes the lease
+    itself; this only answers early)."""
+    from infra.lease import live_holder
+    from infra.store import ArtifactStore
+    from tasks.run.layout import RunLayout
+
+    try:
+        holder = live_holder(ArtifactStore(config.store, config.fsspec_options), RunLayout(config.run).lease)
+    except Exception:  # noqa: BLE001 - a store that cannot be read is the preflight's to report
+        return None
+    return None if holder is None else f"the run is being written by another process: {holder.describe()}"
+
 
 def command_run(args: argparse.Namespace) -> int:
-    try:
-        config = load_config(args.config)
-    except ConfigError as error:
-        print(error, file=sys.stderr)
-        return EXIT_USAGE
+    config = _load_config(args.config)
+    if not args.wait and (held := _refused_because_held(config)):
+        print(f"run refused: {held}\nrun it again when that one has finished, or add --wait.", file=sys.stderr)
+        return EXIT_BUSY
+    from pydantic import ValidationError
+
+    from tasks.run.config import ConfigError
     from tasks.run.preflight import input_problems
 
     if problems := input_problems(config):
         print(f"invalid configuration in {args.config}:\n  " + "\n  ".join(problems), file=sys.stderr)
         return EXIT_USAGE
-    # Our modules' log lines belong in Prefect's run logs too; must be set before Prefect loads.
-    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "tasks,infra,flows,model")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # The temporary server's 20 s default is too short on a busy machine (the run then fails before it starts).
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
@@ -89,7 +153,10 @@ def command_run(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        run_path = pretrain(config, stop, force, wait_for_lease=args.wait)
+        # Validated above, for any iteration (the run form's menu lists the first nine only).
+        run_path = pretrain.with_options(validate_parameters=False)(
+            config, stop and stop.label(), force and force.label(), wait_for_lease=args.wait
+        )
     except (RunTerminated, TerminationSignal):
         print("\nrun stopped by SIGTERM; finished stages and parts are kept: run the same command again to resume.", file=sys.stderr)
         _stop_temporary_prefect_server()
@@ -119,12 +186,14 @@ def command_run(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    _print_inspection(run_path, config.storage_options)
+    _print_inspection(run_path, config.fsspec_options)
     return 0
 
 
-def _console() -> Console:
+def _console():
     """Rich's console, wide enough for the run table even when the output is not a terminal."""
+    from rich.console import Console
+
     return Console() if sys.stdout.isatty() else Console(width=120)
 
 
@@ -149,7 +218,7 @@ def command_inspect(args: argparse.Namespace) -> int:
     from tasks.audit.inspection import inspect_run, render_table
 
     try:
-        status = inspect_run(args.run_path)
+        status = inspect_run(args.run_path, _storage_options(args))
     except FileNotFoundError as error:
         print(error, file=sys.stderr)
         return EXIT_USAGE
@@ -164,7 +233,7 @@ def command_verify(args: argparse.Namespace) -> int:
     from tasks.audit.verification import verify_run
 
     try:
-        checks = verify_run(args.run_path, deep=args.deep)
+        checks = verify_run(args.run_path, deep=args.deep, storage_options=_storage_options(args))
     except FileNotFoundError as error:
         print(error, file=sys.stderr)
         return EXIT_USAGE
@@ -188,12 +257,17 @@ def command_diff(args: argparse.Namespace) -> int:
 
     from tasks.audit.diff import diff_iterations, diff_runs
 
-    if args.iterations:
-        result = diff_iterations(args.run_a, *args.iterations)
-    elif args.run_b:
-        result = diff_runs(args.run_a, args.run_b)
-    else:
-        print("diff needs RUN_B or --iterations I J", file=sys.stderr)
+    options = _storage_options(args)
+    try:
+        if args.iterations:
+            result = diff_iterations(args.run_a, *args.iterations, storage_options=options)
+        elif args.run_b:
+            result = diff_runs(args.run_a, args.run_b, storage_options=options)
+        else:
+            print("diff needs RUN_B or --iterations I J", file=sys.stderr)
+            return EXIT_USAGE
+    except (FileNotFoundError, ValueError) as error:  # no such run, or no such iteration in it
+        print(f"diff: {error}", file=sys.stderr)
         return EXIT_USAGE
     if args.json:
         print(json.dumps({scope: [row.__dict__ for row in rows] for scope, rows in result.items()}, indent=2))
@@ -215,7 +289,7 @@ def command_export_labels(args: argparse.Namespace) -> int:
     from tasks.run.layout import RunLayout
     from tasks.run.records import RunRecords, stale_stages
 
-    store, run = open_run(args.run_path)
+    store, run = open_run(args.run_path, _storage_options(args))
     layout = RunLayout(run)
     if read_record(store, layout.scope(args.iteration), "labels") is None:
         print(f"no committed labels for iteration {args.iteration} in {args.run_path}", file=sys.stderr)
@@ -243,17 +317,26 @@ def command_export(args: argparse.Namespace) -> int:
     from tasks.products import ExportError
     from tasks.products.export import export_model
     from tasks.run.layout import RunLayout
+    from tasks.run.records import RunRecords
 
-    store, run = open_run(args.run_path)
+    store, run = open_run(args.run_path, _storage_options(args))
+    records = RunRecords(store, RunLayout(run))
+    weights = args.weights or records.weights_chosen_for_next(args.iteration)
     try:
-        summary = export_model(store, RunLayout(run), args.iteration, Path(args.out), args.weights, overwrite=args.overwrite)
+        summary = export_model(store, RunLayout(run), args.iteration, Path(args.out), weights, overwrite=args.overwrite)
     except ExportError as error:
         print(error, file=sys.stderr)
         return EXIT_USAGE
-    print(f"wrote iteration {args.iteration}'s {args.weights} weights ({summary.manifest.weights_digest[:12]}) to {summary.folder}")
+    chosen = "" if args.weights else " (the weights the next iteration takes; --weights best|final for the other)"
+    print(f"wrote iteration {args.iteration}'s {weights} weights ({summary.manifest.weights_digest[:12]}){chosen} to {summary.folder}")
     print("  Hugging Face: transformers.HubertModel.from_pretrained(folder); torchaudio: torchaudio_encoder.pt")
     if (quantizer := summary.quantizer) is not None:
         print(f"  quantizer: layer {quantizer.layer}, k={quantizer.k} (fitted in iteration {quantizer.fitted_in.iteration})")
+    elif (taken := records.weights_taken_next(args.iteration)) and weights not in taken:
+        print(
+            f"  no quantizer for the {weights} weights: iteration {args.iteration + 1} clustered a layer of the {taken[0]} "
+            f"weights; export those with --weights {taken[0]} to get the quantizer too"
+        )
     else:
         print("  no quantizer: no later iteration of this run clustered a layer of these weights")
     return 0
@@ -315,8 +398,24 @@ def command_demo_corpus(args: argparse.Namespace) -> int:
     return 0
 
 
+class _PrintVersion(argparse.Action):
+    """`--version`: the package version and the checkout's commit, as records note them (read only when asked)."""
+
+    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest=dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any) -> None:
+        from infra.version import code_version
+
+        print(f"hubert-pipeline {code_version()}")
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hubert-pipeline", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="hubert-pipeline", description="HuBERT self-supervised speech pretraining: run, audit and export runs."
+    )
+    parser.add_argument("--version", action=_PrintVersion, help="print the version and exit")
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("run", help="run or resume a pretraining run from a YAML config")
@@ -337,11 +436,13 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = commands.add_parser("inspect", help="show what each stage of a run has committed")
     inspect.add_argument("run_path", help="<store>/<run>, a local folder or s3:// URL")
     inspect.add_argument("--json", action="store_true", help="machine-readable output")
+    _add_storage_arguments(inspect)
     inspect.set_defaults(handler=command_inspect)
 
     verify = commands.add_parser("verify", help="check every committed stage's outputs against its record")
     verify.add_argument("run_path", help="<store>/<run>, a local folder or s3:// URL")
     verify.add_argument("--deep", action="store_true", help="also recompute every output digest from the stored outputs")
+    _add_storage_arguments(verify)
     verify.set_defaults(handler=command_verify)
 
     diff = commands.add_parser("diff", help="which stages of two runs (or two iterations) differ, and why")
@@ -349,6 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
     diff.add_argument("run_b", nargs="?", help="another <store>/<run>")
     diff.add_argument("--iterations", nargs=2, type=int, metavar=("I", "J"), help="compare two iterations of run_a")
     diff.add_argument("--json", action="store_true")
+    _add_storage_arguments(diff)
     diff.set_defaults(handler=command_diff)
 
     labels = commands.add_parser(
@@ -360,6 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
     labels.add_argument(
         "--allow-stale", action="store_true", help="export labels whose inputs changed since they were made (refused by default)"
     )
+    _add_storage_arguments(labels)
     labels.set_defaults(handler=command_export_labels)
 
     export = commands.add_parser(
@@ -367,9 +470,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.add_argument("run_path", help="<store>/<run>, a local folder or s3:// URL")
     export.add_argument("--iteration", type=int, required=True, help="the iteration whose trained model to export")
-    export.add_argument("--weights", choices=("final", "best"), default="final", help="which checkpoint (default final)")
+    export.add_argument(
+        "--weights", choices=("final", "best"),
+        help="which checkpoint (default: the one the next iteration takes, train.weights_for_next)",
+    )
     export.add_argument("--out", required=True, help="output folder (the bundle that `units` reads); refused if not empty")
     export.add_argument("--overwrite", action="store_true", help="write into a folder that is not empty, replacing the bundle's files")
+    _add_storage_arguments(export)
     export.set_defaults(handler=command_export)
 
     unit = commands.add_parser("units", help="turn any corpus into discrete units with an exported bundle")
@@ -417,7 +524,27 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for package in ("tasks", "infra", "flows", "model"):
         logging.getLogger(package).setLevel(logging.INFO)
-    return args.handler(args)
+    try:
+        return args.handler(args)
+    except UsageError as error:
+        print(error, file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as error:
+        if getattr(args, "run_path", None) is None or not _store_refused(error):
+            raise
+        print(
+            f"{args.command}: cannot read {args.run_path}: {type(error).__name__}: {error}\n"
+            "for a run on S3, give --storage-options JSON or --config PATH (its run config), or credentials in the environment",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+
+
+def _store_refused(error: Exception) -> bool:
+    """An error of the store itself (no or wrong credentials, refused, unreachable), not of our code."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    return isinstance(error, (OSError, BotoCoreError, ClientError))
 
 
 def console_main() -> None:

@@ -139,6 +139,10 @@ class Stage:
     def progress_path(self) -> str:
         return progress_path(self.folder, self.name)
 
+    @property
+    def clock_path(self) -> str:
+        return clock_path(self.folder, self.name)
+
     def read_record(self) -> StageRecord | None:
         return read_record(self.store, self.folder, self.name)
 
@@ -324,6 +328,7 @@ class Stage:
 
 
 PROGRESS = "_progress"
+CLOCK = "clock.json"
 KEPT = "_kept"
 KEPT_INDEX = "kept.json"
 RECORD = "record.json"
@@ -344,6 +349,11 @@ def progress_path(folder: str, name: str) -> str:
     return posixpath.join(folder, PROGRESS, name)
 
 
+def clock_path(folder: str, name: str) -> str:
+    """A running stage's clock (tasks/run/stage.py `StageClock`): its attempts under this key and their time."""
+    return posixpath.join(progress_path(folder, name), CLOCK)
+
+
 def read_record(store: ArtifactStore, folder: str, name: str) -> StageRecord | None:
     """A stage's record whatever its key, or None if it has none."""
     raw = store.read_json(record_path(folder, name))
@@ -357,7 +367,7 @@ def parts_in_progress(store: ArtifactStore, folder: str, name: str) -> int:
 
 def part_markers(names: list[str]) -> list[str]:
     """The finished parts' marker files among a progress folder's names (not its key, nor a write in flight)."""
-    return [name for name in names if name.endswith(".json") and name != "key.json" and ".tmp-" not in name]
+    return [name for name in names if name.endswith(".json") and name not in ("key.json", CLOCK) and ".tmp-" not in name]
 
 
 def _objects_of(store: ArtifactStore, folder: str, output: str) -> dict[str, int]:

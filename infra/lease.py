@@ -441,6 +441,15 @@ def break_lease(store: ArtifactStore, relpath: str, watch_seconds: float | None 
         raise RuntimeError(f"the lease {url} changed while it was being broken; left as it is") from error
     log.warning("broke %s: %s", url, what)
     return f"removed {what} at {url}"
+def live_holder(store: ArtifactStore, relpath: str) -> LeaseHolder | None:
+    """Who holds the lease at `relpath` now, or None where nobody does (no lease, or one that
+    expired or whose process is gone, which the next writer takes over). One read: a caller can
+    refuse a second writer at once, before it starts anything (the CLI does, before Prefect)."""
+    current = store.read_versioned(relpath)
+    if current is None:
+        return None
+    holder = parse_holder(current[0], store.url(relpath))
+    return None if holder.free(utc_now()) else holder
 
 
 def _encode(holder: LeaseHolder) -> bytes:

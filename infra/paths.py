@@ -83,6 +83,19 @@ def find_files(folder: str, suffixes: tuple[str, ...], storage_options: dict[str
     return [fs.unstrip_protocol(path) for path in found]
 
 
+def count_by_suffix(folder: str, storage_options: dict[str, Any] | None = None) -> dict[str, int] | None:
+    """How many files under `folder` (recursively) end with each suffix (lowercased; '' for none),
+    or None when `folder` is not a folder (a manifest file). One listing."""
+    fs, root = fsspec.core.url_to_fs(folder, **(storage_options or {}))
+    if not fs.isdir(root):
+        return None
+    counts: dict[str, int] = {}
+    for path in fs.find(root):
+        suffix = posixpath.splitext(path)[1].lower()
+        counts[suffix] = counts.get(suffix, 0) + 1
+    return counts
+
+
 def unreadable_because(path: str, storage_options: dict[str, Any] | None = None) -> str | None:
     """Why `path` cannot be read (absent, or the credentials or endpoint refuse), or None if it can.
 

@@ -20,13 +20,17 @@ and cluster sizes: no extra pass is spent to measure them.
 
 from __future__ import annotations
 
+import logging
 import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
 import torch
+
+log = logging.getLogger(__name__)
 
 FARTHEST_CANDIDATES = 16
 ROWS_PER_PRODUCT = 1024
@@ -211,11 +215,19 @@ def lloyd(step: LloydStep, centroids: np.ndarray, max_iter: int, schedule: Seque
     if schedule[-1].stride != 1:
         raise ValueError("the last Lloyd phase must pass over every frame (stride 1)")
     reseeded, passes, converged = 0, [], False
-    for phase in schedule:
+    for number, phase in enumerate(schedule, start=1):
         previous, converged = None, False
         for count in range(1, max_iter + 1):
+            started = time.perf_counter()
             partials = step(centroids, phase.stride)
             updated, counts, inertia, empty = reduce_partials(partials, centroids)
+            change = "" if previous is None else f", {100 * (inertia - previous) / previous:+.3f}%"
+            log.info(
+                "k-means phase %d/%d (%s), pass %d: inertia %.6g%s, %d empty cluster(s), %.1f s",
+                number, len(schedule), "every frame" if phase.stride == 1 else f"every {phase.stride}th frame", count,
+                inertia, change, empty,
+                time.perf_counter() - started,
+            )
             if previous is not None and empty == 0 and previous - inertia < phase.tolerance * inertia:
                 converged = True
                 break

@@ -28,7 +28,7 @@ from distributed.diagnostics.plugin import WorkerPlugin
 from infra.commit import StageRecord
 from infra.store import ArtifactStore
 from tasks.corpus.manifest import Utterance
-from tasks.run.config import PretrainConfig
+from tasks.run.config import PretrainConfig, split_credentials
 from tasks.run.layout import RunLayout, StageName
 from tasks.run.records import load_manifest
 from tasks.stages.catalog import run_plan
@@ -205,7 +205,7 @@ class Chain:
 
 def run_chain(config: PretrainConfig, client: Client, last: StageName = "labels") -> Chain:
     """intake -> features -> kmeans -> labels (-> train) of iteration 1, up to `last`."""
-    store = ArtifactStore(config.store, config.storage_options)
+    store = ArtifactStore(config.store, config.fsspec_options)
     records = run_plan(config, store, client, last)
     return Chain(config, store, {stage: record for (stage, _), record in records.items()})
 
@@ -220,9 +220,9 @@ def with_settings(config: PretrainConfig, iteration: int = 1, **sections: dict) 
             for key, value in {**into, **changes}.items()
         }
 
-    data = config.model_dump()
+    data = config.model_dump()  # without the credentials, which a config keeps apart: handed on below
     data["iterations"][iteration - 1] = merged(data["iterations"][iteration - 1], sections)
-    return PretrainConfig.model_validate(data)
+    return PretrainConfig.model_validate(data).with_credentials(split_credentials(config.fsspec_options)[1])
 
 
 TWO_ITERATION_TRAIN = {

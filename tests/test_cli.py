@@ -41,7 +41,7 @@ def test_invalid_config_is_rejected_before_anything_runs(tmp_path: Path) -> None
     config.write_text("run: x\nstore: ./runs\ncorpus: {source: ./nowhere}\niterations:\n  - features: {kind: mfcc}\n    kmeans: {k: 0}\n    train: {}\n")
     result = run_cli(tmp_path, "run", str(config), check=False)
     assert result.returncode == 2
-    assert "iterations.0.kmeans.k" in result.stderr
+    assert "iterations.1.kmeans.k" in result.stderr
     config.write_text(config.read_text().replace("k: 0", "k: 5"))
     result = run_cli(tmp_path, "run", str(config), check=False)
     assert result.returncode == 2 and "corpus.source" in result.stderr and "does not exist" in result.stderr

@@ -59,10 +59,10 @@ def test_every_invalid_field_is_reported_with_its_path(tmp_path: Path) -> None:
     message = str(caught.value)
     assert str(path) in message
     for expected in (
-        "iterations.0.kmeans.k:",
-        "iterations.1.features:",
+        "iterations.1.kmeans.k:",
+        "iterations.2.features:",
         "kind 'hubert' needs a layer",
-        "iterations.0.train.model:",
+        "iterations.1.train.model:",
         "run:",
         "colour: Extra inputs are not permitted",
     ):
@@ -91,7 +91,7 @@ def test_unreadable_and_non_mapping_configs_are_clear_errors(tmp_path: Path) -> 
 def test_several_training_machines_need_an_external_cluster(tmp_path: Path) -> None:
     path = tmp_path / "cfg.yaml"
     path.write_text(ISSUE_EXAMPLE.replace("train: {model: tiny, steps: 200}\n  -", "train: {model: tiny, steps: 200, launch: {nnodes: 2}}\n  -"))
-    with pytest.raises(ConfigError, match=r"iterations\.0\.train\.launch\.nnodes is 2, which needs an external Dask cluster"):
+    with pytest.raises(ConfigError, match=r"iterations\.1\.train\.launch\.nnodes is 2, which needs an external Dask cluster"):
         load_config(path)
     path.write_text(path.read_text().replace("address: null", "address: 'tcp://scheduler:8786'"))
     assert load_config(path).iterations[0].train.launch.nnodes == 2
@@ -116,4 +116,4 @@ def test_only_the_last_iteration_may_leave_train_out(tmp_path: Path) -> None:
     path.write_text(ISSUE_EXAMPLE.replace("    train: {model: tiny, steps: 200}\n  - features", "  - features", 1))
     with pytest.raises(ConfigError) as error:
         load_config(path)
-    assert "iterations.0.train: Value error, only the last iteration may leave train out" in str(error.value)
+    assert "iterations.1.train: Value error, only the last iteration may leave train out" in str(error.value)

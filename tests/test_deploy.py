@@ -8,6 +8,7 @@ that no longer validates, which is how deployment files usually rot.
 from __future__ import annotations
 
 import importlib
+import json
 import re
 import shlex
 import tomllib
@@ -20,7 +21,7 @@ from distributed.cli import dask_scheduler, dask_worker
 from prefect.flows import Flow
 
 from infra.cluster import WORKER_MALLOC_ENVIRON
-from tasks.run.config import load_config
+from tasks.run.config import PretrainConfig, _resolve_relative_paths, load_config
 from tasks.stages.train.launcher import TRAIN_NODE_RESOURCE
 
 REPO = Path(__file__).resolve().parents[1]
@@ -103,7 +104,7 @@ def test_the_cluster_run_config_validates_and_keeps_secrets_out() -> None:
     config = load_config(DEPLOY / "cluster-run.yaml")
     assert config.store.startswith("s3://") and config.dask.is_external
     assert max(iteration.train.launch.nnodes for iteration in config.iterations) > 1
-    assert not {"key", "secret", "token"} & set(config.storage_options)
+    assert not config.has_credentials  # credentials come from the environment there, never from the file
 
 
 def test_the_deployments_name_real_flows_and_the_cluster_one_matches_its_worker() -> None:
@@ -135,3 +136,36 @@ def test_each_deployment_runs_one_flow_run_at_a_time() -> None:
         assert deployment.concurrency_limit is not None, deployment.name
         assert deployment.concurrency_limit.limit == 1, deployment.name
         assert deployment.concurrency_limit.collision_strategy == "ENQUEUE", deployment.name
+
+
+def test_the_run_form_is_the_typed_config_with_descriptions_choices_and_no_secret_field() -> None:
+    """What Prefect renders as the `pretrain` flow's form (the `form` deployment's parameters)."""
+    from prefect.utilities.callables import parameter_schema
+
+    from flows.pretrain import pretrain, pretrain_from_file
+    from tasks.run.config import CREDENTIAL_KEYS
+
+    schema = parameter_schema(pretrain).model_dump_for_openapi()
+    config = schema["definitions"]["PretrainConfig"]
+    assert set(config["properties"]) == set(PretrainConfig.model_fields)
+    undescribed = [
+        f"{name}.{field}" for name, model in schema["definitions"].items() for field, spec in model.get("properties", {}).items()
+        if not spec.get("description")
+    ]
+    assert undescribed == []
+    named = set(re.findall(r'"(\w+)": \{', json.dumps(schema)))
+    assert not CREDENTIAL_KEYS & named, CREDENTIAL_KEYS & named
+    for flow in (pretrain, pretrain_from_file):
+        properties = parameter_schema(flow).model_dump_for_openapi()["properties"]
+        for name in ("until", "force"):
+            choices = next(option["enum"] for option in properties[name]["anyOf"] if "enum" in option)
+            assert choices[:3] == ["intake", "features@1", "kmeans@1"] and "profile@9" in choices
+            assert properties[name]["description"].startswith(("Stop after", "Run this stage"))
+        assert properties["wait_for_lease"]["description"]
+
+
+def test_the_form_deployment_offers_the_demo_run() -> None:
+    """Its defaults are configs/demo.yaml's run, with paths relative to the checkout (the worker's working folder)."""
+    form = {d["name"]: d for d in yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"]}["form"]
+    given = PretrainConfig.model_validate(_resolve_relative_paths(form["parameters"]["config"], REPO))
+    assert given == load_config(REPO / "configs" / "demo.yaml")

@@ -87,7 +87,7 @@ def test_the_quality_gate_stops_a_run_before_training_on_worse_labels(copied_run
     ("change", "path"),
     [
         ({"quality_gate": {"min_pnmi_gain": 0.0}, "corpus": {"source": "x"}}, "quality_gate compares PNMI"),
-        ({"corpus": {"source": "x"}}, "iterations.1.features.layer 'auto'"),
+        ({"corpus": {"source": "x"}}, "iterations.2.features.layer 'auto'"),
     ],
 )
 def test_new_settings_are_checked_before_work(tmp_path: Path, demo_corpus: Path, change: dict, path: str) -> None:

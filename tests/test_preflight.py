@@ -49,10 +49,10 @@ def refused_before_work(tmp_path: Path, config: Path, expected: str) -> float:
 
 CASES = {
     "layer beyond the previous model": (
-        {"layer": 13}, "iterations.1.features.layer: 13 exceeds the 6 layers of iteration 1's 'tiny' model"),
+        {"layer": 13}, "iterations.2.features.layer: 13 exceeds the 6 layers of iteration 1's 'tiny' model"),
     "max_frames below k": (
-        {"k": 100, "kmeans": ", max_frames: 50"}, "iterations.0.kmeans: Value error, max_frames 50 is fewer than k=100"),
-    "nnodes without a cluster": ({"train": ", launch: {nnodes: 2}"}, "iterations.0.train.launch.nnodes is 2, which needs an external Dask cluster"),
+        {"k": 100, "kmeans": ", max_frames: 50"}, "iterations.1.kmeans: Value error, max_frames 50 is fewer than k=100"),
+    "nnodes without a cluster": ({"train": ", launch: {nnodes: 2}"}, "iterations.1.train.launch.nnodes is 2, which needs an external Dask cluster"),
     "a store that cannot be written": (
         {"store": "/etc/hostname/runs"}, "store: /etc/hostname/runs cannot be written: NotADirectoryError"),
     "a corpus source that does not exist": ({"source": "/no/such/corpus"}, "corpus.source: /no/such/corpus does not exist"),
@@ -86,7 +86,20 @@ def test_credentials_the_s3_endpoint_refuses_are_named_for_the_store_and_the_sou
 
 def test_a_k_beyond_the_corpus_frames_stops_right_after_intake_naming_the_field(tmp_path: Path, demo_corpus: Path, client) -> None:
     config = demo_config(tmp_path, demo_corpus, k=20_000)
-    with pytest.raises(ConfigError, match=r"iterations\.0\.kmeans\.k: 20000 exceeds the about \d+ frames k-means would fit on"):
+    with pytest.raises(ConfigError, match=r"iterations\.1\.kmeans\.k: 20000 exceeds the about \d+ frames k-means would fit on"):
         run_chain(config, client, "labels")
     store = ArtifactStore(config.store)
     assert store.exists(RunLayout("t").manifest) and not store.exists(RunLayout("t").features_store(1))
+
+
+def test_a_source_folder_without_audio_intake_reads_is_refused_naming_what_it_holds(tmp_path: Path) -> None:
+    corpus = tmp_path / "mp3s"
+    (corpus / "nested").mkdir(parents=True)
+    for number in range(5):
+        (corpus / ("nested" if number % 2 else "") / f"utt{number}.MP3").write_bytes(b"ID3\x04")
+    (corpus / "notes.txt").write_text("recorded in 2019\n")
+    refused_before_work(
+        tmp_path, write(tmp_path, corpus),
+        f"corpus.source: no .wav or .flac file under {corpus} (found 5 .mp3 files, 1 .txt file); intake reads .wav or .flac files",
+    )
+    assert not (tmp_path / "runs").exists()

@@ -91,6 +91,9 @@ def test_sigkill_in_every_stage_then_rerun_matches_an_uninterrupted_run(tmp_path
         assert ours.read_json(f"r/iter-{iteration}/train.commit.json")["metrics"]["loss_curve"] == theirs.read_json(
             f"r/iter-{iteration}/train.commit.json"
         )["metrics"]["loss_curve"]
+    resumed = ours.read_json("r/iter-1/train.commit.json")  # killed once, then resumed: both attempts' time
+    assert resumed["metrics"]["attempts"] == 2 and resumed["metrics"]["seconds_all_attempts"] >= resumed["seconds"]
+    assert status["iterations"][0]["train"]["seconds"] == resumed["metrics"]["seconds_all_attempts"]
     final = [
         torch.load(io.BytesIO(store.read_bytes("r/iter-2/model/final.pt")), weights_only=False)["model"]
         for store in (ours, theirs)

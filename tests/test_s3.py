@@ -342,7 +342,7 @@ def s3_outcome(s3: S3Server, s3_corpus: str, external_client: Client) -> Outcome
 
     assert worker_environ(external_client, "AWS_SECRET_ACCESS_KEY") == {None}  # options alone must do
     config = pipeline_config("explicit", f"s3://{RUNS_BUCKET}/pipeline", s3_corpus, s3.storage_options())
-    write_run_info(ArtifactStore(config.store, config.storage_options), config)
+    write_run_info(ArtifactStore(config.store, config.fsspec_options), config)
     return run_stages(config, external_client)
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import posixpath
 from dataclasses import dataclass, field
+from typing import Any
 
 from infra.commit import StageRecord, open_run, output_problems
 from infra.digest import digest_bytes
@@ -82,9 +83,9 @@ def leftover_temporaries(run_path: str) -> StageCheck:
     return check
 
 
-def verify_run(run_path: str, deep: bool = False) -> list[StageCheck]:
+def verify_run(run_path: str, deep: bool = False, storage_options: dict[str, Any] | None = None) -> list[StageCheck]:
     """One check per committed stage of the run, in stage order; FileNotFoundError if there is no run."""
-    store, run = open_run(run_path)
+    store, run = open_run(run_path, storage_options)
     layout = RunLayout(run)
     if not store.list_names(run):
         raise FileNotFoundError(f"no run at {run_path}")

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, field_serializer, field_validator, model_validator
+from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from infra.lease import DEFAULT_TTL_SECONDS
 from infra.paths import is_remote_url
@@ -21,8 +21,41 @@ from model.presets import HUBERT_CONFIGS
 from tasks.run.keys import AddedLater, OutputNeutral
 from tasks.run.sections import IterationConfig, Section
 
-MASKED = "***"
-"""What a storage option's value is in JSON (it may be a credential)."""
+CREDENTIAL_KEYS = frozenset(
+    {
+        "key", "secret", "token", "password", "session_token", "access_key", "secret_key",
+        "aws_access_key_id", "aws_secret_access_key", "aws_session_token",
+        "account_key", "sas_token", "client_secret", "connection_string", "credentials",
+    }
+)
+"""Option names (at any depth of storage_options, e.g. client_kwargs.aws_secret_access_key) that hold credentials."""
+
+
+def split_credentials(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(options without credentials, the credentials), nested dicts split alike."""
+    public: dict[str, Any] = {}
+    secret: dict[str, Any] = {}
+    for name, value in options.items():
+        if name.lower() in CREDENTIAL_KEYS:
+            secret[name] = value
+        elif isinstance(value, dict):
+            public[name], inner = split_credentials(value)
+            if inner:
+                secret[name] = inner
+        else:
+            public[name] = value
+    return public, secret
+
+
+def merged_options(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """`base` with `extra` added, nested dicts merged (client_kwargs from both)."""
+    merged = dict(base)
+    for name, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(name), dict):
+            merged[name] = merged_options(merged[name], value)
+        else:
+            merged[name] = value
+    return merged
 
 
 class CorpusConfig(Section):
@@ -142,25 +175,58 @@ class PretrainConfig(Section):
     store: str = Field(description="Artifact store root: a local folder or an s3://bucket/prefix URL.")
     storage_options: dict[str, Any] = Field(
         default_factory=dict,
-        description="fsspec options for s3:// paths (endpoint_url, ...). Prefer credentials from the "
-        "environment or ~/.aws. Values here stay in this process's memory and its children's environment: "
-        "the config as JSON (Prefect's parameters, run.json, anything written) has them masked.",
+        description="fsspec options for s3:// paths, without credentials: endpoint (client_kwargs: {endpoint_url: ...}), "
+        "retries, timeouts. Credentials (key, secret, token, password, ...) come from the environment "
+        "(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY), ~/.aws, or the Secret block named by storage_credentials_block; "
+        "any written here in a config file are taken out when it is read, used, and never stored in Prefect, "
+        "logs, records or reports.",
     )
-    corpus: CorpusConfig
-    dask: DaskConfig = Field(default_factory=DaskConfig)
+    storage_credentials_block: str | None = Field(
+        default=None,
+        description="Name of a Prefect Secret block whose value is a JSON object of storage credentials "
+        "(e.g. {\"key\": ..., \"secret\": ...}), read on the machine that runs the flow and added to storage_options. "
+        "Empty: credentials from the environment or ~/.aws.",
+    )
+    corpus: CorpusConfig = Field(description="The audio to pretrain on, how intake filters it, and the validation split.")
+    dask: DaskConfig = Field(default_factory=DaskConfig, description="The Dask cluster the stages run on: a LocalCluster, or an external scheduler.")
     quality_gate: QualityGateConfig | None = Field(
         default=None,
         description="Optional: refuse to train on labels that are not better than the previous iteration's "
         "(needs corpus.alignments). Without it a regression is a warning in the report and the CLI's table.",
     )
-    lease: LeaseConfig = Field(default_factory=LeaseConfig)
-    iterations: list[IterationConfig] = Field(min_length=1)
+    lease: LeaseConfig = Field(default_factory=LeaseConfig, description="The run's lease: one writer per run.")
+    iterations: list[IterationConfig] = Field(min_length=1, description="The HuBERT iterations, in order (counted from 1).")
+    _credentials: dict[str, Any] = PrivateAttr(default_factory=dict)
 
-    @field_serializer("storage_options", when_used="json")
-    def _masked_in_json(self, storage_options: dict[str, Any]) -> dict[str, str]:
-        """Storage options may hold credentials: JSON (Prefect's flow run parameters, records) gets
-        their names only. A child process gets the values through its environment (train/launcher.py)."""
-        return {key: MASKED for key in storage_options}
+    @model_validator(mode="wrap")
+    @classmethod
+    def _credentials_kept_apart(cls, data: Any, handler: Any) -> PretrainConfig:
+        """Credentials in storage_options are moved to a private attribute: used to open paths
+        (`fsspec_options`), but never serialised, so never in Prefect's parameters, run.json or
+        the JSON schema of the run form."""
+        credentials: dict[str, Any] = {}
+        if isinstance(data, dict) and isinstance(data.get("storage_options"), dict):
+            public, credentials = split_credentials(data["storage_options"])
+            data = {**data, "storage_options": public}
+        config = handler(data)
+        if credentials:
+            config.__pydantic_private__["_credentials"] = merged_options(config._credentials, credentials)
+        return config
+
+    @property
+    def fsspec_options(self) -> dict[str, Any]:
+        """storage_options with the credentials kept apart: what opening a store or a corpus path takes."""
+        return merged_options(self.storage_options, self._credentials)
+
+    @property
+    def has_credentials(self) -> bool:
+        return bool(self._credentials)
+
+    def with_credentials(self, credentials: dict[str, Any]) -> PretrainConfig:
+        """A copy that opens paths with these credentials too (from a Secret block, or another copy)."""
+        copy = self.model_copy()
+        copy.__pydantic_private__ = {"_credentials": merged_options(self._credentials, credentials)}
+        return copy
 
     @field_validator("iterations")
     @classmethod
@@ -174,14 +240,14 @@ class PretrainConfig(Section):
     def _only_the_last_iteration_may_skip_training(cls, data: Any, handler: Any) -> PretrainConfig:
         """A missing train section anywhere but last is reported at its own field path."""
         config = handler(data)
-        missing = [number for number, iteration in enumerate(config.iterations[:-1]) if iteration.train is None]
+        missing = [number for number, iteration in enumerate(config.iterations[:-1], start=1) if iteration.train is None]
         if missing:
             raise ValidationError.from_exception_data(
                 cls.__name__,
                 [
                     {
                         "type": "value_error",
-                        "loc": ("iterations", number, "train"),
+                        "loc": ("iterations", number - 1, "train"),  # pydantic counts from 0; field_path from 1
                         "input": None,
                         "ctx": {"error": ValueError("only the last iteration may leave train out: a later iteration reads its model")},
                     }
@@ -196,7 +262,7 @@ class PretrainConfig(Section):
             return self
         if self.quality_gate is not None:
             raise ValueError("quality_gate compares PNMI, which needs corpus.alignments")
-        for number, iteration in enumerate(self.iterations):
+        for number, iteration in enumerate(self.iterations, start=1):
             if iteration.features.layer == "auto":
                 raise ValueError(
                     f"iterations.{number}.features.layer 'auto' picks the layer with the highest PNMI, which needs corpus.alignments"
@@ -205,8 +271,8 @@ class PretrainConfig(Section):
 
     @model_validator(mode="after")
     def _auto_layers_need_a_profile(self) -> PretrainConfig:
-        for number, iteration in enumerate(self.iterations[1:], start=1):
-            previous = self.iterations[number - 1]
+        for number, iteration in enumerate(self.iterations[1:], start=2):
+            previous = self.iterations[number - 2]
             if iteration.features.layer == "auto" and previous.train is not None and not previous.profile.enabled:
                 raise ValueError(
                     f"iterations.{number}.features.layer 'auto' needs iterations.{number - 1}.profile.enabled"
@@ -217,7 +283,7 @@ class PretrainConfig(Section):
     def _validation_settings_need_a_split(self) -> PretrainConfig:
         if self.corpus.has_valid_split:
             return self
-        for number, iteration in enumerate(self.iterations):
+        for number, iteration in enumerate(self.iterations, start=1):
             if iteration.train is None:
                 continue
             if iteration.train.logging.valid_every is not None:
@@ -231,15 +297,16 @@ class PretrainConfig(Section):
 
     @model_validator(mode="after")
     def _warm_start_needs_the_same_model_before(self) -> PretrainConfig:
-        for number, iteration in enumerate(self.iterations):
+        for number, iteration in enumerate(self.iterations, start=1):
             if iteration.train is None or iteration.train.init != "warm":
                 continue
-            if number == 0:
-                raise ValueError("iterations.0.train.init: 'warm' starts from the previous iteration's weights, and iteration 1 has none")
-            previous = None if self.iterations[number - 1].train is None else self.iterations[number - 1].train.model
+            if number == 1:
+                raise ValueError("iterations.1.train.init: 'warm' starts from the previous iteration's weights, and iteration 1 has none")
+            before = self.iterations[number - 2].train
+            previous = None if before is None else before.model
             if previous != iteration.train.model:
                 raise ValueError(
-                    f"iterations.{number}.train.init: 'warm' needs iteration {number} to train the same model "
+                    f"iterations.{number}.train.init: 'warm' needs iteration {number - 1} to train the same model "
                     f"{iteration.train.model!r}; it trains {previous!r}"
                 )
         return self
@@ -256,7 +323,7 @@ class PretrainConfig(Section):
         for number, iteration in enumerate(self.iterations, start=1):
             if iteration.train is not None and iteration.train.launch.nnodes > 1 and not self.dask.is_external:
                 raise ValueError(
-                    f"iterations.{number - 1}.train.launch.nnodes is {iteration.train.launch.nnodes}, which needs an external "
+                    f"iterations.{number}.train.launch.nnodes is {iteration.train.launch.nnodes}, which needs an external "
                     "Dask cluster (dask.address or dask.scheduler_file) with that many `train_node` workers; a LocalCluster is one machine"
                 )
         return self
@@ -265,14 +332,14 @@ class PretrainConfig(Section):
     def _layers_exist_in_the_previous_model(self) -> PretrainConfig:
         """A later iteration's layer must exist in the preset the iteration before trains: known now, not after hours."""
         problems = []
-        for index, (previous, iteration) in enumerate(zip(self.iterations, self.iterations[1:]), start=1):
+        for number, (previous, iteration) in enumerate(zip(self.iterations, self.iterations[1:]), start=2):
             if previous.train is None:
                 continue  # refused with its own field path: only the last iteration may leave train out
             layer, preset = iteration.features.layer, previous.train.model
             layers = HUBERT_CONFIGS[preset].encoder_num_layers
             if iteration.features.kind == "hubert" and isinstance(layer, int) and layer > layers:
                 problems.append(
-                    f"iterations.{index}.features.layer: {layer} exceeds the {layers} layers of iteration {index}'s '{preset}' model"
+                    f"iterations.{number}.features.layer: {layer} exceeds the {layers} layers of iteration {number - 1}'s '{preset}' model"
                 )
         if problems:
             raise ValueError("\n  ".join(problems))
@@ -285,11 +352,20 @@ class ConfigError(ValueError):
     retryable = False  # a retry reads the same config
 
 
+def field_path(loc: tuple[str | int, ...]) -> str:
+    """`iterations.1.kmeans.k` from pydantic's location: iterations are counted from 1, as everywhere else."""
+    parts = list(loc)
+    for position, part in enumerate(parts[:-1]):
+        if part == "iterations" and isinstance(parts[position + 1], int):
+            parts[position + 1] += 1
+    return ".".join(str(part) for part in parts)
+
+
 def format_validation_error(error: ValidationError, source: str) -> str:
     """One line per problem: `field.path: reason`, so users see all mistakes at once."""
     lines = [f"invalid configuration in {source}:"]
     for problem in error.errors():
-        path = ".".join(str(part) for part in problem["loc"])
+        path = field_path(problem["loc"])
         if not path and problem["type"] == "value_error":  # checks across sections name their fields themselves
             lines.append(f"  {problem['ctx']['error']}")
         else:

@@ -10,6 +10,7 @@
                                                   + train.commit.json
     <run>/iter-N/profile.json                     + profile.commit.json
     <run>/iter-N/report.json, report.md, plots/
+    <run>/logs/<UTC time>-<flow run id or pid>.log  the log of one invocation (tasks/run/run_log.py)
 
 Stages, `inspect`, `diff`, the report and the exports ask this module for paths; nothing else
 spells one. Paths are relative to the store root (see infra/store.py); a stage's outputs are
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import posixpath
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Literal
 
 Weights = Literal["best", "final"]
@@ -51,6 +53,8 @@ LAYER_PROFILE = "profile.json"
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 PLOTS = "plots"
+LOGS = "logs"
+LOG_SUFFIX = ".log"
 
 
 
@@ -130,6 +134,20 @@ class RunLayout:
     @property
     def lease(self) -> str:
         return posixpath.join(self.run, "lease.json")
+
+    @property
+    def logs(self) -> str:
+        """The folder of the run's logs, one file per invocation."""
+        return posixpath.join(self.run, LOGS)
+
+    def log(self, started_at: datetime, invocation: str) -> str:
+        """The log of the invocation that started at `started_at` (UTC), named by its Prefect flow
+        run id (or its pid): the names sort by time, and two invocations never share a file."""
+        return posixpath.join(self.logs, f"{started_at:%Y%m%dT%H%M%SZ}-{invocation}{LOG_SUFFIX}")
+
+    @staticmethod
+    def is_log(name: str) -> bool:
+        return name.endswith(LOG_SUFFIX)
 
     @property
     def manifest(self) -> str:

@@ -7,13 +7,21 @@ and benchmarks use, so they run the order the CLI runs.
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, model_validator
 
 from tasks.run.config import PretrainConfig
 from tasks.run.layout import ITERATION_STAGES, StageName, stage_iteration
 
 PlannedStage = tuple[StageName, int | None]
 """(stage, iteration); the iteration is None for intake, which runs once per run."""
+
+MAX_LISTED_ITERATION = 9
+PlanStop = Literal[tuple(["intake", *(f"{stage}@{n}" for n in range(1, MAX_LISTED_ITERATION + 1) for stage in ITERATION_STAGES)])]
+"""A stage of a plan as a choice (`intake`, `features@1` ... `profile@9`): how a run form offers
+`until` and `force` (a list the UI shows as a menu); `StopPoint.parse` reads it, and the CLI
+accepts any iteration."""
 
 
 class PlanError(ValueError):
@@ -22,21 +30,32 @@ class PlanError(ValueError):
     retryable = False
 
 
+def _stop_fields(text: str) -> dict[str, Any]:
+    """The fields of `STAGE` or `STAGE@ITER`; PlanError where the text cannot name a stage of a plan."""
+    stage, _, iteration = text.partition("@")
+    if stage == "intake" and iteration:
+        raise PlanError(f"{text}: intake runs once per run, not per iteration")
+    if iteration and not iteration.isdigit():
+        raise PlanError(f"{text}: the iteration after @ must be a number, counted from 1")
+    return {"stage": stage, "iteration": int(iteration) if iteration else None}
+
+
 class StopPoint(BaseModel):
     """A stage of the plan: `stage` of iteration `iteration` (intake has none)."""
 
     stage: StageName = Field(description="A stage: intake, features, kmeans, labels, train, profile.")
     iteration: int | None = Field(default=None, ge=1, description="Its iteration (empty: the first; intake has none).")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _from_text(cls, value: Any) -> Any:
+        """`labels@2` as the CLI writes it, as well as {stage: labels, iteration: 2}."""
+        return _stop_fields(value) if isinstance(value, str) else value
+
     @classmethod
     def parse(cls, text: str) -> StopPoint:
         """`STAGE` (of iteration 1; intake has no iteration) or `STAGE@ITER`."""
-        stage, _, iteration = text.partition("@")
-        if stage == "intake" and iteration:
-            raise PlanError(f"{text}: intake runs once per run, not per iteration")
-        if iteration and not iteration.isdigit():
-            raise PlanError(f"{text}: the iteration after @ must be a number, counted from 1")
-        return cls(stage=stage, iteration=int(iteration) if iteration else None)
+        return cls(**_stop_fields(text))
 
     def planned(self) -> PlannedStage:
         return self.stage, stage_iteration(self.stage, self.iteration or 1)

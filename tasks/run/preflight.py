@@ -10,12 +10,14 @@ geometry that iteration's features will have.
 
 from __future__ import annotations
 
-from infra.paths import unreadable_because
+from typing import Any
+
+from infra.paths import count_by_suffix, unreadable_because
 from infra.store import ArtifactStore
 from model.frames import FrameGeometry
 from model.mfcc import MFCC_GEOMETRY
 from model.presets import HUBERT_CONFIGS, frame_geometry
-from tasks.corpus.manifest import Utterance
+from tasks.corpus.manifest import AUDIO_SUFFIXES, Utterance
 from tasks.run.config import ConfigError, PretrainConfig
 
 
@@ -38,7 +40,7 @@ def kmeans_frame_problems(config: PretrainConfig, utterances: list[Utterance]) -
             fitted = min(fitted, settings.max_frames)
         if fitted < settings.k:
             problems.append(
-                f"iterations.{index}.kmeans.k: {settings.k} exceeds the about {int(fitted)} frames k-means would fit on "
+                f"iterations.{index + 1}.kmeans.k: {settings.k} exceeds the about {int(fitted)} frames k-means would fit on "
                 f"({len(utterances)} utterances give {total} frames at {geometry.frame_rate:g} frames/s, "
                 f"sample_fraction {settings.sample_fraction}); lower k or raise sample_fraction"
             )
@@ -51,9 +53,22 @@ def check_kmeans_frames(config: PretrainConfig, utterances: list[Utterance]) -> 
         raise ConfigError("invalid configuration for this corpus:\n  " + "\n  ".join(problems))
 
 
+def no_audio_because(source: str, storage_options: dict[str, Any]) -> str | None:
+    """Why a folder source holds nothing intake reads (it reads .wav and .flac), naming what it
+    found instead; None where it holds some, or the source is a manifest file. One listing."""
+    counts = count_by_suffix(source, storage_options)
+    if counts is None or any(counts.get(suffix) for suffix in AUDIO_SUFFIXES):
+        return None
+    found = ", ".join(f"{count} {suffix or 'extensionless'} file{'s' if count > 1 else ''}"
+                      for suffix, count in sorted(counts.items(), key=lambda item: -item[1])[:5])
+    readable = " or ".join(AUDIO_SUFFIXES)
+    return f"no {readable} file under {source} (found {found or 'no file at all'}); intake reads {readable} files (convert others first)"
+
+
 def input_problems(config: PretrainConfig) -> list[str]:
     """Problems that would only surface mid-run, found in seconds before anything starts: a corpus
-    source, alignments folder or validation listing that is absent or refuses our credentials, and
+    source, alignments folder or validation listing that is absent or refuses our credentials, a
+    source folder with no audio intake reads, and
     a store that cannot be written (probed without leaving anything: `ArtifactStore.check_writable`)."""
     problems = []
     inputs = (
@@ -62,11 +77,13 @@ def input_problems(config: PretrainConfig) -> list[str]:
         ("corpus.valid", config.corpus.valid if isinstance(config.corpus.valid, str) else None),
     )
     for field, path in inputs:
-        if path is not None and (why := unreadable_because(path, config.storage_options)):
+        if path is not None and (why := unreadable_because(path, config.fsspec_options)):
             what = "the listing of validation ids " if field == "corpus.valid" else ""
             problems.append(f"{field}: {what}{why}")
+    if not problems and (why := no_audio_because(config.corpus.source, config.fsspec_options)):
+        problems.append(f"corpus.source: {why}")
     try:
-        ArtifactStore(config.store, config.storage_options).check_writable()
+        ArtifactStore(config.store, config.fsspec_options).check_writable()
     except Exception as error:  # noqa: BLE001 - whatever the probe hits is the finding
         problems.append(f"store: {config.store} cannot be written: {type(error).__name__}: {error}")
     return problems

@@ -122,6 +122,30 @@ class RunRecords:
         found = {stage: self.get(stage, number) for stage in stages}
         return {stage: record for stage, record in found.items() if record is not None}
 
+    def weights_taken_next(self, iteration: int) -> list[Weights]:
+        """Which of iteration `iteration`'s weights ('best', 'final', both when they are the same
+        file) the next iteration's features were computed from; [] where it has none yet, or its
+        features are not a layer of this model."""
+        train, features = self.get("train", iteration), self.get("features", iteration + 1)
+        if train is None or features is None:
+            return []
+        digest = features.config.get("source", {}).get("model_digest")
+        digests = train.metrics.get("weights_digests", {"final": train.output_digest})
+        return [which for which in ("best", "final") if digests.get(which) == digest]
+
+    def weights_chosen_for_next(self, iteration: int) -> Weights:
+        """The weights of iteration `iteration` that the next iteration takes: those its features
+        were computed from, else `train.weights_for_next` as run.json recorded the config (unset:
+        best with a validation split, final without)."""
+        if taken := self.weights_taken_next(iteration):
+            return taken[0]
+        config = (self.store.read_json(self.layout.run_info) or {}).get("config", {})
+        iterations = config.get("iterations", [])
+        train = (iterations[iteration - 1].get("train") or {}) if 0 < iteration <= len(iterations) else {}
+        if train.get("weights_for_next") is not None:
+            return train["weights_for_next"]
+        return "best" if (config.get("corpus") or {}).get("valid") is not None else "final"
+
     def iterations_in_store(self) -> list[int]:
         """The iterations the run's folder holds, in order."""
         return self.layout.iterations_in(self.store.list_names(self.layout.run))

@@ -208,8 +208,8 @@ class TrainConfig(Section):
 
 
 class IterationConfig(Section):
-    features: FeaturesConfig
-    kmeans: KMeansConfig
+    features: FeaturesConfig = Field(description="What this iteration clusters: MFCC (iteration 1) or a layer of the previous model.")
+    kmeans: KMeansConfig = Field(description="The k-means that turns those features into this iteration's labels.")
     train: TrainConfig | None = Field(
         default=None,
         description="Training of this iteration's model. Only the last iteration may leave it out: it then "

@@ -17,12 +17,18 @@ folder (tasks/products/units.py).
 from __future__ import annotations
 
 import logging
+import os
 import posixpath
+import socket
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from datetime import datetime
 from typing import Any, Generic, Protocol, TypeVar
 
 from distributed import Client
+from pydantic import BaseModel
 
 from infra.commit import Stage, StageRecord
 from infra.store import ArtifactStore, utc_now
@@ -178,6 +184,11 @@ class StageSpec(Generic[Context]):
     retries: int = 2
 
 
+def record_seconds(record: StageRecord) -> float:
+    """How long a committed stage worked: all its attempts under its key (a resumed stage), or its one."""
+    return record.metrics.get("seconds_all_attempts", record.seconds)
+
+
 def stage_label(name: StageName, iteration: int | None) -> str:
     """`features@2`, or `intake` for the corpus scope: how logs and errors name a stage."""
     iteration = stage_iteration(name, iteration)
@@ -198,6 +209,88 @@ def open_stage(spec: StageSpec[Context], context: Context) -> Stage:
     )
 
 
+class ClockReading(BaseModel):
+    """What a running stage's clock file says: its attempts under the current key, oldest first."""
+
+    attempts: list[dict[str, Any]] = []  # {"started_at": ISO time, "seconds": worked so far, "host", "pid"}
+    updated_at: datetime | None = None
+
+    @property
+    def seconds(self) -> float:
+        return sum(attempt["seconds"] for attempt in self.attempts)
+
+    @property
+    def started_at(self) -> str | None:
+        """When the latest attempt started."""
+        return self.attempts[-1]["started_at"] if self.attempts else None
+
+    def worked_by(self, host: str, pid: int) -> bool:
+        """Whether the latest attempt is this process's."""
+        return bool(self.attempts) and (self.attempts[-1].get("host"), self.attempts[-1].get("pid")) == (host, pid)
+
+
+def read_clock(store: ArtifactStore, relpath: str) -> ClockReading | None:
+    raw = store.read_json(relpath)
+    return None if raw is None else ClockReading.model_validate(raw)
+
+
+class StageClock:
+    """The time a stage works under its key, across attempts: a resumed stage's record says how
+    long all its attempts took, not only the last one's (`metrics.seconds_all_attempts`).
+
+    The clock is a small file in the stage's progress folder (infra/commit.py `clock_path`),
+    rewritten every `tick_seconds` from a background thread while the stage works and once more
+    when the attempt ends, so a failed attempt counts in full and a killed one up to its last
+    tick, and `inspect` can say since when a stage runs. A new key clears the progress folder and
+    with it the clock; the commit removes it."""
+
+    def __init__(self, store: ArtifactStore, relpath: str, tick_seconds: float = 30.0) -> None:
+        self.store = store
+        self.relpath = relpath
+        self.tick_seconds = tick_seconds
+        self.earlier = read_clock(store, relpath) or ClockReading()
+        self.started_at = utc_now()
+        self._started = time.monotonic()
+        self._stop = threading.Event()
+        self._ticker = threading.Thread(target=self._tick_until_stopped, name="stage-clock", daemon=True)
+
+    @property
+    def seconds_now(self) -> float:
+        return time.monotonic() - self._started
+
+    def _write(self) -> None:
+        attempt = {"started_at": self.started_at.isoformat(), "seconds": round(self.seconds_now, 3),
+                   "host": socket.gethostname(), "pid": os.getpid()}
+        reading = ClockReading(attempts=[*self.earlier.attempts, attempt], updated_at=utc_now())
+        try:
+            self.store.write_json(self.relpath, reading.model_dump(mode="json"))
+        except Exception as error:  # noqa: BLE001 - a missed tick costs a few seconds of the count, not the stage
+            log.debug("could not write the stage clock %s: %r", self.relpath, error)
+
+    def _tick_until_stopped(self) -> None:
+        while not self._stop.wait(self.tick_seconds):
+            self._write()
+
+    def __enter__(self) -> StageClock:
+        self._write()
+        self._ticker.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        """Stop ticking and write the attempt's time (a failed attempt's counts in full; only a
+        killed one loses the seconds since its last tick)."""
+        self._stop.set()
+        self._ticker.join()
+        self._write()
+
+    def metrics(self, seconds: float) -> dict[str, Any]:
+        """What the record adds when earlier attempts worked on this key too (nothing otherwise,
+        so an uninterrupted stage's record is what it always was)."""
+        if not self.earlier.attempts:
+            return {}
+        return {"attempts": len(self.earlier.attempts) + 1, "seconds_all_attempts": round(self.earlier.seconds + seconds, 3)}
+
+
 def run_stage(spec: StageSpec[Context], context: Context) -> StageRecord:
     """Run (or skip, or resume) one stage and return its committed record."""
     context = context.for_one_run()
@@ -216,15 +309,20 @@ def run_stage(spec: StageSpec[Context], context: Context) -> StageRecord:
             stage.prepare(repairing=True)
         else:
             stage.prepare()
-        result = spec.work(context, stage)
-        record = stage.commit(
+        with StageClock(context.store, stage.clock_path) as clock:
+            if clock.earlier.attempts:
+                log.info("%s: resuming (%d earlier attempt(s), %.1f s of work kept)", label, len(clock.earlier.attempts), clock.earlier.seconds)
+            else:
+                log.info("%s: running", label)
+            result = spec.work(context, stage)
+        record = stage.commit(  # the clock has stopped: nothing writes to the progress folder the commit removes
             outputs=list(spec.outputs),
             output_digest=result.output_digest,
             started_at=started_at,
             counts=result.counts,
-            metrics=result.metrics,
+            metrics={**result.metrics, **clock.metrics(clock.seconds_now)},
         )
-        log.info("%s: committed (%s) in %.1f s", label, spec.summary(record), record.seconds)
+        log.info("%s: committed (%s) in %.1f s", label, spec.summary(record), record_seconds(record))
     if spec.after is not None:
         spec.after(context, record)
     return record

@@ -33,7 +33,7 @@ def intake_key_config(context: StageContext) -> dict[str, Any]:
 
 
 def intake_key_inputs(context: StageContext) -> dict[str, str]:
-    corpus, storage_options = context.config.corpus, context.config.storage_options
+    corpus, storage_options = context.config.corpus, context.config.fsspec_options
     inputs = {"source": fingerprint_source(corpus.source, AUDIO_SUFFIXES, storage_options)}
     if isinstance(corpus.valid, str):
         try:
@@ -47,7 +47,7 @@ def intake(context: StageContext, stage: Stage) -> StageResult:
     """Probe every file of the corpus source on Dask and write the manifest and the intake report."""
     config, store = context.config, context.store
     taken = take_in(
-        context.client, config.corpus.source, config.corpus, config.storage_options, "intake", config.corpus.allowed_roots
+        context.client, config.corpus.source, config.corpus, config.fsspec_options, "intake", config.corpus.allowed_roots
     )
     store.write_json(stage.rel(INTAKE_REPORT), taken.report())
     utterances, rejections = taken.utterances, taken.rejections
@@ -56,7 +56,7 @@ def intake(context: StageContext, stage: Stage) -> StageResult:
             f"no usable audio in {config.corpus.source}: all {len(rejections)} files rejected "
             f"(see {store.url(stage.rel(INTAKE_REPORT))})"
         )
-    utterances = assign_splits(utterances, config.corpus, config.storage_options)
+    utterances = assign_splits(utterances, config.corpus, config.fsspec_options)
     manifest_text = manifest_to_jsonl(utterances)
     store.write_text(stage.rel(MANIFEST), manifest_text)
     return StageResult(

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from distributed import Client
+from distributed import Client, as_completed
 
 from infra.commit import Stage, StageRecord
 from infra.digest import digest_bytes
@@ -99,6 +99,19 @@ def measure_source(source: FeatureSource, sample: ProfileSample) -> dict[str, An
     }
 
 
+def measure_on_workers(client: Client, sources: list[FeatureSource], sample: ProfileSample) -> list[dict[str, Any]]:
+    """`measure_source` of every source on the workers, in the sources' order, with a log line as
+    each finishes (a profile of a large model takes minutes)."""
+    futures = client.map(measure_source, sources, sample=sample, pure=False)
+    index = {future.key: position for position, future in enumerate(futures)}
+    results: list[dict[str, Any]] = [{} for _ in futures]
+    for done, future in enumerate(as_completed(futures), start=1):
+        results[index[future.key]] = future.result()
+        layer = getattr(sources[index[future.key]], "layer", None)
+        log.info("layer profile: %s measured (%d of %d)", "MFCC" if layer is None else f"layer {layer}", done, len(futures))
+    return results
+
+
 def layer_profile(
     client: Client | None, layers: list[HubertLayerSource], utterances: list[Utterance], settings: LayerProfileConfig,
     alignments: str | None, storage_options: dict[str, Any],
@@ -119,7 +132,7 @@ def layer_profile(
         finally:
             torch.set_num_threads(threads)
     else:
-        mfcc, *measured = client.gather(client.map(measure_source, sources, sample=sample, pure=False))
+        mfcc, *measured = measure_on_workers(client, sources, sample)
     rows = [{"layer": source.layer, **measures} for source, measures in zip(layers, measured)]
     scored = [row for row in rows if row["pnmi"] is not None]
     best = max(scored, key=lambda row: row["pnmi"]) if scored else None
@@ -158,7 +171,7 @@ def profile_key_inputs(context: StageContext) -> dict[str, str]:
     }
     alignments = context.config.corpus.alignments
     if alignments is not None:
-        inputs["alignments"] = fingerprint_source(alignments, ALIGNMENT_SUFFIXES, context.config.storage_options)
+        inputs["alignments"] = fingerprint_source(alignments, ALIGNMENT_SUFFIXES, context.config.fsspec_options)
     return inputs
 
 

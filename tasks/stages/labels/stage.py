@@ -244,7 +244,7 @@ def labels_key_inputs(context: StageContext) -> dict[str, str]:
         inputs["previous_labels"] = context.upstream("labels", "previous_labels").output_digest
     alignments = context.config.corpus.alignments
     if alignments is not None:
-        inputs["alignments"] = fingerprint_source(alignments, ALIGNMENT_SUFFIXES, context.config.storage_options)
+        inputs["alignments"] = fingerprint_source(alignments, ALIGNMENT_SUFFIXES, context.config.fsspec_options)
     if context.settings.features.keep == "sample":  # the audio whose features are computed on the fly
         inputs["manifest"] = context.upstream("labels", "manifest").output_digest
     return {**inputs, **context.split_inputs("labels")}

@@ -14,7 +14,7 @@ Dask task pinned to that worker,
 The machines agree on ranks through the rendezvous and read labels, audio and checkpoints from
 the artifact store (which must therefore be one they all reach: S3, or a shared file system).
 The run config and its storage options travel in the child's environment, never in a file or on
-a command line: they may hold storage credentials (and the config's JSON has them masked). torchrun runs under `guarded_torchrun`, so that it and its ranks die
+a command line: they may hold storage credentials (the config's JSON never holds them). torchrun runs under `guarded_torchrun`, so that it and its ranks die
 with the process that started them (SIGKILL included), and the ranks get the run's lease fence
 (infra/lease.py), so that a training whose run lost its lease, or stopped renewing it, writes
 nothing more.
@@ -60,14 +60,14 @@ def launch_torchrun(config: PretrainConfig, iteration: int, launch_arguments: li
     log.info("train@%d: %s", iteration, " ".join(command))
     environment = {
         **os.environ, **(fence or {}), PARENT_PID_ENVIRONMENT: str(os.getpid()),
-        CONFIG_ENVIRONMENT: config.model_dump_json(), STORAGE_OPTIONS_ENVIRONMENT: json.dumps(config.storage_options),
+        CONFIG_ENVIRONMENT: config.model_dump_json(), STORAGE_OPTIONS_ENVIRONMENT: json.dumps(config.fsspec_options),
     }
     return subprocess.run(command, env=environment).returncode
 
 
 def fence_environment(config: PretrainConfig, iteration: int) -> dict[str, str]:
     """The run's lease fence for the ranks, where this process holds the lease (none in tests without one)."""
-    store = ArtifactStore(config.store, config.storage_options)
+    store = ArtifactStore(config.store, config.fsspec_options)
     fence = held_fence(store, RunLayout(config.run).scope(iteration))
     return {} if fence is None else fence.environment()
 

@@ -16,6 +16,7 @@ import functools
 import logging
 import posixpath
 import re
+import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -125,6 +126,10 @@ class StoreCheckpoints:
     def _steps(self) -> list[int]:
         return checkpoint_steps(self.store.list_names(self.folder), self.store.url(self.folder))
 
+    def steps(self) -> list[int]:
+        """The steps of the checkpoints kept, oldest first (`inspect` shows a running training's progress from them)."""
+        return self._steps()
+
     def latest(self) -> dict[str, Any] | None:
         """The newest checkpoint that reads back whole; a damaged one (cut short by a full disk, or
         altered) is skipped with a warning and the one before it is taken."""
@@ -147,6 +152,38 @@ class StoreCheckpoints:
         log.info("saved checkpoint step %d (%s)", step, self.store.url(path))
         for old in self._steps()[:-CHECKPOINTS_KEPT]:
             self.store.remove(posixpath.join(self.folder, checkpoint_name(old)))
+
+
+class StepEta:
+    """Time left in a training, from the pace of the steps since the last log line (the first
+    line of an attempt counts from the attempt's start, `log_every` steps back)."""
+
+    def __init__(self, total_steps: int, log_every: int) -> None:
+        self.total_steps = total_steps
+        self.log_every = log_every
+        self._last: tuple[float, int] | None = None
+        self._started = time.monotonic()
+
+    def after(self, step: int) -> str:
+        now = time.monotonic()
+        then, then_step = self._last or (self._started, max(0, step - self.log_every))
+        self._last = (now, step)
+        if step >= self.total_steps:
+            return "done"
+        if step <= then_step or now <= then:
+            return "ETA unknown"
+        left = (self.total_steps - step) * (now - then) / (step - then_step)
+        return f"ETA {format_duration(left)}"
+
+
+def format_duration(seconds: float) -> str:
+    """`1h02m`, `4m05s`, `12s`."""
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, seconds = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
 
 
 def trainer_settings(settings: TrainConfig) -> TrainerSettings:
@@ -226,7 +263,7 @@ def train_rank(config: PretrainConfig, iteration: int, rank: int = 0, world_size
     Every write checks the run's lease first (the one this process holds, or the one torchrun's
     parent handed down): a training whose run lost its lease, or stopped renewing it, stops."""
     settings = config.iterations[iteration - 1].train
-    store = ArtifactStore(config.store, config.storage_options)
+    store = ArtifactStore(config.store, config.fsspec_options)
     layout = RunLayout(config.run)
     fence = held_fence(store, layout.scope(iteration))
     utterances = load_manifest(store, layout)
@@ -242,11 +279,14 @@ def train_rank(config: PretrainConfig, iteration: int, rank: int = 0, world_size
     device = torch.device(f"cuda:{rank % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu")
     validation = validation_for(store, layout, iteration, utterances, settings, device, rank, world_size, fence)
 
+    eta = StepEta(settings.steps, settings.logging.log_every)
+
     def report(entry: dict[str, float]) -> None:
         log.info(
-            "train@%d step %d: loss %.4f, masked acc %.3f, lr %.2e, %.1f audio-s/s, %.1f%% waiting for data",
-            iteration, entry["step"], entry["loss"], entry["masked_accuracy"], entry["learning_rate"],
-            entry["audio_seconds_per_second"], 100 * entry["data_wait_share"],
+            "train@%d step %d/%d (%.0f%%): loss %.4f, masked acc %.3f, lr %.2e, %.1f audio-s/s, %.1f%% waiting for data, %s",
+            iteration, entry["step"], settings.steps, 100 * entry["step"] / settings.steps, entry["loss"],
+            entry["masked_accuracy"], entry["learning_rate"], entry["audio_seconds_per_second"],
+            100 * entry["data_wait_share"], eta.after(int(entry["step"])),
         )
 
     history = train(

@@ -39,8 +39,8 @@ def main() -> None:
     die_with_parent()
     # force: a library imported on the way may have configured the root logger already.
     logging.basicConfig(level=logging.INFO, format="%(asctime)s pid %(process)d %(name)s: %(message)s", force=True)
-    config = PretrainConfig.model_validate_json(os.environ[CONFIG_ENVIRONMENT]).model_copy(
-        update={"storage_options": json.loads(os.environ[STORAGE_OPTIONS_ENVIRONMENT])}
+    config = PretrainConfig.model_validate_json(os.environ[CONFIG_ENVIRONMENT]).with_credentials(
+        json.loads(os.environ[STORAGE_OPTIONS_ENVIRONMENT])
     )
     dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
     try:
