@@ -7,7 +7,8 @@ import torch
 import torchaudio.functional
 
 from tasks.corpus.audio import AudioError, decode_audio, load_audio_16k, resampled_length
-from tasks.corpus.manifest import ManifestError, check_unique_ids, list_candidates
+from tasks.corpus.formats import list_candidates
+from tasks.corpus.manifest import ManifestError
 
 
 @pytest.mark.parametrize("rate", [8000, 11025, 22050, 24000, 44100, 48000])
@@ -90,6 +91,18 @@ def test_duplicate_ids_name_both_paths(tmp_path: Path, fsdd_dir: Path) -> None:
         (tmp_path / folder).mkdir()
         (tmp_path / folder / source.name).write_bytes(source.read_bytes())
     with pytest.raises(ManifestError) as caught:
-        check_unique_ids(list_candidates(str(tmp_path)))
+        list_candidates(str(tmp_path), ids="stem")
     assert str(tmp_path / "a" / source.name) in str(caught.value)
     assert str(tmp_path / "b" / source.name) in str(caught.value)
+
+
+def test_two_folders_with_the_same_file_names_get_distinct_ids(tmp_path: Path, fsdd_dir: Path) -> None:
+    sources = sorted(fsdd_dir.glob("*.wav"))[:2]
+    for speaker in ("spk1/ch1", "spk2/ch1"):
+        (tmp_path / speaker).mkdir(parents=True)
+        for number, path in enumerate(sources):
+            (tmp_path / speaker / f"{number:04d}.flac").write_bytes(path.read_bytes())
+    assert [c.id for c in list_candidates(str(tmp_path))] == ["spk1/ch1/0000", "spk1/ch1/0001", "spk2/ch1/0000", "spk2/ch1/0001"]
+    assert [c.id for c in list_candidates(str(tmp_path), ids="path")][0] == "spk1/ch1/0000"
+    unique = tmp_path / "spk1"
+    assert [c.id for c in list_candidates(str(unique))] == ["0000", "0001"]  # stems, where they do not repeat

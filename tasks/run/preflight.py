@@ -10,12 +10,14 @@ geometry that iteration's features will have.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from infra.paths import unreadable_because
 from infra.store import ArtifactStore
 from model.frames import FrameGeometry
 from model.mfcc import MFCC_GEOMETRY
 from model.presets import HUBERT_CONFIGS, frame_geometry
-from tasks.corpus.manifest import Utterance
+from tasks.corpus.manifest import Manifest, Utterance
 from tasks.run.config import ConfigError, PretrainConfig
 
 
@@ -26,12 +28,13 @@ def features_geometry(config: PretrainConfig, index: int) -> FrameGeometry:
     return frame_geometry(HUBERT_CONFIGS[config.iterations[index - 1].train.model])
 
 
-def kmeans_frame_problems(config: PretrainConfig, utterances: list[Utterance]) -> list[str]:
+def kmeans_frame_problems(config: PretrainConfig, utterances: Manifest | Sequence[Utterance]) -> list[str]:
     """Each iteration whose k-means would fit fewer frames than k, with the field to change."""
     problems = []
+    samples_16k = Manifest.of(utterances).samples_16k()
     for index, iteration in enumerate(config.iterations):
         geometry = features_geometry(config, index)
-        total = sum(geometry.num_frames(utterance.samples_16k) for utterance in utterances)
+        total = int(geometry.num_frames(samples_16k).sum())
         settings = iteration.kmeans
         fitted = total * settings.sample_fraction
         if settings.max_frames is not None:
@@ -45,7 +48,7 @@ def kmeans_frame_problems(config: PretrainConfig, utterances: list[Utterance]) -
     return problems
 
 
-def check_kmeans_frames(config: PretrainConfig, utterances: list[Utterance]) -> None:
+def check_kmeans_frames(config: PretrainConfig, utterances: Manifest | Sequence[Utterance]) -> None:
     """Raise ConfigError listing every iteration whose k is beyond what the corpus gives."""
     if problems := kmeans_frame_problems(config, utterances):
         raise ConfigError("invalid configuration for this corpus:\n  " + "\n  ".join(problems))
