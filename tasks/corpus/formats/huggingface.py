@@ -80,8 +80,15 @@ def _probe_rows(
     tables = []
     for row, (id_, speaker) in enumerate(zip(_row_ids(table, paths, shard, first_row), _speakers(table))):
         base = Utterance(id=id_, path=shard, samples=0, sample_rate=1, channels=0, speaker=speaker, member=column, **place(row))
-        data = values[row].as_py()
-        probed = probe_bytes(base, data or b"", f"{shard} row {first_row + row}", settings)
+        data, origin = values[row].as_py(), f"{shard} row {first_row + row}"
+        if data is None:
+            named = "" if paths is None or paths[row].as_py() is None else f" (it names a file, {paths[row].as_py()}, instead)"
+            found.rejections.append(
+                Rejection(id=id_, path=base.where, origin=origin, reason="no audio bytes",
+                          detail=f"the row holds no audio{named}: embed the audio in the dataset")
+            )
+            continue
+        probed = probe_bytes(base, data, origin, settings)
         tables.append(probed.table)
         found.rejections += probed.rejections
     found.table = pa.concat_tables([found.table, *tables])
