@@ -26,7 +26,7 @@ from fsspec.implementations.local import LocalFileSystem
 from infra.paths import find_files, join_path, read_whole
 from tasks.corpus.formats import IdRule, Listing
 from tasks.corpus.manifest import ManifestError, Utterance, utterance_id, utterances_table
-from tasks.corpus.probe import Probed, ProbeSettings, probe_bytes
+from tasks.corpus.probe import Probed, ProbeSettings, Rejection, probe_bytes
 
 ID_COLUMN = "id"
 SPEAKER_COLUMNS = ("speaker", "speaker_id")
