@@ -15,6 +15,7 @@ import pytest
 import s3fs
 import soundfile
 
+from infra.store import ArtifactStore
 from tasks.corpus.formats import detect_format
 from tasks.run.config import PretrainConfig
 from tests.support import Chain, run_chain
@@ -196,3 +197,42 @@ def test_an_mp3_and_an_opus_corpus_run_through_labels_and_a_bad_one_is_reported(
         rejected = {r["id"]: r["reason"] for r in chain.store.read_json(chain.layout.intake_report)["rejected"]}
         assert rejected == {"notes": "unreadable", "broken": cut_reason}  # a cut-off stream: its header promises more
         assert chain.records["labels"].counts["frames"] > 0 and chain.records["labels"].metrics["used_clusters"] > 1
+
+
+def test_a_store_made_before_the_columnar_manifest_keeps_working(tmp_path: Path, loose: Chain, client) -> None:
+    """Its intake stays committed with its `manifest.jsonl`, which every stage after reads (the
+    driver columnar, the tasks their rows); what they compute from it is what they computed before."""
+    import json
+
+    from infra.digest import digest_bytes
+    from tasks.audit.verification import verify_run
+
+    shutil.copytree(loose.config.store, tmp_path / "runs")
+    config = PretrainConfig.model_validate({**loose.config.model_dump(), "store": str(tmp_path / "runs")})
+    store = ArtifactStore(config.store)
+    chain = Chain(config, store, {})
+    legacy = "".join(
+        json.dumps({key: value for key, value in u.model_dump().items()
+                    if key in ("id", "path", "samples", "sample_rate", "channels", "speaker")}, separators=(",", ":")) + "\n"
+        for u in loose.utterances
+    ).encode()
+    store.write_bytes(chain.layout.legacy_manifest, legacy)
+    store.remove(chain.layout.manifest)
+    record_path = f"{chain.layout.stage_folder('intake', None)}/intake.commit.json"
+    record = store.read_json(record_path)
+    for field in ("outputs", "objects", "sizes"):
+        renamed = json.dumps(record[field]).replace("manifest.parquet", "manifest.jsonl")
+        record[field] = json.loads(renamed)
+    record["objects"]["manifest.jsonl"] = {"count": 1, "bytes": len(legacy), "names": ["manifest.jsonl"]}
+    record["output_digest"] = digest_bytes(legacy)
+    store.write_json(record_path, record)
+
+    again = run_chain(chain.config, client)
+    assert again.records["intake"].key == loose.records["intake"].key  # not taken in again
+    assert not store.exists(chain.layout.manifest)
+    assert again.records["features"].inputs["manifest"] == digest_bytes(legacy)
+    assert again.records["features"].output_digest == loose.records["features"].output_digest
+    assert again.records["labels"].output_digest == loose.records["labels"].output_digest
+    assert [u.id for u in again.utterances] == [u.id for u in loose.utterances]
+    checks = verify_run(str(tmp_path / "runs" / "t"), deep=True)
+    assert [check.stage for check in checks][:1] == ["intake"] and all(check.ok and check.digest_checked for check in checks)
