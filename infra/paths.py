@@ -15,8 +15,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from fsspec.implementations.local import LocalFileSystem
 
-from infra.digest import digest_bytes
-
 LISTING_BATCH = 65_536
 
 
@@ -161,5 +159,8 @@ def fingerprint_source(source: str, suffixes: tuple[str, ...], storage_options: 
             digest.update(((("," if start else "") + text)).encode())
         digest.update(b"]")
         return digest.hexdigest()
+    digest = hashlib.sha256()
     with fs.open(root, "rb") as handle:
-        return digest_bytes(handle.read())
+        while block := handle.read(8 * 2**20):
+            digest.update(block)
+    return digest.hexdigest()

@@ -160,12 +160,17 @@ def detect_format(source: str, storage_options: dict[str, Any] | None = None) ->
     fs, root = fsspec.core.url_to_fs(source, **(storage_options or {}))
     if not fs.isdir(root):
         raise ManifestError(f"corpus folder not found: {source}")
-    names = [path.lower() for path in fs.find(root, maxdepth=3)]
-    if any(name.endswith(AUDIO_SUFFIXES) for name in names):
-        return "files"
-    if any(posixpath.basename(name) == "state.json" for name in names) or any(name.endswith(".parquet") for name in names):
+    found = set()
+    for folder, _, names in fs.walk(root, maxdepth=3):  # one folder at a time, stopping at the first audio file
+        lowered_names = [name.lower() for name in names]
+        if any(name.endswith(AUDIO_SUFFIXES) for name in lowered_names):
+            return "files"
+        if "state.json" in lowered_names and "dataset_info.json" in lowered_names:
+            return "huggingface"
+        found.update(posixpath.splitext(name)[1] for name in lowered_names)
+    if ".parquet" in found or ".arrow" in found:
         return "huggingface"
-    if any(name.endswith(".tar") for name in names):
+    if ".tar" in found:
         return "webdataset"
     return "files"
 
