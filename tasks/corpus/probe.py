@@ -46,8 +46,21 @@ class Rejection(BaseModel):
 class Probed:
     """What one probe task found: its accepted utterances as manifest rows, in source order, and its rejections."""
 
-    table: pa.Table
+    table: pa.Table = field(default_factory=lambda: utterances_table([]))
     rejections: list[Rejection] = field(default_factory=list)
+
+    def add(self, other: Probed) -> None:
+        """Append what a later part of the task found."""
+        self.table = pa.concat_tables([self.table, other.table])
+        self.rejections.extend(other.rejections)
+
+
+@dataclass(frozen=True)
+class Shard:
+    """A probe task of a sharded source: one shard file at `path`, read whole by the format's `probe`."""
+
+    name: str
+    path: str
 
 
 @dataclass(frozen=True)
@@ -126,7 +139,7 @@ def probe_bytes(base: Utterance, data: bytes, origin: str, settings: ProbeSettin
         else:
             samples, sample_rate = decode_audio(data)
     except AudioError as error:
-        return Probed(utterances_table([]), [rejection(base, origin, error)])
+        return Probed(rejections=[rejection(base, origin, error)])
     described = base.model_copy(update={"samples": samples.shape[0], "sample_rate": sample_rate, "channels": samples.shape[1]})
     accepted, rejected = accept(described, samples, origin, settings, expected)
     return Probed(utterances_table(accepted), rejected)

@@ -77,7 +77,7 @@ def overlapping_utterances(offsets: np.ndarray, start: int, stop: int) -> list[i
     return [i for i in range(first, last) if offsets[i + 1] > start and offsets[i] < stop]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ManifestSlice:
     """The utterances of a job, as the driver plans it and a worker reads it: positions
     [first, first + len(offsets) - 1) of a sequence laid out by `offsets` (a view of its offsets),

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import posixpath
-from dataclasses import dataclass
 from typing import Any
 
 import fsspec
@@ -25,8 +24,8 @@ from fsspec.implementations.local import LocalFileSystem
 
 from infra.paths import find_files, join_path, read_whole
 from tasks.corpus.formats import IdRule, Listing
-from tasks.corpus.manifest import ManifestError, Utterance, utterance_id, utterances_table
-from tasks.corpus.probe import Probed, ProbeSettings, Rejection, probe_bytes
+from tasks.corpus.manifest import ManifestError, Utterance, utterance_id
+from tasks.corpus.probe import Probed, ProbeSettings, Rejection, Shard, probe_bytes
 
 ID_COLUMN = "id"
 SPEAKER_COLUMNS = ("speaker", "speaker_id")
@@ -71,13 +70,10 @@ def _speakers(table: pa.Table) -> list[str | None]:
     return [None] * table.num_rows
 
 
-def _probe_rows(
-    table: pa.Table, column: str, shard: str, first_row: int, settings: ProbeSettings, storage_options: dict[str, Any],
-    place: Any,
-) -> Probed:
+def _probe_rows(table: pa.Table, column: str, shard: str, first_row: int, settings: ProbeSettings, place: Any) -> Probed:
+    """Probe a shard's rows; `place(row)` says where row `row`'s audio lies in the shard."""
     values, paths = _audio_values(table.column(column).combine_chunks())
-    found = Probed(utterances_table([]))
-    tables = []
+    found = Probed()
     for row, (id_, speaker) in enumerate(zip(_row_ids(table, paths, shard, first_row), _speakers(table))):
         base = Utterance(id=id_, path=shard, samples=0, sample_rate=1, channels=0, speaker=speaker, member=column, **place(row))
         data, origin = values[row].as_py(), f"{shard} row {first_row + row}"
@@ -88,23 +84,16 @@ def _probe_rows(
                           detail=f"the row holds no audio{named}: embed the audio in the dataset")
             )
             continue
-        probed = probe_bytes(base, data, origin, settings)
-        tables.append(probed.table)
-        found.rejections += probed.rejections
-    found.table = pa.concat_tables([found.table, *tables])
+        found.add(probe_bytes(base, data, origin, settings))
     return found
 
 
-@dataclass(frozen=True)
-class ParquetShard:
+class ParquetShard(Shard):
     """A probe task: every row group of one Parquet shard, one after another."""
-
-    name: str
-    path: str
 
     def probe(self, settings: ProbeSettings, storage_options: dict[str, Any]) -> Probed:
         fs, stripped = fsspec.core.url_to_fs(self.path, **storage_options)
-        found = Probed(utterances_table([]))
+        found = Probed()
         with fs.open(stripped, "rb") as handle:
             shard = pq.ParquetFile(handle)
             column = audio_column(shard.schema_arrow, self.path)
@@ -112,29 +101,22 @@ class ParquetShard:
             first_row = 0
             for group in range(shard.metadata.num_row_groups):
                 table = shard.read_row_group(group, columns=wanted)
-                probed = _probe_rows(
-                    table, column, self.path, first_row, settings, storage_options,
-                    lambda row, group=group: {"row_group": group, "row": row},
+                found.add(
+                    _probe_rows(table, column, self.path, first_row, settings, lambda row, group=group: {"row_group": group, "row": row})
                 )
-                found.table = pa.concat_tables([found.table, probed.table])
-                found.rejections += probed.rejections
                 first_row += table.num_rows
         return found
 
 
-@dataclass(frozen=True)
-class ArrowShard:
+class ArrowShard(Shard):
     """A probe task: one Arrow file of a dataset saved to disk (an IPC stream of record batches)."""
-
-    name: str
-    path: str
 
     def probe(self, settings: ProbeSettings, storage_options: dict[str, Any]) -> Probed:
         fs, stripped = fsspec.core.url_to_fs(self.path, **storage_options)
         whole = pa.memory_map(stripped).read_buffer() if isinstance(fs, LocalFileSystem) else pa.py_buffer(read_whole(self.path, storage_options))
         reader = pa.ipc.open_stream(whole)
         column = audio_column(reader.schema, self.path)
-        found = Probed(utterances_table([]))
+        found = Probed()
         first_row = 0
         for batch in reader:
             values, _ = _audio_values(batch.column(column))
@@ -146,9 +128,7 @@ class ArrowShard:
             def place(row: int, offsets: np.ndarray = offsets, base: int = base) -> dict[str, int]:
                 return {"byte_offset": int(base + offsets[row]), "byte_length": int(offsets[row + 1] - offsets[row])}
 
-            probed = _probe_rows(pa.Table.from_batches([batch]), column, self.path, first_row, settings, storage_options, place)
-            found.table = pa.concat_tables([found.table, probed.table])
-            found.rejections += probed.rejections
+            found.add(_probe_rows(pa.Table.from_batches([batch]), column, self.path, first_row, settings, place))
             first_row += batch.num_rows
         return found
 

@@ -14,7 +14,7 @@ from typing import Any
 from infra.paths import join_path, parent_of
 from tasks.corpus.formats import CandidateTable, IdRule, Listing, candidate_listing
 from tasks.corpus.manifest import ManifestError
-from tasks.corpus.text import read_lines
+from tasks.corpus.text import json_lines, read_lines
 
 
 def _first_entry(source: str, storage_options: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -45,14 +45,9 @@ def _audio_file(recording: dict[str, Any], folder: str, where: str) -> str:
 def listing(source: str, ids: IdRule, storage_options: dict[str, Any]) -> Listing:
     folder = parent_of(source)
     table = CandidateTable()
-    for number, line in enumerate(read_lines(source, storage_options), start=1):
-        if not line.strip():
-            continue
-        where = f"{source}:{number}"
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise ManifestError(f"{where}: not JSON ({error.msg})") from error
+    for where, entry in json_lines(source, storage_options):
+        if not isinstance(entry, dict):
+            raise ManifestError(f"{where}: not a JSON object")
         if isinstance(entry.get("recording"), dict):
             if entry.get("type", "MonoCut") != "MonoCut" or not isinstance(entry.get("channel", 0), int):
                 raise ManifestError(f"{where}: cut {entry.get('id')!r} is a {entry.get('type')}; MonoCuts are read")

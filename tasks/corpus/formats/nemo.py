@@ -4,30 +4,23 @@ Relative paths resolve against the manifest's folder."""
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from infra.paths import join_path, parent_of
 from tasks.corpus.formats import CandidateTable, IdRule, Listing, candidate_listing
 from tasks.corpus.manifest import ManifestError
-from tasks.corpus.text import read_lines
+from tasks.corpus.text import json_lines
 
 
 def listing(source: str, ids: IdRule, storage_options: dict[str, Any]) -> Listing:
     folder = parent_of(source)
     table = CandidateTable()
-    for number, line in enumerate(read_lines(source, storage_options), start=1):
-        if not line.strip():
-            continue
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise ManifestError(f"{source} line {number}: not JSON ({error.msg})") from error
+    for where, entry in json_lines(source, storage_options):
         if not isinstance(entry, dict) or not isinstance(entry.get("audio_filepath"), str):
-            raise ManifestError(f"{source} line {number}: needs a string 'audio_filepath'")
+            raise ManifestError(f"{where}: needs a string 'audio_filepath'")
         duration, speaker = entry.get("duration"), entry.get("speaker")
         table.add(
-            path=join_path(folder, entry["audio_filepath"]), origin=f"{source}:{number}",
+            path=join_path(folder, entry["audio_filepath"]), origin=where,
             speaker=None if speaker is None else str(speaker), expected_seconds=None if duration is None else float(duration),
         )
     return candidate_listing("nemo", table.table(), folder, ids)

@@ -12,16 +12,14 @@ from __future__ import annotations
 import json
 import posixpath
 import tarfile
-from dataclasses import dataclass
 from typing import Any
 
 import fsspec
-import pyarrow as pa
 
 from infra.paths import find_files
 from tasks.corpus.formats import IdRule, Listing
-from tasks.corpus.manifest import AUDIO_SUFFIXES, ManifestError, Utterance, utterances_table
-from tasks.corpus.probe import Probed, ProbeSettings, Rejection, probe_bytes
+from tasks.corpus.manifest import AUDIO_SUFFIXES, ManifestError, Utterance
+from tasks.corpus.probe import Probed, ProbeSettings, Rejection, Shard, probe_bytes
 
 READ_BLOCK = 8 * 2**20
 
@@ -33,17 +31,12 @@ def sample_key(member: str) -> tuple[str, str]:
     return posixpath.join(folder, stem), extension.lower()
 
 
-@dataclass(frozen=True)
-class TarShard:
+class TarShard(Shard):
     """A probe task: one WebDataset shard, streamed."""
-
-    name: str
-    path: str
 
     def probe(self, settings: ProbeSettings, storage_options: dict[str, Any]) -> Probed:
         fs, stripped = fsspec.core.url_to_fs(self.path, **storage_options)
-        found = Probed(utterances_table([]))
-        tables: list[pa.Table] = []
+        found = Probed()
         current: dict[str, Any] = {}
 
         def finish() -> None:
@@ -67,9 +60,7 @@ class TarShard:
                 id=key, path=self.path, samples=0, sample_rate=1, channels=0, member=name, byte_offset=offset,
                 byte_length=size, speaker=None if speaker is None else str(speaker),
             )
-            probed = probe_bytes(base, data, f"{self.path}[{name}]", settings)
-            tables.append(probed.table)
-            found.rejections.extend(probed.rejections)
+            found.add(probe_bytes(base, data, f"{self.path}[{name}]", settings))
 
         with fs.open(stripped, "rb", block_size=READ_BLOCK) as handle:
             try:
@@ -92,7 +83,6 @@ class TarShard:
                     Rejection(id=posixpath.basename(self.path), path=self.path, origin=self.path, reason="corrupt shard",
                               detail=f"the tar cannot be read past {current.get('key', 'its start')} ({error})")
                 )
-        found.table = pa.concat_tables([found.table, *tables])
         return found
 
 
