@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import pyarrow as pa
-import pyarrow.compute as pc
 from distributed import Client
 
 from infra.parts import gather_parts
@@ -70,7 +69,7 @@ def probe_listing(client: Client, listing: Listing, settings: ProbeSettings, sto
     )
     ordered = [results.pop(index) for index in range(len(listing.units))]
     tables = [probed.table for probed in ordered]
-    table = pa.concat_tables(tables).combine_chunks() if tables else MANIFEST_SCHEMA.empty_table()
+    table = pa.concat_tables(tables) if tables else MANIFEST_SCHEMA.empty_table()
     rejections = [rejection for probed in ordered for rejection in probed.rejections]
     return TakenIn(Manifest(table), rejections, listing.format, listing.id_rule)
 
@@ -86,9 +85,7 @@ def take_in(client: Client, corpus: CorpusSettings, storage_options: dict[str, A
     what = f"{listing.candidates} files" if listing.candidates is not None else f"{len(listing.units)} {listing.format} shards"
     log.info("%s: probing %s on %d Dask worker(s) (ids: %s)", description, what, len(client.scheduler_info()["workers"]), listing.id_rule)
     taken = probe_listing(client, listing, corpus, storage_options, description)
-    table = taken.utterances.table
-    places = pc.binary_join_element_wise(table.column("path"), pc.fill_null(table.column("member"), ""), "#")
-    check_unique(table.column("id").combine_chunks(), places.combine_chunks(), f"ids: {listing.id_rule}")
+    check_unique(taken.utterances.table, f"ids: {listing.id_rule}")
     for rejection in taken.rejections:
         log.warning("%s: skipping %s (%s): %s", description, rejection.path, rejection.reason, rejection.detail)
     return taken

@@ -229,8 +229,8 @@ class Manifest:
         """A numeric column as a numpy array."""
         return self.table.column(name).to_numpy()
 
-    def ids(self) -> pa.Array:
-        return self.table.column("id").combine_chunks()
+    def ids(self) -> pa.ChunkedArray:
+        return self.table.column("id")
 
     def samples_16k(self) -> np.ndarray:
         """[utterances] int64: each utterance's length at 16 kHz."""

@@ -124,14 +124,16 @@ def kmeans_sample(utterances: Manifest, offsets: np.ndarray, settings: KMeansCon
     return np.sort(ranked[: int(np.searchsorted(before, wanted, side="left"))]).astype(np.int64)
 
 
-def id_batches(ids: pa.Array | np.ndarray | zarr.Array, size: int = IDS_CHUNK) -> Iterator[list[str]]:
+def id_batches(ids: pa.Array | pa.ChunkedArray | np.ndarray | zarr.Array, size: int = IDS_CHUNK) -> Iterator[list[str]]:
     """Utterance ids as lists of `size` (an Arrow column, a numpy array or a store's `utt_ids`)."""
     for start in range(0, len(ids) if not isinstance(ids, zarr.Array) else ids.shape[0], size):
-        block = ids[start : start + size]
-        yield block.to_pylist() if isinstance(block, pa.Array) else [str(name) for name in block]
+        if isinstance(ids, (pa.Array, pa.ChunkedArray)):
+            yield ids.slice(start, size).to_pylist()
+        else:
+            yield [str(name) for name in ids[start : start + size]]
 
 
-def write_ids(array: zarr.Array, ids: pa.Array) -> None:
+def write_ids(array: zarr.Array, ids: pa.Array | pa.ChunkedArray) -> None:
     """Fill a store's `utt_ids` (chunked by IDS_CHUNK) from an Arrow column, a chunk at a time."""
     for start, block in zip(range(0, len(ids), IDS_CHUNK), id_batches(ids)):
         array[start : start + len(block)] = np.array(block, dtype=object)

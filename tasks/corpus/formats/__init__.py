@@ -129,15 +129,20 @@ def ids_from_paths(paths: pa.Array, root: str, rule: IdRule) -> tuple[pa.Array, 
     return _without_extension(relative), "path relative to the source root"
 
 
-def check_unique(ids: pa.Array, places: pa.Array, what: str) -> None:
-    """Two utterances with one id would share labels and features: refuse, naming both."""
+def check_unique(table: pa.Table, what: str) -> None:
+    """Two utterances (rows of `table`: `id`, `path`, maybe `member`) with one id would share labels
+    and features: refuse, naming both (the columns are looked at whole only where ids repeat)."""
+    ids = table.column("id")
     counts = pc.value_counts(ids)
     repeated = counts.field("values").filter(pc.greater(counts.field("counts"), 1))
     if len(repeated) == 0:
         return
-    mask = pc.is_in(ids, value_set=repeated)
+    clashes = table.filter(pc.is_in(ids, value_set=repeated))
+    places = clashes.column("path")
+    if "member" in clashes.column_names:
+        places = pc.binary_join_element_wise(places, pc.fill_null(clashes.column("member"), ""), "#")
     clashing: dict[str, list[str]] = {}
-    for id_, place in zip(ids.filter(mask).to_pylist(), places.filter(mask).to_pylist()):
+    for id_, place in zip(clashes.column("id").to_pylist(), places.to_pylist()):
         clashing.setdefault(id_, []).append(place)
     lines = [f"'{id_}': {' and '.join(found[:3])}" for id_, found in list(clashing.items())[:10]]
     more = f"\n  ... and {len(clashing) - 10} more" if len(clashing) > 10 else ""
@@ -210,10 +215,7 @@ def candidate_listing(kind: str, table: pa.Table, root: str, rule: IdRule, ids_g
     else:
         ids, used = ids_from_paths(table.column("path").combine_chunks(), root, rule)
         table = table.set_column(0, "id", ids)
-    check_unique(
-        table.column("id").combine_chunks(), table.column("path").combine_chunks(),
-        f"ids: {used}; corpus.ids 'path' derives them from the path below the source root",
-    )
+    check_unique(table, f"ids: {used}; corpus.ids 'path' derives them from the path below the source root")
     return Listing(kind, CandidateBatches(table), used, table.num_rows)
 
 

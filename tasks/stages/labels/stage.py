@@ -171,7 +171,7 @@ class StoredFrames:
 
 def _same_ids(stored: zarr.Array | np.ndarray | pa.Array, expected: pa.Array) -> bool:
     """Whether a store's ids are exactly `expected`, compared a block at a time."""
-    if (stored.shape[0] if not isinstance(stored, pa.Array) else len(stored)) != len(expected):
+    if (len(stored) if isinstance(stored, (pa.Array, pa.ChunkedArray)) else stored.shape[0]) != len(expected):
         return False
     return all(mine == theirs for mine, theirs in zip(id_batches(stored), id_batches(expected)))
 
