@@ -18,6 +18,7 @@ import soundfile
 from infra.store import ArtifactStore
 from tasks.corpus.formats import detect_format
 from tasks.run.config import PretrainConfig
+from tasks.run.layout import INTAKE_REJECTIONS
 from tests.support import Chain, run_chain
 
 pytestmark = pytest.mark.slow
@@ -93,6 +94,18 @@ def test_a_hugging_face_parquet_corpus_gives_the_labels_of_its_loose_files(
     assert first.speaker == clips[0].stem.split("_")[1]
     report = chain.store.read_json(chain.layout.intake_report)
     assert report["format"] == "huggingface" and report["rejected"] == []
+
+
+def test_parquet_rows_that_only_name_their_files_are_reported(tmp_path: Path, clips: list[Path], client) -> None:
+    import datasets
+
+    named = datasets.Dataset.from_dict({"audio": [str(path) for path in clips[:3]]}).cast_column("audio", datasets.Audio(decode=False))
+    named.to_parquet(str(tmp_path / "named.parquet"))  # to_parquet does not embed the files
+    with pytest.raises(ValueError, match="all 3 files rejected"):
+        run_chain(chain_config(tmp_path / "runs", str(tmp_path / "named.parquet")), client, "intake")
+    report = ArtifactStore(str(tmp_path / "runs")).read_json("t/corpus/intake_report.json")
+    assert [(r["id"], r["reason"]) for r in report["rejected"]] == [(path.stem, "no audio bytes") for path in clips[:3]]
+    assert str(clips[0]) in report["rejected"][0]["detail"]
 
 
 def test_a_dataset_saved_to_disk_is_read_by_byte_range(tmp_path: Path, clips: list[Path], loose: Chain, client) -> None:
@@ -196,6 +209,8 @@ def test_an_mp3_and_an_opus_corpus_run_through_labels_and_a_bad_one_is_reported(
         assert [u.id for u in chain.utterances] == sorted(path.stem for path in clips[:20])
         rejected = {r["id"]: r["reason"] for r in chain.store.read_json(chain.layout.intake_report)["rejected"]}
         assert rejected == {"notes": "unreadable", "broken": cut_reason}  # a cut-off stream: its header promises more
+        every = pq.read_table(chain.store.path(chain.layout.path(None, INTAKE_REJECTIONS))).to_pylist()
+        assert {row["id"]: row["reason"] for row in every} == rejected and every[0]["path"].endswith(f".{suffix}")
         assert chain.records["labels"].counts["frames"] > 0 and chain.records["labels"].metrics["used_clusters"] > 1
 
 

@@ -15,7 +15,7 @@ The bundle is checked before any work (tasks/products/bundle.py). A killed run r
 chunks; a re-run with the same bundle and source skips both stages without starting a cluster
 and rewrites only `units.jsonl` (as asked: deduplicated or not).
 
-    OUT/manifest.parquet, intake_report.json   + intake.commit.json
+    OUT/manifest.parquet, intake_report.json, intake_report.parquet   + intake.commit.json
     OUT/units.zarr      units int16 [frames], offsets [utts + 1], utt_ids, frame geometry
     OUT/report.json     counts, rejected files, the bundle's digests   + units.commit.json
     OUT/units.jsonl     {"id", "units"} per utterance ({"id", "units", "durations"} with --dedup)
@@ -51,7 +51,7 @@ from tasks.frames.sources import BundleLayerSource
 from tasks.frames.store import IDS_CHUNK, choose_chunk_frames, id_batches, stored_chunk_digests, write_ids
 from tasks.products.bundle import Bundle, BundleError
 from tasks.run.config import CorpusConfig
-from tasks.run.layout import INTAKE_REPORT, LEGACY_MANIFEST, MANIFEST
+from tasks.run.layout import INTAKE_REJECTIONS, INTAKE_REPORT, LEGACY_MANIFEST, MANIFEST
 from tasks.run.records import manifest_relpath, read_manifest
 from tasks.run.stage import CommittedStage, StageResult, StageSpec, run_stage
 
@@ -109,6 +109,7 @@ def probe(context: UnitsContext, stage: Stage) -> StageResult:
     except ManifestError as error:
         raise BundleError(str(error)) from error
     context.store.write_json(INTAKE_REPORT, taken.report())
+    context.store.write_bytes(INTAKE_REJECTIONS, taken.rejections_parquet())
     if not len(taken.utterances):
         raise BundleError(f"no usable audio in {context.source}: all {len(taken.rejections)} files rejected")
     data = manifest_parquet(taken.utterances.table)
@@ -126,7 +127,7 @@ def _manifest(store: ArtifactStore) -> str:
 PROBE = StageSpec[UnitsContext](
     name="intake",
     version=1,
-    outputs=(MANIFEST, INTAKE_REPORT),
+    outputs=(MANIFEST, INTAKE_REPORT, INTAKE_REJECTIONS),
     key_config=lambda context: {"source": context.source, "min_seconds": _limits(context).min_seconds},
     key_inputs=lambda context: {"source": fingerprint(_limits(context), context.storage_options)},
     work=probe,

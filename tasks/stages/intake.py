@@ -1,7 +1,8 @@
 """Stage: corpus intake. Lists the source, probes every file or shard in parallel on Dask (tasks/corpus/checks.py), writes the manifest.
 
 One bad file never stops a corpus: unreadable, empty, truncated, non-finite (NaN or Inf samples),
-silent, too short or mismatching files go into `corpus/intake_report.json` with their reason and
+silent, too short or mismatching files go into the intake report with their reason (every one in
+`corpus/intake_report.parquet`; the JSON one counts them by reason and lists the first thousand) and
 the run goes on without them. Two files with the same utterance id stop intake, naming both.
 
 The manifest is Parquet (`corpus/manifest.parquet`, tasks/corpus/manifest.py), written from Arrow
@@ -23,7 +24,7 @@ from tasks.corpus.formats import fingerprint
 from tasks.corpus.manifest import ManifestError, manifest_parquet
 from tasks.corpus.splits import assign_splits
 from tasks.run.keys import key_settings
-from tasks.run.layout import INTAKE_REPORT, LEGACY_MANIFEST, MANIFEST
+from tasks.run.layout import INTAKE_REJECTIONS, INTAKE_REPORT, LEGACY_MANIFEST, MANIFEST
 from tasks.run.preflight import check_kmeans_frames
 from tasks.run.records import load_manifest
 from tasks.run.stage import CommittedStage, StageContext, StageResult, StageSpec
@@ -54,6 +55,7 @@ def intake(context: StageContext, stage: Stage) -> StageResult:
     taken = take_in(context.client, config.corpus, config.storage_options, "intake")
     report = taken.report()
     store.write_json(stage.rel(INTAKE_REPORT), report)
+    store.write_bytes(stage.rel(INTAKE_REJECTIONS), taken.rejections_parquet())
     if not len(taken.utterances):
         raise ManifestError(
             f"no usable audio in {config.corpus.source}: all {len(taken.rejections)} files rejected "
@@ -98,7 +100,7 @@ def check_k_against_the_corpus(context: StageContext, record: StageRecord) -> No
 INTAKE = StageSpec(
     name="intake",
     version=1,
-    outputs=(MANIFEST, INTAKE_REPORT),
+    outputs=(MANIFEST, INTAKE_REPORT, INTAKE_REJECTIONS),
     key_config=intake_key_config,
     key_inputs=intake_key_inputs,
     work=intake,
