@@ -1,13 +1,18 @@
-"""The scaling curve: intake -> features -> k-means -> labels on 1x, 4x and 16x an hour of audio.
+"""The scaling curve: intake -> features -> k-means -> labels on 1x, 4x and 16x an hour of audio,
+or (`--utterances`) on 10k, 100k and 1M utterances.
 
     .venv/bin/python bench/scale.py [--hours 1] [--scales 1 4 16] [--workers 2] [--k 100]
                                     [--sample-fraction 0.1] [--out bench-out]
+    .venv/bin/python bench/scale.py --utterances 10000 100000 1000000 [--clips ../shared/data/fsdd-8k/wav]
 
 The corpus is `--hours` of synthesized speech (devtools/demo_corpus.py), repeated under new
 utterance ids (symbolic links named `r<copy>-<id>.wav`) up to each scale: the audio is real and
-every stage does the full work, but the disk holds one copy. Each scale runs iteration 1 (MFCC,
-k-means at `--k` on `--sample-fraction` of the frames, as the paper fits on a sample) into a fresh
-local store on a fresh Dask LocalCluster of `--workers` single-threaded workers.
+every stage does the full work, but the disk holds one copy. With `--utterances`, it is the real
+short recordings of `--clips` (FSDD: 300 of about 0.4 s at 8 kHz, resampled once to 16 kHz) linked again and again into
+folders of a thousand (`c0000/`, `c0001/`, ...) up to each count, so file names repeat across
+folders and intake gives them ids from their paths (`corpus.ids: auto`). Each scale runs
+iteration 1 (MFCC, k-means at `--k` on `--sample-fraction` of the frames, as the paper fits on a
+sample) into a fresh local store on a fresh Dask LocalCluster of `--workers` single-threaded workers.
 
 Per stage it prints the wall time, the peak RSS of the driver (a fresh process per scale, as a run
 has its own) and of each worker while the stage ran (sampled every 50 ms with psutil), and the
@@ -29,14 +34,15 @@ import time
 from pathlib import Path
 
 import psutil
+import soundfile
+import torch
+import torchaudio.functional
 
 from devtools.demo_corpus import cached_demo_corpus
 from infra.cluster import dask_client
 from infra.store import ArtifactStore
 from tasks.run.config import PretrainConfig
-from tasks.run.layout import RunLayout, stage_iteration
-from tasks.run.preflight import check_kmeans_frames
-from tasks.run.records import load_manifest
+from tasks.run.layout import stage_iteration
 from tasks.run.stage import StageContext, run_stage
 from tasks.stages.catalog import STAGES
 
@@ -85,6 +91,33 @@ def repeated_corpus(wav_folder: Path, copies: int, folder: Path) -> Path:
     return folder
 
 
+def clips_at_16k(clips: Path, folder: Path) -> Path:
+    """The clips resampled to 16 kHz once (16-bit wav), so that every stage's cost is the
+    pipeline's own and not the resampler's (which costs more than the MFCC of a short clip)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for path in sorted(clips.glob("*.wav")):
+        target = folder / path.name
+        if not target.exists():
+            samples, rate = soundfile.read(path, dtype="float32")
+            resampled = torchaudio.functional.resample(torch.from_numpy(samples), rate, 16_000).numpy()
+            soundfile.write(target, resampled, 16_000, subtype="PCM_16")
+    return folder
+
+
+def linked_corpus(clips: Path, count: int, folder: Path, per_folder: int = 1000) -> Path:
+    """`count` links to the clips of `clips`, cycling through them, in folders of `per_folder`."""
+    if folder.exists():
+        shutil.rmtree(folder)
+    sources = sorted(path.resolve() for path in clips.glob("*.wav"))
+    for start in range(0, count, per_folder):
+        sub = folder / f"c{start // per_folder:04d}"
+        sub.mkdir(parents=True)
+        for index in range(start, min(start + per_folder, count)):
+            source = sources[index % len(sources)]
+            os.symlink(source, sub / f"{index // len(sources):04d}-{source.name}")
+    return folder
+
+
 def folder_bytes(path: Path) -> int:
     return sum(file.stat().st_size for file in path.rglob("*") if file.is_file()) if path.exists() else 0
 
@@ -101,7 +134,7 @@ def run_scale(corpus: Path, store_root: Path, workers: int, k: int, sample_fract
             ],
         }
     )
-    store, layout = ArtifactStore(config.store), RunLayout(config.run)
+    store = ArtifactStore(config.store)
     results = {}
     with dask_client(n_workers=workers) as client:
         pids = {"driver": os.getpid(), **{f"worker {i}": pid for i, pid in enumerate(client.run(os.getpid).values())}}
@@ -111,8 +144,6 @@ def run_scale(corpus: Path, store_root: Path, workers: int, k: int, sample_fract
                 start = time.perf_counter()
                 record = run_stage(STAGES[name], StageContext(config, store, client, stage_iteration(name, 1)))
                 seconds = time.perf_counter() - start
-            if name == "intake":
-                check_kmeans_frames(config, load_manifest(store, layout))
             results[name] = {"seconds": seconds, "rss": peaks.peaks, "bytes": folder_bytes(store_root) - before, "record": record}
     return results
 
@@ -135,6 +166,26 @@ def run_scale_in_own_process(*arguments: object) -> dict[str, dict]:
     return results
 
 
+LIBRI_LIGHT_PIECES = 60_000 * 3600 // 30
+"""Libri-Light's 60k hours cut into 30 s spans: the utterance count a driver would plan."""
+
+
+def driver_summary(rows: dict[int, dict], scales: list[int]) -> None:
+    """The driver's peak over all stages at each count, its growth per utterance, and what that gives
+    for LibriSpeech-960 (281k utterances) and Libri-Light in 30 s spans (7.2M)."""
+    peaks = {scale: max(rows[scale][name]["rss"]["driver"] for name in STAGE_NAMES) for scale in scales}
+    base, largest = scales[0], scales[-1]
+    slope = (peaks[largest] - peaks[base]) / (largest - base) if largest > base else 0.0
+    per_utterance = {
+        name: (rows[largest][name]["seconds"] / largest) / (rows[base][name]["seconds"] / base) for name in STAGE_NAMES
+    }
+    print("\ndriver peak RSS over all stages: " + ", ".join(f"{scale}: {peaks[scale]:.0f} MiB" for scale in scales))
+    print(f"  {largest} / {base}: {peaks[largest] / peaks[base]:.2f}x (target: at most 1.25x); {slope * 2**20:.0f} bytes per utterance")
+    print("  time per utterance, " + f"{largest} / {base}: " + ", ".join(f"{name} {ratio:.2f}x" for name, ratio in per_utterance.items()))
+    for corpus_name, count in (("LibriSpeech-960", 281_241), ("Libri-Light in 30 s spans", LIBRI_LIGHT_PIECES)):
+        print(f"  {corpus_name} ({count} utterances): driver about {peaks[base] + slope * (count - base):.0f} MiB")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hours", type=float, default=1.0)
@@ -143,19 +194,30 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=100)
     parser.add_argument("--sample-fraction", type=float, default=0.1)
     parser.add_argument("--out", type=Path, default=Path("bench-out"))
+    parser.add_argument("--utterances", type=int, nargs="+", help="scales as utterance counts of --clips, e.g. 10000 100000 1000000")
+    parser.add_argument("--clips", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data" / "fsdd-8k" / "wav")
     args = parser.parse_args()
     args.out.mkdir(exist_ok=True)
-    wav_folder = cached_demo_corpus(args.out, args.hours * 60)
+    if args.utterances:
+        args.scales = args.utterances
+    wav_folder = clips_at_16k(args.clips, args.out / "clips-16k") if args.utterances else cached_demo_corpus(args.out, args.hours * 60)
     rows = {}
     for scale in args.scales:
-        corpus = repeated_corpus(wav_folder, scale, args.out / "scale-corpus")
+        if args.utterances:
+            corpus = linked_corpus(wav_folder, scale, args.out / "scale-corpus")
+        else:
+            corpus = repeated_corpus(wav_folder, scale, args.out / "scale-corpus")
         store_root = args.out / "scale-store"
         shutil.rmtree(store_root, ignore_errors=True)
         rows[scale] = run_scale_in_own_process(corpus, store_root, args.workers, args.k, args.sample_fraction)
         shutil.rmtree(store_root, ignore_errors=True)
         audio_hours = rows[scale]["features"]["record"].counts["audio_hours"]
         rows[scale]["audio_hours"] = audio_hours
-        print(f"\n{scale}x: {audio_hours:.2f} h of audio, {rows[scale]['features']['record'].counts['frames']} frames")
+        utterances = rows[scale]["intake"]["record"].counts["utterances"]
+        print(
+            f"\n{scale}{'' if args.utterances else 'x'}: {utterances} utterances, {audio_hours:.2f} h of audio, "
+            f"{rows[scale]['features']['record'].counts['frames']} frames"
+        )
         print(f"  {'stage':<10}{'wall s':>9}{'s/audio h':>11}{'driver MiB':>12}{'workers MiB':>16}{'store MB':>10}")
         for name in STAGE_NAMES:
             row = rows[scale][name]
@@ -179,6 +241,8 @@ def main() -> None:
             )
             cells.append(f"{per_hour:>10.2f}{driver:>9.2f}{worker:>9.2f}")
         print(f"  {name:<10}" + "".join(cells))
+    if args.utterances:
+        driver_summary(rows, args.scales)
     per_hour = {name: rows[largest][name]["seconds"] / rows[largest]["audio_hours"] for name in STAGE_NAMES}
     print(f"\nextrapolated from {largest}x on {args.workers} workers (seconds per audio hour x hours x {args.workers} / N workers)")
     print(f"  {'corpus':<18}{'workers':>8}" + "".join(f"{name:>11}" for name in STAGE_NAMES) + f"{'total':>11}")

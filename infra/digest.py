@@ -31,3 +31,20 @@ def digest_digests(digests: Iterable[str]) -> str:
     for digest in digests:
         combined.update(digest.encode())
     return combined.hexdigest()
+
+
+def digest_json_with_list(value: dict[str, Any], key: str, batches: Iterable[list[str]]) -> str:
+    """`digest_json({**value, key: [every string of batches, in order]})`, streamed: the long list
+    (a corpus's utterance ids) is never built."""
+    marker = "\u0000list\u0000"
+    text = json.dumps({**value, key: marker}, sort_keys=True, separators=(",", ":"), default=str)
+    prefix, suffix = text.split(json.dumps(marker))
+    digest = hashlib.sha256(prefix.encode() + b"[")
+    first = True
+    for batch in batches:
+        if not batch:
+            continue
+        digest.update(((("" if first else ",") + ",".join(json.dumps(item) for item in batch))).encode())
+        first = False
+    digest.update(b"]" + suffix.encode())
+    return digest.hexdigest()

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import posixpath
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import fsspec
+import pyarrow as pa
+import pyarrow.compute as pc
 from fsspec.implementations.local import LocalFileSystem
 
-from infra.digest import digest_bytes, digest_json
+LISTING_BATCH = 65_536
 
 
 def is_remote_url(path: str) -> bool:
@@ -69,18 +74,67 @@ def read_whole(path: str, storage_options: dict[str, Any] | None = None) -> byte
     return fs.cat_file(stripped, **whole_read_options(fs))
 
 
-def find_files(folder: str, suffixes: tuple[str, ...], storage_options: dict[str, Any] | None = None) -> list[str]:
-    """Files under `folder` (recursively) whose names end with one of `suffixes` (any case), sorted.
+def read_range(path: str, offset: int, length: int, storage_options: dict[str, Any] | None = None) -> bytes:
+    """Bytes [offset, offset + length) of a file, local or remote (one ranged GET on object storage)."""
+    fs, stripped = fsspec.core.url_to_fs(path, **(storage_options or {}))
+    return fs.cat_file(stripped, start=offset, end=offset + length)
 
-    Local results are plain paths, remote ones full URLs, so either can be opened with fsspec.
-    """
+
+def _local_files(fs: LocalFileSystem, root: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(path, info) of every file below a local folder, as `fs.find(root, detail=True)` gives them
+    (a link is listed, not followed into), one directory at a time."""
+    folders = [root]
+    while folders:
+        with os.scandir(folders.pop()) as entries:
+            for entry in entries:
+                info = fs.info(entry)
+                if info["type"] == "directory":
+                    folders.append(entry.path)
+                else:
+                    yield info["name"], info
+
+
+def _files_with_info(folder: str, storage_options: dict[str, Any] | None) -> tuple[Iterator[tuple[str, dict[str, Any]]], Any]:
     fs, root = fsspec.core.url_to_fs(folder, **(storage_options or {}))
     if not fs.isdir(root):
         raise FileNotFoundError(f"corpus folder not found: {folder}")
-    found = sorted(path for path in fs.find(root) if path.lower().endswith(suffixes))
     if isinstance(fs, LocalFileSystem):
-        return found
-    return [fs.unstrip_protocol(path) for path in found]
+        return _local_files(fs, root), fs
+    return iter(fs.find(root, detail=True).items()), fs
+
+
+def _sorted_columns(rows: Iterator[tuple[Any, ...]], types: list[pa.DataType]) -> list[pa.Array]:
+    """Rows gathered into Arrow columns a batch at a time (no Python object per row is kept), sorted by the first."""
+    batches: list[list[pa.Array]] = []
+    pending: list[tuple[Any, ...]] = []
+
+    def flush() -> None:
+        if pending:
+            batches.append([pa.array(list(column), type) for column, type in zip(zip(*pending), types)])
+            pending.clear()
+
+    for row in rows:
+        pending.append(row)
+        if len(pending) >= LISTING_BATCH:
+            flush()
+    flush()
+    columns = [pa.concat_arrays([batch[i] for batch in batches]) if batches else pa.array([], t) for i, t in enumerate(types)]
+    order = pc.sort_indices(columns[0])
+    return [column.take(order) for column in columns]
+
+
+def find_files(folder: str, suffixes: tuple[str, ...], storage_options: dict[str, Any] | None = None) -> pa.StringArray:
+    """Files under `folder` (recursively) whose names end with one of `suffixes` (any case), sorted,
+    as an Arrow array (a corpus of millions of files is listed without a Python string per file).
+
+    Local results are plain paths, remote ones full URLs, so either can be opened with fsspec.
+    """
+    found, fs = _files_with_info(folder, storage_options)
+    matching = ((path,) for path, _ in found if path.lower().endswith(suffixes))
+    (paths,) = _sorted_columns(matching, [pa.string()])
+    if isinstance(fs, LocalFileSystem):
+        return paths
+    return pa.array([fs.unstrip_protocol(path) for path in paths.to_pylist()], pa.string())
 
 
 def count_by_suffix(folder: str, storage_options: dict[str, Any] | None = None) -> dict[str, int] | None:
@@ -118,12 +172,25 @@ def fingerprint_source(source: str, suffixes: tuple[str, ...], storage_options: 
     """
     fs, root = fsspec.core.url_to_fs(source, **(storage_options or {}))
     if fs.isdir(root):
-        listing = fs.find(root, detail=True)
-        entries = [
-            (path, info.get("size"), str(info.get("mtime") or info.get("LastModified") or info.get("ETag") or ""))
-            for path, info in sorted(listing.items())
-            if path.lower().endswith(suffixes)
-        ]
-        return digest_json(entries)
+        found, _ = _files_with_info(source, storage_options)
+        paths, sizes, stamps = _sorted_columns(
+            (
+                (path, info.get("size"), str(info.get("mtime") or info.get("LastModified") or info.get("ETag") or ""))
+                for path, info in found
+                if path.lower().endswith(suffixes)
+            ),
+            [pa.string(), pa.int64(), pa.string()],
+        )
+        # digest_json of the sorted [path, size, stamp] list, streamed: the same digest, without the list.
+        digest = hashlib.sha256(b"[")
+        for start in range(0, len(paths), LISTING_BATCH):
+            rows = zip(*(column.slice(start, LISTING_BATCH).to_pylist() for column in (paths, sizes, stamps)))
+            text = ",".join(json.dumps(list(row), separators=(",", ":")) for row in rows)
+            digest.update(((("," if start else "") + text)).encode())
+        digest.update(b"]")
+        return digest.hexdigest()
+    digest = hashlib.sha256()
     with fs.open(root, "rb") as handle:
-        return digest_bytes(handle.read())
+        while block := handle.read(8 * 2**20):
+            digest.update(block)
+    return digest.hexdigest()

@@ -17,8 +17,12 @@ class FrameGeometry:
     hop: int
     window: int
 
-    def num_frames(self, samples: int) -> int:
-        """Whole windows that fit: 1 + (samples - window) // hop, or 0 when shorter than one window."""
+    def num_frames(self, samples: int | np.ndarray) -> int | np.ndarray:
+        """Whole windows that fit: 1 + (samples - window) // hop, or 0 when shorter than one window.
+
+        Of one count (an int), or element-wise of an array of counts (int64)."""
+        if isinstance(samples, np.ndarray):
+            return np.where(samples < self.window, 0, 1 + (samples - self.window) // self.hop).astype(np.int64)
         return 0 if samples < self.window else 1 + (samples - self.window) // self.hop
 
     @property

@@ -7,7 +7,9 @@ import torch
 import torchaudio.functional
 
 from tasks.corpus.audio import AudioError, decode_audio, load_audio_16k, resampled_length
-from tasks.corpus.manifest import ManifestError, check_unique_ids, list_candidates, misplaced
+from tasks.corpus.formats import list_candidates
+from tasks.corpus.manifest import ManifestError
+from tasks.corpus.places import misplaced
 
 
 @pytest.mark.parametrize("rate", [8000, 11025, 22050, 24000, 44100, 48000])
@@ -90,7 +92,7 @@ def test_duplicate_ids_name_both_paths(tmp_path: Path, fsdd_dir: Path) -> None:
         (tmp_path / folder).mkdir()
         (tmp_path / folder / source.name).write_bytes(source.read_bytes())
     with pytest.raises(ManifestError) as caught:
-        check_unique_ids(list_candidates(str(tmp_path)))
+        list_candidates(str(tmp_path), ids="stem")
     assert str(tmp_path / "a" / source.name) in str(caught.value)
     assert str(tmp_path / "b" / source.name) in str(caught.value)
 
@@ -102,7 +104,19 @@ def test_a_tsv_root_line_elsewhere_is_not_the_sources_own_root(tmp_path: Path) -
     (tmp_path / "remote.tsv").write_text("http://169.254.169.254/latest\nmeta.wav\t16000\n")
     local, remote = list_candidates(str(tmp_path / "local.tsv"))[0], list_candidates(str(tmp_path / "remote.tsv"))[0]
     assert (local.path, local.root) == ("/data/audio/spk/a.wav", "/data/audio")
-    assert misplaced(local, []) is None
+    assert misplaced(local, ()) is None
     assert (remote.path, remote.root) == ("http://169.254.169.254/latest/meta.wav", str(tmp_path))
-    assert misplaced(remote, [])[0] == "outside the source"
-    assert misplaced(remote, ["http://169.254.169.254/latest"]) is None
+    assert misplaced(remote, ())[0] == "outside the source"
+    assert misplaced(remote, ("http://169.254.169.254/latest",)) is None
+
+
+def test_two_folders_with_the_same_file_names_get_distinct_ids(tmp_path: Path, fsdd_dir: Path) -> None:
+    sources = sorted(fsdd_dir.glob("*.wav"))[:2]
+    for speaker in ("spk1/ch1", "spk2/ch1"):
+        (tmp_path / speaker).mkdir(parents=True)
+        for number, path in enumerate(sources):
+            (tmp_path / speaker / f"{number:04d}.flac").write_bytes(path.read_bytes())
+    assert [c.id for c in list_candidates(str(tmp_path))] == ["spk1/ch1/0000", "spk1/ch1/0001", "spk2/ch1/0000", "spk2/ch1/0001"]
+    assert [c.id for c in list_candidates(str(tmp_path), ids="path")][0] == "spk1/ch1/0000"
+    unique = tmp_path / "spk1"
+    assert [c.id for c in list_candidates(str(unique))] == ["0000", "0001"]  # stems, where they do not repeat

@@ -221,6 +221,24 @@ def test_units_of_the_training_corpus_are_the_next_iterations_labels(tmp_path: P
 
 
 @pytest.mark.slow
+def test_units_reads_the_training_corpus_as_webdataset_shards_and_gives_the_same_units(tmp_path: Path, run, bundle, corpus: Path) -> None:
+    import webdataset
+
+    _, store = run
+    (tmp_path / "wds").mkdir()
+    clips = sorted(corpus.glob("*.wav"))
+    for shard in range(3):
+        with webdataset.TarWriter(str(tmp_path / "wds" / f"shard-{shard:06d}.tar")) as sink:
+            for clip in clips[shard * 10 : (shard + 1) * 10]:
+                sink.write({"__key__": clip.stem, "wav": clip.read_bytes()})
+    counts = units(load_bundle(str(bundle[0])), str(tmp_path / "wds"), str(tmp_path / "units"))
+    labels = store.open_zarr("t/iter-2/labels.zarr", "r")
+    ours = ArtifactStore(str(tmp_path / "units")).open_zarr("units.zarr", "r")
+    assert counts["utterances"] == len(clips) and list(ours["utt_ids"][:]) == list(labels["utt_ids"][:])
+    np.testing.assert_array_equal(ours["units"][:], labels["labels"][:])
+
+
+@pytest.mark.slow
 def test_units_refuses_a_bundle_whose_parts_do_not_belong_together(tmp_path: Path, bundle, corpus: Path, capsys) -> None:
     bundle = Path(shutil.copytree(bundle[0], tmp_path / "bundle"))
     quantizer = json.loads((bundle / BUNDLE.quantizer).read_text())

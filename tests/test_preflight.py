@@ -93,13 +93,13 @@ def test_a_k_beyond_the_corpus_frames_stops_right_after_intake_naming_the_field(
 
 
 def test_a_source_folder_without_audio_intake_reads_is_refused_naming_what_it_holds(tmp_path: Path) -> None:
-    corpus = tmp_path / "mp3s"
+    corpus = tmp_path / "aac"
     (corpus / "nested").mkdir(parents=True)
     for number in range(5):
-        (corpus / ("nested" if number % 2 else "") / f"utt{number}.MP3").write_bytes(b"ID3\x04")
+        (corpus / ("nested" if number % 2 else "") / f"utt{number}.M4A").write_bytes(b"\x00\x00\x00\x20ftyp")
     (corpus / "notes.txt").write_text("recorded in 2019\n")
     refused_before_work(
         tmp_path, write(tmp_path, corpus),
-        f"corpus.source: no .wav or .flac file under {corpus} (found 5 .mp3 files, 1 .txt file); intake reads .wav or .flac files",
+        f"corpus.source: no audio file (.wav, .flac, .mp3, .ogg, .opus) under {corpus} (found 5 .m4a files, 1 .txt file)",
     )
     assert not (tmp_path / "runs").exists()

@@ -145,7 +145,7 @@ def test_a_resumed_run_gives_the_uninterrupted_loss_curve(labelled_store, tmp_pa
 
 def test_an_utterance_that_fails_to_load_in_the_background_is_named(labelled_store, tmp_path: Path) -> None:
     _, store, _ = labelled_store
-    utterances = load_manifest(store, RunLayout("t"))
+    utterances = list(load_manifest(store, RunLayout("t")))  # records, one of them changed below
     stream, source = stream_for(store)
     second_batch = stream.buckets.epoch(0)[1]
     broken = utterances[source.rows[second_batch[0]]]

@@ -1,1 +1,3 @@
-"""Reading a corpus: sources and the utterance record, audio decoding, file checks, alignments, splits."""
+"""Reading a corpus: the source formats, the utterance record and the columnar manifest, audio decoding
+(files, shard byte ranges, Parquet rows, spans), probing on workers, cutting long recordings,
+alignments, splits."""

@@ -1,32 +1,42 @@
-"""Corpus manifests: the typed utterance record, the three source formats we read, and our own file.
+"""The manifest: the typed utterance record, and the columnar table of every utterance intake accepted.
 
-Sources:
-- a folder: every .wav/.flac below it, in sorted path order;
-- a fairseq .tsv: first line the root folder, then `relpath<TAB>num_samples` per line;
-- a NeMo-style .jsonl: one object per line with `audio_filepath`, optional `duration`, `speaker`.
-Relative paths in a manifest are resolved against its root line (tsv) or its folder.
-The utterance id is always the file name without its extension.
+An utterance is audio a stage can load by itself: a whole file, a span of a recording (`recording`,
+`start`, `samples`), or audio inside a shard (a tar member or an Arrow value at a byte range, a
+Parquet row). Intake writes the manifest as Parquet (`manifest.parquet`), one row per utterance in
+manifest order; stages read the columns they need (`Manifest`), and the tasks on the workers read
+their own rows (`ManifestRows`), so the driver never holds one Python object per utterance. Stores
+made before the columnar manifest hold `manifest.jsonl`, which reads into the same table.
 
-Each candidate carries the root it must lie under (the folder, the manifest's folder, or a tsv's
-root line where that is in the same place as the manifest): `misplaced` says why an entry
-lies outside it and any allowed root, so that intake rejects it without fetching it (a manifest
-line must not make a worker request an arbitrary URL, a cloud metadata endpoint, another bucket).
+Where a corpus source comes from (a folder, a fairseq .tsv, a NeMo .jsonl, Hugging Face Parquet or
+Arrow shards, WebDataset tars, a Lhotse manifest) is tasks/corpus/formats/'s; they all list
+`Candidate`s or probe shards into `Utterance`s.
 """
 
 from __future__ import annotations
 
-import json
+import io
+import logging
 import posixpath
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
-import fsspec
-from pydantic import BaseModel, ConfigDict, Field
+import numpy as np
+import pyarrow as pa
+import pyarrow.json as pa_json
+import pyarrow.parquet as pq
+from pydantic import BaseModel, ConfigDict
 
-from infra.paths import find_files, is_remote_url, join_path, lies_under, parent_of
+from infra.store import ArtifactStore
 from model.frames import SAMPLE_RATE
-from tasks.corpus.audio import resampled_length
 
-AUDIO_SUFFIXES = (".wav", ".flac")
+log = logging.getLogger(__name__)
+
+AUDIO_SUFFIXES = (".wav", ".flac", ".mp3", ".ogg", ".opus")
+MANIFEST_ROW_GROUP = 65_536
+"""Rows of a manifest's Parquet row group: what a worker reads to find its chunk's utterances."""
 
 
 class ManifestError(ValueError):
@@ -36,21 +46,32 @@ class ManifestError(ValueError):
 
 
 class Candidate(BaseModel):
-    """An audio file a source lists, before it has been probed."""
+    """Audio a source lists, before it has been probed: a file, or a span of one (`start`, `duration`
+    in seconds: a Lhotse cut), with what the source says of it."""
 
     model_config = ConfigDict(frozen=True)
 
     id: str
     path: str
     origin: str
-    root: str = Field(description="The folder (or URL prefix) the source's own entries lie under.")
+    root: str  # the folder (or URL prefix) the source's own entries lie under (tasks/corpus/places.py)
     speaker: str | None = None
     expected_samples: int | None = None
     expected_seconds: float | None = None
+    start_seconds: float | None = None
+    duration_seconds: float | None = None
+    channel: int | None = None
+    recording: str | None = None
 
 
 class Utterance(BaseModel):
-    """One usable audio file, as probed at intake."""
+    """One usable piece of audio, as probed at intake.
+
+    `samples` and `start` count samples at `sample_rate`. Where the audio lives: the file `path`
+    whole (`recording` None), or its samples [start, start + samples) (`recording`: the id of the
+    recording the span was cut from); inside a shard at `path`, its encoded bytes at [byte_offset,
+    byte_offset + byte_length) (a tar member or an Arrow value, `member` naming it), or row `row` of
+    Parquet row group `row_group` (`member`: the audio column)."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -61,6 +82,14 @@ class Utterance(BaseModel):
     channels: int
     speaker: str | None = None
     split: Literal["train", "valid"] = "train"
+    start: int = 0
+    recording: str | None = None
+    channel: int | None = None
+    member: str | None = None
+    byte_offset: int | None = None
+    byte_length: int | None = None
+    row_group: int | None = None
+    row: int | None = None
 
     @property
     def seconds(self) -> float:
@@ -69,146 +98,216 @@ class Utterance(BaseModel):
     @property
     def samples_16k(self) -> int:
         """Length after resampling to the 16 kHz every model and feature here works at."""
-        return resampled_length(self.samples, self.sample_rate, SAMPLE_RATE)
+        return int(resampled_lengths(np.array([self.samples]), np.array([self.sample_rate]))[0])
+
+    @property
+    def is_span(self) -> bool:
+        return self.recording is not None
+
+    @property
+    def where(self) -> str:
+        """How messages name where the audio is: the path, a shard member, a Parquet row, a span."""
+        place = self.path
+        if self.member is not None and self.row is not None:
+            place = f"{self.path} (row group {self.row_group}, row {self.row}, column {self.member})"
+        elif self.member is not None:
+            place = f"{self.path}[{self.member}]"
+        if self.is_span:
+            place += f" samples {self.start}..{self.start + self.samples} at {self.sample_rate} Hz"
+        return place
+
+
+MANIFEST_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("path", pa.string()),
+        ("samples", pa.int64()),
+        ("sample_rate", pa.int32()),
+        ("channels", pa.int32()),
+        ("speaker", pa.string()),
+        ("split", pa.string()),
+        ("start", pa.int64()),
+        ("recording", pa.string()),
+        ("channel", pa.int32()),
+        ("member", pa.string()),
+        ("byte_offset", pa.int64()),
+        ("byte_length", pa.int64()),
+        ("row_group", pa.int32()),
+        ("row", pa.int32()),
+    ]
+)
+LEGACY_FIELDS = ("id", "path", "samples", "sample_rate", "channels", "speaker", "split")
+"""What a `manifest.jsonl` of a store made before the columnar manifest holds."""
+
+
+def resampled_lengths(samples: np.ndarray, sample_rates: np.ndarray, target_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """Samples after torchaudio.functional.resample, element-wise: ceil(samples * target / source),
+    the rates reduced by their gcd (tasks/corpus/audio.py `resampled_length` for one)."""
+    samples, rates = np.asarray(samples, dtype=np.int64), np.asarray(sample_rates, dtype=np.int64)
+    divisor = np.gcd(rates, target_rate)
+    return -(-samples * (target_rate // divisor) // (rates // divisor))
+
+
+def utterances_table(utterances: Sequence[Utterance]) -> pa.Table:
+    """Utterance records as manifest rows (a probed batch; a test's few)."""
+    return pa.Table.from_pylist([utterance.model_dump() for utterance in utterances], schema=MANIFEST_SCHEMA)
+
+
+def table_utterances(table: pa.Table) -> list[Utterance]:
+    """Manifest rows as Utterance records: for a task's few rows, never a corpus."""
+    return [Utterance.model_validate(row) for row in conform(table).to_pylist()]
+
+
+def conform(table: pa.Table) -> pa.Table:
+    """A table with every column of the manifest schema, in its order and types: a legacy
+    manifest's missing columns become nulls (`split`: "train", `start`: 0)."""
+    columns = []
+    for field in MANIFEST_SCHEMA:
+        if field.name in table.column_names:
+            column = table.column(field.name).cast(field.type)
+        else:
+            column = pa.nulls(table.num_rows, field.type)
+        if field.name == "split":
+            column = column.fill_null("train")
+        elif field.name == "start":
+            column = column.fill_null(0)
+        columns.append(column)
+    return pa.Table.from_arrays(columns, schema=MANIFEST_SCHEMA)
+
+
+def manifest_parquet(table: pa.Table) -> bytes:
+    """The manifest as Parquet bytes: row groups of MANIFEST_ROW_GROUP rows, zstd."""
+    buffer = io.BytesIO()
+    pq.write_table(conform(table), buffer, row_group_size=MANIFEST_ROW_GROUP, compression="zstd")
+    return buffer.getvalue()
+
+
+def manifest_from_jsonl(text: str | bytes) -> pa.Table:
+    """A legacy `manifest.jsonl` (one JSON object per line) as a manifest table, read columnar."""
+    data = text.encode() if isinstance(text, str) else text
+    if not data.strip():
+        return conform(pa.table({name: pa.array([], MANIFEST_SCHEMA.field(name).type) for name in LEGACY_FIELDS}))
+    legacy = pa.schema([MANIFEST_SCHEMA.field(name) for name in LEGACY_FIELDS])
+    options = pa_json.ParseOptions(explicit_schema=legacy, unexpected_field_behavior="ignore")
+    return conform(pa_json.read_json(io.BytesIO(data), parse_options=options))
+
+
+class Manifest:
+    """The manifest's rows, columnar (a pyarrow Table with the manifest schema's columns, or some of
+    them): what the driver works from. Iterating yields Utterance records: for tests and small
+    tables only; stages use the columns."""
+
+    def __init__(self, table: pa.Table) -> None:
+        self.table = table
+
+    @classmethod
+    def of(cls, utterances: Manifest | Sequence[Utterance]) -> Manifest:
+        """A Manifest as it is, or one made from Utterance records."""
+        return utterances if isinstance(utterances, Manifest) else cls(utterances_table(list(utterances)))
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    def __iter__(self) -> Iterator[Utterance]:
+        for batch in self.table.to_batches(max_chunksize=4096):
+            yield from table_utterances(pa.Table.from_batches([batch]))
+
+    def __getitem__(self, index: int | slice) -> Utterance | list[Utterance]:
+        if isinstance(index, slice):
+            return [self[position] for position in range(*index.indices(len(self)))]
+        if index < 0:
+            index += len(self)
+        return table_utterances(self.table.slice(index, 1))[0]
+
+    def read(self, indices: np.ndarray | Sequence[int]) -> list[Utterance]:
+        """The utterances at these indices as records (as `ManifestRows.read` reads them from a store)."""
+        return table_utterances(self.table.take(pa.array(np.asarray(indices, dtype=np.int64))))
+
+    def take(self, indices: np.ndarray | Sequence[int]) -> Manifest:
+        return Manifest(self.table.take(pa.array(np.asarray(indices, dtype=np.int64))))
+
+    def column(self, name: str) -> np.ndarray:
+        """A numeric column as a numpy array."""
+        return self.table.column(name).to_numpy()
+
+    def ids(self) -> pa.ChunkedArray:
+        return self.table.column("id")
+
+    def samples_16k(self) -> np.ndarray:
+        """[utterances] int64: each utterance's length at 16 kHz."""
+        return resampled_lengths(self.column("samples"), self.column("sample_rate"))
+
+    def seconds(self) -> np.ndarray:
+        return self.column("samples") / self.column("sample_rate")
+
+    def is_valid(self) -> np.ndarray:
+        """[utterances] bool: which utterances are in the validation split."""
+        if "split" not in self.table.column_names:
+            return np.zeros(len(self), dtype=bool)
+        return np.asarray(self.table.column("split").fill_null("train").to_numpy(zero_copy_only=False) == "valid")
+
+
+@dataclass(frozen=True)
+class ManifestRows:
+    """A run's manifest as a task on a worker reads it: its rows by manifest index, from the store.
+
+    Picklable and small (it is sent with every task); a worker process keeps the few Parquet row
+    groups it read last, keyed by the manifest's digest, so the tasks of one stage read each row
+    group about once per worker."""
+
+    store: ArtifactStore
+    relpath: str
+    digest: str
+
+    def read(self, indices: np.ndarray | Sequence[int]) -> list[Utterance]:
+        """The utterances at these manifest indices, in the order given."""
+        indices = np.asarray(indices, dtype=np.int64)
+        if indices.size == 0:
+            return []
+        if self.relpath.endswith(".jsonl"):
+            table = _cached(self, -1, lambda: manifest_from_jsonl(self.store.read_bytes(self.relpath)))
+            return table_utterances(table.take(pa.array(indices)))
+        starts = _cached(self, -2, self._row_group_starts)
+        groups = np.searchsorted(starts, indices, side="right") - 1
+        pieces = []
+        for group in np.unique(groups):
+            table = _cached(self, int(group), lambda group=group: self._read_row_group(int(group)))
+            pieces.append((np.flatnonzero(groups == group), table.take(pa.array(indices[groups == group] - starts[group]))))
+        order = np.concatenate([positions for positions, _ in pieces])
+        rows = pa.concat_tables([table for _, table in pieces]).take(pa.array(np.argsort(order, kind="stable")))
+        return table_utterances(rows)
+
+    def _open(self) -> pq.ParquetFile:
+        return pq.ParquetFile(self.store.fs.open(self.store.path(self.relpath), "rb"))
+
+    def _row_group_starts(self) -> np.ndarray:
+        metadata = self._open().metadata
+        sizes = [metadata.row_group(group).num_rows for group in range(metadata.num_row_groups)]
+        return np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+
+    def _read_row_group(self, group: int) -> pa.Table:
+        return self._open().read_row_group(group)
+
+
+_ROW_GROUPS: OrderedDict[tuple[str, str, int], Any] = OrderedDict()
+_ROW_GROUPS_KEPT = 6
+_ROW_GROUPS_LOCK = threading.Lock()
+
+
+def _cached(rows: ManifestRows, group: int, read: Any) -> Any:
+    key = (rows.store.url(rows.relpath), rows.digest, group)
+    with _ROW_GROUPS_LOCK:
+        if key in _ROW_GROUPS:
+            _ROW_GROUPS.move_to_end(key)
+            return _ROW_GROUPS[key]
+    value = read()
+    with _ROW_GROUPS_LOCK:
+        _ROW_GROUPS[key] = value
+        while len(_ROW_GROUPS) > _ROW_GROUPS_KEPT:
+            _ROW_GROUPS.popitem(last=False)
+    return value
 
 
 def utterance_id(path: str) -> str:
+    """The file name without its extension."""
     return posixpath.splitext(posixpath.basename(path.rstrip("/")))[0]
-
-
-def read_lines(path: str, storage_options: dict[str, Any] | None) -> list[str]:
-    try:
-        with fsspec.open(path, "rt", encoding="utf-8", **(storage_options or {})) as handle:
-            return handle.read().splitlines()
-    except FileNotFoundError as error:
-        raise ManifestError(f"corpus manifest not found: {path}") from error
-
-
-def tsv_own_root(path: str, root: str) -> str:
-    """Where a fairseq .tsv's entries lie by default: its root line (resolved, `root`) where that
-    is the same kind of place as the .tsv (both local, or both in the same bucket), else the
-    .tsv's folder, so that entries under a root line elsewhere must be allowed by `corpus.allowed_roots`."""
-    folder = parent_of(path)
-    if is_remote_url(root) != is_remote_url(folder):
-        return folder
-    if is_remote_url(root) and not lies_under(root, _bucket_of(folder)):
-        return folder
-    return root
-
-
-def _bucket_of(url: str) -> str:
-    """`s3://bucket` of `s3://bucket/any/prefix` (the protocol and the first path component)."""
-    protocol, _, rest = url.partition("://")
-    return f"{protocol}://{rest.split('/', 1)[0]}"
-
-
-NAME_BREAKERS = {"\t": "a tab", "\n": "a line break", "\r": "a carriage return"}
-
-
-def misplaced(candidate: Candidate, allowed_roots: list[str]) -> tuple[str, str] | None:
-    """(reason, detail) when intake must reject an entry without reading it: a path outside its
-    source's root and every allowed root, or one that fairseq's .tsv and our label files cannot
-    hold (a tab or a line break); None when it may be read."""
-    for character, name in NAME_BREAKERS.items():
-        if character in candidate.path:
-            return "bad file name", f"the path holds {name}, which a fairseq .tsv line cannot hold"
-    roots = [candidate.root, *allowed_roots]
-    if not any(lies_under(candidate.path, root) for root in roots):
-        allowed = f" nor any of corpus.allowed_roots {allowed_roots}" if allowed_roots else ""
-        return "outside the source", (
-            f"resolves to {candidate.path}, under neither the source's root {candidate.root}{allowed}: not fetched "
-            "(name its folder or URL prefix in corpus.allowed_roots to allow it)"
-        )
-    return None
-
-
-def read_fairseq_tsv(path: str, storage_options: dict[str, Any] | None = None) -> list[Candidate]:
-    lines = read_lines(path, storage_options)
-    if not lines or not lines[0].strip():
-        raise ManifestError(f"{path}: line 1 must be the audio root folder")
-    root = join_path(parent_of(path), lines[0].strip())
-    own_root = tsv_own_root(path, root)
-    candidates = []
-    for number, line in enumerate(lines[1:], start=2):
-        if not line.strip():
-            continue
-        fields = line.split("\t")
-        if len(fields) < 2 or not fields[1].strip().isdigit():
-            raise ManifestError(f"{path} line {number}: expected 'relpath<TAB>num_samples', got {line!r}")
-        candidates.append(
-            Candidate(
-                id=utterance_id(fields[0]),
-                path=join_path(root, fields[0]),
-                origin=f"{path}:{number}",
-                root=own_root,
-                expected_samples=int(fields[1]),
-            )
-        )
-    return candidates
-
-
-def read_nemo_jsonl(path: str, storage_options: dict[str, Any] | None = None) -> list[Candidate]:
-    folder = parent_of(path)
-    candidates = []
-    for number, line in enumerate(read_lines(path, storage_options), start=1):
-        if not line.strip():
-            continue
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise ManifestError(f"{path} line {number}: not JSON ({error.msg})") from error
-        if not isinstance(entry, dict) or not isinstance(entry.get("audio_filepath"), str):
-            raise ManifestError(f"{path} line {number}: needs a string 'audio_filepath'")
-        duration = entry.get("duration")
-        speaker = entry.get("speaker")
-        candidates.append(
-            Candidate(
-                id=utterance_id(entry["audio_filepath"]),
-                path=join_path(folder, entry["audio_filepath"]),
-                origin=f"{path}:{number}",
-                root=folder,
-                speaker=None if speaker is None else str(speaker),
-                expected_seconds=None if duration is None else float(duration),
-            )
-        )
-    return candidates
-
-
-def list_candidates(source: str, storage_options: dict[str, Any] | None = None) -> list[Candidate]:
-    """Every audio file a corpus source names, in source order."""
-    lowered = source.lower()
-    if lowered.endswith(".tsv"):
-        return read_fairseq_tsv(source, storage_options)
-    if lowered.endswith((".jsonl", ".json")):
-        return read_nemo_jsonl(source, storage_options)
-    try:
-        paths = find_files(source, AUDIO_SUFFIXES, storage_options)
-    except FileNotFoundError as error:
-        raise ManifestError(str(error)) from error
-    return [Candidate(id=utterance_id(path), path=path, origin=path, root=source) for path in paths]
-
-
-def check_unique_ids(candidates: list[Candidate]) -> None:
-    """Two files with the same id would share labels and features: refuse, naming both."""
-    seen: dict[str, Candidate] = {}
-    clashes = []
-    for candidate in candidates:
-        first = seen.setdefault(candidate.id, candidate)
-        if first is not candidate:
-            clashes.append(f"'{candidate.id}': {first.path} and {candidate.path}")
-    if clashes:
-        listed = "\n  ".join(clashes[:10])
-        more = f"\n  ... and {len(clashes) - 10} more" if len(clashes) > 10 else ""
-        raise ManifestError(f"duplicate utterance ids (the id is the file name without extension):\n  {listed}{more}")
-
-
-def manifest_to_jsonl(utterances: list[Utterance]) -> str:
-    """One JSON object per line; `split` only where it is "valid", so manifests without a split read as before."""
-    return "".join(
-        utterance.model_dump_json(exclude={"split"} if utterance.split == "train" else None) + "\n"
-        for utterance in utterances
-    )
-
-
-def manifest_from_jsonl(text: str) -> list[Utterance]:
-    return [Utterance.model_validate_json(line) for line in text.splitlines() if line.strip()]

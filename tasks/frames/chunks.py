@@ -8,13 +8,14 @@ known before any audio is read.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 
-from tasks.corpus.manifest import Utterance
+from tasks.corpus.manifest import Manifest, ManifestRows, Utterance
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,9 @@ def chunk_grid(total_frames: int, chunk_frames: int) -> list[Chunk]:
 
 @dataclass(frozen=True)
 class UtteranceSpan:
-    """Where one utterance's frames sit in the concatenated frames (`index`: its place in the manifest)."""
+    """Where one utterance's frames sit in the concatenated frames (`index`: its place in the
+    sequence the offsets lay out: the manifest, or a store's sample of it), and its record, from
+    which its audio is loaded."""
 
     index: int
     id: str
@@ -44,35 +47,74 @@ class UtteranceSpan:
     samples_16k: int
     offset: int
     frames: int
+    utterance: Utterance | None = None
 
     def overlap(self, start: int, stop: int) -> tuple[int, int]:
         """The part of this utterance's frames inside [start, stop), as concatenation indices."""
         return max(start, self.offset), min(stop, self.offset + self.frames)
 
 
-def frame_offsets(utterances: list[Utterance], num_frames: Callable[[int], int]) -> np.ndarray:
-    """[utterances + 1] int64: where each utterance's frames start, given frames per 16 kHz samples."""
-    frames = [num_frames(utterance.samples_16k) for utterance in utterances]
+def frame_offsets(utterances: np.ndarray | Manifest | Sequence[Utterance], num_frames: Callable) -> np.ndarray:
+    """[utterances + 1] int64: where each utterance's frames start, given frames per 16 kHz samples
+    (`num_frames`, element-wise: model/frames.py's one formula) and the utterances' 16 kHz lengths
+    (an array, or a manifest to take them from)."""
+    samples_16k = utterances if isinstance(utterances, np.ndarray) else Manifest.of(utterances).samples_16k()
+    frames = num_frames(np.asarray(samples_16k, dtype=np.int64))
     return np.concatenate([[0], np.cumsum(frames, dtype=np.int64)]).astype(np.int64)
+
+
+def overlapping_range(offsets: np.ndarray, start: int, stop: int) -> tuple[int, int]:
+    """[first, last) of the utterances whose frames could fall in [start, stop) (those with none
+    inside it at the edges: zero-frame ones among them are left to the caller)."""
+    first = int(np.searchsorted(offsets, start, side="right")) - 1
+    last = int(np.searchsorted(offsets, stop, side="left"))
+    return max(first, 0), last
 
 
 def overlapping_utterances(offsets: np.ndarray, start: int, stop: int) -> list[int]:
     """Indices of the utterances with frames in [start, stop), given concatenation offsets."""
-    first = int(np.searchsorted(offsets, start, side="right")) - 1
-    last = int(np.searchsorted(offsets, stop, side="left"))
-    return [i for i in range(max(first, 0), last) if offsets[i + 1] > start and offsets[i] < stop]
+    first, last = overlapping_range(offsets, start, stop)
+    return [i for i in range(first, last) if offsets[i + 1] > start and offsets[i] < stop]
 
 
-def utterance_spans(utterances: list[Utterance], offsets: np.ndarray, start: int, stop: int) -> tuple[UtteranceSpan, ...]:
-    """The utterances whose frames overlap [start, stop), with where their frames sit."""
+@dataclass(frozen=True, eq=False)
+class ManifestSlice:
+    """The utterances of a job, as the driver plans it and a worker reads it: positions
+    [first, first + len(offsets) - 1) of a sequence laid out by `offsets` (a view of its offsets),
+    whose rows the worker reads from the manifest (`indices`: the manifest index of each position,
+    for a store of a sample; None where position and manifest index agree). Small to pickle."""
+
+    rows: ManifestRows | Manifest
+    first: int
+    offsets: np.ndarray
+    indices: np.ndarray | None = None
+
+    def spans(self, start: int, stop: int) -> tuple[UtteranceSpan, ...]:
+        """The utterances whose frames overlap [start, stop), with where their frames sit, read from the manifest."""
+        local = [i for i in range(len(self.offsets) - 1) if self.offsets[i + 1] > start and self.offsets[i] < stop]
+        positions = np.array([self.first + i for i in local], dtype=np.int64)
+        records = self.rows.read(positions if self.indices is None else self.indices[local])
+        return tuple(
+            UtteranceSpan(
+                index=self.first + i, id=record.id, path=record.where, samples_16k=record.samples_16k,
+                offset=int(self.offsets[i]), frames=int(self.offsets[i + 1] - self.offsets[i]), utterance=record,
+            )
+            for i, record in zip(local, records)
+        )
+
+
+def manifest_slice(rows: ManifestRows | Manifest, offsets: np.ndarray, start: int, stop: int, indices: np.ndarray | None = None) -> ManifestSlice:
+    """The slice of utterances whose frames may overlap [start, stop)."""
+    first, last = overlapping_range(offsets, start, stop)
+    return ManifestSlice(rows, first, offsets[first : last + 1], None if indices is None else indices[first:last])
+
+
+def utterance_spans(utterances: Sequence[Utterance], offsets: np.ndarray, start: int, stop: int) -> tuple[UtteranceSpan, ...]:
+    """The utterances (records at hand: a few) whose frames overlap [start, stop), with where their frames sit."""
     return tuple(
         UtteranceSpan(
-            index=i,
-            id=utterances[i].id,
-            path=utterances[i].path,
-            samples_16k=utterances[i].samples_16k,
-            offset=int(offsets[i]),
-            frames=int(offsets[i + 1] - offsets[i]),
+            index=i, id=utterances[i].id, path=utterances[i].where, samples_16k=utterances[i].samples_16k,
+            offset=int(offsets[i]), frames=int(offsets[i + 1] - offsets[i]), utterance=utterances[i],
         )
         for i in overlapping_utterances(offsets, start, stop)
     )
@@ -106,6 +148,14 @@ def inside_an_utterance(offsets: np.ndarray, frame: int) -> bool:
     return bool(offsets[utterance] < frame < offsets[utterance + 1])
 
 
+SpanSource = ManifestSlice | tuple[UtteranceSpan, ...]
+"""A job's utterances: to read from the manifest on the worker, or at hand (a few, in tests)."""
+
+
+def resolve_spans(source: SpanSource, start: int, stop: int) -> tuple[UtteranceSpan, ...]:
+    return source if isinstance(source, tuple) else source.spans(start, stop)
+
+
 class FramesJob(Protocol):
     """A task's frames [start, stop) of the concatenation, the utterances overlapping them, and its part's name."""
 
@@ -124,10 +174,14 @@ class FramesJob(Protocol):
 
 @dataclass(frozen=True)
 class ChunkJob:
-    """One chunk of the grid and the utterances whose frames overlap it."""
+    """One chunk of the grid and the utterances whose frames overlap it (read on the worker)."""
 
     chunk: Chunk
-    utterances: tuple[UtteranceSpan, ...]
+    source: SpanSource
+
+    @functools.cached_property
+    def utterances(self) -> tuple[UtteranceSpan, ...]:
+        return resolve_spans(self.source, self.start, self.stop)
 
     @property
     def start(self) -> int:
@@ -147,19 +201,20 @@ def chunk_job(chunk: Chunk, spans: tuple[UtteranceSpan, ...]) -> ChunkJob:
     return ChunkJob(chunk, tuple(span for span in spans if span.offset < chunk.stop and span.offset + span.frames > chunk.start))
 
 
-def plan_chunks(utterances: list[Utterance], offsets: np.ndarray, chunk_frames: int) -> list[ChunkJob]:
-    """One job per chunk of the grid, with the utterances whose frames overlap it."""
+def plan_chunks(rows: ManifestRows | Manifest, offsets: np.ndarray, chunk_frames: int, indices: np.ndarray | None = None) -> list[ChunkJob]:
+    """One job per chunk of the grid, with the slice of utterances whose frames overlap it."""
     return [
-        ChunkJob(chunk, utterance_spans(utterances, offsets, chunk.start, chunk.stop))
+        ChunkJob(chunk, manifest_slice(rows, offsets, chunk.start, chunk.stop, indices))
         for chunk in chunk_grid(int(offsets[-1]), chunk_frames)
     ]
 
 
-def valid_frame_ranges(utterances: list[Utterance], offsets: np.ndarray, chunk: Chunk) -> tuple[tuple[int, int], ...]:
-    """The frames of validation utterances inside a chunk, as [start, stop) ranges relative to its start."""
-    ranges = []
-    for i in overlapping_utterances(offsets, chunk.start, chunk.stop):
-        if utterances[i].split == "valid":
-            low, high = max(chunk.start, int(offsets[i])), min(chunk.stop, int(offsets[i + 1]))
-            ranges.append((low - chunk.start, high - chunk.start))
-    return tuple(ranges)
+def valid_frame_ranges(valid: np.ndarray, offsets: np.ndarray, chunk: Chunk) -> tuple[tuple[int, int], ...]:
+    """The frames of validation utterances (`valid`: [utterances] bool) inside a chunk, as [start,
+    stop) ranges relative to its start."""
+    first, last = overlapping_range(offsets, chunk.start, chunk.stop)
+    chosen = first + np.flatnonzero(valid[first:last])
+    low = np.maximum(offsets[chosen], chunk.start) - chunk.start
+    high = np.minimum(offsets[chosen + 1], chunk.stop) - chunk.start
+    keep = high > low
+    return tuple((int(a), int(b)) for a, b in zip(low[keep], high[keep]))

@@ -10,6 +10,7 @@ sample of chunks is labelled from float32 features too, to measure how many labe
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -22,8 +23,18 @@ from infra.commit import Stage
 from infra.digest import digest_array
 from infra.zarr_io import read_row_chunks
 from model.kmeans import nearest_centroids
-from tasks.corpus.manifest import Utterance
-from tasks.frames.chunks import Chunk, NonFiniteValues, UtteranceSpan, check_finite, chunk_grid, chunk_job, utterance_spans
+from tasks.corpus.manifest import Manifest, ManifestRows
+from tasks.frames.chunks import (
+    Chunk,
+    NonFiniteValues,
+    SpanSource,
+    UtteranceSpan,
+    check_finite,
+    chunk_grid,
+    chunk_job,
+    manifest_slice,
+    resolve_spans,
+)
 from tasks.frames.sources import FeatureSource, compute_chunk
 from tasks.frames.store import as_stored
 
@@ -41,7 +52,11 @@ class LabelJob:
     chunk_starts: tuple[int, ...]
     first_chunk: int
     stop: int
-    utterances: tuple[UtteranceSpan, ...]  # those overlapping [start, stop)
+    source: SpanSource  # the utterances overlapping [start, stop), read on the worker
+
+    @functools.cached_property
+    def utterances(self) -> tuple[UtteranceSpan, ...]:
+        return resolve_spans(self.source, self.start, self.stop)
 
     @property
     def start(self) -> int:
@@ -163,13 +178,13 @@ def chunks_per_task(chunks: int, workers: int, chunk_bytes: int = 0) -> int:
     return max(1, min(MAX_CHUNKS_PER_TASK, by_bytes, chunks // (TASKS_PER_WORKER * max(workers, 1))))
 
 
-def plan_label_jobs(utterances: list[Utterance], offsets: np.ndarray, chunk_frames: int, per_task: int) -> list[LabelJob]:
+def plan_label_jobs(rows: ManifestRows | Manifest, offsets: np.ndarray, chunk_frames: int, per_task: int) -> list[LabelJob]:
     """Consecutive runs of `per_task` chunks of the grid; every chunk belongs to exactly one job."""
     grid = chunk_grid(int(offsets[-1]), chunk_frames)
     jobs = []
     for first in range(0, len(grid), per_task):
         chunks = grid[first : first + per_task]
         start, stop = chunks[0].start, chunks[-1].stop
-        jobs.append(LabelJob(tuple(chunk.start for chunk in chunks), first, stop, utterance_spans(utterances, offsets, start, stop)))
+        jobs.append(LabelJob(tuple(chunk.start for chunk in chunks), first, stop, manifest_slice(rows, offsets, start, stop)))
     return jobs
 

@@ -24,7 +24,7 @@ from model.layer_features import extract_layer_features_batch
 from model.mfcc import MFCC_DIM, MFCC_GEOMETRY, mfcc_with_deltas
 from model.presets import HubertConfig, frame_geometry
 from model.weights import SavedWeights, load_weights
-from tasks.corpus.audio import load_audio_16k
+from tasks.corpus.audio import load_utterance_16k
 from tasks.frames.chunks import FramesJob, check_finite
 from tasks.run.layout import RunLayout, Weights
 from tasks.run.records import trained_architecture, weights_digest
@@ -195,12 +195,12 @@ def layer_source(
 
 def compute_chunk(job: FramesJob, source: FeatureSource, storage_options: dict[str, Any]) -> np.ndarray:
     """The (stop - start, dim) float32 block of features for one job's frames (a chunk, or a run of them)."""
-    waveforms = [load_audio_16k(span.path, storage_options) for span in job.utterances]
+    waveforms = [load_utterance_16k(span.utterance, storage_options) for span in job.utterances]
     for span, waveform in zip(job.utterances, waveforms):
         if waveform.shape[0] != span.samples_16k:
             raise ValueError(
                 f"utterance {span.id} ({span.path}): {waveform.shape[0]} samples at 16 kHz, "
-                f"intake recorded {span.samples_16k}; the file changed since intake"
+                f"intake recorded {span.samples_16k}; the audio changed since intake"
             )
     block = np.empty((job.stop - job.start, source.dim), dtype=np.float32)
     for span, features in zip(job.utterances, source.compute(waveforms)):

@@ -14,15 +14,18 @@ all`, so the same utterances are batched together and the labels are those of `k
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import zarr
 
 from infra.digest import digest_array
 from model.frames import FrameGeometry
-from tasks.corpus.manifest import Utterance
-from tasks.corpus.splits import hash_fraction
+from tasks.corpus.manifest import Manifest
+from tasks.corpus.splits import hash_fractions
 from tasks.frames.chunks import FramesJob, check_finite, chunk_grid
 from tasks.frames.sources import FeatureSource, MfccSource, layer_source
 from tasks.run.records import weights_digest
@@ -39,6 +42,8 @@ MIN_CHUNKS = 8
 """MIN_CHUNK_BYTES yields to MIN_CHUNK_FRAMES where it would cut the corpus into fewer chunks than
 this: a corpus of minutes keeps a few tasks to spread over the workers."""
 MAX_CHUNK_BYTES = 256 * 2**20
+IDS_CHUNK = 65_536
+"""Utterance ids per chunk of a store's `utt_ids`: written and read a block at a time."""
 SAMPLE_SALT = "kmeans-sample"
 """Prefixed to an utterance id before hashing, so the k-means sample is not the validation split's hash."""
 
@@ -100,26 +105,38 @@ def model_input(context: StageContext) -> dict[str, str]:
     return {"model": weights_digest(context.upstream("features", "model"), context.config.weights_for_next(previous))}
 
 
-def kmeans_sample(utterances: list[Utterance], offsets: np.ndarray, settings: KMeansConfig) -> list[int]:
+def kmeans_sample(utterances: Manifest, offsets: np.ndarray, settings: KMeansConfig) -> np.ndarray:
     """Manifest indices (in order) of the training utterances a `keep: sample` store holds.
 
     Whole utterances, ranked by `sha256("<seed>:kmeans-sample:<id>")`, lowest first, until their
     frames reach `sample_fraction` of the training frames (at most `max_frames`): the sample k-means
     fits on, within one utterance of its size. The rank of an utterance depends on its id and the
     seed alone, so adding files to a corpus moves few utterances in or out."""
+    utterances = Manifest.of(utterances)
     frames = np.diff(offsets)
-    training = [index for index, utterance in enumerate(utterances) if utterance.split != "valid"]
+    training = np.flatnonzero(~utterances.is_valid())
     wanted = settings.sample_fraction * int(frames[training].sum())
     if settings.max_frames is not None:
         wanted = min(wanted, settings.max_frames)
-    ranked = sorted(training, key=lambda index: hash_fraction(f"{SAMPLE_SALT}:{utterances[index].id}", settings.seed))
-    chosen, taken = [], 0
-    for index in ranked:
-        if taken >= wanted:
-            break
-        chosen.append(index)
-        taken += int(frames[index])
-    return sorted(chosen)
+    salted = pc.binary_join_element_wise(f"{SAMPLE_SALT}", utterances.ids().take(pa.array(training)), ":")
+    ranked = training[np.argsort(hash_fractions(salted, settings.seed), kind="stable")]
+    before = np.concatenate([[0], np.cumsum(frames[ranked], dtype=np.int64)[:-1]])
+    return np.sort(ranked[: int(np.searchsorted(before, wanted, side="left"))]).astype(np.int64)
+
+
+def id_batches(ids: pa.Array | pa.ChunkedArray | np.ndarray | zarr.Array, size: int = IDS_CHUNK) -> Iterator[list[str]]:
+    """Utterance ids as lists of `size` (an Arrow column, a numpy array or a store's `utt_ids`)."""
+    for start in range(0, len(ids) if not isinstance(ids, zarr.Array) else ids.shape[0], size):
+        if isinstance(ids, (pa.Array, pa.ChunkedArray)):
+            yield ids.slice(start, size).to_pylist()
+        else:
+            yield [str(name) for name in ids[start : start + size]]
+
+
+def write_ids(array: zarr.Array, ids: pa.Array | pa.ChunkedArray) -> None:
+    """Fill a store's `utt_ids` (chunked by IDS_CHUNK) from an Arrow column, a chunk at a time."""
+    for start, block in zip(range(0, len(ids), IDS_CHUNK), id_batches(ids)):
+        array[start : start + len(block)] = np.array(block, dtype=object)
 
 
 def stored_keep(group: zarr.Group) -> str:

@@ -1,4 +1,10 @@
-"""An iteration's labels as fairseq's HuBERT recipe reads them: train.tsv + train.km (valid.*), dict.km.txt."""
+"""An iteration's labels as fairseq's HuBERT recipe reads them: train.tsv + train.km (valid.*), dict.km.txt.
+
+fairseq reads a .tsv line as a file, or as `path:offset:length`, the bytes of an audio file inside
+another (`fairseq.data.audio.audio_utils.parse_path`): a WebDataset member or a Hugging Face Arrow
+value is named that way. Audio fairseq cannot address (a span of a recording, a Parquet row) is
+written out, as float WAV at its own rate, to `OUT/audio/<id>.wav`, and named there.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import soundfile
 import zarr
 
 from infra.store import ArtifactStore
+from tasks.corpus.audio import read_utterance
 from tasks.corpus.manifest import Utterance
+from tasks.frames.store import id_batches
 from tasks.products import ExportError
 from tasks.run.layout import RunLayout
 from tasks.run.records import load_manifest
@@ -60,6 +69,25 @@ def _utterance_labels(array: zarr.Array, offsets: np.ndarray) -> Iterator[np.nda
         yield loaded[start - loaded_start : stop - loaded_start]
 
 
+AUDIO_FOLDER = "audio"
+
+
+def fairseq_audio(utterance: Utterance, out_dir: Path, storage_options: dict) -> str:
+    """Where fairseq reads an utterance's audio: its file, `shard:offset:length`, or a file written
+    out for it (a span, a Parquet row)."""
+    if not utterance.is_span and utterance.row is None:
+        if utterance.byte_offset is not None:
+            return f"{utterance.path}:{utterance.byte_offset}:{utterance.byte_length}"
+        return utterance.path
+    target = out_dir / AUDIO_FOLDER / f"{utterance.id}.wav"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    samples, sample_rate = read_utterance(utterance, storage_options)
+    temporary = target.with_name(target.name + ".partial")
+    soundfile.write(temporary, samples, sample_rate, subtype="FLOAT", format="WAV")
+    temporary.replace(target)
+    return str(target)
+
+
 def _write_atomically(target: Path, lines: list[str]) -> None:
     temporary = target.with_name(target.name + ".partial")
     temporary.write_text("".join(line + "\n" for line in lines))
@@ -77,26 +105,29 @@ def export_fairseq_labels(store: ArtifactStore, layout: RunLayout, iteration: in
     group = store.open_zarr(layout.labels_store(iteration), mode="r")
     offsets, k = group["offsets"][:], int(group.attrs["k"])
     utterances = load_manifest(store, layout)
-    if [u.id for u in utterances] != list(group["utt_ids"][:]):
+    stored_ids = group["utt_ids"]
+    if len(utterances) != stored_ids.shape[0] or any(
+        mine != theirs for mine, theirs in zip(id_batches(utterances.ids()), id_batches(stored_ids))
+    ):
         raise ExportError(f"labels of iteration {iteration} do not follow the run's manifest (utterance ids differ)")
+    out_dir.mkdir(parents=True, exist_ok=True)
     lines: dict[str, list[str]] = {"train": [], "valid": []}
-    chosen: dict[str, list[Utterance]] = {"train": [], "valid": []}
+    chosen: dict[str, list[tuple[str, int]]] = {"train": [], "valid": []}
     counts = np.zeros(k, dtype=np.int64)
     for utterance, labels in zip(utterances, _utterance_labels(group["labels"], offsets)):
         split = utterance_split(utterance)
         if split not in lines:
             raise ExportError(f"utterance {utterance.id}: unknown split {split!r} (expected 'train' or 'valid')")
         lines[split].append(" ".join(map(str, labels.tolist())))
-        chosen[split].append(utterance)
+        chosen[split].append((fairseq_audio(utterance, out_dir, store.storage_options), utterance.samples))
         counts += np.bincount(labels, minlength=k)
-    out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for split in ("train", "valid"):
         if split == "valid" and not chosen[split]:
             continue
-        root, relpaths = fairseq_root([u.path for u in chosen[split]])
+        root, relpaths = fairseq_root([path for path, _ in chosen[split]])
         tsv, km = out_dir / f"{split}.tsv", out_dir / f"{split}.km"
-        _write_atomically(tsv, [root] + [f"{rel}\t{u.samples}" for rel, u in zip(relpaths, chosen[split])])
+        _write_atomically(tsv, [root] + [f"{rel}\t{samples}" for rel, (_, samples) in zip(relpaths, chosen[split])])
         _write_atomically(km, lines[split])
         written.append(FairseqSplit(split, tsv, km, len(chosen[split])))
     _write_atomically(out_dir / "dict.km.txt", [f"{label} {count}" for label, count in enumerate(counts.tolist())])

@@ -15,7 +15,7 @@ The bundle is checked before any work (tasks/products/bundle.py). A killed run r
 chunks; a re-run with the same bundle and source skips both stages without starting a cluster
 and rewrites only `units.jsonl` (as asked: deduplicated or not).
 
-    OUT/manifest.jsonl, intake_report.json   + intake.commit.json
+    OUT/manifest.parquet, intake_report.json, intake_report.parquet   + intake.commit.json
     OUT/units.zarr      units int16 [frames], offsets [utts + 1], utt_ids, frame geometry
     OUT/report.json     counts, rejected files, the bundle's digests   + units.commit.json
     OUT/units.jsonl     {"id", "units"} per utterance ({"id", "units", "durations"} with --dedup)
@@ -39,19 +39,20 @@ from infra.cluster import dask_client
 from infra.commit import Stage, read_record
 from infra.digest import digest_bytes, digest_digests, digest_json
 from infra.parts import run_parts
-from infra.paths import fingerprint_source
 from infra.store import ArtifactStore
 from infra.zarr_io import EmptyArray, create_zarr_group
 from model.frames import SAMPLE_RATE
 from tasks.corpus.checks import take_in
-from tasks.corpus.manifest import AUDIO_SUFFIXES, ManifestError, manifest_from_jsonl, manifest_to_jsonl
-from tasks.frames.chunks import frame_offsets
+from tasks.corpus.formats import fingerprint
+from tasks.corpus.manifest import ManifestError, ManifestRows, manifest_parquet
+from tasks.frames.chunks import ManifestSlice, frame_offsets
 from tasks.frames.labelling import LabelFeatures, plan_label_jobs, write_label_chunk
 from tasks.frames.sources import BundleLayerSource
-from tasks.frames.store import choose_chunk_frames, stored_chunk_digests
+from tasks.frames.store import IDS_CHUNK, choose_chunk_frames, id_batches, stored_chunk_digests, write_ids
 from tasks.products.bundle import Bundle, BundleError
 from tasks.run.config import CorpusConfig
-from tasks.run.layout import INTAKE_REPORT, MANIFEST
+from tasks.run.layout import INTAKE_REJECTIONS, INTAKE_REPORT, LEGACY_MANIFEST, MANIFEST
+from tasks.run.records import manifest_relpath, read_manifest
 from tasks.run.stage import CommittedStage, StageResult, StageSpec, run_stage
 
 log = logging.getLogger(__name__)
@@ -104,40 +105,47 @@ def _limits(context: UnitsContext) -> CorpusConfig:
 def probe(context: UnitsContext, stage: Stage) -> StageResult:
     """Probe every file of the source on Dask; write the manifest and the intake report."""
     try:
-        taken = take_in(context.client, context.source, _limits(context), context.storage_options, "units (probing)")
+        taken = take_in(context.client, _limits(context), context.storage_options, "units (probing)")
     except ManifestError as error:
         raise BundleError(str(error)) from error
     context.store.write_json(INTAKE_REPORT, taken.report())
-    if not taken.utterances:
+    context.store.write_bytes(INTAKE_REJECTIONS, taken.rejections_parquet())
+    if not len(taken.utterances):
         raise BundleError(f"no usable audio in {context.source}: all {len(taken.rejections)} files rejected")
-    text = manifest_to_jsonl(taken.utterances)
-    context.store.write_text(MANIFEST, text)
+    data = manifest_parquet(taken.utterances.table)
+    context.store.write_bytes(MANIFEST, data)
     return StageResult(
-        output_digest=digest_bytes(text.encode()),
+        output_digest=digest_bytes(data),
         counts={"utterances": len(taken.utterances), "rejected": len(taken.rejections)},
     )
+
+
+def _manifest(store: ArtifactStore) -> str:
+    return manifest_relpath(store, MANIFEST, LEGACY_MANIFEST)
 
 
 PROBE = StageSpec[UnitsContext](
     name="intake",
     version=1,
-    outputs=(MANIFEST, INTAKE_REPORT),
+    outputs=(MANIFEST, INTAKE_REPORT, INTAKE_REJECTIONS),
     key_config=lambda context: {"source": context.source, "min_seconds": _limits(context).min_seconds},
-    key_inputs=lambda context: {"source": fingerprint_source(context.source, AUDIO_SUFFIXES, context.storage_options)},
+    key_inputs=lambda context: {"source": fingerprint(_limits(context), context.storage_options)},
     work=probe,
     summary=lambda record: f"{record.counts['utterances']} utterances, {record.counts['rejected']} rejected",
-    verify_digest=lambda committed: digest_bytes(committed.store.read_bytes(committed.rel(MANIFEST))),
+    verify_digest=lambda committed: digest_bytes(committed.store.read_bytes(_manifest(committed.store))),
 )
 
 
 def label_units(context: UnitsContext, stage: Stage) -> StageResult:
     """Every frame of every utterance labelled with the bundle's quantizer, into `units.zarr`."""
     store, bundle = context.store, context.bundle
-    utterances = manifest_from_jsonl(store.read_text(MANIFEST))
+    utterances = read_manifest(store, _manifest(store), columns=["id", "samples", "sample_rate"])
+    rows = ManifestRows(store, _manifest(store), read_record(store, "", "intake").output_digest)
     source = context.layer_source()
-    offsets = frame_offsets(utterances, source.geometry.num_frames)
+    samples_16k = utterances.samples_16k()
+    offsets = frame_offsets(samples_16k, source.geometry.num_frames)
     chunk_frames = choose_chunk_frames(int(offsets[-1]), source.dim)
-    jobs = plan_label_jobs(utterances, offsets, chunk_frames, per_task=1)
+    jobs = plan_label_jobs(rows, offsets, chunk_frames, per_task=1)
     done = stage.done_parts()
     if not done:
         create_zarr_group(
@@ -147,10 +155,14 @@ def label_units(context: UnitsContext, stage: Stage) -> StageResult:
                 "hop_samples": source.geometry.hop, "window_samples": source.geometry.window, "sample_rate": SAMPLE_RATE,
                 "chunk_frames": chunk_frames, "bundle": bundle.digests, "stage_key": stage.key,
             },
-            empty={"units": EmptyArray(shape=(int(offsets[-1]),), chunks=(chunk_frames,), dtype="int16")},
-            whole={"offsets": offsets, "utt_ids": np.array([utterance.id for utterance in utterances])},
+            empty={
+                "units": EmptyArray(shape=(int(offsets[-1]),), chunks=(chunk_frames,), dtype="int16"),
+                "utt_ids": EmptyArray(shape=(len(utterances),), chunks=(IDS_CHUNK,), dtype="str"),
+            },
+            whole={"offsets": offsets},
             replace=not stage.fresh,
         )
+        write_ids(store.open_zarr(UNITS_STORE, mode="r+")["utt_ids"], utterances.ids())
     array = store.open_zarr(UNITS_STORE, mode="r+")["units"]
     features = LabelFeatures("float32", source, context.storage_options)
     # Made by a task, not scattered: if the worker holding it dies, Dask makes it again.
@@ -160,7 +172,7 @@ def label_units(context: UnitsContext, stage: Stage) -> StageResult:
         context.client, stage, jobs, write_label_chunk, "units", done, centroids=shared, features=features, labels=array
     )
     seconds = time.perf_counter() - clock
-    computed = sum(span.samples_16k for job in jobs if job.part not in done for span in job.utterances) / SAMPLE_RATE
+    computed = sum(_audio_samples(job.source, samples_16k) for job in jobs if job.part not in done) / SAMPLE_RATE
     rejected = store.read_json(INTAKE_REPORT)["rejected"]
     counts = {
         "utterances": len(utterances),
@@ -168,7 +180,7 @@ def label_units(context: UnitsContext, stage: Stage) -> StageResult:
         "rejected": len(rejected),
         "chunks": len(jobs),
         "chunks_resumed": len(done),
-        "audio_hours": round(sum(utterance.samples_16k for utterance in utterances) / SAMPLE_RATE / 3600, 4),
+        "audio_hours": round(int(samples_16k.sum()) / SAMPLE_RATE / 3600, 4),
     }
     store.write_json(
         UNITS_REPORT,
@@ -182,6 +194,11 @@ def label_units(context: UnitsContext, stage: Stage) -> StageResult:
     )
     digests = [digest for job in jobs for digest in parts[job.part]["digests"]]
     return StageResult(output_digest=units_digest(digests, offsets), counts=counts)
+
+
+def _audio_samples(utterances: ManifestSlice, samples_16k: np.ndarray) -> int:
+    """The 16 kHz samples of a job's utterances (those at its edges counted whole)."""
+    return int(samples_16k[utterances.first : utterances.first + len(utterances.offsets) - 1].sum())
 
 
 def units_digest(chunk_digests: list[str], offsets: np.ndarray) -> str:
@@ -216,7 +233,8 @@ def collapse_runs(units: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _units_lines(group: zarr.Group, deduplicated: bool) -> Iterator[str]:
-    array, offsets, ids = group["units"], group["offsets"][:], group["utt_ids"][:]
+    array, offsets = group["units"], group["offsets"][:]
+    ids = (name for batch in id_batches(group["utt_ids"]) for name in batch)
     step = max(int(array.chunks[0]), 1) * 8
     loaded_start, loaded = 0, np.zeros(0, dtype=np.int16)
     for utt_id, start, stop in zip(ids, offsets[:-1].tolist(), offsets[1:].tolist()):

@@ -58,11 +58,46 @@ def merged_options(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any
     return merged
 
 
+class SegmentConfig(Section):
+    max_seconds: float = Field(gt=0.0, description="The longest span a recording is cut into; recordings no longer are kept whole.")
+    min_seconds: float = Field(
+        default=1.0, ge=0.0, description="The shortest span the energy method cuts (at most half of max_seconds)."
+    )
+    method: Literal["energy", "fixed"] = Field(
+        default="energy",
+        description="energy: cut at the quietest point (10 ms energy smoothed over 100 ms) between half of max_seconds "
+        "and max_seconds after the last cut, as libri-light's cut_by_vad cuts at silences; fixed: the fewest equal "
+        "spans no longer than max_seconds.",
+    )
+
+    @model_validator(mode="after")
+    def _room_between(self) -> SegmentConfig:
+        if self.min_seconds * 2 > self.max_seconds:
+            raise ValueError(f"min_seconds ({self.min_seconds}) must be at most half of max_seconds ({self.max_seconds})")
+        return self
+
+
 class CorpusConfig(Section):
     source: str = Field(
-        description="A folder (searched recursively for .wav/.flac), a fairseq .tsv manifest "
-        "(first line: root folder; then relpath<TAB>num_samples) or a NeMo-style .jsonl manifest "
-        "(audio_filepath, optional duration, speaker). Local path or s3:// URL."
+        description="A folder (searched recursively for .wav/.flac/.mp3/.ogg/.opus), a fairseq .tsv manifest "
+        "(first line: root folder; then relpath<TAB>num_samples), a NeMo-style .jsonl manifest "
+        "(audio_filepath, optional duration, speaker), a Lhotse RecordingSet or CutSet (.jsonl[.gz]), a "
+        "Hugging Face dataset (saved to disk, or its .parquet shards: a file or a folder), or WebDataset "
+        ".tar shards (a shard or a folder/prefix of them). Local path or s3:// URL."
+    )
+    format: Annotated[Literal["auto", "files", "fairseq", "nemo", "lhotse", "huggingface", "webdataset"], AddedLater()] = Field(
+        default="auto", description="The source's format; auto: from its name and, for a folder or .jsonl, a look inside."
+    )
+    ids: Annotated[Literal["auto", "stem", "path"], AddedLater()] = Field(
+        default="auto",
+        description="Utterance ids of files: stem (the file name without extension; clashing names stop intake), path "
+        "(the path below the source root without extension: speaker/chapter/0001), or auto: stem unless two files "
+        "share one, then path. The intake report says which was used. Sharded and Lhotse sources give their own ids.",
+    )
+    segment: Annotated[SegmentConfig | None, AddedLater()] = Field(
+        default=None,
+        description="Cut recordings longer than segment.max_seconds into spans (utterances `<id>-00000`, ...); null "
+        "keeps every recording whole.",
     )
     allowed_roots: Annotated[list[str], AddedLater()] = Field(
         default_factory=list,

@@ -2,7 +2,8 @@
 
     <run>/run.json                                config as given, code version, when, who
     <run>/lease.json                              the run's one writer and its fencing generation (infra/lease.py)
-    <run>/corpus/manifest.jsonl, intake_report.json     + intake.commit.json
+    <run>/corpus/manifest.parquet, intake_report.json, intake_report.parquet  + intake.commit.json
+                                                  (stores made before: manifest.jsonl, intake_report.json)
     <run>/iter-N/features.zarr                    + features.commit.json
     <run>/iter-N/kmeans/centroids.npy, report.json     + kmeans.commit.json
     <run>/iter-N/labels.zarr                      + labels.commit.json
@@ -35,8 +36,12 @@ CORPUS_SCOPE = "corpus"
 ITERATION_PREFIX = "iter-"
 
 # Outputs, relative to their stage's folder.
-MANIFEST = "manifest.jsonl"
+MANIFEST = "manifest.parquet"
+LEGACY_MANIFEST = "manifest.jsonl"
+"""The manifest of stores made before the columnar one: JSON lines, read into the same table."""
 INTAKE_REPORT = "intake_report.json"
+INTAKE_REJECTIONS = "intake_report.parquet"
+"""Every file intake rejected, with its reason (the JSON report lists the first thousand)."""
 FEATURES_STORE = "features.zarr"
 KMEANS_DIR = "kmeans"
 CENTROIDS = "kmeans/centroids.npy"
@@ -152,6 +157,10 @@ class RunLayout:
     @property
     def manifest(self) -> str:
         return self.path(None, MANIFEST)
+
+    @property
+    def legacy_manifest(self) -> str:
+        return self.path(None, LEGACY_MANIFEST)
 
     @property
     def intake_report(self) -> str:

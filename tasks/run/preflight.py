@@ -10,14 +10,18 @@ geometry that iteration's features will have.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
+
+import fsspec
 
 from infra.paths import count_by_suffix, unreadable_because
 from infra.store import ArtifactStore
 from model.frames import FrameGeometry
 from model.mfcc import MFCC_GEOMETRY
 from model.presets import HUBERT_CONFIGS, frame_geometry
-from tasks.corpus.manifest import AUDIO_SUFFIXES, Utterance
+from tasks.corpus.formats import detect_format
+from tasks.corpus.manifest import AUDIO_SUFFIXES, Manifest, ManifestError, Utterance
 from tasks.run.config import ConfigError, PretrainConfig
 
 
@@ -28,12 +32,13 @@ def features_geometry(config: PretrainConfig, index: int) -> FrameGeometry:
     return frame_geometry(HUBERT_CONFIGS[config.iterations[index - 1].train.model])
 
 
-def kmeans_frame_problems(config: PretrainConfig, utterances: list[Utterance]) -> list[str]:
+def kmeans_frame_problems(config: PretrainConfig, utterances: Manifest | Sequence[Utterance]) -> list[str]:
     """Each iteration whose k-means would fit fewer frames than k, with the field to change."""
     problems = []
+    samples_16k = Manifest.of(utterances).samples_16k()
     for index, iteration in enumerate(config.iterations):
         geometry = features_geometry(config, index)
-        total = sum(geometry.num_frames(utterance.samples_16k) for utterance in utterances)
+        total = int(geometry.num_frames(samples_16k).sum())
         settings = iteration.kmeans
         fitted = total * settings.sample_fraction
         if settings.max_frames is not None:
@@ -47,22 +52,42 @@ def kmeans_frame_problems(config: PretrainConfig, utterances: list[Utterance]) -
     return problems
 
 
-def check_kmeans_frames(config: PretrainConfig, utterances: list[Utterance]) -> None:
+def check_kmeans_frames(config: PretrainConfig, utterances: Manifest | Sequence[Utterance]) -> None:
     """Raise ConfigError listing every iteration whose k is beyond what the corpus gives."""
     if problems := kmeans_frame_problems(config, utterances):
         raise ConfigError("invalid configuration for this corpus:\n  " + "\n  ".join(problems))
 
 
-def no_audio_because(source: str, storage_options: dict[str, Any]) -> str | None:
-    """Why a folder source holds nothing intake reads (it reads .wav and .flac), naming what it
-    found instead; None where it holds some, or the source is a manifest file. One listing."""
-    counts = count_by_suffix(source, storage_options)
-    if counts is None or any(counts.get(suffix) for suffix in AUDIO_SUFFIXES):
+def _holds_audio(fs: Any, root: str) -> bool:
+    """Whether any file below `root` is audio intake reads; stops at the first one found."""
+    for _, _, names in fs.walk(root):
+        if any(name.lower().endswith(AUDIO_SUFFIXES) for name in names):
+            return True
+    return False
+
+
+def no_audio_because(source: str, source_format: str, storage_options: dict[str, Any]) -> str | None:
+    """Why a folder of audio files holds nothing intake reads, naming what it found instead; None
+    where it holds some, or the source is a manifest file or a sharded dataset. Reads the listing
+    only until the first audio file."""
+    if source_format not in ("auto", "files"):
         return None
+    try:
+        if detect_format(source, storage_options) != "files":
+            return None
+    except ManifestError:
+        return None  # an absent source is named by unreadable_because
+    fs, root = fsspec.core.url_to_fs(source, **storage_options)
+    if not fs.isdir(root) or _holds_audio(fs, root):
+        return None
+    counts = count_by_suffix(source, storage_options) or {}
     found = ", ".join(f"{count} {suffix or 'extensionless'} file{'s' if count > 1 else ''}"
                       for suffix, count in sorted(counts.items(), key=lambda item: -item[1])[:5])
-    readable = " or ".join(AUDIO_SUFFIXES)
-    return f"no {readable} file under {source} (found {found or 'no file at all'}); intake reads {readable} files (convert others first)"
+    readable = ", ".join(AUDIO_SUFFIXES)
+    return (
+        f"no audio file ({readable}) under {source} (found {found or 'no file at all'}); intake reads those, "
+        "Hugging Face Parquet/Arrow shards, WebDataset .tar shards and Lhotse manifests (corpus.format)"
+    )
 
 
 def input_problems(config: PretrainConfig) -> list[str]:
@@ -80,7 +105,7 @@ def input_problems(config: PretrainConfig) -> list[str]:
         if path is not None and (why := unreadable_because(path, config.fsspec_options)):
             what = "the listing of validation ids " if field == "corpus.valid" else ""
             problems.append(f"{field}: {what}{why}")
-    if not problems and (why := no_audio_because(config.corpus.source, config.fsspec_options)):
+    if not problems and (why := no_audio_because(config.corpus.source, config.corpus.format, config.fsspec_options)):
         problems.append(f"corpus.source: {why}")
     try:
         ArtifactStore(config.store, config.fsspec_options).check_writable()

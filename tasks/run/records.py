@@ -9,13 +9,15 @@ one way. Readers of records written by earlier versions of the pipeline are here
 from __future__ import annotations
 
 import io
+import logging
 
 import numpy as np
+import pyarrow.parquet as pq
 
 from infra.commit import StageRecord, read_record
 from infra.store import ArtifactStore
 from model.presets import HUBERT_CONFIGS, HubertConfig
-from tasks.corpus.manifest import Utterance, manifest_from_jsonl
+from tasks.corpus.manifest import Manifest, ManifestRows, conform, manifest_from_jsonl
 from tasks.run.layout import (
     ITERATION_STAGES,
     STAGE_INPUTS,
@@ -27,10 +29,39 @@ from tasks.run.layout import (
     upstream_iteration,
 )
 
+log = logging.getLogger(__name__)
 
-def load_manifest(store: ArtifactStore, layout: RunLayout) -> list[Utterance]:
-    """The utterances intake accepted, in manifest order."""
-    return manifest_from_jsonl(store.read_text(layout.manifest))
+
+def manifest_relpath(store: ArtifactStore, manifest: str, legacy: str) -> str:
+    """The manifest a folder holds: the columnar one, or (a store made before it) the JSON lines one."""
+    if store.exists(manifest) or not store.exists(legacy):
+        return manifest
+    return legacy
+
+
+def read_manifest(store: ArtifactStore, relpath: str, columns: list[str] | None = None) -> Manifest:
+    """A manifest file as a columnar Manifest (only `columns`, if given): Parquet, or JSON lines."""
+    if relpath.endswith(".jsonl"):
+        log.info("reading %s, the JSON-lines manifest of a store made before the columnar manifest", store.url(relpath))
+        table = manifest_from_jsonl(store.read_bytes(relpath))
+        return Manifest(table if columns is None else table.select(columns))
+    with store.fs.open(store.path(relpath), "rb") as handle:
+        table = pq.read_table(handle, columns=columns)
+    return Manifest(conform(table) if columns is None else table)
+
+
+def load_manifest(store: ArtifactStore, layout: RunLayout, columns: list[str] | None = None) -> Manifest:
+    """The utterances intake accepted, in manifest order, as columns (only `columns`, if given):
+    stages take the columns they need; iterating yields Utterance records (small corpora, tests)."""
+    relpath = manifest_relpath(store, layout.manifest, layout.legacy_manifest)
+    return read_manifest(store, relpath, columns)
+
+
+def manifest_rows(store: ArtifactStore, layout: RunLayout) -> ManifestRows:
+    """The run's manifest as tasks on the workers read their rows of it."""
+    relpath = manifest_relpath(store, layout.manifest, layout.legacy_manifest)
+    record = read_record(store, layout.stage_folder("intake", None), "intake")
+    return ManifestRows(store, relpath, record.output_digest if record is not None else store.url(relpath))
 
 
 def load_centroids(store: ArtifactStore, layout: RunLayout, iteration: int) -> np.ndarray:

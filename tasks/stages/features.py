@@ -22,32 +22,37 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import torch
 import zarr
 
 from infra.commit import Stage, StageRecord
-from infra.digest import digest_array, digest_bytes, digest_digests, digest_json
+from infra.digest import digest_array, digest_bytes, digest_digests, digest_json_with_list
 from infra.parts import run_parts
 from infra.zarr_io import EmptyArray, create_zarr_group
 from model.frames import SAMPLE_RATE
-from tasks.corpus.manifest import Utterance
+from tasks.corpus.manifest import Manifest
 from tasks.frames.chunks import ChunkJob, frame_offsets, plan_chunks
 from tasks.frames.sources import FeatureSource, compute_chunk
 from tasks.frames.store import (
+    IDS_CHUNK,
     as_stored,
     chosen_layer,
     feature_source,
     grid_chunk_frames,
+    id_batches,
     kmeans_sample,
     model_input,
     stored_chunk_digests,
+    write_ids,
 )
 from tasks.run.keys import key_settings
 from tasks.run.layout import FEATURES_STORE
-from tasks.run.records import load_manifest
+from tasks.run.records import load_manifest, manifest_rows
 from tasks.run.stage import CommittedStage, StageContext, StageResult, StageSpec
 
 log = logging.getLogger(__name__)
@@ -74,11 +79,12 @@ def write_feature_chunk(
 
 
 def _create_store(
-    stage: Stage, source: FeatureSource, stored: list[Utterance], indices: np.ndarray | None, offsets: np.ndarray,
+    stage: Stage, source: FeatureSource, ids: pa.Array, indices: np.ndarray | None, offsets: np.ndarray,
     chunk_frames: int, dtype: str,
 ) -> None:
-    """The store, its arrays empty but `offsets`, `utt_ids` and (for a sample) `utt_indices`."""
-    whole = {"offsets": offsets, "utt_ids": np.array([utterance.id for utterance in stored])}
+    """The store, its arrays empty but `offsets`, `utt_ids` (written a block at a time) and (for a
+    sample) `utt_indices`."""
+    whole = {"offsets": offsets}
     if indices is not None:
         whole["utt_indices"] = indices
     create_zarr_group(
@@ -92,11 +98,13 @@ def _create_store(
         empty={
             "features": EmptyArray(
                 shape=(int(offsets[-1]), source.dim), chunks=(chunk_frames, source.dim), dtype=dtype, compressors=None
-            )
+            ),
+            "utt_ids": EmptyArray(shape=(len(ids),), chunks=(IDS_CHUNK,), dtype="str"),
         },
         whole=whole,
         replace=not stage.fresh,
     )
+    write_ids(stage.store.open_zarr(stage.rel(FEATURES_STORE), mode="r+")["utt_ids"], ids)
 
 
 def features_key_config(context: StageContext) -> dict[str, Any]:
@@ -120,20 +128,17 @@ def features(context: StageContext, stage: Stage) -> StageResult:
     label = f"features@{context.iteration}"
     settings = context.settings.features
     source = feature_source(context)
-    utterances = load_manifest(context.store, context.layout)
+    utterances = load_manifest(context.store, context.layout, columns=["id", "samples", "sample_rate", "split"])
     indices = None
     if settings.keep == "sample":
-        indices = np.array(
-            kmeans_sample(utterances, frame_offsets(utterances, source.geometry.num_frames), context.settings.kmeans),
-            dtype=np.int64,
-        )
-    stored = utterances if indices is None else [utterances[index] for index in indices]
+        indices = kmeans_sample(utterances, frame_offsets(utterances, source.geometry.num_frames), context.settings.kmeans)
+    stored = utterances if indices is None else utterances.take(indices)
     offsets = frame_offsets(stored, source.geometry.num_frames)
     chunk_frames = grid_chunk_frames(settings, int(offsets[-1]), source.dim)
-    jobs = plan_chunks(stored, offsets, chunk_frames)
+    jobs = plan_chunks(manifest_rows(context.store, context.layout), offsets, chunk_frames, indices)
     done = stage.done_parts()
     if not done:
-        _create_store(stage, source, stored, indices, offsets, chunk_frames, settings.dtype)
+        _create_store(stage, source, stored.ids(), indices, offsets, chunk_frames, settings.dtype)
     choice = None if source.kind == "mfcc" else chosen_layer(context)
     if choice is not None:
         log.info("%s: layer %d (%s)", label, *choice)
@@ -148,12 +153,10 @@ def features(context: StageContext, stage: Stage) -> StageResult:
         context.client, stage, jobs, write_feature_chunk, label, done, source=source, dtype=settings.dtype, features=array
     )
     compute_seconds = time.perf_counter() - clock
-    audio_seconds = sum(utterance.samples_16k for utterance in stored) / SAMPLE_RATE
+    audio_seconds = int(stored.samples_16k().sum()) / SAMPLE_RATE
     computed_audio_seconds = sum(parts[job.part]["audio_seconds"] for job in jobs if job.part not in done)
     return StageResult(
-        output_digest=features_digest(
-            [parts[job.part]["digest"] for job in jobs], offsets, [utterance.id for utterance in stored], indices
-        ),
+        output_digest=features_digest([parts[job.part]["digest"] for job in jobs], offsets, id_batches(stored.ids()), indices),
         counts={
             "utterances": len(stored),
             "frames": int(offsets[-1]),
@@ -173,33 +176,33 @@ def features(context: StageContext, stage: Stage) -> StageResult:
     )
 
 
-def corpus_counts(utterances: list[Utterance], source: FeatureSource) -> dict[str, int | float]:
+def corpus_counts(utterances: Manifest, source: FeatureSource) -> dict[str, int | float]:
     """What the whole corpus has, beside what a sample store holds."""
+    samples_16k = utterances.samples_16k()
     return {
         "corpus_utterances": len(utterances),
-        "corpus_frames": int(sum(source.geometry.num_frames(utterance.samples_16k) for utterance in utterances)),
-        "corpus_audio_hours": round(sum(utterance.samples_16k for utterance in utterances) / SAMPLE_RATE / 3600, 4),
+        "corpus_frames": int(source.geometry.num_frames(samples_16k).sum()),
+        "corpus_audio_hours": round(int(samples_16k.sum()) / SAMPLE_RATE / 3600, 4),
     }
 
 
 def features_digest(
-    chunk_digests: list[str], offsets: np.ndarray, utt_ids: list[str], indices: np.ndarray | None = None
+    chunk_digests: list[str], offsets: np.ndarray, utt_ids: Iterable[list[str]], indices: np.ndarray | None = None
 ) -> str:
-    """The stage's output digest: its chunks' digests in grid order, the offsets and the ids (and
-    for a sample store, the utterances' manifest indices)."""
-    digested = {"features": digest_digests(chunk_digests), "offsets": digest_bytes(offsets.tobytes()), "utt_ids": utt_ids}
+    """The stage's output digest: its chunks' digests in grid order, the offsets and the ids (given
+    in batches, `id_batches`; digested as one list) and for a sample store, the utterances'
+    manifest indices."""
+    digested = {"features": digest_digests(chunk_digests), "offsets": digest_bytes(offsets.tobytes())}
     if indices is not None:
         digested["utt_indices"] = digest_bytes(indices.astype(np.int64).tobytes())
-    return digest_json(digested)
+    return digest_json_with_list(digested, "utt_ids", utt_ids)
 
 
 def verify_features(committed: CommittedStage) -> str:
     """The output digest recomputed from every stored chunk."""
     group = committed.store.open_zarr(committed.rel(FEATURES_STORE), mode="r")
     indices = group["utt_indices"][:] if "utt_indices" in group else None
-    return features_digest(
-        stored_chunk_digests(group["features"]), group["offsets"][:], [str(name) for name in group["utt_ids"][:]], indices
-    )
+    return features_digest(stored_chunk_digests(group["features"]), group["offsets"][:], id_batches(group["utt_ids"]), indices)
 
 
 def features_summary(record: StageRecord) -> str:

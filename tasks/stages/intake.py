@@ -1,10 +1,16 @@
-"""Stage: corpus intake. Lists the source, probes every file in parallel on Dask (tasks/corpus/checks.py), writes the manifest.
+"""Stage: corpus intake. Lists the source, probes every file or shard in parallel on Dask (tasks/corpus/checks.py), writes the manifest.
 
 One bad file never stops a corpus: unreadable, empty, truncated, non-finite (NaN or Inf samples),
-silent, too short or mismatching files go into `corpus/intake_report.json` with their reason and
+silent, too short or mismatching files go into the intake report with their reason (every one in
+`corpus/intake_report.parquet`; the JSON one counts them by reason and lists the first thousand) and
 the run goes on without them; so do, never read, manifest entries outside the source's root and
-`corpus.allowed_roots`, and file names with a tab or a line break. Two files
-with the same utterance id stop intake before any probing, naming both paths.
+`corpus.allowed_roots`, and file names with a tab or a line break. Two files with the same
+utterance id stop intake, naming both.
+
+The manifest is Parquet (`corpus/manifest.parquet`, tasks/corpus/manifest.py), written from Arrow
+columns: the driver holds no Python object per utterance. Its digest (of the file's bytes) is the
+stage's output digest. A store made before it holds `manifest.jsonl`, which the stages after read
+as it is; intake run again there writes the Parquet one and removes the old.
 """
 
 from __future__ import annotations
@@ -14,12 +20,13 @@ from typing import Any
 
 from infra.commit import Stage, StageRecord
 from infra.digest import digest_bytes
-from infra.paths import fingerprint_source, read_whole
+from infra.paths import read_whole
 from tasks.corpus.checks import take_in
-from tasks.corpus.manifest import AUDIO_SUFFIXES, ManifestError, manifest_to_jsonl
+from tasks.corpus.formats import fingerprint
+from tasks.corpus.manifest import ManifestError, manifest_parquet
 from tasks.corpus.splits import assign_splits
 from tasks.run.keys import key_settings
-from tasks.run.layout import INTAKE_REPORT, MANIFEST
+from tasks.run.layout import INTAKE_REJECTIONS, INTAKE_REPORT, LEGACY_MANIFEST, MANIFEST
 from tasks.run.preflight import check_kmeans_frames
 from tasks.run.records import load_manifest
 from tasks.run.stage import CommittedStage, StageContext, StageResult, StageSpec
@@ -34,7 +41,7 @@ def intake_key_config(context: StageContext) -> dict[str, Any]:
 
 def intake_key_inputs(context: StageContext) -> dict[str, str]:
     corpus, storage_options = context.config.corpus, context.config.fsspec_options
-    inputs = {"source": fingerprint_source(corpus.source, AUDIO_SUFFIXES, storage_options)}
+    inputs = {"source": fingerprint(corpus, storage_options)}
     if isinstance(corpus.valid, str):
         try:
             inputs["valid"] = digest_bytes(read_whole(corpus.valid, storage_options))
@@ -46,52 +53,56 @@ def intake_key_inputs(context: StageContext) -> dict[str, str]:
 def intake(context: StageContext, stage: Stage) -> StageResult:
     """Probe every file of the corpus source on Dask and write the manifest and the intake report."""
     config, store = context.config, context.store
-    taken = take_in(
-        context.client, config.corpus.source, config.corpus, config.fsspec_options, "intake", config.corpus.allowed_roots
-    )
-    store.write_json(stage.rel(INTAKE_REPORT), taken.report())
-    utterances, rejections = taken.utterances, taken.rejections
-    if not utterances:
+    store.remove(stage.rel(LEGACY_MANIFEST))
+    taken = take_in(context.client, config.corpus, config.fsspec_options, "intake")
+    report = taken.report()
+    store.write_json(stage.rel(INTAKE_REPORT), report)
+    store.write_bytes(stage.rel(INTAKE_REJECTIONS), taken.rejections_parquet())
+    if not len(taken.utterances):
         raise ManifestError(
-            f"no usable audio in {config.corpus.source}: all {len(rejections)} files rejected "
+            f"no usable audio in {config.corpus.source}: all {len(taken.rejections)} files rejected "
             f"(see {store.url(stage.rel(INTAKE_REPORT))})"
         )
-    utterances = assign_splits(utterances, config.corpus, config.fsspec_options)
-    manifest_text = manifest_to_jsonl(utterances)
-    store.write_text(stage.rel(MANIFEST), manifest_text)
+    manifest = assign_splits(taken.utterances, config.corpus, config.fsspec_options)
+    data = manifest_parquet(manifest.table)
+    store.write_bytes(stage.rel(MANIFEST), data)
+    table = manifest.table
     return StageResult(
-        output_digest=digest_bytes(manifest_text.encode()),
+        output_digest=digest_bytes(data),
         counts={
-            "utterances": len(utterances),
-            "valid_utterances": sum(utterance.split == "valid" for utterance in utterances),
-            "rejected": len(rejections),
-            "hours": round(sum(utterance.seconds for utterance in utterances) / 3600, 4),
-            "speakers": len({u.speaker for u in utterances if u.speaker is not None}),
+            "utterances": len(manifest),
+            "valid_utterances": int(manifest.is_valid().sum()),
+            "rejected": len(taken.rejections),
+            "hours": round(float(manifest.seconds().sum()) / 3600, 4),
+            "speakers": int(table.column("speaker").drop_null().unique().__len__()),
+            "recordings_cut": int(table.column("recording").drop_null().unique().__len__()),
         },
-        metrics={"rejected_by_reason": taken.report()["rejected_by_reason"]},
+        metrics={"rejected_by_reason": report["rejected_by_reason"], "format": taken.format, "id_rule": taken.id_rule},
     )
 
 
 def verify_intake(committed: CommittedStage) -> str:
-    """The manifest's digest, as the stage took it."""
-    return digest_bytes(committed.store.read_bytes(committed.rel(MANIFEST)))
+    """The manifest's digest, as the stage took it (a store made before the columnar manifest: its JSON lines)."""
+    name = LEGACY_MANIFEST if any(output.endswith(LEGACY_MANIFEST) for output in committed.record.outputs) else MANIFEST
+    return digest_bytes(committed.store.read_bytes(committed.rel(name)))
 
 
 def intake_summary(record: StageRecord) -> str:
     counts = record.counts
     valid = f" ({counts['valid_utterances']} for validation)" if counts.get("valid_utterances") else ""
-    return f"{counts['utterances']} utterances{valid}, {counts['hours']:.2f} h, {counts['rejected']} rejected"
+    cut = f", cut from {counts['recordings_cut']} long recordings" if counts.get("recordings_cut") else ""
+    return f"{counts['utterances']} utterances{valid}{cut}, {counts['hours']:.2f} h, {counts['rejected']} rejected"
 
 
 def check_k_against_the_corpus(context: StageContext, record: StageRecord) -> None:
     """Right after intake, before any features: every iteration's k within the frames the corpus gives."""
-    check_kmeans_frames(context.config, load_manifest(context.store, context.layout))
+    check_kmeans_frames(context.config, load_manifest(context.store, context.layout, columns=["samples", "sample_rate"]))
 
 
 INTAKE = StageSpec(
     name="intake",
     version=1,
-    outputs=(MANIFEST, INTAKE_REPORT),
+    outputs=(MANIFEST, INTAKE_REPORT, INTAKE_REJECTIONS),
     key_config=intake_key_config,
     key_inputs=intake_key_inputs,
     work=intake,

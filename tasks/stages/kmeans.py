@@ -158,10 +158,9 @@ def kmeans_key_inputs(context: StageContext) -> dict[str, str]:
 
 def held_out_frames(context: StageContext, group: zarr.Group) -> list[tuple[tuple[int, int], ...]]:
     """Per block of the features' chunk grid, the frame ranges of validation utterances in it."""
-    manifest = load_manifest(context.store, context.layout)
-    utterances = [manifest[index] for index in stored_indices(group)]
+    valid = load_manifest(context.store, context.layout, columns=["split"]).is_valid()[stored_indices(group)]
     offsets, features = group["offsets"][:], group["features"]
-    return [valid_frame_ranges(utterances, offsets, block) for block in chunk_grid(features.shape[0], features.chunks[0])]
+    return [valid_frame_ranges(valid, offsets, block) for block in chunk_grid(features.shape[0], features.chunks[0])]
 
 
 def fitting_settings(settings: KMeansConfig, group: zarr.Group) -> KMeansConfig:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,8 +32,8 @@ from model.kmeans import initial_centroids, lloyd, lloyd_partial, lloyd_schedule
 from model.probes import speaker_probe_accuracy
 from model.quality import LabelTally, frame_segments, phone_measures
 from tasks.corpus.alignments import ALIGNMENT_SUFFIXES, alignment_path, read_alignment
-from tasks.corpus.audio import load_audio_16k
-from tasks.corpus.manifest import Utterance
+from tasks.corpus.audio import load_utterance_16k
+from tasks.corpus.manifest import Manifest, Utterance
 from tasks.frames.sources import FeatureSource, HubertLayerSource, MfccSource, layer_source
 from tasks.run.keys import key_settings
 from tasks.run.layout import LAYER_PROFILE, Weights
@@ -45,10 +46,19 @@ log = logging.getLogger(__name__)
 LLOYD_ITERATIONS = 50
 
 
-def profile_sample(utterances: list[Utterance], count: int, seed: int) -> list[Utterance]:
-    """`count` utterances chosen by a seeded hash of their ids: the same whatever the corpus order."""
-    ranked = sorted(utterances, key=lambda u: hashlib.sha256(f"{seed}:{u.id}".encode()).hexdigest())
-    return sorted(ranked[:count], key=lambda u: u.id)
+def profile_sample(utterances: Manifest | Sequence[Utterance], count: int, seed: int) -> list[Utterance]:
+    """`count` utterances chosen by a seeded hash of their ids (the lowest sha256 of `seed:id`): the
+    same whatever the corpus order. Ranked from the id column; only the chosen become records."""
+    manifest = Manifest.of(utterances)
+    ids = manifest.ids()
+    keys = np.empty(len(ids), dtype=np.uint64)
+    for start in range(0, len(ids), 65_536):
+        keys[start : start + 65_536] = [
+            int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "big")
+            for name in ids.slice(start, 65_536).to_pylist()
+        ]
+    chosen = np.argsort(keys, kind="stable")[:count]
+    return sorted(manifest.take(np.sort(chosen)), key=lambda u: u.id)
 
 
 @dataclass(frozen=True)
@@ -63,7 +73,7 @@ class ProfileSample:
 def measure_source(source: FeatureSource, sample: ProfileSample) -> dict[str, Any]:
     """One Dask task: the sample's features from `source`, clustered at k and measured."""
     torch.set_num_threads(1)
-    waveforms = [load_audio_16k(u.path, sample.storage_options) for u in sample.utterances]
+    waveforms = [load_utterance_16k(u, sample.storage_options) for u in sample.utterances]
     features = [f.numpy().astype(np.float32) for f in source.compute(waveforms)]
     rows = np.concatenate(features)
     k = min(sample.k, rows.shape[0])
@@ -113,7 +123,7 @@ def measure_on_workers(client: Client, sources: list[FeatureSource], sample: Pro
 
 
 def layer_profile(
-    client: Client | None, layers: list[HubertLayerSource], utterances: list[Utterance], settings: LayerProfileConfig,
+    client: Client | None, layers: list[HubertLayerSource], utterances: Manifest | Sequence[Utterance], settings: LayerProfileConfig,
     alignments: str | None, storage_options: dict[str, Any],
 ) -> dict[str, Any]:
     """Every layer's measures (and MFCC's, as the reference) on the seeded sample, and the best layer by PNMI.

@@ -21,15 +21,17 @@ against phone alignments when the corpus has them.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import torch
 import zarr
 
 from infra.commit import Stage, StageRecord
-from infra.digest import digest_bytes, digest_digests, digest_json
+from infra.digest import digest_bytes, digest_digests, digest_json, digest_json_with_list
 from infra.parts import gather_parts, run_parts
 from infra.paths import fingerprint_source
 from infra.zarr_io import EmptyArray, create_zarr_group, read_whole_arrays
@@ -37,7 +39,7 @@ from model.data import map_labels
 from model.frames import FrameGeometry
 from model.quality import LabelTally, frame_segments, label_agreement, label_measures, phone_measures
 from tasks.corpus.alignments import ALIGNMENT_SUFFIXES, alignment_path, read_alignment
-from tasks.corpus.manifest import Utterance
+from tasks.corpus.manifest import Manifest, Utterance
 from tasks.frames.chunks import Chunk, UtteranceSpan, chunk_grid, frame_offsets, inside_an_utterance
 from tasks.frames.labelling import (
     LabelFeatures,
@@ -47,9 +49,18 @@ from tasks.frames.labelling import (
     plan_label_jobs,
     write_label_chunk,
 )
-from tasks.frames.store import feature_source, grid_chunk_frames, stored_chunk_digests, stored_geometry, stored_keep
+from tasks.frames.store import (
+    IDS_CHUNK,
+    feature_source,
+    grid_chunk_frames,
+    id_batches,
+    stored_chunk_digests,
+    stored_geometry,
+    stored_keep,
+    write_ids,
+)
 from tasks.run.layout import LABELS_STORE
-from tasks.run.records import load_centroids, load_manifest
+from tasks.run.records import load_centroids, load_manifest, manifest_rows
 from tasks.run.stage import CommittedStage, StageContext, StageResult, StageSpec
 from tasks.stages.labels.verdict import enforce_quality_gate, iteration_verdict
 
@@ -107,11 +118,12 @@ def _create_store(
     attributes: dict[str, Any],
     chunk_frames: int,
     offsets: np.ndarray,
-    ids: np.ndarray,
+    ids: pa.Array,
     k: int,
     centroids_digest: str,
 ) -> None:
-    """`labels.zarr`, chunked like the features of every utterance, with their offsets, ids and frame geometry."""
+    """`labels.zarr`, chunked like the features of every utterance, with their offsets, ids (written
+    a block at a time) and frame geometry."""
     create_zarr_group(
         stage.store,
         stage.rel(LABELS_STORE),
@@ -128,55 +140,72 @@ def _create_store(
             "centroids_digest": centroids_digest,
             "stage_key": stage.key,
         },
-        empty={"labels": EmptyArray(shape=(int(offsets[-1]),), chunks=(chunk_frames,), dtype="int16")},
-        whole={"offsets": offsets, "utt_ids": ids},
+        empty={
+            "labels": EmptyArray(shape=(int(offsets[-1]),), chunks=(chunk_frames,), dtype="int16"),
+            "utt_ids": EmptyArray(shape=(len(ids),), chunks=(IDS_CHUNK,), dtype="str"),
+        },
+        whole={"offsets": offsets},
         replace=not stage.fresh,
     )
+    write_ids(stage.store.open_zarr(stage.rel(LABELS_STORE), mode="r+")["utt_ids"], ids)
 
 
 @dataclass(frozen=True)
 class StoredFrames:
-    """What a features or labels store says of its utterances' frames: their offsets and ids, the
-    manifest index of each (None: every utterance of the manifest, in order) and its rows."""
+    """What a features or labels store says of its utterances' frames: their offsets and ids (the
+    store's `utt_ids`, read a block at a time, or an array at hand), the manifest index of each
+    (None: every utterance of the manifest, in order) and its rows."""
 
     offsets: np.ndarray
-    ids: np.ndarray
+    ids: zarr.Array | np.ndarray | pa.Array
     rows: int
     indices: np.ndarray | None = None
 
     @classmethod
     def read(cls, group: zarr.Group, rows: zarr.Array, with_indices: bool = False) -> StoredFrames:
-        """Read from the store, concurrently: offsets, ids and (`with_indices`, a `keep: sample`
-        features store) the manifest indices; the rows are those of `rows`, the group's array."""
-        held = read_whole_arrays(group, ["offsets", "utt_ids", *(["utt_indices"] if with_indices else [])])
-        return cls(held["offsets"], held["utt_ids"], int(rows.shape[0]), held.get("utt_indices"))
+        """Read from the store, concurrently: offsets and (`with_indices`, a `keep: sample` features
+        store) the manifest indices; the rows are those of `rows`, the group's array."""
+        held = read_whole_arrays(group, ["offsets", *(["utt_indices"] if with_indices else [])])
+        return cls(held["offsets"], group["utt_ids"], int(rows.shape[0]), held.get("utt_indices"))
+
+
+def _same_ids(stored: zarr.Array | np.ndarray | pa.Array, expected: pa.Array) -> bool:
+    """Whether a store's ids are exactly `expected`, compared a block at a time."""
+    if (len(stored) if isinstance(stored, (pa.Array, pa.ChunkedArray)) else stored.shape[0]) != len(expected):
+        return False
+    return all(mine == theirs for mine, theirs in zip(id_batches(stored), id_batches(expected)))
 
 
 def check_frame_counts(
-    utterances: list[Utterance], geometry: FrameGeometry, features: StoredFrames, labels: StoredFrames
+    utterances: Manifest | Sequence[Utterance], geometry: FrameGeometry, features: StoredFrames, labels: StoredFrames
 ) -> None:
     """Raise FrameCountMismatch naming every utterance whose frame counts disagree.
 
-    The labels cover every utterance; the features those they hold (all, or the k-means sample)."""
-    wanted = [geometry.num_frames(utterance.samples_16k) for utterance in utterances]
-    indices = features.indices.tolist() if features.indices is not None else list(range(len(features.ids)))
-    in_features = dict(zip(indices, np.diff(features.offsets).tolist()))
-    label_counts = np.diff(labels.offsets).tolist()
+    The labels cover every utterance; the features those they hold (all, or the k-means sample).
+    Worked from columns: the counts as arrays, the ids a block at a time."""
+    manifest = Manifest.of(utterances)
+    wanted = geometry.num_frames(manifest.samples_16k())
+    count = len(manifest)
+    indices = features.indices if features.indices is not None else np.arange(len(features.offsets) - 1)
+    held = np.diff(features.offsets)
+    ids = manifest.ids()
     problems = []
-    stored_ids = [utterances[index].id for index in indices if 0 <= index < len(utterances)]
-    if list(features.ids) != stored_ids or list(labels.ids) != [u.id for u in utterances]:
+    inside = indices[(indices >= 0) & (indices < count)]
+    if len(inside) != len(indices) or not _same_ids(features.ids, ids.take(pa.array(inside))) or not _same_ids(labels.ids, ids):
         problems.append("utterance ids or their order differ between manifest, features and labels")
     else:
-        for index, (utterance, in_labels) in enumerate(zip(utterances, label_counts)):
-            in_store = in_features.get(index, wanted[index])
-            if not wanted[index] == in_store == in_labels:
-                problems.append(
-                    f"{utterance.id}: audio gives {wanted[index]}, features {in_features.get(index, '(not stored)')}, labels {in_labels}"
-                )
-    if labels.rows != sum(wanted):
-        problems.append(f"labels hold {labels.rows} frames, the audio gives {sum(wanted)}")
-    if features.rows != sum(in_features.values()):
-        problems.append(f"features hold {features.rows} frames, their offsets {sum(in_features.values())}")
+        in_features = wanted.copy()
+        in_features[indices] = held
+        in_labels = np.diff(labels.offsets)
+        stored = np.zeros(count, dtype=bool)
+        stored[indices] = True
+        for index in np.flatnonzero((wanted != in_features) | (wanted != in_labels))[:1000].tolist():
+            shown = int(in_features[index]) if stored[index] else "(not stored)"
+            problems.append(f"{ids[index].as_py()}: audio gives {wanted[index]}, features {shown}, labels {in_labels[index]}")
+    if labels.rows != int(wanted.sum()):
+        problems.append(f"labels hold {labels.rows} frames, the audio gives {int(wanted.sum())}")
+    if features.rows != int(held.sum()):
+        problems.append(f"features hold {features.rows} frames, their offsets {int(held.sum())}")
     if problems:
         listed = "\n  ".join(problems[:20])
         more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
@@ -255,21 +284,21 @@ class FrameLayout:
     """Every utterance's frames as the labels lay them out: offsets, ids and chunk size of the grid."""
 
     offsets: np.ndarray
-    ids: np.ndarray
+    ids: pa.Array
     chunk_frames: int
     digest: str  # what the labels' digest takes for offsets and ids
 
 
 def frame_layout(
-    context: StageContext, features: zarr.Group, stored: zarr.Array, held: StoredFrames, features_digest: str
+    context: StageContext, utterances: Manifest, features: zarr.Group, stored: zarr.Array, held: StoredFrames,
+    features_digest: str,
 ) -> FrameLayout:
     """A store of every utterance lends its layout (and its digest covers it); for a store of the
     k-means sample, the layout `keep: all` would have is made from the manifest."""
     if held.indices is None:
-        return FrameLayout(held.offsets, held.ids, int(stored.chunks[0]), features_digest)
-    utterances = load_manifest(context.store, context.layout)
+        return FrameLayout(held.offsets, utterances.ids(), int(stored.chunks[0]), features_digest)
     offsets = frame_offsets(utterances, stored_geometry(features).num_frames)
-    ids = np.array([utterance.id for utterance in utterances])
+    ids = utterances.ids()
     chunk_frames = grid_chunk_frames(context.settings.features, int(offsets[-1]), int(features.attrs["dim"]))
     return FrameLayout(offsets, ids, chunk_frames, layout_digest(offsets, ids))
 
@@ -307,12 +336,12 @@ def labels(context: StageContext, stage: Stage) -> StageResult:
     store, client, iteration = context.store, context.client, context.iteration
     features_record = context.upstream("labels", "features")
     kmeans_record = context.upstream("labels", "centroids")
-    utterances = load_manifest(store, context.layout)
+    utterances = load_manifest(store, context.layout, columns=["id", "samples", "sample_rate", "split"])
     k = int(kmeans_record.counts["k"])
     features_group = store.open_zarr(context.layout.features_store(iteration), mode="r")
     features_array = features_group["features"]
     held = StoredFrames.read(features_group, features_array, with_indices=stored_keep(features_group) == "sample")
-    layout = frame_layout(context, features_group, features_array, held, features_record.output_digest)
+    layout = frame_layout(context, utterances, features_group, features_array, held, features_record.output_digest)
     offsets, total = layout.offsets, int(layout.offsets[-1])
     grid = chunk_grid(total, layout.chunk_frames)
     done = stage.done_parts()
@@ -334,7 +363,7 @@ def labels(context: StageContext, stage: Stage) -> StageResult:
     if features.stored is not None:
         stored = features.stored
         per_task = chunks_per_task(len(grid), workers, stored.chunks[0] * stored.shape[1] * stored.dtype.itemsize)
-    jobs = plan_label_jobs(utterances, offsets, layout.chunk_frames, per_task)
+    jobs = plan_label_jobs(manifest_rows(store, context.layout), offsets, layout.chunk_frames, per_task)
     if features.stored is None:
         log.info("%s: features of %d utterances computed on the fly (features.keep: sample)", label, len(utterances))
     previous = previous_labels(context) if iteration > 1 else None
@@ -363,8 +392,7 @@ def labels(context: StageContext, stage: Stage) -> StageResult:
     tally.runs -= runs_continuing_across_chunks(jobs, parts, offsets)
 
     check_frame_counts(utterances, measuring.geometry, held, labelled)
-    frames = np.diff(offsets)
-    valid_frames = int(sum(int(count) for utterance, count in zip(utterances, frames) if utterance.split == "valid"))
+    valid_frames = int(np.diff(offsets)[utterances.is_valid()].sum())
     measures = {"labels": label_measures(tally), "quality": phone_measures(tally)}
     agreement = label_agreement(tally)
     float16 = float16_agreement(label, [parts[job.part]["float16_check"] for job in jobs if "float16_check" in parts[job.part]])
@@ -398,9 +426,9 @@ def labels_digest(chunk_digests: list[str], layout: str) -> str:
     return digest_json({"labels": digest_digests(chunk_digests), "offsets": layout})
 
 
-def layout_digest(offsets: np.ndarray, ids: np.ndarray) -> str:
+def layout_digest(offsets: np.ndarray, ids: pa.Array | np.ndarray | zarr.Array) -> str:
     """The digest of every utterance's offsets and ids, for labels whose features store holds a sample."""
-    return digest_json({"offsets": digest_bytes(offsets.astype(np.int64).tobytes()), "utt_ids": [str(i) for i in ids]})
+    return digest_json_with_list({"offsets": digest_bytes(offsets.astype(np.int64).tobytes())}, "utt_ids", id_batches(ids))
 
 
 def verify_labels(committed: CommittedStage) -> str:
@@ -408,7 +436,7 @@ def verify_labels(committed: CommittedStage) -> str:
     group = committed.store.open_zarr(committed.rel(LABELS_STORE), mode="r")
     layout = committed.record.inputs["features"]
     if group.attrs["features"].get("keep", "all") == "sample":
-        layout = layout_digest(group["offsets"][:], group["utt_ids"][:])
+        layout = layout_digest(group["offsets"][:], group["utt_ids"])
     return labels_digest(stored_chunk_digests(group["labels"]), layout)
 
 

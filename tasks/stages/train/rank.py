@@ -17,6 +17,7 @@ import logging
 import posixpath
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -25,14 +26,14 @@ import torch
 
 from infra.lease import LeaseFence, held_fence
 from infra.store import ArtifactStore
-from model.data import BatchShape, BatchStream, FixedBatches, check_label_counts
+from model.data import BatchShape, BatchStream, FixedBatches, LabelCountMismatch, check_label_counts
 from model.frames import SAMPLE_RATE
 from model.hubert import build_pretrain_model, prepare_waveform, warm_start
 from model.presets import HUBERT_CONFIGS, HubertConfig, frame_geometry
 from model.trainer import TrainerSettings, Validation, load_checkpoint, masked_prediction_evaluator, train
 from model.weights import save_weights
-from tasks.corpus.audio import load_audio_16k
-from tasks.corpus.manifest import Utterance
+from tasks.corpus.audio import load_utterance_16k
+from tasks.corpus.manifest import Manifest, ManifestRows, Utterance
 from tasks.frames.sources import read_weights
 from tasks.frames.store import stored_geometry
 from tasks.run.config import PretrainConfig
@@ -49,15 +50,23 @@ class StoreUtteranceSource:
     """The utterances of one split: audio through the manifest, labels from `labels.zarr`.
 
     `utterances` is the whole manifest (the labels' offsets follow it); the source's indices count
-    the utterances of `split` only ("train" is every utterance of a corpus without a split)."""
+    the utterances of `split` only ("train" is every utterance of a corpus without a split). It
+    keeps the manifest's columns as arrays (lengths, which rows are in the split), and reads an
+    utterance's record when it loads it (`rows`: the manifest's rows in the store; made from
+    `utterances` where not given)."""
 
     def __init__(
-        self, store: ArtifactStore, labels_relpath: str, utterances: list[Utterance], split: Literal["train", "valid"] = "train"
+        self, store: ArtifactStore, labels_relpath: str, utterances: Manifest | Sequence[Utterance],
+        split: Literal["train", "valid"] = "train", rows: ManifestRows | None = None,
     ) -> None:
         self.store = store
         self.labels_relpath = labels_relpath
-        self.utterances = utterances
-        self.rows = [row for row, utterance in enumerate(utterances) if utterance.split == split]
+        manifest = Manifest.of(utterances)
+        self.ids = manifest.ids()
+        self.samples_16k = manifest.samples_16k()
+        self.rows = np.flatnonzero(manifest.is_valid() == (split == "valid"))
+        self._records = rows
+        self._table = manifest.table if rows is None else None
         group = store.open_zarr(labels_relpath, mode="r")
         self.offsets = group["offsets"][:]
         self.geometry = stored_geometry(group)
@@ -68,25 +77,33 @@ class StoreUtteranceSource:
         return len(self.rows)
 
     def samples(self, index: int) -> int:
-        return self.utterances[self.rows[index]].samples_16k
+        return int(self.samples_16k[self.rows[index]])
+
+    def utterance(self, index: int) -> Utterance:
+        row = int(self.rows[index])
+        if self._records is not None:
+            return self._records.read([row])[0]
+        return Manifest(self._table.slice(row, 1))[0]
 
     def load(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self._labels is None:
             self._labels = self.store.open_zarr(self.labels_relpath, mode="r")["labels"]
         row = self.rows[index]
         labels = self._labels[self.offsets[row] : self.offsets[row + 1]].astype(np.int64)
-        return load_audio_16k(self.utterances[row].path, self.store.storage_options), torch.from_numpy(labels)
+        return load_utterance_16k(self.utterance(index), self.store.storage_options), torch.from_numpy(labels)
 
     def name(self, index: int) -> str:
-        utterance = self.utterances[self.rows[index]]
-        return f"{utterance.id} ({utterance.path})"
+        utterance = self.utterance(index)
+        return f"{utterance.id} ({utterance.where})"
 
     def check(self) -> None:
-        """Refuse utterances whose labels do not fit their audio, naming them."""
+        """Refuse utterances whose labels do not fit their audio, naming them (counts compared as arrays)."""
         counts = np.diff(self.offsets)
-        check_label_counts(
-            [(u.id, u.samples_16k, int(count)) for u, count in zip(self.utterances, counts)], self.geometry
-        )
+        wanted = self.geometry.num_frames(self.samples_16k)
+        if len(counts) != len(wanted):
+            raise LabelCountMismatch(f"the labels hold {len(counts)} utterances, the manifest {len(wanted)}")
+        bad = np.flatnonzero(np.abs(counts - wanted) > 1)
+        check_label_counts([(self.ids[i].as_py(), int(self.samples_16k[i]), int(counts[i])) for i in bad[:1000]], self.geometry)
 
 
 CHECKPOINT_NAME = re.compile(r"step-(\d{7})\.pt")
@@ -235,7 +252,7 @@ def batch_shape(settings: TrainConfig, source: StoreUtteranceSource, architectur
 
 
 def validation_for(
-    store: ArtifactStore, layout: RunLayout, iteration: int, utterances: list[Utterance], settings: TrainConfig,
+    store: ArtifactStore, layout: RunLayout, iteration: int, utterances: Manifest | Sequence[Utterance], settings: TrainConfig,
     device: torch.device, rank: int, world_size: int, fence: LeaseFence | None = None,
 ) -> Validation | None:
     """Validation on the manifest's validation utterances (None without any), keeping the best weights on rank 0."""
