@@ -18,7 +18,7 @@ from infra.commit import StageRecord
 from tasks.run.layout import StageName
 from tasks.run.records import RunRecords
 from tasks.stages.catalog import STAGES
-from tasks.stages.labels.verdict import iteration_verdict
+from tasks.stages.reference.verdict import iteration_verdict
 
 
 def _png(figure: Figure) -> bytes:
@@ -49,14 +49,25 @@ def cluster_size_plot(sizes: list[int]) -> bytes:
     return _png(figure)
 
 
-def quality_plot(by_iteration: dict[int, dict[str, float]]) -> bytes:
-    figure = Figure(figsize=(6, 3.2))
+def quality_plot(labels: dict[int, StageRecord], references: dict[int, dict[str, Any]]) -> bytes:
+    """PNMI per iteration: each iteration's labels as points of their own k (a line joins only
+    equal k: PNMI rises with k by itself), and each equal-k reference beside the labels it judges."""
+    figure = Figure(figsize=(6.5, 3.4))
     axis = figure.subplots()
-    iterations = sorted(by_iteration)
-    for measure in ("pnmi", "phone_purity", "cluster_purity"):
-        axis.plot(iterations, [by_iteration[i][measure] for i in iterations], marker="o", label=measure)
-    axis.set(title="cluster quality across iterations", xlabel="iteration", xticks=iterations)
-    axis.legend()
+    by_k: dict[int, list[tuple[int, float]]] = {}
+    for iteration, record in sorted(labels.items()):
+        by_k.setdefault(int(record.counts["k"]), []).append((iteration, record.metrics["quality"]["pnmi"]))
+    for k, points in sorted(by_k.items()):
+        axis.plot(*zip(*points), marker="o", label=f"labels, k={k}")
+    for iteration, measured in sorted(references.items()):
+        described = measured["describes"]
+        axis.plot([iteration - 0.1, iteration + 0.1], [measured["reference"]["pnmi"], measured["labels"]["pnmi"]],
+                  color="grey", linestyle=":", marker="x")
+        axis.annotate(f"iteration {described['iteration']}'s features at k={described['k']}", (iteration - 0.1, measured["reference"]["pnmi"]),
+                      fontsize="x-small", textcoords="offset points", xytext=(4, -10))
+    iterations = sorted(labels)
+    axis.set(title="PNMI across iterations (compare only at equal k)", xlabel="iteration", ylabel="PNMI", xticks=iterations)
+    axis.legend(fontsize="small")
     return _png(figure)
 
 
@@ -104,12 +115,13 @@ def build_report(run: RunRecords, iteration: int) -> tuple[dict[str, Any], str]:
                 found[earlier] = record.metrics if metric is None else record.metrics[metric]
         return found
 
-    if quality := so_far("labels", "quality"):
-        add_plot("quality", quality_plot(quality))
+    labelled = {n: record for n in range(1, iteration + 1) if (record := run.get("labels", n)) is not None and record.metrics.get("quality")}
+    if labelled:
+        add_plot("quality", quality_plot(labelled, so_far("reference")))
     if profiles := so_far("profile"):
         add_plot("layer_profile", layer_profile_plot(profiles))
     previous_labels = run.get("labels", iteration - 1) if iteration > 1 else None
-    verdict = iteration_verdict(iteration, records.get("labels"), previous_labels)
+    verdict = iteration_verdict(iteration, records.get("labels"), previous_labels, records.get("reference"))
 
     report = {
         "run": layout.run,

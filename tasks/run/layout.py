@@ -8,6 +8,7 @@
     <run>/iter-N/labels.zarr                      + labels.commit.json
     <run>/iter-N/model/checkpoints/, final.pt, best.pt, architecture.json, train_log.json, valid_log.json
                                                   + train.commit.json
+    <run>/iter-N/reference.json                   + reference.commit.json
     <run>/iter-N/profile.json                     + profile.commit.json
     <run>/iter-N/report.json, report.md, plots/
 
@@ -25,8 +26,8 @@ from typing import Literal
 Weights = Literal["best", "final"]
 """Which checkpoint of a train stage: its final weights, or its best by validation loss."""
 
-StageName = Literal["intake", "features", "kmeans", "labels", "train", "profile"]
-STAGE_ORDER: tuple[StageName, ...] = ("intake", "features", "kmeans", "labels", "train", "profile")
+StageName = Literal["intake", "features", "kmeans", "labels", "reference", "train", "profile"]
+STAGE_ORDER: tuple[StageName, ...] = ("intake", "features", "kmeans", "labels", "reference", "train", "profile")
 ITERATION_STAGES: tuple[StageName, ...] = STAGE_ORDER[1:]
 
 CORPUS_SCOPE = "corpus"
@@ -48,6 +49,7 @@ VALID_LOG = "model/valid_log.json"
 MODEL_ARCHITECTURE = "model/architecture.json"
 TRAIN_LOG = "model/train_log.json"
 LAYER_PROFILE = "profile.json"
+REFERENCE = "reference.json"
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 PLOTS = "plots"
@@ -73,6 +75,7 @@ STAGE_INPUTS: dict[StageName, dict[str, Upstream]] = {
         "previous_labels": Upstream("labels", 1),
         "manifest": Upstream("intake", None),
     },
+    "reference": {"features": Upstream("features", 1), "labels": Upstream("labels", 0), "manifest": Upstream("intake", None)},
     "train": {"labels": Upstream("labels", 0), "manifest": Upstream("intake", None), "init": Upstream("train", 1)},
     "profile": {"model": Upstream("train", 0), "manifest": Upstream("intake", None)},
 }

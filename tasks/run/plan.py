@@ -47,11 +47,14 @@ class StopPoint(BaseModel):
 
 
 def iteration_stages(config: PretrainConfig, iteration: int) -> tuple[StageName, ...]:
-    """The stages an iteration runs, in order: features, kmeans and labels always; train where the
-    config has a train section (the last iteration may leave it out, to end a run with its
+    """The stages an iteration runs, in order: features, kmeans and labels always; from iteration 2
+    on with phone alignments, the equal-k reference its labels are judged against; train where
+    the config has a train section (the last iteration may leave it out, to end a run with its
     previous model's units); profile after a training, unless `profile.enabled` is false."""
     settings = config.iterations[iteration - 1]
     wanted = {"features", "kmeans", "labels"}
+    if iteration > 1 and config.corpus.alignments is not None:
+        wanted.add("reference")
     if settings.train is not None:
         wanted.add("train")
         if settings.profile.enabled:

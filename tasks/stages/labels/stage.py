@@ -51,7 +51,6 @@ from tasks.frames.store import feature_source, grid_chunk_frames, stored_chunk_d
 from tasks.run.layout import LABELS_STORE
 from tasks.run.records import load_centroids, load_manifest
 from tasks.run.stage import CommittedStage, StageContext, StageResult, StageSpec
-from tasks.stages.labels.verdict import enforce_quality_gate, iteration_verdict
 
 log = logging.getLogger(__name__)
 
@@ -420,16 +419,6 @@ def labels_summary(record: StageRecord) -> str:
     return f"{record.counts['frames']} frames, {record.metrics['used_clusters']} clusters used{phones}{kept}"
 
 
-def quality_gate(context: StageContext, labels: StageRecord) -> None:
-    """With `quality_gate`, stop the run before an iteration trains on labels whose PNMI gain over
-    the last iteration's falls short (tasks/stages/labels/verdict.py)."""
-    gate = context.config.quality_gate
-    if gate is None or context.iteration == 1 or context.settings.train is None:
-        return
-    previous = context.upstream("labels", "previous_labels")
-    enforce_quality_gate(iteration_verdict(context.iteration, labels, previous), gate.min_pnmi_gain)
-
-
 LABELS = StageSpec(
     name="labels",
     version=1,
@@ -439,5 +428,4 @@ LABELS = StageSpec(
     work=labels,
     summary=labels_summary,
     verify_digest=verify_labels,
-    after=quality_gate,
 )
