@@ -78,14 +78,18 @@ def stage_status(records: RunRecords, stage: StageName, iteration: int | None) -
     )
 
 
-def _configured(stage: StageName, number: int, section: dict[str, Any], alignments: str | None) -> bool:
-    """Whether iteration `number`'s section of run.json runs `stage` (train and profile need a train
-    section; the profile may be switched off; the reference needs an earlier iteration and alignments)."""
-    if stage in ("train", "profile") and section.get("train") is None:
-        return False
-    if stage == "reference" and (number == 1 or alignments is None):
-        return False
-    return stage != "profile" or (section.get("profile") or {}).get("enabled", True)
+def _configured(stage: StageName, number: int, section: dict[str, Any], corpus: dict[str, Any]) -> bool:
+    """Whether iteration `number`'s section of run.json runs `stage`, as the plan decides
+    (tasks/run/plan.py `iteration_stages`) from the config as run.json holds it."""
+    trains = section.get("train") is not None
+    alignments, valid = corpus.get("alignments") is not None, corpus.get("valid") is not None
+    wanted = {
+        "reference": number > 1 and alignments,
+        "train": trains,
+        "profile": trains and (section.get("profile") or {}).get("enabled", True),
+        "probe": trains and alignments and valid and (section.get("probe") or {}).get("enabled", True),
+    }
+    return wanted.get(stage, True)
 
 
 def inspect_run(run_path: str, storage_options: dict[str, Any] | None = None) -> RunStatus:
@@ -112,7 +116,7 @@ def inspect_run(run_path: str, storage_options: dict[str, Any] | None = None) ->
         iterations=[
             {
                 stage: StageStatus(stage=stage, status=NOT_CONFIGURED)
-                if not _configured(stage, number, section, info["config"]["corpus"].get("alignments"))
+                if not _configured(stage, number, section, info["config"]["corpus"])
                 else stage_status(records, stage, number)
                 for stage in ITERATION_STAGES
             }

@@ -134,6 +134,7 @@ def build_report(run: RunRecords, iteration: int) -> tuple[dict[str, Any], str]:
         "plots": plots,
         "verdict": None if verdict is None else {**verdict.as_json(), "summary": verdict.sentence()},
         "layer_profile": profiles.get(iteration),
+        "probes": {str(n): measured for n, measured in so_far("probe").items()},
     }
     markdown = render_markdown(report, records)
     store.write_json(layout.report_json(iteration), report)
@@ -178,6 +179,18 @@ def render_markdown(report: dict[str, Any], records: dict[str, StageRecord]) -> 
         for row in [*profile["layers"], {"layer": "MFCC", **profile["mfcc"]}]:
             cells = [_measure(row.get(name)) for name in ("pnmi", "phone_purity", "cluster_purity", "speaker_probe_accuracy")]
             lines.append(f"| {row['layer']} | " + " | ".join(cells) + " |")
+    if report["probes"]:
+        lines += [
+            "", "## Downstream phone probe (frozen features, linear heads; PER on held-out validation utterances)", "",
+            "| iteration | PER | MFCC PER | best layer frame accuracy | MFCC frame accuracy | minutes trained on / held out |",
+            "|---|---|---|---|---|---|",
+        ]
+        for number, measured in report["probes"].items():
+            model, mfcc = measured["model"], measured["mfcc"]
+            lines.append(
+                f"| {number} | {model['per']:.3f} | {mfcc['per']:.3f} | {max(model['frame_accuracy']):.3f} | "
+                f"{mfcc['frame_accuracy'][0]:.3f} | {measured['train_minutes']:.1f} / {measured['test_minutes']:.1f} |"
+            )
     if report["plots"]:
         lines += ["", "## Plots", ""] + [f"![{name}]({path})" for name, path in report["plots"].items()]
     return "\n".join(lines) + "\n"

@@ -10,6 +10,7 @@
                                                   + train.commit.json
     <run>/iter-N/reference.json                   + reference.commit.json
     <run>/iter-N/profile.json                     + profile.commit.json
+    <run>/iter-N/probe.json                       + probe.commit.json
     <run>/iter-N/report.json, report.md, plots/
 
 Stages, `inspect`, `diff`, the report and the exports ask this module for paths; nothing else
@@ -26,8 +27,8 @@ from typing import Literal
 Weights = Literal["best", "final"]
 """Which checkpoint of a train stage: its final weights, or its best by validation loss."""
 
-StageName = Literal["intake", "features", "kmeans", "labels", "reference", "train", "profile"]
-STAGE_ORDER: tuple[StageName, ...] = ("intake", "features", "kmeans", "labels", "reference", "train", "profile")
+StageName = Literal["intake", "features", "kmeans", "labels", "reference", "train", "profile", "probe"]
+STAGE_ORDER: tuple[StageName, ...] = ("intake", "features", "kmeans", "labels", "reference", "train", "profile", "probe")
 ITERATION_STAGES: tuple[StageName, ...] = STAGE_ORDER[1:]
 
 CORPUS_SCOPE = "corpus"
@@ -50,6 +51,7 @@ MODEL_ARCHITECTURE = "model/architecture.json"
 TRAIN_LOG = "model/train_log.json"
 LAYER_PROFILE = "profile.json"
 REFERENCE = "reference.json"
+PROBE = "probe.json"
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 PLOTS = "plots"
@@ -78,6 +80,7 @@ STAGE_INPUTS: dict[StageName, dict[str, Upstream]] = {
     "reference": {"features": Upstream("features", 1), "labels": Upstream("labels", 0), "manifest": Upstream("intake", None)},
     "train": {"labels": Upstream("labels", 0), "manifest": Upstream("intake", None), "init": Upstream("train", 1)},
     "profile": {"model": Upstream("train", 0), "manifest": Upstream("intake", None)},
+    "probe": {"model": Upstream("train", 0), "manifest": Upstream("intake", None)},
 }
 """Each stage's inputs, by the names its record's `inputs` use. A stage may also take inputs from
 outside the run (the corpus source, alignments), which are not listed here. Some are taken only
