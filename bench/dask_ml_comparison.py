@@ -48,11 +48,11 @@ from devtools.demo_corpus import cached_demo_corpus
 from infra.cluster import dask_client
 from infra.store import ArtifactStore
 from model.kmeans import FINE_TOLERANCE, LloydPhase, initial_centroids, lloyd, lloyd_partial
+from tasks.frames.clustering import INIT_FRAMES_PER_CLUSTER, dask_lloyd_step
 from tasks.frames.store import choose_chunk_frames
 from tasks.run.config import PretrainConfig
 from tasks.run.layout import RunLayout
 from tasks.stages.catalog import run_plan
-from tasks.stages.kmeans import INIT_FRAMES_PER_CLUSTER, dask_lloyd_step
 
 SUGGESTED_FRAMES_768 = 200_000
 

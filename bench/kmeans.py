@@ -34,12 +34,12 @@ from sklearn.cluster import MiniBatchKMeans
 from devtools.demo_corpus import cached_demo_corpus
 from infra.cluster import dask_client
 from infra.store import ArtifactStore
+from tasks.frames.clustering import fit_kmeans
 from tasks.frames.store import choose_chunk_frames
 from tasks.run.config import PretrainConfig
 from tasks.run.layout import RunLayout
 from tasks.run.sections import KMeansConfig
 from tasks.stages.catalog import run_plan
-from tasks.stages.kmeans import fit_kmeans
 
 
 def inertia_per_frame(frames: np.ndarray, centroids: np.ndarray) -> float:

@@ -232,18 +232,20 @@ TWO_ITERATION_TRAIN = {
 
 
 def two_iteration_config(store: Path, corpus: Path, run: str = "two") -> PretrainConfig:
-    """Iteration 1 on MFCC, iteration 2 on the layer its profile picks: the smallest whole loop."""
+    """Iteration 1 on MFCC, iteration 2 on the layer its profile picks, a validation split the
+    probe is scored on: the smallest whole loop."""
     profile = {"utterances": 24, "k": 12}
+    probe = {"steps": 300}
     return PretrainConfig.model_validate(
         {
             "run": run,
             "store": str(store),
-            "corpus": {"source": str(corpus / "manifest.jsonl"), "alignments": str(corpus / "align")},
+            "corpus": {"source": str(corpus / "manifest.jsonl"), "alignments": str(corpus / "align"), "valid": 0.2},
             "iterations": [
                 {"features": {"kind": "mfcc", "chunk_frames": 4096}, "kmeans": {"k": 12, "max_iter": 30},
-                 "train": TWO_ITERATION_TRAIN, "profile": profile},
+                 "train": TWO_ITERATION_TRAIN, "profile": profile, "probe": probe},
                 {"features": {"kind": "hubert", "layer": "auto", "chunk_frames": 4096}, "kmeans": {"k": 10, "max_iter": 30},
-                 "train": TWO_ITERATION_TRAIN, "profile": profile},
+                 "train": TWO_ITERATION_TRAIN, "profile": profile, "probe": probe},
             ],
         }
     )

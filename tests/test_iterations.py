@@ -17,7 +17,7 @@ from tasks.run.layout import RunLayout
 from tasks.run.records import RunRecords
 from tasks.run.run_info import forget_stages
 from tasks.stages.catalog import run_plan
-from tasks.stages.labels.verdict import QualityGateFailed
+from tasks.stages.reference.verdict import QualityGateFailed
 from tests.support import CommittedRun, two_iteration_config
 
 
@@ -64,22 +64,26 @@ def test_the_verdict_gives_the_pnmi_change_and_the_agreement_of_the_two_label_se
     status = inspect_run(str(Path(config.store) / config.run)).as_json()
     first_verdict, verdict = (iteration["verdict"] for iteration in status["iterations"])
     assert first_verdict["verdict"] == "first iteration"
+    measured = records[("reference", 2)].metrics
+    assert verdict["pnmi"] == measured["labels"]["pnmi"] and verdict["reference_pnmi"] == measured["reference"]["pnmi"]
+    change = measured["labels"]["pnmi"] - measured["reference"]["pnmi"]
+    assert verdict["verdict"] == ("better" if change > 1e-4 else "worse" if change < -1e-4 else "unchanged")
     pnmi = [records[("labels", i)].metrics["quality"]["pnmi"] for i in (1, 2)]
-    assert verdict["pnmi_change"] == pytest.approx(pnmi[1] - pnmi[0])
-    assert verdict["verdict"] == ("better" if pnmi[1] > pnmi[0] else "worse")
+    assert verdict["raw"]["change"] == pytest.approx(pnmi[1] - pnmi[0]) and verdict["raw"]["previous_k"] == 12
     assert verdict["nmi_with_previous"] == agreement["nmi"]
 
 
 def test_the_quality_gate_stops_a_run_before_training_on_worse_labels(copied_run: CommittedRun, client) -> None:
     config, store, records = copied_run.config, copied_run.store, records_of(copied_run)
-    forget_stages(store, copied_run.layout, [("train", 2), ("profile", 2)])
+    forget_stages(store, copied_run.layout, [("reference", 2), ("train", 2), ("profile", 2)])
     store.remove(copied_run.layout.path(2, "model"))
     gated = PretrainConfig.model_validate({**config.model_dump(), "quality_gate": {"min_pnmi_gain": 0.9}})  # a gain no run reaches
     with pytest.raises(QualityGateFailed) as failure:
         run_plan(gated, store, client, "train@2")
-    pnmi = [records[("labels", i)].metrics["quality"]["pnmi"] for i in (1, 2)]
+    measured = records[("reference", 2)].metrics
     message = str(failure.value)
-    assert f"{pnmi[1]:.4f}" in message and f"{pnmi[0]:.4f}" in message and "min_pnmi_gain" in message
+    assert f"{measured['labels']['pnmi']:.4f}" in message and f"{measured['reference']['pnmi']:.4f}" in message
+    assert "min_pnmi_gain" in message and "at equal k" in message
     assert not store.exists(copied_run.layout.final_model(2)), "the gate must stop the stage before any training"
 
 

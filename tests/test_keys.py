@@ -34,20 +34,24 @@ def test_the_key_marks_decide_what_enters_a_key() -> None:
 
 def test_changing_how_a_model_is_measured_logged_or_checkpointed_trains_nothing_again(copied_run: CommittedRun, client) -> None:
     run = copied_run
-    before = {n: run_plan(run.config, run.store, client)[("train", n)] for n in (1, 2)}
+    committed = run_plan(run.config, run.store, client)
+    before = {n: committed[("train", n)] for n in (1, 2)}
+    before_probe = committed[("probe", 2)]
     files = {n: model_files(run, n) for n in (1, 2)}
     # (Iteration 1's profile picks iteration 2's layer, `layer: auto`: re-measured, it may pick
     # another, which does change iteration 2's input. The last iteration's profile feeds nothing.)
     changed = with_settings(run.config, 1, train={"io": {"checkpoint_every": 2}, "logging": {"log_every": 1}})
     changed = with_settings(
-        changed, 2, profile={"k": 8, "utterances": 20}, train={"io": {"prefetch_batches": 0}, "launch": {"rdzv_port": 29555}}
+        changed, 2, profile={"k": 8, "utterances": 20}, probe={"steps": 200, "train_minutes": 1.0},
+        train={"io": {"prefetch_batches": 0}, "launch": {"rdzv_port": 29555}},
     )
     records = run_plan(changed, run.store, client)
     for n in (1, 2):
         assert records[("train", n)] == before[n], "train's record must be the one committed before"
         assert model_files(run, n) == files[n], "weights, checkpoints and logs must be untouched"
     profile = records[("profile", 2)]
-    assert profile.metrics["k"] == 8 and profile.metrics["utterances"] == 20  # the measurement alone ran again
+    assert profile.metrics["k"] == 8 and profile.metrics["utterances"] == 20  # the measurements alone ran again
+    assert records[("probe", 2)].key != before_probe.key and records[("probe", 2)].metrics["train_minutes"] <= 1.1
 
 
 def test_a_changed_recipe_keeps_the_model_it_replaces_and_going_back_takes_it_back(copied_run: CommittedRun, client, caplog) -> None:

@@ -30,8 +30,9 @@ def demo_config_file(tmp_path: Path, corpus: Path) -> Path:
 
 def test_the_plan_of_the_demo_is_intake_then_each_iteration_in_order() -> None:
     config = load_config(DEMO)
-    iteration = ["features", "kmeans", "labels", "train", "profile"]
-    assert full_plan(config) == [("intake", None)] + [(stage, n) for n in (1, 2) for stage in iteration]
+    first = ["features", "kmeans", "labels", "train", "profile"]
+    later = ["features", "kmeans", "labels", "reference", "train", "profile"]  # judged at equal k against iteration 1
+    assert full_plan(config) == [("intake", None)] + [(s, 1) for s in first] + [(s, 2) for s in later]
     assert plan(config, StopPoint.parse("intake")) == [("intake", None)]
     assert plan(config, StopPoint.parse("labels"))[-1] == ("labels", 1)
     assert plan(config, StopPoint.parse("profile@2")) == full_plan(config)
@@ -45,7 +46,7 @@ def test_a_stop_that_is_not_in_the_plan_is_refused_naming_what_is() -> None:
     without_profile = config.model_copy(update={"iterations": [
         config.iterations[0], config.iterations[1].model_copy(update={"profile": config.iterations[1].profile.model_copy(update={"enabled": False})}),
     ]})
-    with pytest.raises(PlanError, match="profile@2 is not a stage of this run: iteration 2 runs features, kmeans, labels, train"):
+    with pytest.raises(PlanError, match="profile@2 is not a stage of this run: iteration 2 runs features, kmeans, labels, reference, train"):
         plan(without_profile, StopPoint.parse("profile@2"))
     with pytest.raises(PlanError, match="intake runs once per run"):
         StopPoint.parse("intake@1")

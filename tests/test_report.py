@@ -18,8 +18,9 @@ def test_the_report_of_iteration_2_holds_every_stage_its_verdict_profile_and_plo
     records = RunRecords(run.store, run.layout)
     built = build_report(records, 2, weights_for_next="final")
     report, markdown = built.report, built.markdown
-    assert list(report["stages"]) == ["features", "kmeans", "labels", "train", "profile"]
-    assert report["verdict"]["summary"].startswith("iteration 2 vs 1")
+    assert list(report["stages"]) == ["features", "kmeans", "labels", "reference", "train", "profile", "probe"]
+    assert set(report["probes"]) == {"1", "2"} and "Downstream phone probe" in markdown
+    assert report["verdict"]["summary"].startswith("iteration 2 vs 1 at equal k") and report["verdict"]["reference_pnmi"] is not None
     assert report["layer_profile"]["best_layer"] in range(1, 7)
     for name, path in report["plots"].items():
         assert run.store.read_bytes(run.layout.path(2, path))[:4] == b"\x89PNG", name

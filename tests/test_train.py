@@ -16,6 +16,7 @@ from infra.store import ArtifactStore
 from model.data import BatchShape, BatchStream, LabelCountMismatch, UtteranceLoadError, check_label_counts, map_labels
 from model.frames import FrameGeometry
 from model.hubert import build_pretrain_model
+from model.phone_probes import seeded_order
 from model.presets import HUBERT_CONFIGS, hop, receptive_field
 from model.trainer import train
 from model.weights import save_weights
@@ -23,8 +24,10 @@ from tasks.frames.sources import HubertLayerSource, layer_source
 from tasks.run.config import PretrainConfig
 from tasks.run.layout import RunLayout
 from tasks.run.records import load_manifest
+from tasks.run.sections import ProbeConfig
 from tasks.run.stage import StageContext, run_stage
 from tasks.stages.catalog import STAGES
+from tasks.stages.probe import ProbeSet, measure_probes
 from tasks.stages.profile import layer_profile
 from tasks.stages.train.rank import StoreCheckpoints, StoreUtteranceSource, trainer_settings
 from tests.support import run_chain, with_settings
@@ -187,6 +190,20 @@ def test_tiny_learns_its_layers_beat_untrained_ones_and_feed_the_next_iteration(
     best = {name: max(row["pnmi"] for row in profile["layers"]) for name, profile in (("trained", trained), ("untrained", untrained))}
     assert trained["mfcc"]["pnmi"] == pytest.approx(untrained["mfcc"]["pnmi"])
     assert best["trained"] > best["untrained"] + 0.05, best
+
+    # Downstream too: the probe (tasks/stages/probe.py) gets a lower PER from the trained model's
+    # layers than from the untrained ones', on utterances the probe did not train on.
+    manifest = load_manifest(store, RunLayout("t"))
+    ranked = [manifest[i] for i in seeded_order([u.id for u in manifest], 0, "test")]  # speakers on both sides
+    cut = 3 * len(ranked) // 4
+    chosen = ProbeSet(tuple(ranked[:cut]), tuple(ranked[cut:]), config.corpus.alignments, {})
+    settings = ProbeConfig(steps=600)
+    def layers(path: str, digest: str) -> list[HubertLayerSource]:
+        return [HubertLayerSource(store, path, digest, layer, TINY) for layer in range(1, 7)]
+
+    probed = measure_probes(layers(RunLayout("t").final_model(1), record.metrics["weights_digests"]["final"]), chosen, settings)
+    unprobed = measure_probes(layers(untrained_weights, digest_bytes(weights)), chosen, settings, mfcc=probed["mfcc"])
+    assert probed["model"]["per"] < unprobed["model"]["per"], (probed, unprobed)
 
     utterances = load_manifest(store, RunLayout("t"))
     source = layer_source(store, RunLayout("t"), 1, record, layer=2)

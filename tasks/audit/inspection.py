@@ -13,7 +13,7 @@ from tasks.run.layout import ITERATION_STAGES, RunLayout, StageName
 from tasks.run.records import RunRecords
 from tasks.run.stage import read_clock, record_seconds
 from tasks.stages.catalog import STAGES
-from tasks.stages.labels.verdict import iteration_verdict
+from tasks.stages.reference.verdict import iteration_verdict
 from tasks.stages.train.rank import StoreCheckpoints
 
 
@@ -120,12 +120,18 @@ def stage_status(
     )
 
 
-def _configured(stage: StageName, section: dict[str, Any]) -> bool:
-    """Whether an iteration's section of run.json runs `stage` (train and profile need a train
-    section; the profile may be switched off)."""
-    if stage in ("train", "profile") and section.get("train") is None:
-        return False
-    return stage != "profile" or (section.get("profile") or {}).get("enabled", True)
+def _configured(stage: StageName, number: int, section: dict[str, Any], corpus: dict[str, Any]) -> bool:
+    """Whether iteration `number`'s section of run.json runs `stage`, as the plan decides
+    (tasks/run/plan.py `iteration_stages`) from the config as run.json holds it."""
+    trains = section.get("train") is not None
+    alignments, valid = corpus.get("alignments") is not None, corpus.get("valid") is not None
+    wanted = {
+        "reference": number > 1 and alignments,
+        "train": trains,
+        "profile": trains and (section.get("profile") or {}).get("enabled", True),
+        "probe": trains and alignments and valid and (section.get("probe") or {}).get("enabled", True),
+    }
+    return wanted.get(stage, True)
 
 
 def inspect_run(run_path: str, storage_options: dict[str, Any] | None = None) -> RunStatus:
@@ -139,7 +145,10 @@ def inspect_run(run_path: str, storage_options: dict[str, Any] | None = None) ->
     records = RunRecords(store, layout)
     holder = live_holder(store, layout.lease)
     verdicts = [
-        iteration_verdict(number, records.get("labels", number), records.get("labels", number - 1) if number > 1 else None)
+        iteration_verdict(
+            number, records.get("labels", number), records.get("labels", number - 1) if number > 1 else None,
+            records.get("reference", number),
+        )
         for number in range(1, len(configured) + 1)
     ]
     return RunStatus(
@@ -151,7 +160,7 @@ def inspect_run(run_path: str, storage_options: dict[str, Any] | None = None) ->
         iterations=[
             {
                 stage: StageStatus(stage=stage, status=NOT_CONFIGURED)
-                if not _configured(stage, section)
+                if not _configured(stage, number, section, info["config"]["corpus"])
                 else stage_status(records, stage, number, holder, (section.get("train") or {}).get("steps"))
                 for stage in ITERATION_STAGES
             }
@@ -192,7 +201,7 @@ def render_table(status: RunStatus) -> Table:
     ]
     colours = {"done": "green", "stale": "yellow", "running": "cyan", "partial": "yellow", "missing": "dim", NOT_CONFIGURED: "dim"}
     verdict_colours = {"better": "green", "worse": "bold red", "unchanged": "yellow", "unmeasured": "yellow"}
-    for iteration, stage in rows:
+    for position, (iteration, stage) in enumerate(rows):
         table.add_row(
             iteration,
             stage.stage,
@@ -201,7 +210,12 @@ def render_table(status: RunStatus) -> Table:
             "" if stage.seconds is None else f"{stage.seconds:.1f} s",
             _human_bytes(stage.bytes),
         )
-        verdict = status.verdicts[int(iteration) - 1] if iteration != "-" and stage.stage == "labels" else None
+        # The verdict follows the last of labels and the reference that the iteration has.
+        following = rows[position + 1][1] if position + 1 < len(rows) else None
+        last_measure = stage.stage == "reference" or (
+            stage.stage == "labels" and (following is None or following.stage != "reference" or following.status == NOT_CONFIGURED)
+        )
+        verdict = status.verdicts[int(iteration) - 1] if iteration != "-" and last_measure else None
         if verdict is not None and verdict["verdict"] in verdict_colours:
             colour = verdict_colours[verdict["verdict"]]
             table.add_row(iteration, "verdict", f"[{colour}]{verdict['verdict']}[/]", verdict["summary"].split(": ", 2)[-1], "", "")

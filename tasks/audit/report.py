@@ -24,7 +24,7 @@ from tasks.run.layout import StageName
 from tasks.run.records import RunRecords
 from tasks.run.stage import record_seconds
 from tasks.stages.catalog import STAGES
-from tasks.stages.labels.verdict import iteration_verdict
+from tasks.stages.reference.verdict import iteration_verdict
 
 
 def _png(figure: Figure) -> bytes:
@@ -55,14 +55,25 @@ def cluster_size_plot(sizes: list[int]) -> bytes:
     return _png(figure)
 
 
-def quality_plot(by_iteration: dict[int, dict[str, float]]) -> bytes:
-    figure = Figure(figsize=(6, 3.2))
+def quality_plot(labels: dict[int, StageRecord], references: dict[int, dict[str, Any]]) -> bytes:
+    """PNMI per iteration: each iteration's labels as points of their own k (a line joins only
+    equal k: PNMI rises with k by itself), and each equal-k reference beside the labels it judges."""
+    figure = Figure(figsize=(6.5, 3.4))
     axis = figure.subplots()
-    iterations = sorted(by_iteration)
-    for measure in ("pnmi", "phone_purity", "cluster_purity"):
-        axis.plot(iterations, [by_iteration[i][measure] for i in iterations], marker="o", label=measure)
-    axis.set(title="cluster quality across iterations", xlabel="iteration", xticks=iterations)
-    axis.legend()
+    by_k: dict[int, list[tuple[int, float]]] = {}
+    for iteration, record in sorted(labels.items()):
+        by_k.setdefault(int(record.counts["k"]), []).append((iteration, record.metrics["quality"]["pnmi"]))
+    for k, points in sorted(by_k.items()):
+        axis.plot(*zip(*points), marker="o", label=f"labels, k={k}")
+    for iteration, measured in sorted(references.items()):
+        described = measured["describes"]
+        axis.plot([iteration - 0.1, iteration + 0.1], [measured["reference"]["pnmi"], measured["labels"]["pnmi"]],
+                  color="grey", linestyle=":", marker="x")
+        axis.annotate(f"iteration {described['iteration']}'s features at k={described['k']}", (iteration - 0.1, measured["reference"]["pnmi"]),
+                      fontsize="x-small", textcoords="offset points", xytext=(4, -10))
+    iterations = sorted(labels)
+    axis.set(title="PNMI across iterations (compare only at equal k)", xlabel="iteration", ylabel="PNMI", xticks=iterations)
+    axis.legend(fontsize="small")
     return _png(figure)
 
 
@@ -178,12 +189,13 @@ def build_report(run: RunRecords, iteration: int, weights_for_next: str | None =
                 found[earlier] = record.metrics if metric is None else record.metrics[metric]
         return found
 
-    if quality := so_far("labels", "quality"):
-        add_plot("quality", quality_plot(quality))
+    labelled = {n: record for n in range(1, iteration + 1) if (record := run.get("labels", n)) is not None and record.metrics.get("quality")}
+    if labelled:
+        add_plot("quality", quality_plot(labelled, so_far("reference")))
     if profiles := so_far("profile"):
         add_plot("layer_profile", layer_profile_plot(profiles))
     previous_labels = run.get("labels", iteration - 1) if iteration > 1 else None
-    verdict = iteration_verdict(iteration, records.get("labels"), previous_labels)
+    verdict = iteration_verdict(iteration, records.get("labels"), previous_labels, records.get("reference"))
 
     report = {
         "run": layout.run,
@@ -198,6 +210,7 @@ def build_report(run: RunRecords, iteration: int, weights_for_next: str | None =
         "verdict": None if verdict is None else {**verdict.as_json(), "summary": verdict.sentence()},
         "validation": records["train"].metrics.get("valid_curve") if "train" in records else None,
         "layer_profile": profiles.get(iteration),
+        "probes": {str(n): measured for n, measured in so_far("probe").items()},
     }
     markdown = render_markdown(report, records)
     store.write_json(layout.report_json(iteration), report)
@@ -278,6 +291,18 @@ def render_markdown(report: dict[str, Any], records: dict[str, StageRecord] | No
         for row in [*profile["layers"], {"layer": "MFCC", **profile["mfcc"]}]:
             cells = [_measure(row.get(name)) for name in ("pnmi", "phone_purity", "cluster_purity", "speaker_probe_accuracy")]
             lines.append(f"| {row['layer']} | " + " | ".join(cells) + " |")
+    if report["probes"]:
+        lines += [
+            "", "## Downstream phone probe (frozen features, linear heads; PER on held-out validation utterances)", "",
+            "| iteration | PER | MFCC PER | best layer frame accuracy | MFCC frame accuracy | minutes trained on / held out |",
+            "|---|---|---|---|---|---|",
+        ]
+        for number, measured in report["probes"].items():
+            model, mfcc = measured["model"], measured["mfcc"]
+            lines.append(
+                f"| {number} | {model['per']:.3f} | {mfcc['per']:.3f} | {max(model['frame_accuracy']):.3f} | "
+                f"{mfcc['frame_accuracy'][0]:.3f} | {measured['train_minutes']:.1f} / {measured['test_minutes']:.1f} |"
+            )
     if report["plots"]:
         links = images if images is not None else report["plots"]
         lines += ["", "## Plots", ""] + [f"![{name}]({links[name]})" for name in report["plots"]]

@@ -9,7 +9,9 @@
     <run>/iter-N/labels.zarr                      + labels.commit.json
     <run>/iter-N/model/checkpoints/, final.pt, best.pt, architecture.json, train_log.json, valid_log.json
                                                   + train.commit.json
+    <run>/iter-N/reference.json                   + reference.commit.json
     <run>/iter-N/profile.json                     + profile.commit.json
+    <run>/iter-N/probe.json                       + probe.commit.json
     <run>/iter-N/report.json, report.md, plots/
     <run>/logs/<UTC time>-<flow run id or pid>.log  the log of one invocation (tasks/run/run_log.py)
 
@@ -28,8 +30,8 @@ from typing import Literal
 Weights = Literal["best", "final"]
 """Which checkpoint of a train stage: its final weights, or its best by validation loss."""
 
-StageName = Literal["intake", "features", "kmeans", "labels", "train", "profile"]
-STAGE_ORDER: tuple[StageName, ...] = ("intake", "features", "kmeans", "labels", "train", "profile")
+StageName = Literal["intake", "features", "kmeans", "labels", "reference", "train", "profile", "probe"]
+STAGE_ORDER: tuple[StageName, ...] = ("intake", "features", "kmeans", "labels", "reference", "train", "profile", "probe")
 ITERATION_STAGES: tuple[StageName, ...] = STAGE_ORDER[1:]
 
 CORPUS_SCOPE = "corpus"
@@ -55,6 +57,8 @@ VALID_LOG = "model/valid_log.json"
 MODEL_ARCHITECTURE = "model/architecture.json"
 TRAIN_LOG = "model/train_log.json"
 LAYER_PROFILE = "profile.json"
+REFERENCE = "reference.json"
+PROBE = "probe.json"
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 PLOTS = "plots"
@@ -82,8 +86,10 @@ STAGE_INPUTS: dict[StageName, dict[str, Upstream]] = {
         "previous_labels": Upstream("labels", 1),
         "manifest": Upstream("intake", None),
     },
+    "reference": {"features": Upstream("features", 1), "labels": Upstream("labels", 0), "manifest": Upstream("intake", None)},
     "train": {"labels": Upstream("labels", 0), "manifest": Upstream("intake", None), "init": Upstream("train", 1)},
     "profile": {"model": Upstream("train", 0), "manifest": Upstream("intake", None)},
+    "probe": {"model": Upstream("train", 0), "manifest": Upstream("intake", None)},
 }
 """Each stage's inputs, by the names its record's `inputs` use. A stage may also take inputs from
 outside the run (the corpus source, alignments), which are not listed here. Some are taken only

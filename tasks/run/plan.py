@@ -66,15 +66,21 @@ class StopPoint(BaseModel):
 
 
 def iteration_stages(config: PretrainConfig, iteration: int) -> tuple[StageName, ...]:
-    """The stages an iteration runs, in order: features, kmeans and labels always; train where the
-    config has a train section (the last iteration may leave it out, to end a run with its
-    previous model's units); profile after a training, unless `profile.enabled` is false."""
+    """The stages an iteration runs, in order: features, kmeans and labels always; from iteration 2
+    on with phone alignments, the equal-k reference its labels are judged against; train where
+    the config has a train section (the last iteration may leave it out, to end a run with its
+    previous model's units); profile and probe after a training, unless switched off (the probe
+    also needs alignments and a validation split)."""
     settings = config.iterations[iteration - 1]
     wanted = {"features", "kmeans", "labels"}
+    if iteration > 1 and config.corpus.alignments is not None:
+        wanted.add("reference")
     if settings.train is not None:
         wanted.add("train")
         if settings.profile.enabled:
             wanted.add("profile")
+        if settings.probe.enabled and config.corpus.alignments is not None and config.corpus.has_valid_split:
+            wanted.add("probe")
     return tuple(stage for stage in ITERATION_STAGES if stage in wanted)
 
 

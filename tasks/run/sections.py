@@ -89,6 +89,29 @@ class LayerProfileConfig(Section):
     seed: int = Field(default=0, ge=0, description="Seed of the sample and of each layer's k-means.")
 
 
+class ProbeConfig(Section):
+    """After training, what a small labelled set gets out of the frozen model (the probe stage):
+    phone recognition from a softmax-weighted sum of its layers with a linear CTC head (PER), and
+    each layer's frame phone accuracy, with MFCC through the same probes as the baseline. It needs
+    phone alignments and a validation split: the probe is scored on validation utterances, which
+    neither pretraining nor the probe trained on."""
+
+    enabled: Annotated[bool, OutputNeutral("whether the stage runs at all")] = Field(
+        default=True, description="Probe the model after training (where the corpus has alignments and a validation split)."
+    )
+    train_minutes: float = Field(
+        default=10.0, gt=0, description="Labelled audio the probe trains on: training utterances chosen by a seeded "
+        "hash of their ids (the paper's smallest fine-tuning set is 10 minutes)."
+    )
+    test_minutes: float | None = Field(
+        default=None, gt=0, description="Validation audio the probe is scored on (chosen the same way); null: all of it."
+    )
+    steps: int = Field(
+        default=2000, ge=1, description="Adam steps of the CTC head, 8 utterances a step (a dev tenth of the probe set picks the best step)."
+    )
+    seed: int = Field(default=0, ge=0, description="Seed of the choice of utterances and of the probes.")
+
+
 class LaunchConfig(Section):
     """Where training runs: processes and machines. World size (processes x machines) changes how
     much audio a step sees, so it is in train's key; how it is laid out is not."""
@@ -218,6 +241,10 @@ class IterationConfig(Section):
     profile: LayerProfileConfig = Field(
         default_factory=LayerProfileConfig,
         description="The layer profile of the model this iteration trains (its own stage, after train).",
+    )
+    probe: ProbeConfig = Field(
+        default_factory=ProbeConfig,
+        description="The downstream phone probe of the model this iteration trains (its own stage, after profile).",
     )
 
     @model_validator(mode="before")

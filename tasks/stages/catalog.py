@@ -18,10 +18,12 @@ from tasks.stages.features import FEATURES
 from tasks.stages.intake import INTAKE
 from tasks.stages.kmeans import KMEANS
 from tasks.stages.labels.stage import LABELS
+from tasks.stages.probe import PROBE_STAGE
 from tasks.stages.profile import PROFILE
+from tasks.stages.reference.stage import REFERENCE_STAGE
 from tasks.stages.train.stage import TRAIN
 
-STAGES: dict[StageName, StageSpec] = {spec.name: spec for spec in (INTAKE, FEATURES, KMEANS, LABELS, TRAIN, PROFILE)}
+STAGES: dict[StageName, StageSpec] = {spec.name: spec for spec in (INTAKE, FEATURES, KMEANS, LABELS, REFERENCE_STAGE, TRAIN, PROFILE, PROBE_STAGE)}
 assert tuple(STAGES) == STAGE_ORDER, "every stage of the layout has exactly one declaration"
 
 

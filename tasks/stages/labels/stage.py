@@ -62,7 +62,6 @@ from tasks.frames.store import (
 from tasks.run.layout import LABELS_STORE
 from tasks.run.records import load_centroids, load_manifest, manifest_rows
 from tasks.run.stage import CommittedStage, StageContext, StageResult, StageSpec
-from tasks.stages.labels.verdict import enforce_quality_gate, iteration_verdict
 
 log = logging.getLogger(__name__)
 
@@ -448,16 +447,6 @@ def labels_summary(record: StageRecord) -> str:
     return f"{record.counts['frames']} frames, {record.metrics['used_clusters']} clusters used{phones}{kept}"
 
 
-def quality_gate(context: StageContext, labels: StageRecord) -> None:
-    """With `quality_gate`, stop the run before an iteration trains on labels whose PNMI gain over
-    the last iteration's falls short (tasks/stages/labels/verdict.py)."""
-    gate = context.config.quality_gate
-    if gate is None or context.iteration == 1 or context.settings.train is None:
-        return
-    previous = context.upstream("labels", "previous_labels")
-    enforce_quality_gate(iteration_verdict(context.iteration, labels, previous), gate.min_pnmi_gain)
-
-
 LABELS = StageSpec(
     name="labels",
     version=1,
@@ -467,5 +456,4 @@ LABELS = StageSpec(
     work=labels,
     summary=labels_summary,
     verify_digest=verify_labels,
-    after=quality_gate,
 )
