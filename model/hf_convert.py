@@ -90,6 +90,22 @@ _PREFIXES = (
 )
 
 
+class NotExportable(ValueError):
+    """A model transformers' HubertModel cannot hold: one with a filterbank front end."""
+
+
+def require_conv_front_end(config: HubertConfig) -> None:
+    """HubertModel's feature encoder is the conv stack (conv_dim, conv_kernel, conv_stride), and so
+    is torchaudio's `wav2vec2_model`'s; a filterbank front end (model/fbank.py) has no counterpart
+    in either, so a model with one cannot be exported as one."""
+    if config.extractor != "conv":
+        raise NotExportable(
+            f"a model with a {config.extractor!r} front end does not convert to transformers' HubertModel or "
+            "torchaudio's wav2vec2_model, whose feature encoder is the learned conv stack; train a conv preset "
+            "(tiny, base, large, xlarge) to export an encoder"
+        )
+
+
 def torchaudio_encoder_kwargs(config: HubertConfig) -> dict:
     """Arguments of `torchaudio.models.wav2vec2_model` that build the encoder of `build_pretrain_model(config, k)`.
 
@@ -97,6 +113,7 @@ def torchaudio_encoder_kwargs(config: HubertConfig) -> dict:
     keys and shapes as `build_pretrain_model(config, k).wav2vec2` (no aux head), so a saved
     encoder loads into it with strict=True.
     """
+    require_conv_front_end(config)
     return {
         "extractor_mode": config.extractor_mode,
         "extractor_conv_layer_config": [tuple(layer) for layer in config.extractor_conv_layer_config],
@@ -129,6 +146,7 @@ def hf_config(config: HubertConfig, *, mask_embedding: bool = True) -> dict:
     mask_embedding=False when converting without one (then mask_time_prob is 0: no time masking
     when fine-tuning unless the caller sets it and initialises the embedding).
     """
+    require_conv_front_end(config)
     conv = config.extractor_conv_layer_config
     return {
         "architectures": ["HubertModel"],

@@ -14,7 +14,9 @@ those statistics gathered over the whole utterance first (`_conv_features_in_pie
 attention is then windowed: each window of frames is extended by context on both sides and only
 its core is kept. The same GroupNorm is why a padded batch cannot go through the conv stack in
 one call (padding would enter the statistics): `extract_layer_features_batch` runs the conv stack
-per utterance and batches the transformer, whose padding torchaudio masks exactly.
+per utterance and batches the transformer, whose padding torchaudio masks exactly. A filterbank
+front end (model/fbank.py) normalises over the whole utterance too; it is computed whole (it is
+cheap) and only attention is windowed.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchaudio.models import Wav2Vec2Model
 
+from model.fbank import FbankFeatureExtractor
 from model.hubert import prepare_waveform
 from model.presets import HubertConfig, frame_geometry, hop, receptive_field
 
@@ -118,11 +121,21 @@ def _check_arguments(
     encoder: Wav2Vec2Model, layer: int, config: HubertConfig, max_chunk_samples: int, context_samples: int
 ) -> None:
     """The encoder must have the config's conv stack, or every frame count and window would be wrong."""
-    actual = tuple(
-        (block.conv.out_channels, block.kernel_size, block.stride) for block in encoder.feature_extractor.conv_layers
-    )
-    if actual != tuple(config.extractor_conv_layer_config):
-        raise ValueError(f"expected an encoder with conv layers {config.extractor_conv_layer_config}, got {actual}")
+    extractor = encoder.feature_extractor
+    if config.extractor == "fbank":
+        if not isinstance(extractor, FbankFeatureExtractor) or (extractor.mel_bins, extractor.stack) != (
+            config.fbank_mel_bins, config.fbank_stack
+        ):
+            raise ValueError(
+                f"expected an encoder with a {config.fbank_mel_bins}-bin filterbank front end stacking "
+                f"{config.fbank_stack} frames, got {type(extractor).__name__}"
+            )
+    else:
+        if isinstance(extractor, FbankFeatureExtractor):
+            raise ValueError("expected an encoder with a conv front end, got a filterbank one")
+        actual = tuple((block.conv.out_channels, block.kernel_size, block.stride) for block in extractor.conv_layers)
+        if actual != tuple(config.extractor_conv_layer_config):
+            raise ValueError(f"expected an encoder with conv layers {config.extractor_conv_layer_config}, got {actual}")
     layers = len(encoder.encoder.transformer.layers)
     if not 1 <= layer <= layers:
         raise ValueError(f"expected a layer in 1..{layers}, got {layer}")
@@ -164,7 +177,10 @@ def _extract(
         return waveform.new_zeros((0, config.encoder_embed_dim))
     if waveform.shape[0] <= max_chunk_samples:
         return encoder.extract_features(waveform[None], num_layers=layer)[0][layer - 1][0]
-    conv = _conv_features_in_pieces(encoder.feature_extractor, waveform, config, max_chunk_samples)
+    if config.extractor == "fbank":  # cheap and exact whole: per-utterance normalisation needs every frame
+        conv = encoder.feature_extractor(waveform[None], None)[0][0]
+    else:
+        conv = _conv_features_in_pieces(encoder.feature_extractor, waveform, config, max_chunk_samples)
     core_frames = max_chunk_samples // hop(config)
     context_frames = -(-context_samples // hop(config))
     return _windowed_layer(encoder, conv, layer, core_frames, context_frames)

@@ -16,6 +16,8 @@ from model.frames import FrameGeometry
 MAX_PARAMETERS = 4_000_000_000
 MAX_CONV_CHANNELS = 8192
 MAX_CONV_KERNEL = 1024
+FBANK_WINDOW = 400  # a filterbank front end's analysis window: 25 ms at 16 kHz
+FBANK_HOP = 160  # and its hop: 10 ms
 
 
 class HubertConfig(BaseModel):
@@ -74,6 +76,14 @@ class HubertConfig(BaseModel):
     normalize_waveform: bool = False
     # The rate the conv geometry is measured at; HuBERT's data is 16 kHz.
     sample_rate: int = Field(default=16_000, gt=0, le=384_000)
+    # Front end: the learned conv stack above (the paper's), or a fixed log-mel filterbank
+    # (model/fbank.py: fbank_mel_bins bins every 10 ms, fbank_stack frames stacked, projected
+    # linearly into the transformer; MelHuBERT, Fast-HuBERT). With "fbank" the conv layer config
+    # is not built; the frame geometry is (hop 160 * fbank_stack, window 400), the conv stack's for
+    # a stack of 2. Transformers' HubertModel cannot hold it (model/hf_convert.py refuses it).
+    extractor: Literal["conv", "fbank"] = "conv"
+    fbank_mel_bins: int = Field(default=80, gt=0, le=512)
+    fbank_stack: int = Field(default=2, gt=0, le=8)
 
     @model_validator(mode="after")
     def _check_shapes(self) -> HubertConfig:
@@ -100,6 +110,8 @@ def estimated_parameters(config: HubertConfig) -> int:
     for channels, kernel, _ in config.extractor_conv_layer_config:
         conv += channels_in * channels * kernel
         channels_in = channels
+    if config.extractor == "fbank":
+        conv, channels_in = 0, config.fbank_mel_bins * config.fbank_stack
     dim = config.encoder_embed_dim
     positional = dim * dim // config.encoder_pos_conv_groups * config.encoder_pos_conv_kernel
     layers = config.encoder_num_layers * (4 * dim * dim + 2 * dim * config.encoder_ff_interm_features)
@@ -183,18 +195,29 @@ HUBERT_CONFIGS: dict[str, HubertConfig] = {
 HUBERT_CONFIGS["xlarge"] = HUBERT_CONFIGS["large"].model_copy(
     update={"encoder_embed_dim": 1280, "encoder_num_layers": 48, "encoder_ff_interm_features": 5120, "final_dim": 1024}
 )
+# Ours: the same transformers fed 80 log-mel bins, two 10 ms frames stacked into each 20 ms frame
+# (MelHuBERT, Fast-HuBERT), in place of the learned conv stack. The same frames as the conv
+# presets (hop 320, window 400). On CPU budgets their layers beat MFCC at equal k where the conv
+# stack's do not yet (bench/fidelity.py); they do not export to transformers' HubertModel.
+HUBERT_CONFIGS["tiny-fbank"] = HUBERT_CONFIGS["tiny"].model_copy(update={"extractor": "fbank"})
+HUBERT_CONFIGS["base-fbank"] = HUBERT_CONFIGS["base"].model_copy(update={"extractor": "fbank"})
 
 
 def hop(config: HubertConfig) -> int:
     """Samples between frames: the product of the conv strides (320 for the paper's stack)."""
+    if config.extractor == "fbank":
+        return FBANK_HOP * config.fbank_stack
     return math.prod(stride for _, _, stride in config.extractor_conv_layer_config)
 
 
 def receptive_field(config: HubertConfig) -> int:
     """Samples one frame sees: frame i covers [i * hop, i * hop + receptive_field) (400 for the paper's).
 
-    Each layer widens the window by (kernel - 1) steps of the stride accumulated below it.
+    Each layer widens the window by (kernel - 1) steps of the stride accumulated below it. The
+    filterbank front end's frames are centred as a 400-sample window's (model/fbank.py), so 400.
     """
+    if config.extractor == "fbank":
+        return FBANK_WINDOW
     field, step = 1, 1
     for _, kernel, stride in config.extractor_conv_layer_config:
         field += (kernel - 1) * step

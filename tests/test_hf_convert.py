@@ -182,6 +182,8 @@ def test_feature_extractor_config_normalises_like_prepare_waveform_up_to_eps(con
 
 def test_hf_config_is_json_and_a_valid_transformers_config():
     for name, config in HUBERT_CONFIGS.items():
+        if config.extractor != "conv":
+            continue  # refused: tests/test_fbank.py
         kwargs = json.loads(json.dumps(hf_config(config)))
         assert kwargs["architectures"] == ["HubertModel"] and kwargs["model_type"] == "hubert"
         hf = transformers.HubertConfig(**kwargs)

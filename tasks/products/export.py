@@ -24,7 +24,7 @@ from infra.commit import StageRecord, read_record
 from infra.digest import digest_bytes
 from infra.store import ArtifactStore
 from model.frames import SAMPLE_RATE
-from model.hf_convert import hf_layer_index, save_hf_pretrained
+from model.hf_convert import NotExportable, hf_layer_index, require_conv_front_end, save_hf_pretrained
 from model.presets import HubertConfig, frame_geometry
 from model.weights import load_weights
 from tasks.products import ExportError
@@ -129,6 +129,10 @@ def export_model(
     except ValueError as error:
         raise ExportError(f"{store.url(relpath)}: {error}") from error
     architecture, state, encoder_state = saved.architecture, saved.state, saved.encoder_state()
+    try:
+        require_conv_front_end(architecture)
+    except NotExportable as error:
+        raise ExportError(f"iteration {iteration}'s model: {error}") from error
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / BUNDLE.manifest).unlink(missing_ok=True)  # written last: a half-written bundle has none
     save_hf_pretrained(out_dir, encoder_state, architecture, state.get(MASK_EMBEDDING))

@@ -178,7 +178,11 @@ MOVED_TRAIN_SETTINGS = {
 class TrainConfig(Section):
     """The training recipe (in train's key), and how it is launched, read and saved, and logged (not)."""
 
-    model: Literal["tiny", "base", "large", "xlarge"] = Field(default="base", description="Architecture preset.")
+    model: Literal["tiny", "base", "large", "xlarge", "tiny-fbank", "base-fbank"] = Field(
+        default="base",
+        description="Architecture preset (model/presets.py); the -fbank ones feed the transformer log-mel filterbanks in "
+        "place of the learned conv stack and do not export to Hugging Face.",
+    )
     steps: int = Field(default=400_000, ge=1, description="Optimizer steps.")
     learning_rate: float = Field(default=5e-4, gt=0, le=1, description="Peak learning rate (AdamW).")
     warmup_steps: int | None = Field(default=None, ge=1, description="Linear warm-up; null: 8% of steps.")
