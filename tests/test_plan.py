@@ -30,8 +30,8 @@ def demo_config_file(tmp_path: Path, corpus: Path) -> Path:
 
 def test_the_plan_of_the_demo_is_intake_then_each_iteration_in_order() -> None:
     config = load_config(DEMO)
-    first = ["features", "kmeans", "labels", "train", "profile"]
-    later = ["features", "kmeans", "labels", "reference", "train", "profile"]  # judged at equal k against iteration 1
+    first = ["features", "kmeans", "labels", "train", "profile", "probe"]
+    later = ["features", "kmeans", "labels", "reference", "train", "profile", "probe"]  # judged at equal k against iteration 1
     assert full_plan(config) == [("intake", None)] + [(s, 1) for s in first] + [(s, 2) for s in later]
     assert plan(config, StopPoint.parse("intake")) == [("intake", None)]
     assert plan(config, StopPoint.parse("labels"))[-1] == ("labels", 1)

@@ -248,6 +248,11 @@ def without_resumed(counts: dict) -> dict:
     return {key: value for key, value in counts.items() if key != "chunks_resumed"}
 
 
+def without_clock(metrics: dict) -> dict:
+    """Metrics without what a resumed stage's clock adds (its attempts and their time)."""
+    return {key: value for key, value in metrics.items() if key not in ("attempts", "seconds_all_attempts")}
+
+
 def assert_same_as_reference(outcome: Outcome, reference: Outcome, stages: tuple[str, ...]) -> None:
     for stage in stages:
         ours, theirs = outcome.records[stage], reference.records[stage]

@@ -160,7 +160,7 @@ def inspect_run(run_path: str, storage_options: dict[str, Any] | None = None) ->
         iterations=[
             {
                 stage: StageStatus(stage=stage, status=NOT_CONFIGURED)
-                if not _configured(stage, number, section, info["config"]["corpus"])
+                if not _configured(stage, number, section, info["config"].get("corpus") or {})
                 else stage_status(records, stage, number, holder, (section.get("train") or {}).get("steps"))
                 for stage in ITERATION_STAGES
             }

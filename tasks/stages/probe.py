@@ -158,7 +158,7 @@ def probe_key_inputs(context: StageContext) -> dict[str, str]:
     return {
         "model": weights_digest(context.upstream("probe", "model"), probed_weights(context)),
         "manifest": context.upstream("probe", "manifest").output_digest,
-        "alignments": fingerprint_source(context.config.corpus.alignments, ALIGNMENT_SUFFIXES, context.config.storage_options),
+        "alignments": fingerprint_source(context.config.corpus.alignments, ALIGNMENT_SUFFIXES, context.config.fsspec_options),
     }
 
 

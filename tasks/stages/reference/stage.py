@@ -114,7 +114,7 @@ def reference_key_inputs(context: StageContext) -> dict[str, str]:
     return {
         "features": context.upstream("reference", "features").output_digest,
         "labels": context.upstream("reference", "labels").output_digest,
-        "alignments": fingerprint_source(context.config.corpus.alignments, ALIGNMENT_SUFFIXES, context.config.storage_options),
+        "alignments": fingerprint_source(context.config.corpus.alignments, ALIGNMENT_SUFFIXES, context.config.fsspec_options),
         **context.split_inputs("reference"),
     }
 
