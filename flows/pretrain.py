@@ -151,6 +151,7 @@ def pipeline_logs(store: ArtifactStore, layout: RunLayout, secrets: list[str]) -
         for logger, level in levels.items():
             logger.setLevel(level)
         to_store.close()
+        to_prefect.flush()  # sent before the flow run ends: a UI or API reader sees every line at once
 
 
 # -- Prefect's view of the run ---------------------------------------------------------------------
