@@ -18,6 +18,18 @@ from tasks.stages.catalog import run_plan
 from tests.support import FSDD, NO_WEED, RUNS_BUCKET, CommittedRun, read_real, resample, two_iteration_config
 
 
+@pytest.fixture(autouse=True)
+def torch_threads_as_they_were() -> Iterator[None]:
+    """Worker-side code run in the test process (features, labels, probes) sets torch to one
+    thread; every test starts with the process's own count again, so a model trained in one test
+    and resumed in another does the same arithmetic (float sums depend on the thread count)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def fsdd_dir() -> Path:
     """300 real 8 kHz recordings (CC BY-SA) that live beside the checkout, not in it."""
