@@ -35,7 +35,7 @@ def test_the_plan_of_the_demo_is_intake_then_each_iteration_in_order() -> None:
     assert full_plan(config) == [("intake", None)] + [(s, 1) for s in first] + [(s, 2) for s in later]
     assert plan(config, StopPoint.parse("intake")) == [("intake", None)]
     assert plan(config, StopPoint.parse("labels"))[-1] == ("labels", 1)
-    assert plan(config, StopPoint.parse("profile@2")) == full_plan(config)
+    assert plan(config, StopPoint.parse("probe@2")) == full_plan(config)
     assert stages_from(config, StopPoint.parse("kmeans@2"))[0] == ("kmeans", 2)
 
 
