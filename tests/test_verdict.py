@@ -47,6 +47,9 @@ def test_a_rise_that_comes_from_k_alone_is_not_better() -> None:
 def test_better_and_unchanged_and_unmeasured() -> None:
     assert iteration_verdict(2, labels(500, 0.7), labels(100, 0.5), reference(0.72, 0.69)).word == "better"
     assert iteration_verdict(2, labels(500, 0.7), labels(100, 0.5), reference(0.69, 0.69)).word == "unchanged"
+    # Within the k-means seed spread (SAME_WITHIN) either way: not a measured change.
+    assert iteration_verdict(2, labels(500, 0.7), labels(100, 0.5), reference(0.693, 0.69)).word == "unchanged"
+    assert iteration_verdict(2, labels(500, 0.7), labels(100, 0.5), reference(0.687, 0.69)).word == "unchanged"
     pending = iteration_verdict(2, labels(500, 0.7), labels(100, 0.5), None)
     assert pending.word == "unmeasured" and "reference stage has not run" in pending.sentence()
     assert iteration_verdict(1, labels(100, 0.5), None).word == "first iteration"
