@@ -97,3 +97,10 @@ def test_phone_measures_of_a_tally_are_the_papers() -> None:
     constant.add_aligned(segments, index, np.zeros(len(times), dtype=np.int64))
     assert phone_measures(copying)["pnmi"] == pytest.approx(1.0)
     assert phone_measures(constant)["pnmi"] == pytest.approx(0.0)
+
+
+def test_the_verdict_names_the_downstream_figure_of_the_model_the_labels_came_from() -> None:
+    probe = record("probe", {}, {"model": {"per": 0.264}, "mfcc": {"per": 0.273}})
+    verdict = iteration_verdict(2, labels(500, 0.7), labels(100, 0.5), reference(0.72, 0.69), probe)
+    assert "iteration 1's model PER 0.264 against MFCC's 0.273 (probe@1)" in verdict.sentence()
+    assert verdict.as_json()["probe"] == {"iteration": 1, "per": 0.264, "mfcc_per": 0.273}

@@ -147,7 +147,7 @@ def inspect_run(run_path: str, storage_options: dict[str, Any] | None = None) ->
     verdicts = [
         iteration_verdict(
             number, records.get("labels", number), records.get("labels", number - 1) if number > 1 else None,
-            records.get("reference", number),
+            records.get("reference", number), records.get("probe", number - 1) if number > 1 else None,
         )
         for number in range(1, len(configured) + 1)
     ]

@@ -195,7 +195,10 @@ def build_report(run: RunRecords, iteration: int, weights_for_next: str | None =
     if profiles := so_far("profile"):
         add_plot("layer_profile", layer_profile_plot(profiles))
     previous_labels = run.get("labels", iteration - 1) if iteration > 1 else None
-    verdict = iteration_verdict(iteration, records.get("labels"), previous_labels, records.get("reference"))
+    verdict = iteration_verdict(
+        iteration, records.get("labels"), previous_labels, records.get("reference"),
+        run.get("probe", iteration - 1) if iteration > 1 else None,
+    )
 
     report = {
         "run": layout.run,

@@ -34,6 +34,7 @@ class Verdict:
     previous_k: int | None
     k: int | None
     nmi_with_previous: float | None
+    probe: dict[str, Any] | None = None  # probe@N-1: the PER of the model these labels came from, and MFCC's
 
     @property
     def equal_k_change(self) -> float | None:
@@ -88,6 +89,11 @@ class Verdict:
             )
         if self.nmi_with_previous is not None:
             parts.append(f"NMI with iteration {self.iteration - 1}'s labels {self.nmi_with_previous:.3f}")
+        if self.probe is not None:
+            parts.append(
+                f"downstream: iteration {self.iteration - 1}'s model PER {self.probe['model']['per']:.3f} against "
+                f"MFCC's {self.probe['mfcc']['per']:.3f} (probe@{self.iteration - 1})"
+            )
         return f"iteration {self.iteration} vs {self.iteration - 1} at equal k: {self.word}: " + "; ".join(parts)
 
     def as_json(self) -> dict[str, Any]:
@@ -102,6 +108,9 @@ class Verdict:
                 "previous_k": self.previous_k, "change": self.raw_change,
             },
             "nmi_with_previous": self.nmi_with_previous,
+            "probe": None if self.probe is None else {
+                "iteration": self.iteration - 1, "per": self.probe["model"]["per"], "mfcc_per": self.probe["mfcc"]["per"],
+            },
         }
 
 
@@ -115,9 +124,11 @@ def _k(labels: StageRecord | None) -> int | None:
 
 
 def iteration_verdict(
-    iteration: int, labels: StageRecord | None, previous_labels: StageRecord | None, reference: StageRecord | None = None
+    iteration: int, labels: StageRecord | None, previous_labels: StageRecord | None, reference: StageRecord | None = None,
+    probe: StageRecord | None = None,
 ) -> Verdict | None:
-    """The verdict on iteration `iteration`'s labels; None until they are committed."""
+    """The verdict on iteration `iteration`'s labels; None until they are committed. `probe` is
+    probe@N-1 (the model the labels came from), shown beside the equal-k figures."""
     if labels is None:
         return None
     agreement = labels.metrics.get("agreement") or {}
@@ -132,6 +143,7 @@ def iteration_verdict(
         previous_k=_k(previous_labels) if iteration > 1 else None,
         k=_k(labels),
         nmi_with_previous=agreement.get("nmi"),
+        probe=None if probe is None or "model" not in probe.metrics else probe.metrics,
     )
 
 
