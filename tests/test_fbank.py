@@ -81,3 +81,19 @@ def test_the_fixed_front_end_adds_no_feature_penalty():
     labels = torch.randint(10, (1, frame_geometry(TINY_FBANK).num_frames(16_000)))
     _, _, penalty = model(torch.randn(1, 16_000), labels, torch.tensor([16_000]))
     assert float(penalty) == 0.0
+
+
+def test_export_of_a_filterbank_model_is_refused_before_anything_is_written(tmp_path, demo_corpus, client):
+    from tests.support import demo_config, run_chain, run_cli, with_settings
+
+    config = with_settings(
+        demo_config(tmp_path, demo_corpus, k=8), 1,
+        train={"model": "tiny-fbank", "steps": 2, "max_batch_seconds": 2, "max_sample_seconds": 1},
+        profile={"enabled": False},
+    )
+    run_chain(config, client, "train")
+    out = tmp_path / "bundle"
+    result = run_cli(tmp_path, "export", str(tmp_path / "runs" / "t"), "--iteration", "1", "--out", str(out), check=False)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "iteration 1's model: a model with a 'fbank' front end does not convert to transformers' HubertModel" in result.stderr
+    assert not out.exists()
