@@ -555,9 +555,10 @@ def test_the_two_iteration_pipeline_on_s3_and_an_external_scheduler_matches_a_lo
         )
         status = json.loads(result.stdout)
         for iteration in status["iterations"]:
-            for stage in ("features", "kmeans", "labels", "train"):
-                for volatile in ("seconds", "finished_at", "bytes", "audio_seconds_per_second", "data_wait_share", "chunks_resumed"):
-                    iteration[stage].pop(volatile, None)
+            for stage in iteration.values():
+                if isinstance(stage, dict):
+                    for volatile in ("seconds", "finished_at", "bytes", "audio_seconds_per_second", "data_wait_share", "chunks_resumed"):
+                        stage.pop(volatile, None)
         return status["iterations"]
 
     on_s3 = inspected("s3://pipeline/runs/twice", s3.env())
