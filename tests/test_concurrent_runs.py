@@ -96,7 +96,7 @@ def test_one_writer_at_a_time_and_a_killed_writer_is_taken_over(tmp_path: Path, 
     second_store = tmp_path / "second"
     config = write_run_config(tmp_path / "b.yaml", source, second_store, ttl=3)
     doomed = start_run(tmp_path, config)
-    wait_for(second_store / "t" / "iter-1" / "_progress" / "features", doomed)
+    wait_for(second_store / "t" / "lease.json", doomed)  # killed while it holds the lease (its stages take a second)
     os.killpg(doomed.pid, signal.SIGKILL)
     doomed.wait()
     assert (second_store / "t" / "lease.json").exists()  # left behind by the dead holder
