@@ -31,6 +31,7 @@ from distributed import Client
 from pydantic import BaseModel
 
 from infra.commit import Stage, StageRecord
+from infra.digest import digest_bytes
 from infra.store import ArtifactStore, utc_now
 from tasks.run.config import PretrainConfig
 from tasks.run.layout import RunLayout, StageName, stage_iteration
@@ -140,6 +141,15 @@ class CommittedStage:
     def rel(self, *parts: str) -> str:
         """Path relative to the store root of something in the stage's folder."""
         return posixpath.join(self.folder, *parts)
+
+
+def file_digest(name: str) -> Callable[[CommittedStage], str]:
+    """A `verify_digest` for a stage whose output digest is the digest of one file's bytes."""
+
+    def verify(committed: CommittedStage) -> str:
+        return digest_bytes(committed.store.read_bytes(committed.rel(name)))
+
+    return verify
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ from tasks.run.keys import key_settings
 from tasks.run.layout import PROBE, Weights
 from tasks.run.records import load_manifest, trained_architecture, weights_digest
 from tasks.run.sections import ProbeConfig
-from tasks.run.stage import CommittedStage, StageContext, StageResult, StageSpec
+from tasks.run.stage import StageContext, StageResult, StageSpec, file_digest
 
 log = logging.getLogger(__name__)
 
@@ -221,9 +221,6 @@ def probe_summary(record: StageRecord) -> str:
     )
 
 
-def verify_probe(committed: CommittedStage) -> str:
-    return digest_bytes(committed.store.read_bytes(committed.rel(PROBE)))
-
 
 PROBE_STAGE = StageSpec(
     name="probe",
@@ -233,5 +230,5 @@ PROBE_STAGE = StageSpec(
     key_inputs=probe_key_inputs,
     work=probe,
     summary=probe_summary,
-    verify_digest=verify_probe,
+    verify_digest=file_digest(PROBE),
 )

@@ -39,7 +39,7 @@ from tasks.run.keys import key_settings
 from tasks.run.layout import LAYER_PROFILE, Weights
 from tasks.run.records import load_manifest, trained_architecture, weights_digest
 from tasks.run.sections import LayerProfileConfig
-from tasks.run.stage import CommittedStage, StageContext, StageResult, StageSpec
+from tasks.run.stage import StageContext, StageResult, StageSpec, file_digest
 
 log = logging.getLogger(__name__)
 
@@ -226,9 +226,6 @@ def profile_summary(record: StageRecord) -> str:
     )
 
 
-def verify_profile(committed: CommittedStage) -> str:
-    return digest_bytes(committed.store.read_bytes(committed.rel(LAYER_PROFILE)))
-
 
 PROFILE = StageSpec(
     name="profile",
@@ -238,5 +235,5 @@ PROFILE = StageSpec(
     key_inputs=profile_key_inputs,
     work=profile,
     summary=profile_summary,
-    verify_digest=verify_profile,
+    verify_digest=file_digest(LAYER_PROFILE),
 )

@@ -37,7 +37,7 @@ from tasks.frames.store import stored_geometry, stored_indices
 from tasks.run.keys import key_settings
 from tasks.run.layout import REFERENCE
 from tasks.run.records import load_manifest
-from tasks.run.stage import CommittedStage, StageContext, StageResult, StageSpec
+from tasks.run.stage import StageContext, StageResult, StageSpec, file_digest
 from tasks.stages.reference.verdict import enforce_quality_gate, iteration_verdict
 
 log = logging.getLogger(__name__)
@@ -184,9 +184,6 @@ def reference_summary(record: StageRecord) -> str:
     )
 
 
-def verify_reference(committed: CommittedStage) -> str:
-    return digest_bytes(committed.store.read_bytes(committed.rel(REFERENCE)))
-
 
 def quality_gate(context: StageContext, measured: StageRecord) -> None:
     """With `quality_gate`, stop the run before an iteration trains on labels whose PNMI gain at
@@ -207,6 +204,6 @@ REFERENCE_STAGE = StageSpec(
     key_inputs=reference_key_inputs,
     work=reference,
     summary=reference_summary,
-    verify_digest=verify_reference,
+    verify_digest=file_digest(REFERENCE),
     after=quality_gate,
 )
