@@ -31,18 +31,17 @@ All runs share one temporary store (removed at the end) and one Dask LocalCluste
 iteration 1's features, k-means and labels are the same for every budget but live under each
 run's own name, so they are computed again per budget (seconds on the demo corpus).
 
-How long, on this 2-core machine shared with other work (nice 19, OMP_NUM_THREADS=1), from the
-stage records of smoke runs: the default full run
+How long, measured alone on this 2-core machine (nice 19, OMP_NUM_THREADS=1): the default full run
 
     nice -n 19 env OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/fidelity.py --json bench-out/frontier.json
 
-takes about 50 minutes. Everything but training costs about 5 minutes per budget on the 10-minute
-corpus with the pipeline's settings (intake to labels@1 5 s, profile@1 20 s, probe@1 4 min at 2000
-CTC steps on 9 minutes of audio, iteration 2 35 s): 25 minutes for the five. Training costs about
-0.17 s a step for tiny-fbank and 0.25 s for tiny (its conv stack), validation and checkpoints
-included: 3200 conv steps about 14 minutes, 2800 fbank steps about 8. A busier machine takes up
-to half as long again. The smoke run (`--minutes 3 --recipes smoke --probe-steps 200
---profile-utterances 30`) takes about a minute.
+took 45 minutes. Everything but training costs about 4 minutes per budget on the 10-minute corpus
+(intake to labels@1 2 s, profile@1 11-14 s, probe@1 3.3-3.6 min at 2000 CTC steps on 9 minutes of
+audio, iteration 2 20 s, and 30 s more for the two other k-means seeds): 20 minutes for the five.
+Training costs about 0.14 s a step for tiny-fbank and 0.24-0.28 s for tiny (its conv stack),
+validation and checkpoints included: 3200 conv steps 13 minutes, 2800 fbank steps 6.6. A machine
+shared with other work takes up to half as long again. The smoke run (`--minutes 3 --recipes smoke
+--probe-steps 200 --profile-utterances 30`) takes about a minute.
 """
 
 from __future__ import annotations
