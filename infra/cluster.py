@@ -34,6 +34,14 @@ log = logging.getLogger(__name__)
 # hours against +5 at one; +60 with two arenas).
 WORKER_MALLOC_ENVIRON = {"MALLOC_TRIM_THRESHOLD_": 256 * 2**20, "MALLOC_MMAP_THRESHOLD_": 64 * 2**20, "MALLOC_ARENA_MAX": 2}
 
+# Dask keeps the last `low-level-log-length` (1000) messages of every batched connection for
+# debugging, each whole below 1 MB: the scheduler's connection to each worker held the specs of
+# the last thousand tasks sent to it, and so the client's to the scheduler. A stage sends a few
+# thousand tasks whose specs grow with the corpus (intake's carry its file listing), so the
+# driver, which runs a LocalCluster's scheduler, grew by about 1.4 KB an utterance at intake
+# (bench/scale.py). Sixteen messages are enough to debug a hang with.
+RECENT_MESSAGES_KEPT = 16
+
 
 @contextlib.contextmanager
 def dask_client(
@@ -49,16 +57,17 @@ def dask_client(
     machines: tasks read and write through the artifact store, never through a shared disk).
     Without, start a LocalCluster of worker processes, one per core by default, and shut it down on exit.
     """
+    few_messages = {"distributed.admin.low-level-log-length": RECENT_MESSAGES_KEPT}
     if address is not None or scheduler_file is not None:
         log.info("connecting to the Dask scheduler at %s", address or f"the address in {scheduler_file}")
-        with Client(address, scheduler_file=scheduler_file) as client:
+        with dask.config.set(few_messages), Client(address, scheduler_file=scheduler_file) as client:
             yield client
         return
     workers = n_workers or os.cpu_count() or 1
     log.info("starting a Dask LocalCluster: %d worker(s) x %d thread(s)", workers, threads_per_worker)
     environ = {**dask.config.get("distributed.nanny.pre-spawn-environ"), **WORKER_MALLOC_ENVIRON}
     with (
-        dask.config.set({"distributed.nanny.pre-spawn-environ": environ}),
+        dask.config.set({"distributed.nanny.pre-spawn-environ": environ, **few_messages}),
         LocalCluster(
             n_workers=workers,
             threads_per_worker=threads_per_worker,

@@ -60,3 +60,29 @@ def test_the_first_failure_stops_the_stage_and_counts_what_never_ran(client: Cli
     assert message.startswith("1 of 60 squares parts failed, ") and "square-0-" in message and "item 0 is bad" in message
     stopped = int(message.split("failed, ")[1].split(" stopped")[0])
     assert ITEMS - MIN_TASKS_IN_FLIGHT <= stopped <= ITEMS - 1, message
+
+
+class Spec:
+    """A task argument the size of a large probe batch's listing (the scheduler deserializes its own copy)."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.payload = bytes(100_000)
+
+
+def index_of(spec: Spec) -> int:
+    return spec.index
+
+
+def test_the_scheduler_keeps_no_corpus_worth_of_task_specs_once_they_ran(client: Client) -> None:
+    """Dask keeps recent messages of every connection for debugging; with its default (1000 each)
+    the scheduler, in the driver's process on a LocalCluster, kept the spec of every task of a
+    stage whose tasks are a few thousand (infra/cluster.py `RECENT_MESSAGES_KEPT`)."""
+    import gc
+
+    specs = 300
+    results = gather_parts(client, index_of, [Spec(i) for i in range(specs)], [f"spec-{i}" for i in range(specs)], "specs")
+    assert sorted(results) == list(range(specs))
+    gc.collect()
+    alive = sum(isinstance(thing, Spec) for thing in gc.get_objects())
+    assert alive <= 4 * 16, f"{alive} of {specs} task specs are still held in the driver's process"
