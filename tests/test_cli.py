@@ -2,18 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from devtools.demo_corpus import synthesize_demo_corpus
 from infra.store import ArtifactStore
-from tests.support import CLI, cli_env, inspect_json, run_cli, write_config
+from tests.support import inspect_json, run_cli, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -46,48 +40,6 @@ def test_invalid_config_is_rejected_before_anything_runs(tmp_path: Path) -> None
     result = run_cli(tmp_path, "run", str(config), check=False)
     assert result.returncode == 2 and "corpus.source" in result.stderr and "does not exist" in result.stderr
     assert not (tmp_path / "runs").exists()
-
-
-def _wait_for_chunks(progress: Path, count: int, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if len(list(progress.glob("chunk-*.json"))) >= count:
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"no {count} finished chunks in {progress} within {timeout} s")
-
-
-def test_kill_9_during_features_then_rerun_gives_the_uninterrupted_store(tmp_path: Path) -> None:
-    corpus = tmp_path / "corpus"
-    synthesize_demo_corpus(corpus, minutes=6, seed=3)
-    reference_cfg = write_config(tmp_path / "reference.yaml", corpus / "wav", tmp_path / "reference", chunk_frames=256)
-    run_cli(tmp_path, "run", str(reference_cfg), "--until", "features")
-
-    config = write_config(tmp_path / "cfg.yaml", corpus / "wav", tmp_path / "runs", chunk_frames=256)
-    process = subprocess.Popen(
-        [*CLI, "run", str(config), "--until", "features"], env=cli_env(tmp_path), start_new_session=True,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    try:
-        _wait_for_chunks(tmp_path / "runs" / "t" / "iter-1" / "_progress" / "features", 5, timeout=120)
-    finally:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-    assert not (tmp_path / "runs" / "t" / "iter-1" / "features.commit.json").exists()
-    assert inspect_json(tmp_path, tmp_path / "runs" / "t")["iterations"][0]["features"]["status"] == "partial"
-
-    run_cli(tmp_path, "run", str(config), "--until", "features")
-    resumed = inspect_json(tmp_path, tmp_path / "runs" / "t")["iterations"][0]["features"]
-    assert resumed["status"] == "done" and resumed["chunks_resumed"] >= 5
-
-    ours = ArtifactStore(str(tmp_path / "runs"))
-    theirs = ArtifactStore(str(tmp_path / "reference"))
-    assert ours.read_json("t/iter-1/features.commit.json")["output_digest"] == theirs.read_json(
-        "t/iter-1/features.commit.json"
-    )["output_digest"]
-    a, b = ours.open_zarr("t/iter-1/features.zarr", "r"), theirs.open_zarr("t/iter-1/features.zarr", "r")
-    for name in ("features", "offsets", "utt_ids"):
-        np.testing.assert_array_equal(a[name][:], b[name][:])
 
 
 def test_run_until_labels_reports_cluster_quality(tmp_path: Path, demo_corpus: Path) -> None:

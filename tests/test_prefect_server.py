@@ -104,8 +104,14 @@ def test_the_readme_deploy_path_runs_on_a_worker_and_the_ui_shows_logs_artifacts
             "--watch", "--watch-timeout", "480", timeout=540,
         )
     finally:
+        # Prefect's worker (its own process, not ours) at times outlives SIGTERM on a loaded
+        # machine, polling a server it no longer needs: what this test checks is in the API.
         worker.terminate()
-        worker.wait(timeout=60)
+        try:
+            worker.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            worker.wait(timeout=30)
         worker_log.close()
 
     # The flow runs: named after the run, tagged with it, completed.
