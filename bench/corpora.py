@@ -8,8 +8,8 @@ put on a SeaweedFS S3 server on loopback (devtools/seaweed.py) as loose wav obje
 thousand), as `--shards` WebDataset tars and as `--shards` Parquet files of Hugging Face's Audio
 layout (struct<bytes, path> plus an `id` column); then intake takes each in on a fresh Dask
 LocalCluster of `--workers` single-threaded workers into a local store. It prints the wall time
-of each intake, utterances per second, the GET requests the server answered, and the ratio to
-the loose files (target: shards at least as fast). Run it alone on the machine.
+of each intake, utterances per second, the server's CPU seconds during it, the ratio to the
+loose files (target: shards at least as fast) and how long the upload took. Run it alone on the machine.
 """
 
 from __future__ import annotations
