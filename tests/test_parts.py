@@ -1,10 +1,12 @@
 """Chunked stages' task runner (infra/parts.py) on a real Dask cluster: a bounded window of tasks, the first failure stops the rest."""
 
+import gc
 import time
 
 import pytest
 from distributed import Client
 
+from infra.cluster import RECENT_MESSAGES_KEPT
 from infra.parts import MIN_TASKS_IN_FLIGHT, PartsFailed, gather_parts
 
 ITEMS = 60
@@ -78,11 +80,9 @@ def test_the_scheduler_keeps_no_corpus_worth_of_task_specs_once_they_ran(client:
     """Dask keeps recent messages of every connection for debugging; with its default (1000 each)
     the scheduler, in the driver's process on a LocalCluster, kept the spec of every task of a
     stage whose tasks are a few thousand (infra/cluster.py `RECENT_MESSAGES_KEPT`)."""
-    import gc
-
     specs = 300
     results = gather_parts(client, index_of, [Spec(i) for i in range(specs)], [f"spec-{i}" for i in range(specs)], "specs")
     assert sorted(results) == list(range(specs))
     gc.collect()
     alive = sum(isinstance(thing, Spec) for thing in gc.get_objects())
-    assert alive <= 4 * 16, f"{alive} of {specs} task specs are still held in the driver's process"
+    assert alive <= 4 * RECENT_MESSAGES_KEPT, f"{alive} of {specs} task specs are still held in the driver's process"

@@ -66,6 +66,16 @@ def run(stage: str, config: PretrainConfig, store: ArtifactStore, iteration: int
     return run_stage(STAGES[stage], StageContext(config, store, client, iteration))
 
 
+def untrained_copy(config: PretrainConfig, store: ArtifactStore, run: str) -> PretrainConfig:
+    """The config for a copy of the module's run named `run`, up to labels@1 and without any trained
+    model: a test that trains there leaves the module's model alone."""
+    store.fs.copy(store.path(config.run), store.path(run), recursive=True)
+    for trained in ("train.commit.json", "model"):
+        if store.exists(f"{run}/iter-1/{trained}"):
+            store.remove(f"{run}/iter-1/{trained}")
+    return config.model_copy(update={"run": run})
+
+
 def stream_for(store: ArtifactStore, seed: int = 0, prefetch: int = 2, utterances=None) -> tuple[BatchStream, StoreUtteranceSource]:
     source = StoreUtteranceSource(store, "t/iter-1/labels.zarr", utterances or load_manifest(store, RunLayout("t")))
     shape = BatchShape(source.geometry, FrameGeometry(hop(TINY), receptive_field(TINY)), 6 * 16000, 3 * 16000)
@@ -214,12 +224,7 @@ def test_the_demo_recipes_model_gets_a_lower_phone_error_rate_than_the_same_mode
     recipe = yaml.safe_load((Path(__file__).parents[1] / "configs" / "demo.yaml").read_text())["iterations"][0]["train"]
     assert recipe["model"] == "tiny-fbank"
     demo = with_settings(config, 1, train={**recipe, "steps": 150, "io": {"checkpoint_every": 150}})
-    # a separate copy of iteration 1's labels, so the module's conv model is left alone
-    store.fs.copy(store.path(config.run), store.path("fbank"), recursive=True)
-    demo = demo.model_copy(update={"run": "fbank"})
-    for trained in ("fbank/iter-1/train.commit.json", "fbank/iter-1/model"):
-        if store.exists(trained):
-            store.remove(trained)
+    demo = untrained_copy(demo, store, "fbank")
     record = run("train", demo, store, 1, client)
     preset = HUBERT_CONFIGS["tiny-fbank"]
     untrained_weights = RunLayout("fbank").path(1, "untrained.pt")
@@ -248,11 +253,7 @@ def test_torchrun_with_two_cpu_processes_trains_and_checkpoints_once(labelled_st
         config, 1, train={"launch": {"nproc": 2}, "steps": 4, "io": {"checkpoint_every": 2}, "logging": {"log_every": 2}},
         profile={"enabled": False},
     )
-    # a separate copy of iteration 1 so the module's trained model is left alone
-    store.fs.copy(store.path(config.run), store.path("ddp"), recursive=True)
-    config = config.model_copy(update={"run": "ddp"})
-    store.remove("ddp/iter-1/train.commit.json")
-    store.remove("ddp/iter-1/model")
+    config = untrained_copy(config, store, "ddp")
     record = run("train", config, store, 1)
     output = capfd.readouterr()
     saves = [line for line in (output.out + output.err).splitlines() if "saved checkpoint" in line]

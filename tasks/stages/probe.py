@@ -221,7 +221,6 @@ def probe_summary(record: StageRecord) -> str:
     )
 
 
-
 PROBE_STAGE = StageSpec(
     name="probe",
     version=1,

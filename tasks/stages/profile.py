@@ -226,7 +226,6 @@ def profile_summary(record: StageRecord) -> str:
     )
 
 
-
 PROFILE = StageSpec(
     name="profile",
     version=1,

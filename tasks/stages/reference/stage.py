@@ -184,7 +184,6 @@ def reference_summary(record: StageRecord) -> str:
     )
 
 
-
 def quality_gate(context: StageContext, measured: StageRecord) -> None:
     """With `quality_gate`, stop the run before an iteration trains on labels whose PNMI gain at
     equal k over the previous iteration's features falls short."""
