@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import dask.config
+import pyarrow
 from distributed import Client, Future, LocalCluster
 from distributed.diagnostics.plugin import WorkerPlugin
 
@@ -105,6 +106,15 @@ def trim_memory() -> int:
     the arena of the thread that allocated them, where another stage's tasks may not reuse them."""
     malloc_trim = _glibc_malloc_trim()
     return -1 if malloc_trim is None else int(malloc_trim(0))
+
+
+def release_memory() -> None:
+    """Hand back to the OS what this process freed: Arrow's memory pool (mimalloc keeps freed
+    pages for reuse) and glibc's heap. The driver calls it after building and dropping a corpus'
+    worth of columns (a listing, a stage's manifest columns), so that its peak is the largest
+    step's, not their sum."""
+    pyarrow.default_memory_pool().release_unused()
+    trim_memory()
 
 
 def release_and_trim(client: Client, futures: list[Future], timeout: float = 10.0) -> None:

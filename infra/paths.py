@@ -12,7 +12,6 @@ from typing import Any
 
 import fsspec
 import pyarrow as pa
-import pyarrow.compute as pc
 from fsspec.implementations.local import LocalFileSystem
 
 LISTING_BATCH = 65_536
@@ -80,61 +79,64 @@ def read_range(path: str, offset: int, length: int, storage_options: dict[str, A
     return fs.cat_file(stripped, start=offset, end=offset + length)
 
 
+def _sorted_entries(fs: LocalFileSystem, folder: str) -> list[dict[str, Any]]:
+    """The entries of one local folder (as `fs.info` gives them: a link is listed, not followed
+    into), in the order their full paths sort: a folder by its name and a slash, since every path
+    below it starts so."""
+    with os.scandir(folder) as entries:
+        infos = [fs.info(entry) for entry in entries]
+    return sorted(infos, key=lambda info: info["name"] + "/" if info["type"] == "directory" else info["name"])
+
+
 def _local_files(fs: LocalFileSystem, root: str) -> Iterator[tuple[str, dict[str, Any]]]:
-    """(path, info) of every file below a local folder, as `fs.find(root, detail=True)` gives them
-    (a link is listed, not followed into), one directory at a time."""
-    folders = [root]
-    while folders:
-        with os.scandir(folders.pop()) as entries:
-            for entry in entries:
-                info = fs.info(entry)
-                if info["type"] == "directory":
-                    folders.append(entry.path)
-                else:
-                    yield info["name"], info
+    """(path, info) of every file below a local folder, in sorted path order, one folder at a
+    time: memory bounded by the largest folder, not by the corpus."""
+    pending = [iter(_sorted_entries(fs, root))]
+    while pending:
+        info = next(pending[-1], None)
+        if info is None:
+            pending.pop()
+        elif info["type"] == "directory":
+            pending.append(iter(_sorted_entries(fs, info["name"])))
+        else:
+            yield info["name"], info
 
 
-def _files_with_info(folder: str, storage_options: dict[str, Any] | None) -> tuple[Iterator[tuple[str, dict[str, Any]]], Any]:
+def walk_files(folder: str, storage_options: dict[str, Any] | None = None) -> tuple[Iterator[tuple[str, dict[str, Any]]], Any]:
+    """(path, info) of every file below `folder`, in sorted path order, and its filesystem.
+
+    A local folder is read one folder at a time; object storage is listed at once (s3fs's `find`,
+    one paginated request for the whole prefix) and sorted."""
     fs, root = fsspec.core.url_to_fs(folder, **(storage_options or {}))
     if not fs.isdir(root):
         raise FileNotFoundError(f"corpus folder not found: {folder}")
     if isinstance(fs, LocalFileSystem):
         return _local_files(fs, root), fs
-    return iter(fs.find(root, detail=True).items()), fs
+    return iter(sorted(fs.find(root, detail=True).items())), fs
 
 
-def _sorted_columns(rows: Iterator[tuple[Any, ...]], types: list[pa.DataType]) -> list[pa.Array]:
-    """Rows gathered into Arrow columns a batch at a time (no Python object per row is kept), sorted by the first."""
-    batches: list[list[pa.Array]] = []
-    pending: list[tuple[Any, ...]] = []
-
-    def flush() -> None:
-        if pending:
-            batches.append([pa.array(list(column), type) for column, type in zip(zip(*pending), types)])
-            pending.clear()
-
+def _batched(rows: Iterator[Any], size: int = LISTING_BATCH) -> Iterator[list[Any]]:
+    batch: list[Any] = []
     for row in rows:
-        pending.append(row)
-        if len(pending) >= LISTING_BATCH:
-            flush()
-    flush()
-    columns = [pa.concat_arrays([batch[i] for batch in batches]) if batches else pa.array([], t) for i, t in enumerate(types)]
-    order = pc.sort_indices(columns[0])
-    return [column.take(order) for column in columns]
+        batch.append(row)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
-def find_files(folder: str, suffixes: tuple[str, ...], storage_options: dict[str, Any] | None = None) -> pa.StringArray:
+def find_files(folder: str, suffixes: tuple[str, ...], storage_options: dict[str, Any] | None = None) -> pa.ChunkedArray:
     """Files under `folder` (recursively) whose names end with one of `suffixes` (any case), sorted,
-    as an Arrow array (a corpus of millions of files is listed without a Python string per file).
+    as an Arrow column in chunks of LISTING_BATCH (a corpus of millions of files is listed without a
+    Python string per file, and never copied whole).
 
     Local results are plain paths, remote ones full URLs, so either can be opened with fsspec.
     """
-    found, fs = _files_with_info(folder, storage_options)
-    matching = ((path,) for path, _ in found if path.lower().endswith(suffixes))
-    (paths,) = _sorted_columns(matching, [pa.string()])
-    if isinstance(fs, LocalFileSystem):
-        return paths
-    return pa.array([fs.unstrip_protocol(path) for path in paths.to_pylist()], pa.string())
+    found, fs = walk_files(folder, storage_options)
+    local = isinstance(fs, LocalFileSystem)
+    matching = (path if local else fs.unstrip_protocol(path) for path, _ in found if path.lower().endswith(suffixes))
+    return pa.chunked_array([pa.array(batch, pa.string()) for batch in _batched(matching)], pa.string())
 
 
 def count_by_suffix(folder: str, storage_options: dict[str, Any] | None = None) -> dict[str, int] | None:
@@ -172,21 +174,17 @@ def fingerprint_source(source: str, suffixes: tuple[str, ...], storage_options: 
     """
     fs, root = fsspec.core.url_to_fs(source, **(storage_options or {}))
     if fs.isdir(root):
-        found, _ = _files_with_info(source, storage_options)
-        paths, sizes, stamps = _sorted_columns(
-            (
-                (path, info.get("size"), str(info.get("mtime") or info.get("LastModified") or info.get("ETag") or ""))
-                for path, info in found
-                if path.lower().endswith(suffixes)
-            ),
-            [pa.string(), pa.int64(), pa.string()],
+        found, _ = walk_files(source, storage_options)
+        rows = (
+            [path, info.get("size"), str(info.get("mtime") or info.get("LastModified") or info.get("ETag") or "")]
+            for path, info in found
+            if path.lower().endswith(suffixes)
         )
-        # digest_json of the sorted [path, size, stamp] list, streamed: the same digest, without the list.
+        # digest_json of the sorted [path, size, stamp] list, streamed in the walk's (sorted) order.
         digest = hashlib.sha256(b"[")
-        for start in range(0, len(paths), LISTING_BATCH):
-            rows = zip(*(column.slice(start, LISTING_BATCH).to_pylist() for column in (paths, sizes, stamps)))
-            text = ",".join(json.dumps(list(row), separators=(",", ":")) for row in rows)
-            digest.update(((("," if start else "") + text)).encode())
+        for index, batch in enumerate(_batched(rows)):
+            text = ",".join(json.dumps(row, separators=(",", ":")) for row in batch)
+            digest.update(((("," if index else "") + text)).encode())
         digest.update(b"]")
         return digest.hexdigest()
     digest = hashlib.sha256()

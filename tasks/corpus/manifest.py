@@ -25,6 +25,7 @@ from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict
@@ -175,11 +176,50 @@ def conform(table: pa.Table) -> pa.Table:
     return pa.Table.from_arrays(columns, schema=MANIFEST_SCHEMA)
 
 
+class ParquetRows:
+    """Tables appended in order, written as Parquet bytes in row groups of `rows_per_group` (zstd):
+    a manifest of millions of rows is written as its pieces arrive, holding one row group, not the
+    table. The bytes are those `pq.write_table` gives the whole table."""
+
+    def __init__(self, schema: pa.Schema, rows_per_group: int = MANIFEST_ROW_GROUP) -> None:
+        self.schema = schema
+        self.rows_per_group = rows_per_group
+        self.buffer = io.BytesIO()
+        self.writer = pq.ParquetWriter(self.buffer, schema, compression="zstd")
+        self.pending: list[pa.Table] = []
+        self.pending_rows = 0
+        self.rows = 0
+
+    def add(self, table: pa.Table) -> None:
+        self.pending.append(table)
+        self.pending_rows += table.num_rows
+        self.rows += table.num_rows
+        if self.pending_rows >= self.rows_per_group:
+            self._write(whole_groups_only=True)
+
+    def _write(self, whole_groups_only: bool) -> None:
+        table = pa.concat_tables(self.pending)
+        cut = table.num_rows - table.num_rows % self.rows_per_group if whole_groups_only else table.num_rows
+        if cut:
+            self.writer.write_table(table.slice(0, cut), row_group_size=self.rows_per_group)
+        self.pending = [table.slice(cut)] if cut < table.num_rows else []
+        self.pending_rows = table.num_rows - cut
+
+    def finish(self) -> bytes:
+        """The Parquet file's bytes (an empty table's, where nothing was added)."""
+        if self.pending:
+            self._write(whole_groups_only=False)
+        if self.rows == 0:
+            self.writer.write_table(self.schema.empty_table())
+        self.writer.close()
+        return self.buffer.getvalue()
+
+
 def manifest_parquet(table: pa.Table) -> bytes:
     """The manifest as Parquet bytes: row groups of MANIFEST_ROW_GROUP rows, zstd."""
-    buffer = io.BytesIO()
-    pq.write_table(conform(table), buffer, row_group_size=MANIFEST_ROW_GROUP, compression="zstd")
-    return buffer.getvalue()
+    rows = ParquetRows(MANIFEST_SCHEMA)
+    rows.add(conform(table))
+    return rows.finish()
 
 
 def manifest_from_jsonl(text: str | bytes) -> pa.Table:
@@ -244,7 +284,7 @@ class Manifest:
         """[utterances] bool: which utterances are in the validation split."""
         if "split" not in self.table.column_names:
             return np.zeros(len(self), dtype=bool)
-        return np.asarray(self.table.column("split").fill_null("train").to_numpy(zero_copy_only=False) == "valid")
+        return pc.fill_null(pc.equal(self.table.column("split"), "valid"), False).to_numpy(zero_copy_only=False)
 
 
 @dataclass(frozen=True)

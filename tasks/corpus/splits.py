@@ -58,6 +58,40 @@ def read_id_listing(path: str, storage_options: dict[str, Any] | None = None) ->
     return {line.strip() for line in read_lines(path, storage_options) if line.strip()}
 
 
+class ValidSplit:
+    """`corpus.valid` as a rule applied to ids a batch at a time (intake splits each probed batch
+    as it arrives), and the check that it left both splits some utterances."""
+
+    def __init__(self, corpus: SplitSettings, storage_options: dict[str, Any]) -> None:
+        self.fraction = corpus.valid if isinstance(corpus.valid, float) else None
+        self.seed = corpus.valid_seed
+        self.listed: pa.Array | None = None
+        if isinstance(corpus.valid, str):
+            self.listed = pa.array(sorted(read_id_listing(corpus.valid, storage_options)), pa.string())
+            self.where = f"corpus.valid: the listing {corpus.valid}"
+        else:
+            self.where = f"corpus.valid: a fraction of {corpus.valid} (valid_seed {corpus.valid_seed})"
+
+    def is_valid(self, ids: pa.Array | pa.ChunkedArray) -> np.ndarray:
+        """[ids] bool: which of these ids are in the validation split."""
+        if self.fraction is not None:
+            return hash_fractions(ids, self.seed) < self.fraction
+        return pc.is_in(ids, value_set=self.listed).to_numpy(zero_copy_only=False)
+
+    def split_column(self, ids: pa.Array | pa.ChunkedArray) -> pa.Array:
+        return pa.array(np.where(self.is_valid(ids), "valid", "train"), pa.string())
+
+    def check(self, usable: int, valid: int) -> None:
+        """Raises ManifestError when `valid` of the `usable` (unique) utterances leave no validation
+        or no training utterance; warns of listed ids that named none."""
+        if self.listed is not None and (missing := len(self.listed) - valid):
+            log.warning("%s names %d id(s) not among the corpus's usable utterances; ignoring them", self.where, missing)
+        if valid == 0:
+            raise ManifestError(f"{self.where} picks none of the {usable} usable utterances: there is nothing to validate on")
+        if valid == usable:
+            raise ManifestError(f"{self.where} picks all {usable} usable utterances: there is nothing left to train on")
+
+
 def assign_splits(
     utterances: Manifest | Sequence[Utterance], corpus: SplitSettings, storage_options: dict[str, Any]
 ) -> Manifest:
@@ -68,21 +102,8 @@ def assign_splits(
     manifest = Manifest.of(utterances)
     if corpus.valid is None:
         return manifest
-    ids = manifest.ids()
-    if isinstance(corpus.valid, float):
-        valid = hash_fractions(ids, corpus.valid_seed) < corpus.valid
-        where = f"corpus.valid: a fraction of {corpus.valid} (valid_seed {corpus.valid_seed})"
-    else:
-        listed = read_id_listing(corpus.valid, storage_options)
-        valid = pc.is_in(ids, value_set=pa.array(sorted(listed), pa.string())).to_numpy(zero_copy_only=False)
-        where = f"corpus.valid: the listing {corpus.valid}"
-        if missing := len(listed) - int(valid.sum()):
-            log.warning("%s names %d id(s) not among the corpus's usable utterances; ignoring them", where, missing)
-    count = int(valid.sum())
-    if count == 0:
-        raise ManifestError(f"{where} picks none of the {len(manifest)} usable utterances: there is nothing to validate on")
-    if count == len(manifest):
-        raise ManifestError(f"{where} picks all {len(manifest)} usable utterances: there is nothing left to train on")
-    split = pa.array(np.where(valid, "valid", "train"), pa.string())
+    rule = ValidSplit(corpus, storage_options)
+    split = rule.split_column(manifest.ids())
+    rule.check(len(manifest), int(pc.sum(pc.equal(split, "valid")).as_py() or 0))
     table = manifest.table
     return Manifest(table.set_column(table.column_names.index("split"), "split", split))

@@ -44,7 +44,7 @@ from infra.zarr_io import EmptyArray, create_zarr_group
 from model.frames import SAMPLE_RATE
 from tasks.corpus.checks import take_in
 from tasks.corpus.formats import fingerprint
-from tasks.corpus.manifest import ManifestError, ManifestRows, manifest_parquet
+from tasks.corpus.manifest import ManifestError, ManifestRows
 from tasks.frames.chunks import ManifestSlice, frame_offsets
 from tasks.frames.labelling import LabelFeatures, plan_label_jobs, write_label_chunk
 from tasks.frames.sources import BundleLayerSource
@@ -109,14 +109,14 @@ def probe(context: UnitsContext, stage: Stage) -> StageResult:
     except ManifestError as error:
         raise BundleError(str(error)) from error
     context.store.write_json(INTAKE_REPORT, taken.report())
-    context.store.write_bytes(INTAKE_REJECTIONS, taken.rejections_parquet())
-    if not len(taken.utterances):
-        raise BundleError(f"no usable audio in {context.source}: all {len(taken.rejections)} files rejected")
-    data = manifest_parquet(taken.utterances.table)
-    context.store.write_bytes(MANIFEST, data)
+    context.store.write_bytes(INTAKE_REJECTIONS, taken.rejections)
+    counts = taken.counts
+    if not counts["utterances"]:
+        raise BundleError(f"no usable audio in {context.source}: all {counts['rejected']} files rejected")
+    context.store.write_bytes(MANIFEST, taken.manifest)
     return StageResult(
-        output_digest=digest_bytes(data),
-        counts={"utterances": len(taken.utterances), "rejected": len(taken.rejections)},
+        output_digest=digest_bytes(taken.manifest),
+        counts={"utterances": counts["utterances"], "rejected": counts["rejected"]},
     )
 
 

@@ -30,6 +30,7 @@ from typing import Any, Generic, Protocol, TypeVar
 from distributed import Client
 from pydantic import BaseModel
 
+from infra.cluster import release_memory
 from infra.commit import Stage, StageRecord
 from infra.digest import digest_bytes
 from infra.store import ArtifactStore, utc_now
@@ -325,6 +326,7 @@ def run_stage(spec: StageSpec[Context], context: Context) -> StageRecord:
             else:
                 log.info("%s: running", label)
             result = spec.work(context, stage)
+        release_memory()  # the stage's columns are dropped: the next stage starts from the driver's base, not this one's peak
         record = stage.commit(  # the clock has stopped: nothing writes to the progress folder the commit removes
             outputs=list(spec.outputs),
             output_digest=result.output_digest,

@@ -7,8 +7,9 @@ the run goes on without them; so do, never read, manifest entries outside the so
 `corpus.allowed_roots`, and file names with a tab or a line break. Two files with the same
 utterance id stop intake, naming both.
 
-The manifest is Parquet (`corpus/manifest.parquet`, tasks/corpus/manifest.py), written from Arrow
-columns: the driver holds no Python object per utterance. Its digest (of the file's bytes) is the
+The manifest is Parquet (`corpus/manifest.parquet`, tasks/corpus/manifest.py), written a row group
+at a time as the probe tasks' results arrive (tasks/corpus/checks.py): the driver holds neither a
+Python object per utterance nor the manifest's rows. Its digest (of the file's bytes) is the
 stage's output digest. A store made before it holds `manifest.jsonl`, which the stages after read
 as it is; intake run again there writes the Parquet one and removes the old.
 """
@@ -23,8 +24,8 @@ from infra.digest import digest_bytes
 from infra.paths import read_whole
 from tasks.corpus.checks import take_in
 from tasks.corpus.formats import fingerprint
-from tasks.corpus.manifest import ManifestError, manifest_parquet
-from tasks.corpus.splits import assign_splits
+from tasks.corpus.manifest import ManifestError
+from tasks.corpus.splits import ValidSplit
 from tasks.run.keys import key_settings
 from tasks.run.layout import INTAKE_REJECTIONS, INTAKE_REPORT, LEGACY_MANIFEST, MANIFEST
 from tasks.run.preflight import check_kmeans_frames
@@ -54,29 +55,23 @@ def intake(context: StageContext, stage: Stage) -> StageResult:
     """Probe every file of the corpus source on Dask and write the manifest and the intake report."""
     config, store = context.config, context.store
     store.remove(stage.rel(LEGACY_MANIFEST))
-    taken = take_in(context.client, config.corpus, config.fsspec_options, "intake")
+    split = None if config.corpus.valid is None else ValidSplit(config.corpus, config.fsspec_options)
+    taken = take_in(context.client, config.corpus, config.fsspec_options, "intake", split)
     report = taken.report()
     store.write_json(stage.rel(INTAKE_REPORT), report)
-    store.write_bytes(stage.rel(INTAKE_REJECTIONS), taken.rejections_parquet())
-    if not len(taken.utterances):
+    store.write_bytes(stage.rel(INTAKE_REJECTIONS), taken.rejections)
+    counts = taken.counts
+    if not counts["utterances"]:
         raise ManifestError(
-            f"no usable audio in {config.corpus.source}: all {len(taken.rejections)} files rejected "
+            f"no usable audio in {config.corpus.source}: all {counts['rejected']} files rejected "
             f"(see {store.url(stage.rel(INTAKE_REPORT))})"
         )
-    manifest = assign_splits(taken.utterances, config.corpus, config.fsspec_options)
-    data = manifest_parquet(manifest.table)
-    store.write_bytes(stage.rel(MANIFEST), data)
-    table = manifest.table
+    if split is not None:
+        split.check(counts["utterances"], counts["valid_utterances"])
+    store.write_bytes(stage.rel(MANIFEST), taken.manifest)
     return StageResult(
-        output_digest=digest_bytes(data),
-        counts={
-            "utterances": len(manifest),
-            "valid_utterances": int(manifest.is_valid().sum()),
-            "rejected": len(taken.rejections),
-            "hours": round(float(manifest.seconds().sum()) / 3600, 4),
-            "speakers": int(table.column("speaker").drop_null().unique().__len__()),
-            "recordings_cut": int(table.column("recording").drop_null().unique().__len__()),
-        },
+        output_digest=digest_bytes(taken.manifest),
+        counts=counts,
         metrics={"rejected_by_reason": report["rejected_by_reason"], "format": taken.format, "id_rule": taken.id_rule},
     )
 

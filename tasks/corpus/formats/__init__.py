@@ -18,15 +18,16 @@ disk) and returning where in it each utterance's audio lies.
 from __future__ import annotations
 
 import posixpath
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 import fsspec
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from infra.digest import digest_json
+from infra.digest import digest_json, hashes64, repeated_hashes
 from infra.paths import fingerprint_source
 from tasks.corpus.manifest import AUDIO_SUFFIXES, Candidate, ManifestError
 from tasks.corpus.probe import CandidateBatch, Probed, ProbeSettings
@@ -108,7 +109,7 @@ class CandidateBatches(Sequence[CandidateBatch]):
             raise IndexError(index)
         rows = self.table.slice(index * self.size, self.size).to_pylist()
         candidates = tuple(
-            Candidate.model_validate({**row, "origin": row["origin"] or row["path"], "root": self.root}) for row in rows
+            Candidate.model_validate({**row, "origin": row.get("origin") or row["path"], "root": self.root}) for row in rows
         )
         return CandidateBatch(f"probe-{index}", candidates, self.allowed_roots)
 
@@ -120,25 +121,60 @@ def _without_extension(paths: pa.Array) -> pa.Array:
     return pc.replace_substring_regex(paths, r"\.[^./]*$", "")
 
 
-def ids_from_paths(paths: pa.Array, root: str, rule: IdRule) -> tuple[pa.Array, str]:
-    """Utterance ids for files: the file name without extension (`stem`), the path relative to the
-    source root without extension (`path`), or (`auto`) the stem unless two files share one, then
-    the relative path. Returns the ids and the rule used."""
-    stems = _without_extension(pc.replace_substring_regex(paths, r"^.*/", ""))
-    if rule == "stem" or (rule == "auto" and pc.count_distinct(stems).as_py() == len(stems)):
-        return stems, "stem"
+def _stems(paths: pa.Array) -> pa.Array:
+    return _without_extension(pc.replace_substring_regex(paths, r"^.*/", ""))
+
+
+def _relative(paths: pa.Array, root: str) -> pa.Array:
     prefix = root.rstrip("/") + "/"
     under = pc.starts_with(paths, prefix)
     relative = pc.if_else(under, pc.utf8_slice_codeunits(paths, len(prefix)), pc.replace_substring_regex(paths, r"^[a-z0-9]+://|^/", ""))
-    return _without_extension(relative), "path relative to the source root"
+    return _without_extension(relative)
+
+
+def _by_chunk(rule: Callable[[pa.Array], pa.Array], values: pa.Array | pa.ChunkedArray) -> pa.ChunkedArray:
+    """`rule` applied a listing chunk at a time: the regex steps' intermediates are a chunk's, not a corpus'."""
+    chunks = values.chunks if isinstance(values, pa.ChunkedArray) else [values]
+    return pa.chunked_array([rule(chunk) for chunk in chunks], pa.string())
+
+
+def ids_from_paths(paths: pa.Array | pa.ChunkedArray, root: str, rule: IdRule) -> tuple[pa.ChunkedArray, str]:
+    """Utterance ids for files: the file name without extension (`stem`), the path relative to the
+    source root without extension (`path`), or (`auto`) the stem unless two files share one, then
+    the relative path. Returns the ids and the rule used."""
+    stems = _by_chunk(_stems, paths)
+    if rule == "stem" or (rule == "auto" and not any_repeated(stems)):
+        return stems, "stem"
+    return _by_chunk(lambda chunk: _relative(chunk, root), paths), "path relative to the source root"
+
+
+def any_repeated(values: pa.Array | pa.ChunkedArray) -> bool:
+    """Whether some string occurs twice in `values`: on their hashes, confirmed on the strings of
+    the first hash that repeats (of another only where two strings share a hash)."""
+    hashes = hashes64(values)
+    for repeated in repeated_hashes(hashes):
+        found = values.filter(pa.array(hashes == repeated)).to_pylist()
+        if len(set(found)) < len(found):
+            return True
+    return False
+
+
+def repeated_values(values: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """The strings that occur more than once in `values`, found on their 8-byte hashes and
+    confirmed on the strings (nothing but the hashes is built for a column without repeats)."""
+    repeated = repeated_hashes(hashes64(values))
+    if not len(repeated):
+        return pa.array([], pa.string())
+    suspects = values.filter(pa.array(np.isin(hashes64(values), repeated)))
+    counts = pc.value_counts(suspects)
+    return counts.field("values").filter(pc.greater(counts.field("counts"), 1))
 
 
 def check_unique(table: pa.Table, what: str) -> None:
     """Two utterances (rows of `table`: `id`, `path`, maybe `member`) with one id would share labels
     and features: refuse, naming both (the columns are looked at whole only where ids repeat)."""
     ids = table.column("id")
-    counts = pc.value_counts(ids)
-    repeated = counts.field("values").filter(pc.greater(counts.field("counts"), 1))
+    repeated = repeated_values(ids)
     if len(repeated) == 0:
         return
     clashes = table.filter(pc.is_in(ids, value_set=repeated))
@@ -219,13 +255,14 @@ def candidate_listing(
     kind: str, table: pa.Table, root: str, rule: IdRule, ids_given: bool = False, own_root: str | None = None
 ) -> Listing:
     """A listed source's probe tasks: ids made from the paths by `rule` (unless the source gives
-    them), refused where two clash. Its entries may lie under `own_root` (default `root`) and
+    them), refused where two clash. `table` holds CANDIDATE_SCHEMA's columns, or some of them
+    (`path` at least; the others are null). Its entries may lie under `own_root` (default `root`) and
     `corpus.allowed_roots` only (tasks/corpus/places.py)."""
     if ids_given:
         used = "the source's own ids"
     else:
-        ids, used = ids_from_paths(table.column("path").combine_chunks(), root, rule)
-        table = table.set_column(0, "id", ids)
+        ids, used = ids_from_paths(table.column("path"), root, rule)
+        table = table.set_column(0, "id", ids) if "id" in table.column_names else table.add_column(0, "id", ids)
     check_unique(table, f"ids: {used}; corpus.ids 'path' derives them from the path below the source root")
     return Listing(kind, CandidateBatches(table, own_root or root), used, table.num_rows)
 

@@ -9,7 +9,7 @@ import pyarrow as pa
 from fsspec.implementations.local import LocalFileSystem
 
 from infra.paths import find_files
-from tasks.corpus.formats import CANDIDATE_SCHEMA, IdRule, Listing, candidate_listing
+from tasks.corpus.formats import IdRule, Listing, candidate_listing
 from tasks.corpus.manifest import AUDIO_SUFFIXES, ManifestError
 
 
@@ -20,6 +20,4 @@ def listing(source: str, ids: IdRule, storage_options: dict[str, Any]) -> Listin
         raise ManifestError(str(error)) from error
     fs, root = fsspec.core.url_to_fs(source, **storage_options)
     root = root if isinstance(fs, LocalFileSystem) else fs.unstrip_protocol(root)
-    columns = {field.name: pa.nulls(len(paths), field.type) for field in CANDIDATE_SCHEMA}
-    columns["path"] = paths
-    return candidate_listing("files", pa.table(columns, schema=CANDIDATE_SCHEMA), root, ids)
+    return candidate_listing("files", pa.table({"path": paths}), root, ids)

@@ -190,7 +190,8 @@ def check_frame_counts(
     ids = manifest.ids()
     problems = []
     inside = indices[(indices >= 0) & (indices < count)]
-    if len(inside) != len(indices) or not _same_ids(features.ids, ids.take(pa.array(inside))) or not _same_ids(labels.ids, ids):
+    in_feature_store = ids if features.indices is None else ids.take(pa.array(inside))
+    if len(inside) != len(indices) or not _same_ids(features.ids, in_feature_store) or not _same_ids(labels.ids, ids):
         problems.append("utterance ids or their order differ between manifest, features and labels")
     else:
         in_features = wanted.copy()
