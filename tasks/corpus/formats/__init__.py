@@ -149,8 +149,8 @@ def ids_from_paths(paths: pa.Array | pa.ChunkedArray, root: str, rule: IdRule) -
 
 
 def any_repeated(values: pa.Array | pa.ChunkedArray) -> bool:
-    """Whether some string occurs twice in `values`: on their hashes, confirmed on the strings of
-    the first hash that repeats (of another only where two strings share a hash)."""
+    """Whether some string occurs twice in `values` (no nulls): on their hashes, confirmed on the
+    strings of the first hash that repeats (of another only where two strings share a hash)."""
     hashes = hashes64(values)
     for repeated in repeated_hashes(hashes):
         found = values.filter(pa.array(hashes == repeated)).to_pylist()
@@ -160,12 +160,13 @@ def any_repeated(values: pa.Array | pa.ChunkedArray) -> bool:
 
 
 def repeated_values(values: pa.Array | pa.ChunkedArray) -> pa.Array:
-    """The strings that occur more than once in `values`, found on their 8-byte hashes and
-    confirmed on the strings (nothing but the hashes is built for a column without repeats)."""
-    repeated = repeated_hashes(hashes64(values))
+    """The strings that occur more than once in `values` (no nulls), found on their 8-byte hashes
+    and confirmed on the strings (nothing but the hashes is built for a column without repeats)."""
+    hashes = hashes64(values)
+    repeated = repeated_hashes(hashes)
     if not len(repeated):
         return pa.array([], pa.string())
-    suspects = values.filter(pa.array(np.isin(hashes64(values), repeated)))
+    suspects = values.filter(pa.array(np.isin(hashes, repeated)))
     counts = pc.value_counts(suspects)
     return counts.field("values").filter(pc.greater(counts.field("counts"), 1))
 
