@@ -17,7 +17,7 @@ import logging
 import posixpath
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -175,14 +175,15 @@ class StepEta:
     """Time left in a training, from the pace of the steps since the last log line (the first
     line of an attempt counts from the attempt's start, `log_every` steps back)."""
 
-    def __init__(self, total_steps: int, log_every: int) -> None:
+    def __init__(self, total_steps: int, log_every: int, clock: Callable[[], float] = time.monotonic) -> None:
         self.total_steps = total_steps
         self.log_every = log_every
+        self.clock = clock
         self._last: tuple[float, int] | None = None
-        self._started = time.monotonic()
+        self._started = clock()
 
     def after(self, step: int) -> str:
-        now = time.monotonic()
+        now = self.clock()
         then, then_step = self._last or (self._started, max(0, step - self.log_every))
         self._last = (now, step)
         if step >= self.total_steps:
