@@ -141,12 +141,13 @@ def find_files(folder: str, suffixes: tuple[str, ...], storage_options: dict[str
 
 def count_by_suffix(folder: str, storage_options: dict[str, Any] | None = None) -> dict[str, int] | None:
     """How many files under `folder` (recursively) end with each suffix (lowercased; '' for none),
-    or None when `folder` is not a folder (a manifest file). One listing."""
-    fs, root = fsspec.core.url_to_fs(folder, **(storage_options or {}))
-    if not fs.isdir(root):
+    or None when `folder` is not a folder (a manifest file). One listing (`walk_files`)."""
+    try:
+        found, _ = walk_files(folder, storage_options)
+    except FileNotFoundError:
         return None
     counts: dict[str, int] = {}
-    for path in fs.find(root):
+    for path, _ in found:
         suffix = posixpath.splitext(path)[1].lower()
         counts[suffix] = counts.get(suffix, 0) + 1
     return counts

@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -24,8 +25,10 @@ from model.presets import HUBERT_CONFIGS, frame_geometry
 from model.trainer import train
 from tasks.audit.inspection import stage_status
 from tasks.audit.verification import verify_run
-from tasks.corpus.manifest import Manifest, Utterance, manifest_from_jsonl
-from tasks.corpus.splits import assign_splits, hash_fraction, read_id_listing
+from tasks.corpus.checks import REJECTION_SCHEMA, ProbeResults
+from tasks.corpus.formats import Listing
+from tasks.corpus.manifest import Manifest, Utterance, manifest_from_jsonl, utterances_table
+from tasks.corpus.splits import SplitSettings, ValidSplit, hash_fraction, read_id_listing
 from tasks.run.config import ConfigError, PretrainConfig, load_config
 from tasks.run.preflight import input_problems
 from tasks.run.records import RunRecords, load_centroids
@@ -53,15 +56,26 @@ def utterance(name: str) -> Utterance:
     return Utterance(id=name, path=f"/x/{name}.wav", samples=16000, sample_rate=16000, channels=1)
 
 
+def intake_splits(utterances: list[Utterance], corpus: SplitSettings) -> list[Utterance]:
+    """The utterances with their splits as intake sets them: folded by ProbeResults with the
+    corpus's ValidSplit, then checked for an empty split."""
+    rule = ValidSplit(corpus, {})
+    results = ProbeResults(rule)
+    results.add(0, utterances_table(utterances), REJECTION_SCHEMA.empty_table())
+    taken = results.finish(Listing("files", [], "stem"))
+    rule.check(taken.counts["utterances"], taken.counts["valid_utterances"])
+    return list(Manifest(pq.read_table(io.BytesIO(taken.manifest))))
+
+
 def test_a_fractional_split_does_not_depend_on_corpus_order_or_size() -> None:
     corpus = [utterance(f"spk{i % 7}-{i:04d}") for i in range(400)]
     config = PretrainConfig.model_validate(
         {"run": "t", "store": "/tmp/x", "corpus": {"source": "/x", "valid": 0.1}, "iterations": [
             {"features": {"kind": "mfcc"}, "kmeans": {"k": 4}, "train": {"model": "tiny"}}]}
     )
-    chosen = {u.id for u in assign_splits(corpus[:200], config.corpus, {}) if u.split == "valid"}
+    chosen = {u.id for u in intake_splits(corpus[:200], config.corpus) if u.split == "valid"}
     shuffled = random.Random(1).sample(corpus, len(corpus))  # reordered, and twice the size
-    chosen_again = {u.id for u in assign_splits(shuffled, config.corpus, {}) if u.split == "valid"}
+    chosen_again = {u.id for u in intake_splits(shuffled, config.corpus) if u.split == "valid"}
     assert chosen == chosen_again & {u.id for u in corpus[:200]}
     assert 8 <= len(chosen) <= 35  # about 10% of 200
     assert chosen == {u.id for u in corpus[:200] if hash_fraction(u.id, 0) < 0.1}
@@ -116,13 +130,13 @@ def test_a_listing_of_validation_ids_picks_them(tmp_path: Path) -> None:
         {"run": "t", "store": "/tmp/x", "corpus": {"source": "/x", "valid": str(listing)}, "iterations": [
             {"features": {"kind": "mfcc"}, "kmeans": {"k": 4}, "train": {"model": "tiny"}}]}
     )
-    split = assign_splits([utterance(name) for name in "abcd"], config.corpus, {})
+    split = intake_splits([utterance(name) for name in "abcd"], config.corpus)
     assert [u.split for u in split] == ["train", "valid", "valid", "train"]
     assert read_id_listing(str(write(tmp_path / "valid.tsv", "/audio\nspk/d.wav\t16000\n"))) == {"d"}
     assert read_id_listing(str(write(tmp_path / "valid.jsonl", '{"audio_filepath": "x/a.flac"}\n'))) == {"a"}
     listing.write_text("a\nb\nc\nd\n")
     with pytest.raises(ValueError, match="picks all 4 usable utterances: there is nothing left to train on"):
-        assign_splits([utterance(name) for name in "abcd"], config.corpus, {})
+        intake_splits([utterance(name) for name in "abcd"], config.corpus)
 
 
 TINY = HUBERT_CONFIGS["tiny"]

@@ -215,13 +215,6 @@ class ParquetRows:
         return self.buffer.getvalue()
 
 
-def manifest_parquet(table: pa.Table) -> bytes:
-    """The manifest as Parquet bytes: row groups of MANIFEST_ROW_GROUP rows, zstd."""
-    rows = ParquetRows(MANIFEST_SCHEMA)
-    rows.add(conform(table))
-    return rows.finish()
-
-
 def manifest_from_jsonl(text: str | bytes) -> pa.Table:
     """A legacy `manifest.jsonl` (one JSON object per line) as a manifest table, read columnar."""
     data = text.encode() if isinstance(text, str) else text

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Sequence
 from typing import Any, Protocol
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from tasks.corpus.manifest import Manifest, ManifestError, Utterance
+from tasks.corpus.manifest import ManifestError
 from tasks.corpus.text import read_lines
 
 log = logging.getLogger(__name__)
@@ -90,20 +89,3 @@ class ValidSplit:
             raise ManifestError(f"{self.where} picks none of the {usable} usable utterances: there is nothing to validate on")
         if valid == usable:
             raise ManifestError(f"{self.where} picks all {usable} usable utterances: there is nothing left to train on")
-
-
-def assign_splits(
-    utterances: Manifest | Sequence[Utterance], corpus: SplitSettings, storage_options: dict[str, Any]
-) -> Manifest:
-    """The utterances with their split set from `corpus.valid` (column `split`); unchanged when there is none.
-
-    Raises ManifestError when the split would leave no validation or no training utterance.
-    """
-    manifest = Manifest.of(utterances)
-    if corpus.valid is None:
-        return manifest
-    rule = ValidSplit(corpus, storage_options)
-    split = rule.split_column(manifest.ids())
-    rule.check(len(manifest), int(pc.sum(pc.equal(split, "valid")).as_py() or 0))
-    table = manifest.table
-    return Manifest(table.set_column(table.column_names.index("split"), "split", split))
